@@ -1,0 +1,376 @@
+"""PEFT LoRA adapters: reading keys and config, and rewriting the weights file atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import stfile
+from .errors import AdapterError
+
+ADAPTER_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+PROVENANCE_PREFIX = "safelora."
+TMP_MARK = ".safelora-tmp-"
+
+# module path, lora_A|lora_B, optional adapter name (older files: ``lora_A.default.weight``)
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.(?P<name>[^.]+))?\.weight$")
+_SKIP_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$"), "DoRA magnitude vector: left unchanged"),
+    (
+        re.compile(r"\.lora_embedding_[AB](\.[^.]+)?$"),
+        "embedding LoRA: not defined by Safe LoRA, passed through",
+    ),
+    (re.compile(r"\.lora_B(\.[^.]+)?\.bias$"), "lora_B bias: not defined by Safe LoRA, passed through"),
+    (
+        re.compile(r"trainable_tokens_delta"),
+        "trainable-token delta: not defined by Safe LoRA, passed through",
+    ),
+    (re.compile(r"modules_to_save"), "modules_to_save weight: passed through"),
+)
+_LAYER = re.compile(r"\.(\d+)\.")
+_CONVERTED_INITS = {"pissa", "olora", "loftq", "corda", "eva"}
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """The parts of ``adapter_config.json`` that interpret the adapter's keys."""
+
+    r: int
+    target_modules: list[str] | str | None
+    rank_pattern: dict[str, int]
+    fan_in_fan_out: bool
+    use_dora: bool
+    layers_to_transform: list[int] | None
+    init_lora_weights: object
+    base_model_name_or_path: str | None
+
+    def expected_rank(self, module: str) -> int:
+        """r for ``module``: the first matching ``rank_pattern`` key (as PEFT matches it), else r."""
+        for key, r in self.rank_pattern.items():
+            if re.match(rf"(.*\.)?({key})$", module):
+                return int(r)
+        return self.r
+
+    def targets(self, module: str) -> bool:
+        """Whether ``target_modules`` names ``module`` (list: by suffix; string: full regex)."""
+        t = self.target_modules
+        if t is None or t == "all-linear":
+            return True
+        if isinstance(t, str):
+            return re.fullmatch(t, module) is not None
+        return any(module == name or module.endswith("." + name) for name in t)
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One targeted module: its keys in the adapter file and what the config says of it."""
+
+    module: str  # PEFT prefix removed, e.g. model.layers.0.self_attn.q_proj
+    a_key: str
+    b_key: str
+    rank: int
+    layer: int | None
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """An adapter directory read into memory (adapters are megabytes, not gigabytes)."""
+
+    path: Path
+    config: LoraConfig
+    header: stfile.Header
+    data: bytearray = field(repr=False)
+    modules: list[LoraModule]
+    skipped: list[tuple[str, str]]
+    dora: bool
+    warnings: list[str]
+
+    @property
+    def file(self) -> Path:
+        return self.path / ADAPTER_FILE
+
+    def tensor(self, key: str) -> torch.Tensor:
+        entry = self.header.tensors[key]
+        return stfile.tensor_from_bytes(entry, memoryview(self.data)[entry.start : entry.end])
+
+    def provenance(self) -> dict[str, str]:
+        """The ``safelora.*`` metadata a previous run left, if any."""
+        return {k: v for k, v in self.header.metadata.items() if k.startswith(PROVENANCE_PREFIX)}
+
+
+def _load_config(path: Path) -> tuple[LoraConfig, dict[str, Any]]:
+    cfg_path = path / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise AdapterError(f"{cfg_path}: missing; pass a PEFT adapter directory (adapter_config.json + {ADAPTER_FILE})")
+    try:
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(
+            f"{cfg_path}: not valid JSON ({e.__class__.__name__}); restore it from your training run"
+        ) from None
+    if not isinstance(raw, dict):
+        raise AdapterError(f"{cfg_path}: expected a JSON object")
+    peft_type = raw.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise AdapterError(f"{cfg_path}: peft_type is {peft_type!r}; Safe LoRA applies to LoRA adapters only")
+    r = raw.get("r")
+    rank_pattern = raw.get("rank_pattern") or {}
+    target = raw.get("target_modules")
+    layers = raw.get("layers_to_transform")
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    if not (
+        type(r) is int
+        and r > 0
+        and isinstance(rank_pattern, dict)
+        and all(type(v) is int and v > 0 for v in rank_pattern.values())
+        and (
+            target is None
+            or isinstance(target, str)
+            or (isinstance(target, list) and all(isinstance(t, str) for t in target))
+        )
+        and (layers is None or (isinstance(layers, list) and all(type(i) is int for i in layers)))
+    ):
+        raise AdapterError(
+            f"{cfg_path}: invalid LoRA config (r, rank_pattern, target_modules or layers_to_transform); "
+            "restore it from your training run"
+        )
+    base = raw.get("base_model_name_or_path")
+    config = LoraConfig(
+        r=r,
+        target_modules=target,
+        rank_pattern=rank_pattern,
+        fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
+        use_dora=bool(raw.get("use_dora", False)),
+        layers_to_transform=layers,
+        init_lora_weights=raw.get("init_lora_weights", True),
+        base_model_name_or_path=base if isinstance(base, str) and base else None,
+    )
+    return config, raw
+
+
+def _str_list(x: object) -> bool:
+    return isinstance(x, list) and all(isinstance(t, str) for t in x)
+
+
+def load_adapter(path: Path) -> Adapter:
+    """Read and check an adapter directory; raises ``AdapterError`` naming the file or tensor."""
+    if not path.is_dir():
+        what = "does not exist" if not path.exists() else "is not a directory"
+        raise AdapterError(f"{path}: {what}; pass a PEFT adapter directory")
+    config, _ = _load_config(path)
+    file = path / ADAPTER_FILE
+    if not file.is_file():
+        if (path / "adapter_model.bin").exists():
+            raise AdapterError(f"{path}: only adapter_model.bin; re-save the adapter with safe_serialization=True")
+        raise AdapterError(f"{file}: missing; pass a PEFT adapter directory")
+    try:
+        data = bytearray(file.read_bytes())
+    except OSError as e:
+        raise AdapterError(f"{file}: cannot read ({e.strerror})") from None
+    n = stfile.header_length(bytes(data[:8]), str(file), len(data))
+    header = stfile.parse_header(bytes(data[8 : 8 + n]), str(file), len(data))
+    modules, skipped, dora = _parse_keys(file, header, config)
+    warnings = []
+    init = config.init_lora_weights
+    if isinstance(init, str) and init.split("_")[0].lower() in _CONVERTED_INITS:
+        warnings.append(
+            f"init_lora_weights={init!r}: B·A is the update only if the adapter was saved with PEFT's "
+            "conversion (path_initial_model_for_weight_conversion)"
+        )
+    return Adapter(path, config, header, data, modules, skipped, dora, warnings)
+
+
+def _parse_keys(
+    file: Path, header: stfile.Header, config: LoraConfig
+) -> tuple[list[LoraModule], list[tuple[str, str]], bool]:
+    pairs: dict[str, dict[str, str]] = {}
+    skipped: list[tuple[str, str]] = []
+    dora = config.use_dora
+    for key, entry in header.tensors.items():
+        m = _LORA_KEY.match(key)
+        if m is None:
+            reason = next((why for rx, why in _SKIP_RULES if rx.search(key)), "not a LoRA tensor: passed through")
+            dora = dora or "lora_magnitude_vector" in key
+            skipped.append((key, reason))
+            continue
+        if len(entry.shape) != 2:
+            skipped.append((key, f"{len(entry.shape)}-D LoRA weight (convolution): not defined by Safe LoRA"))
+            continue
+        pairs.setdefault(m["module"], {})[m["part"]] = key
+    modules = []
+    for raw_module, parts in pairs.items():
+        if parts.keys() != {"lora_A", "lora_B"}:
+            have, missing = ("lora_A", "lora_B") if "lora_A" in parts else ("lora_B", "lora_A")
+            raise AdapterError(f"{file}: {parts[have]} has no matching {missing}; the adapter file is incomplete")
+        modules.append(_module(file, raw_module, parts["lora_A"], parts["lora_B"], header, config))
+    if not modules:
+        raise AdapterError(f"{file}: no 2-D lora_A/lora_B pairs; nothing for Safe LoRA to project")
+    modules.sort(key=lambda m: (m.layer if m.layer is not None else -1, m.module))
+    return modules, skipped, dora
+
+
+def _module(
+    file: Path, raw_module: str, a_key: str, b_key: str, header: stfile.Header, config: LoraConfig
+) -> LoraModule:
+    module = raw_module.removeprefix(PEFT_PREFIX)
+    a, b = header.tensors[a_key], header.tensors[b_key]
+    rank = a.shape[0]
+    if b.shape[1] != rank:
+        raise AdapterError(f"{file}: {a_key} is {list(a.shape)} but {b_key} is {list(b.shape)}; ranks differ")
+    if rank != config.expected_rank(module):
+        raise AdapterError(
+            f"{file}: {a_key} has rank {rank} but adapter_config.json says r={config.expected_rank(module)} "
+            "for this module; config and weights do not belong together"
+        )
+    if not config.targets(module):
+        raise AdapterError(
+            f"{file}: holds LoRA weights for {module!r} but target_modules={config.target_modules!r} "
+            "does not name it; config and weights do not belong together"
+        )
+    layer_match = _LAYER.search(f".{module}.")
+    layer = int(layer_match[1]) if layer_match else None
+    if config.layers_to_transform is not None and layer not in config.layers_to_transform:
+        raise AdapterError(
+            f"{file}: holds LoRA weights for {module!r} but layers_to_transform="
+            f"{config.layers_to_transform} excludes layer {layer}"
+        )
+    return LoraModule(module, a_key, b_key, rank, layer)
+
+
+def digest(blobs: Mapping[str, stfile.Blob]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, independent of file layout."""
+    h = hashlib.sha256()
+    for name in sorted(blobs):
+        b = blobs[name]
+        h.update(f"{name}\0{b.dtype}\0{list(b.shape)}\0{len(b.data)}\n".encode())
+        h.update(b.data)
+    return h.hexdigest()
+
+
+def file_digest(adapter: Adapter) -> str:
+    """``digest`` of the adapter file as it is on disk."""
+    return digest(_blobs(adapter, {}))
+
+
+def _blobs(adapter: Adapter, replacements: Mapping[str, torch.Tensor]) -> dict[str, stfile.Blob]:
+    data = memoryview(adapter.data)
+    blobs: dict[str, stfile.Blob] = {}
+    for name, e in sorted(adapter.header.tensors.items(), key=lambda kv: kv[1].start):
+        new = replacements.get(name)
+        raw = bytes(data[e.start : e.end]) if new is None else stfile.tensor_bytes(new)
+        blobs[name] = stfile.Blob(e.dtype, e.shape, raw)
+    return blobs
+
+
+def write_adapter(
+    adapter: Adapter,
+    replacements: Mapping[str, torch.Tensor],
+    provenance: Mapping[str, str],
+    output: Path | None,
+    *,
+    overwrite_output: bool = False,
+) -> Path:
+    """Write the patched weights; returns the file written.
+
+    In place: a temp file in the adapter's own directory, fsync, ``os.replace``, fsync the directory,
+    so a crash leaves either the old file or the new one. With ``output``: a complete adapter
+    directory (every other file copied) and the source left untouched. Every tensor not in
+    ``replacements`` is copied byte for byte; replacements keep their original dtype.
+    """
+    for key, t in replacements.items():
+        e = adapter.header.tensors[key]
+        if tuple(t.shape) != e.shape or t.dtype != e.torch_dtype:
+            raise AssertionError(f"replacement for {key} changed shape or dtype")
+    blobs = _blobs(adapter, replacements)
+    metadata = {k: v for k, v in adapter.header.metadata.items() if not k.startswith(PROVENANCE_PREFIX)}
+    metadata.update(provenance)
+    metadata[PROVENANCE_PREFIX + "digest"] = digest(blobs)
+    chunks = stfile.serialize(blobs, metadata)
+    target_dir = adapter.path if output is None else _prepare_output(adapter.path, output, overwrite_output)
+    target = target_dir / ADAPTER_FILE
+    atomic_write(target, chunks, mode=adapter.file.stat().st_mode & 0o777)
+    return target
+
+
+def _prepare_output(src: Path, output: Path, overwrite: bool) -> Path:
+    if output.resolve() == src.resolve():
+        raise AdapterError(f"{output}: is the adapter directory itself; drop --output to patch in place")
+    if output.exists() and not output.is_dir():
+        raise AdapterError(f"{output}: exists and is not a directory; choose another --output")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise AdapterError(f"{output}: exists and is not empty; choose another --output or pass --force")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        for item in src.iterdir():
+            if item.name == ADAPTER_FILE or TMP_MARK in item.name:
+                continue
+            if item.is_dir():
+                shutil.copytree(item, output / item.name, dirs_exist_ok=True)
+            else:
+                shutil.copy2(item, output / item.name)
+    except OSError as e:
+        raise AdapterError(f"{output}: cannot write ({e.strerror}); choose a writable --output") from None
+    return output
+
+
+def atomic_write(target: Path, chunks: list[bytes], mode: int = 0o644) -> None:
+    """Replace ``target`` with ``chunks`` so that readers and crashes see old or new, never a mix."""
+    directory = target.parent
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}{TMP_MARK}{os.getpid()}-", dir=directory)
+    except OSError as e:
+        raise AdapterError(f"{directory}: cannot create a file here ({e.strerror}); use --output DIR") from None
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        stfile.fsync_dir(directory)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise AdapterError(f"{target}: write failed ({e.strerror}); the original file is unchanged") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def clean_stale_temps(directory: Path) -> list[Path]:
+    """Remove temp files that killed runs left beside the adapter; returns what was removed.
+
+    A temp file names the pid that wrote it; files of live processes (a concurrent run) are kept.
+    """
+    removed = []
+    for p in directory.glob(f".{ADAPTER_FILE}{TMP_MARK}*"):
+        pid = p.name.removeprefix(f".{ADAPTER_FILE}{TMP_MARK}").split("-", 1)[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

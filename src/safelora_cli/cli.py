@@ -1,0 +1,213 @@
+"""The ``safelora`` command line: parse, call the pipeline, render. No math here."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import traceback
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from . import demo as demo_data
+from .adapter import load_adapter
+from .errors import SafeLoraError
+from .pipeline import Device, Precision, Report, Settings, project_adapter
+from .report import dumps, render
+from .sources import Source, open_local
+
+app = typer.Typer(
+    help="Safe LoRA for PEFT adapters: project each LoRA update onto the alignment subspace of "
+    "W_aligned − W_base when it looks unlike it. Exit codes: 0 done, 1 input or I/O error, 2 usage.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+BaseOpt = Annotated[
+    Path,
+    typer.Option(help="The unaligned base model: a directory with safetensors (single or sharded) or .bin weights."),
+]
+AlignedOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="The aligned (chat) model. Default: adapter_config.json's base_model_name_or_path when it is "
+        "a local directory.",
+        show_default=False,
+    ),
+]
+AdapterOpt = Annotated[Path, typer.Option(help="The PEFT LoRA adapter directory to patch.")]
+ThresholdOpt = Annotated[
+    float | None,
+    typer.Option(
+        min=-1.0,
+        max=1.0,
+        help="Project every module whose similarity (rounded to 5 decimals) is ≤ τ. [default: 0.5]",
+    ),
+]
+NumLayersOpt = Annotated[
+    int | None,
+    typer.Option(min=1, help="Number mode: project the K modules with the lowest similarities (ties included)."),
+]
+OutputOpt = Annotated[
+    Path | None,
+    typer.Option(help="Write a complete patched adapter directory here and leave the source untouched."),
+]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Compute and report; write nothing.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON document on stdout; the table goes to stderr.")]
+PrecisionOpt = Annotated[str, typer.Option(help="Compute precision: float32 or float64.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")]
+AllowDoraOpt = Annotated[
+    bool,
+    typer.Option("--allow-dora", help="Project lora_B of a DoRA adapter; magnitudes are left unchanged."),
+]
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Project an adapter that already carries safelora provenance; reuse a non-empty --output.",
+    ),
+]
+
+_PRECISIONS: dict[str, Precision] = {"float32": "float32", "float64": "float64"}
+_DEVICES: dict[str, Device] = {"auto": "auto", "cpu": "cpu", "cuda": "cuda"}
+
+
+def _err_console() -> Console:
+    return Console(stderr=True)
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """The one place errors become a one-line message and an exit code."""
+    try:
+        yield
+    except SafeLoraError as e:
+        if os.environ.get("SAFELORA_DEBUG"):
+            traceback.print_exc()
+        _err_console().print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
+
+
+def _choice(value: str, choices: Mapping[str, str], flag: str) -> str:
+    if value not in choices:
+        raise typer.BadParameter(f"expected one of {', '.join(choices)}", param_hint=flag)
+    return value
+
+
+def _open(path: Path) -> Source:
+    return open_local(path)
+
+
+def _aligned_default(adapter: Path, notes: list[str]) -> Path:
+    name = load_adapter(adapter).config.base_model_name_or_path
+    if name is None or not Path(name).is_dir():
+        hint = f" (adapter_config.json names {name!r}, not a local directory)" if name else ""
+        raise typer.BadParameter(f"required{hint}", param_hint="--aligned")
+    notes.append(f"--aligned taken from adapter_config.json's base_model_name_or_path: {name}")
+    return Path(name)
+
+
+def _emit(report: Report, as_json: bool) -> None:
+    if as_json:
+        render(report, _err_console())
+        sys.stdout.write(dumps(report) + "\n")
+    else:
+        render(report, Console())
+
+
+@app.command()
+def project(
+    base: BaseOpt,
+    adapter: AdapterOpt,
+    aligned: AlignedOpt = None,
+    threshold: ThresholdOpt = None,
+    num_layers: NumLayersOpt = None,
+    output: OutputOpt = None,
+    dry_run: DryRunOpt = False,
+    as_json: JsonOpt = False,
+    precision: PrecisionOpt = "float32",
+    device: DeviceOpt = "auto",
+    allow_dora: AllowDoraOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Project a LoRA adapter (Safe LoRA): for each module, B ← C·B when its similarity is low.
+
+    Rewrites adapter_model.safetensors in place (atomically) unless --output or --dry-run is given.
+    Only the weights of the adapter's targeted modules are read, one tensor at a time.
+    """
+    if threshold is not None and num_layers is not None:
+        raise typer.BadParameter("give --threshold or --num-layers, not both", param_hint="--num-layers")
+    settings = Settings(
+        mode="number" if num_layers is not None else "threshold",
+        threshold=0.5 if threshold is None else threshold,
+        num_layers=num_layers,
+        precision=_PRECISIONS[_choice(precision, _PRECISIONS, "--precision")],
+        device=_DEVICES[_choice(device, _DEVICES, "--device")],
+        allow_dora=allow_dora,
+        force=force,
+        dry_run=dry_run,
+        output=output,
+    )
+    notes: list[str] = []
+    with _errors():
+        aligned_path = aligned if aligned is not None else _aligned_default(adapter, notes)
+        base_src, aligned_src = _open(base), _open(aligned_path)
+        try:
+            report = project_adapter(adapter, base_src, aligned_src, settings, notes=notes)
+        finally:
+            base_src.close()
+            aligned_src.close()
+    _emit(report, as_json)
+
+
+@app.command()
+def demo(
+    as_json: JsonOpt = False,
+    keep: Annotated[
+        Path | None,
+        typer.Option(help="Build the example in this directory and keep it (default: a temp dir)."),
+    ] = None,
+) -> None:
+    """Build a tiny base/aligned/adapter set (no downloads) and run `project` on it."""
+    with _errors(), tempfile.TemporaryDirectory(prefix="safelora-demo-") as tmp:
+        root = keep or Path(tmp)
+        base, aligned, adapter = demo_data.build(root)
+        console = _err_console() if as_json else Console()
+        console.print(f"[dim]tiny example in {root}: base (sharded), aligned, adapter (q_proj/v_proj, r=8)[/dim]")
+        console.print(
+            f"[dim]$ safelora project --base {base} --aligned {aligned} --adapter {adapter}[/dim]",
+            highlight=False,
+        )
+        base_src, aligned_src = open_local(base), open_local(aligned)
+        try:
+            report = project_adapter(adapter, base_src, aligned_src, Settings())
+        finally:
+            base_src.close()
+            aligned_src.close()
+        _emit(report, as_json)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"safelora {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Safe LoRA for PEFT adapters."""
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,35 @@
+"""The tool's error types: every message a user sees for bad input is shaped here."""
+
+from __future__ import annotations
+
+
+class SafeLoraError(Exception):
+    """An input or I/O problem the user can fix; the CLI prints it as one line and exits 1."""
+
+    exit_code = 1
+
+
+class SourceError(SafeLoraError):
+    """A base or aligned checkpoint cannot be found, read or matched to the adapter."""
+
+
+class FormatError(SourceError):
+    """A safetensors file (adapter, checkpoint or cache entry) is malformed."""
+
+
+class AdapterError(SafeLoraError):
+    """The adapter directory, its config or its tensors cannot be used."""
+
+
+class AlreadyProjectedError(AdapterError):
+    """The adapter already carries safelora provenance from another pair or other settings."""
+
+
+class NumericError(SafeLoraError):
+    """A tensor holds NaN or Inf."""
+
+
+class UsageError(SafeLoraError):
+    """Options that contradict each other; exit 2 like any usage error."""
+
+    exit_code = 2

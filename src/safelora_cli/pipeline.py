@@ -1,0 +1,294 @@
+"""Walk an adapter's modules, stream the matching base/aligned weights, project, write, report."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from . import __version__
+from .adapter import PROVENANCE_PREFIX, Adapter, LoraModule, clean_stale_temps, load_adapter, write_adapter
+from .errors import AdapterError, AlreadyProjectedError, SafeLoraError, SourceError
+from .projection import Mode, ModuleMath, Projector, select
+from .sources import Source
+
+Precision = Literal["float32", "float64"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to project; everything a run's outcome depends on besides its inputs."""
+
+    mode: Mode = "threshold"
+    threshold: float = 0.5
+    num_layers: int | None = None
+    precision: Precision = "float32"
+    device: Device = "auto"
+    allow_dora: bool = False
+    force: bool = False
+    dry_run: bool = False
+    output: Path | None = None
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    source: str
+    revision: str | None
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    module: str
+    layer: int | None
+    similarity: float | None
+    projected: bool
+    reason: str | None
+    norm_ratio: float | None
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything a run did, for the table, the JSON document and the tests."""
+
+    adapter: Path
+    output: Path | None
+    written: bool
+    dry_run: bool
+    base: SourceInfo
+    aligned: SourceInfo
+    mode: Mode
+    threshold: float | None
+    num_layers: int | None
+    layers: list[LayerResult]
+    skipped: list[tuple[str, str]]
+    seconds: float
+    bytes_read: int
+    device: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def projected_count(self) -> int:
+        return sum(layer.projected for layer in self.layers)
+
+
+@dataclass(frozen=True)
+class _Job:
+    module: LoraModule
+    base_key: str
+    aligned_key: str
+
+
+def _device(requested: Device) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise SafeLoraError("--device cuda: no CUDA device is available; use --device cpu or auto")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def _plan(adapter: Adapter, base: Source, aligned: Source) -> list[_Job]:
+    """Pair every module with its weights by name and check shapes, before reading any tensor."""
+    jobs = []
+    for m in adapter.modules:
+        base_key, aligned_key = base.resolve(m.module), aligned.resolve(m.module)
+        b_shape, a_shape = base.shape(base_key), aligned.shape(aligned_key)
+        if b_shape != a_shape:
+            raise SourceError(
+                f"{m.module}: base weight is {list(b_shape)} but aligned is {list(a_shape)}; "
+                "base and aligned must be the same architecture and size"
+            )
+        out = adapter.header.tensors[m.b_key].shape[0]
+        inp = adapter.header.tensors[m.a_key].shape[1]
+        expected = (inp, out) if adapter.config.fan_in_fan_out else (out, inp)
+        if len(b_shape) != 2 or tuple(b_shape) != expected:
+            layout = "in×out (fan_in_fan_out)" if adapter.config.fan_in_fan_out else "out×in"
+            raise AdapterError(
+                f"{m.module}: the adapter expects a {layout} weight of {list(expected)} but "
+                f"{base.label} has {list(b_shape)}; the adapter was trained on another model"
+            )
+        jobs.append(_Job(m, base_key, aligned_key))
+    return jobs
+
+
+_SLOTS = 2  # one module being computed while the next one is read
+
+
+def _prefetch(jobs: list[_Job], base: Source, aligned: Source) -> Iterator[tuple[_Job, torch.Tensor, torch.Tensor]]:
+    """Read module i+1's weights on a thread while module i is computed (matmuls drop the GIL).
+
+    Each slot's buffers are sized once for the largest tensor and reused: no fresh allocation (and
+    page faults) per tensor, and peak memory stays a few copies of the largest targeted tensor.
+    """
+    size = max(max(base.nbytes(j.base_key), aligned.nbytes(j.aligned_key)) for j in jobs)
+    free: queue.Queue[tuple[bytearray, bytearray]] = queue.Queue()
+    for _ in range(_SLOTS):
+        free.put((bytearray(size), bytearray(size)))
+    ready: queue.Queue[tuple[_Job, torch.Tensor, torch.Tensor, tuple[bytearray, bytearray]] | BaseException] = (
+        queue.Queue()
+    )
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for job in jobs:
+                slot = free.get()
+                if stop.is_set():
+                    return
+                ready.put((job, base.read(job.base_key, slot[0]), aligned.read(job.aligned_key, slot[1]), slot))
+        except BaseException as e:  # handed to the consumer, which re-raises it in the main thread
+            ready.put(e)
+
+    thread = threading.Thread(target=produce, name="safelora-prefetch", daemon=True)
+    thread.start()
+    try:
+        for _ in jobs:
+            item = ready.get()
+            if isinstance(item, BaseException):
+                raise item
+            job, w_base, w_aligned, slot = item
+            yield job, w_base, w_aligned
+            free.put(slot)
+    finally:
+        stop.set()
+        free.put((bytearray(), bytearray()))  # wakes a producer waiting for a slot
+        thread.join()
+
+
+def _settings_provenance(settings: Settings, tau: float | None) -> dict[str, str]:
+    p = {
+        "mode": settings.mode,
+        "threshold": json.dumps(tau),
+        "precision": settings.precision,
+    }
+    if settings.mode == "number":
+        p["num_layers"] = str(settings.num_layers)
+    return {PROVENANCE_PREFIX + k: v for k, v in p.items()}
+
+
+def _same_run(previous: dict[str, str], base: SourceInfo, aligned: SourceInfo, settings: Settings) -> bool:
+    want = {
+        "base": _identity(base),
+        "aligned": _identity(aligned),
+        "mode": settings.mode,
+        "precision": settings.precision,
+    }
+    if settings.mode == "number":
+        want["num_layers"] = str(settings.num_layers)
+    else:
+        want["threshold"] = json.dumps(settings.threshold)
+    return all(previous.get(PROVENANCE_PREFIX + k) == v for k, v in want.items())
+
+
+def _identity(info: SourceInfo) -> str:
+    return f"{info.source}@{info.revision or info.fingerprint}"
+
+
+def _info(src: Source) -> SourceInfo:
+    return SourceInfo(src.label, src.revision, src.fingerprint())
+
+
+def project_adapter(
+    adapter_path: Path,
+    base: Source,
+    aligned: Source,
+    settings: Settings,
+    *,
+    notes: list[str] | None = None,
+    on_module: Callable[[LayerResult], None] | None = None,
+) -> Report:
+    """Run Safe LoRA on one adapter against one (base, aligned) pair; see SPEC.md."""
+    started = time.perf_counter()
+    notes = list(notes or [])
+    adapter = load_adapter(adapter_path)
+    notes.extend(adapter.warnings)
+    base_info, aligned_info = _info(base), _info(aligned)
+
+    def report(layers: list[LayerResult], tau: float | None, written: bool) -> Report:
+        return Report(
+            adapter=adapter_path,
+            output=settings.output,
+            written=written,
+            dry_run=settings.dry_run,
+            base=base_info,
+            aligned=aligned_info,
+            mode=settings.mode,
+            threshold=tau,
+            num_layers=settings.num_layers,
+            layers=layers,
+            skipped=adapter.skipped,
+            seconds=time.perf_counter() - started,
+            bytes_read=base.bytes_read + aligned.bytes_read,
+            device=str(device),
+            notes=notes,
+        )
+
+    device = _device(settings.device)
+    previous = adapter.provenance()
+    if previous and not settings.force:
+        if _same_run(previous, base_info, aligned_info, settings):
+            notes.append("already projected with this pair and these settings: nothing to do")
+            tau = json.loads(previous.get(PROVENANCE_PREFIX + "threshold", "null"))
+            return report([], tau, False)
+        pair = f"{previous.get(PROVENANCE_PREFIX + 'base')} → {previous.get(PROVENANCE_PREFIX + 'aligned')}"
+        raise AlreadyProjectedError(
+            f"{adapter.file}: already projected by safelora against {pair}; projecting twice shrinks the update again. "
+            "Start from the original adapter, or pass --force"
+        )
+    if adapter.dora:
+        if not settings.allow_dora:
+            raise AdapterError(
+                f"{adapter.file}: a DoRA adapter (lora_magnitude_vector); Safe LoRA does not define DoRA. "
+                "Pass --allow-dora to project lora_B and leave the magnitudes unchanged"
+            )
+        notes.append("DoRA: lora_B projected, magnitude vectors left unchanged")
+    if not settings.dry_run and settings.output is None:
+        clean_stale_temps(adapter.path)
+
+    jobs = _plan(adapter, base, aligned)
+    projector = Projector(torch.float64 if settings.precision == "float64" else torch.float32, device)
+    results: list[ModuleMath] = []
+    for job, w_base, w_aligned in _prefetch(jobs, base, aligned):
+        m = job.module
+        math_ = projector.compute(
+            w_base,
+            w_aligned,
+            adapter.tensor(m.a_key),
+            adapter.tensor(m.b_key),
+            transpose=adapter.config.fan_in_fan_out,
+            names=(f"{base.label}:{job.base_key}", f"{aligned.label}:{job.aligned_key}", m.a_key, m.b_key),
+        )
+        results.append(math_)
+        if on_module is not None:
+            on_module(LayerResult(m.module, m.layer, math_.similarity, False, math_.reason, math_.norm_ratio))
+
+    tau, chosen = select([r.similarity for r in results], settings.mode, settings.threshold, settings.num_layers)
+    layers = [
+        LayerResult(j.module.module, j.module.layer, r.similarity, c, r.reason, r.norm_ratio)
+        for j, r, c in zip(jobs, results, chosen, strict=True)
+    ]
+    if settings.dry_run:
+        return report(layers, tau, False)
+    replacements = {}
+    for j, r, c in zip(jobs, results, chosen, strict=True):
+        if c and r.projected_b is not None:
+            replacements[j.module.b_key] = r.projected_b.to(adapter.tensor(j.module.b_key).dtype)
+    provenance = {
+        PROVENANCE_PREFIX + "version": __version__,
+        PROVENANCE_PREFIX + "base": _identity(base_info),
+        PROVENANCE_PREFIX + "aligned": _identity(aligned_info),
+        PROVENANCE_PREFIX + "projected": json.dumps([layer.module for layer in layers if layer.projected]),
+        **_settings_provenance(settings, tau),
+    }
+    if adapter.dora:
+        provenance[PROVENANCE_PREFIX + "dora"] = "lora_B projected; magnitude vectors unchanged"
+    write_adapter(adapter, replacements, provenance, settings.output, overwrite_output=settings.force)
+    return report(layers, tau, True)

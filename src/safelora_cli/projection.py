@@ -1,0 +1,135 @@
+"""Safe LoRA's math, exactly as SPEC.md: pure torch, no I/O.
+
+For one module with V = W_aligned − W_base (out×in), C = V·Vᵀ/‖V‖_F, the similarity is the cosine of
+C·B·A and B·A, and a selected module gets B ← C·B. Nothing out×out or out×in beyond V itself is
+ever formed: C·B = V·(Vᵀ·B)/‖V‖_F costs 2·out·in·r flops instead of out²·in, and with G = A·Aᵀ the
+cosine reduces to r×r traces (see ``_cosine``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .errors import NumericError
+
+Mode = Literal["threshold", "number"]
+ROUND_DECIMALS = 5  # the official code rounds before comparing; so do we, for reproducible decisions
+
+
+@dataclass(frozen=True)
+class ModuleMath:
+    """What the method says about one module, before selection."""
+
+    similarity: float | None
+    projected_b: torch.Tensor | None  # C·B in the compute dtype, on the CPU; None when undefined
+    norm_ratio: float | None  # ‖C·B‖_F / ‖B‖_F
+    reason: str | None  # why the module cannot be projected, when it cannot
+
+
+class Projector:
+    """Computes ``ModuleMath`` for module after module, reusing one workspace for V.
+
+    Fresh multi-megabyte allocations cost more than the arithmetic here (page faults), so V is
+    built in a buffer that grows to the largest module and is then reused.
+    """
+
+    def __init__(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self._workspace = torch.empty(0, dtype=dtype, device=self.device)
+
+    def _v(self, w_base: torch.Tensor, w_aligned: torch.Tensor) -> torch.Tensor:
+        n = w_base.numel()
+        if self._workspace.numel() < n:
+            self._workspace = torch.empty(n, dtype=self.dtype, device=self.device)
+        v = self._workspace[:n].view(w_base.shape)
+        # V in the compute dtype is exact for fp16/bf16 weights; in-place ops with a lower-precision
+        # operand promote to the workspace's dtype, so no fp16 subtraction ever happens.
+        v.copy_(w_aligned, non_blocking=True)
+        v.sub_(w_base.to(self.device, non_blocking=True))
+        return v
+
+    def compute(
+        self,
+        w_base: torch.Tensor,
+        w_aligned: torch.Tensor,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        *,
+        transpose: bool = False,
+        names: tuple[str, str, str, str] = ("W_base", "W_aligned", "lora_A", "lora_B"),
+    ) -> ModuleMath:
+        """Similarity and C·B for one module. ``transpose``: weights are stored in×out (Conv1D)."""
+        _check_finite(lora_a, names[2])
+        _check_finite(lora_b, names[3])
+        v = self._v(w_base, w_aligned)
+        if transpose:
+            v = v.T
+        norm = float(torch.linalg.vector_norm(v))
+        if not math.isfinite(norm):
+            _check_finite(w_base, names[0])
+            _check_finite(w_aligned, names[1])
+            raise NumericError(f"{names[0]} − {names[1]}: ‖V‖ overflows {self.dtype}; use --precision float64")
+        b = lora_b.to(self.device, self.dtype)
+        a = lora_a.to(self.device, self.dtype)
+        b_norm = float(torch.linalg.vector_norm(b))
+        if norm == 0.0:
+            return ModuleMath(None, None, None, "V = 0: aligned equals base for this module")
+        p = v @ (v.T @ b)
+        p.div_(norm)
+        ratio = float(torch.linalg.vector_norm(p)) / b_norm if b_norm > 0 else None
+        sim, reason = _cosine(a, b, p)
+        return ModuleMath(sim, p.cpu() if reason is None else None, ratio, reason)
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor, p: torch.Tensor) -> tuple[float | None, str | None]:
+    """cos_F(P·A, B·A) from r×r products: ⟨P·A, B·A⟩ = tr(Bᵀ·P·G) etc. with G = A·Aᵀ.
+
+    The r×r products are taken in float64: they cost out·r² flops, and float64 keeps the rounded
+    similarity, hence the decision, identical on CPU and GPU.
+    """
+    a64, b64, p64 = a.double(), b.double(), p.double()
+    g = a64 @ a64.T
+    ba = float(((b64.T @ b64) * g).sum())
+    pa = float(((p64.T @ p64) * g).sum())
+    cross = float(((b64.T @ p64) * g).sum())
+    if ba <= 0.0:
+        return None, "B·A = 0 (an untrained adapter?): similarity undefined"
+    if pa <= 0.0:
+        return None, "C·B·A = 0: the update is orthogonal to V, similarity undefined"
+    return cross / math.sqrt(pa * ba), None
+
+
+def _check_finite(t: torch.Tensor, name: str) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise NumericError(f"{name}: contains NaN or Inf; fix or re-export the tensor")
+
+
+def rounded(sim: float) -> float:
+    """The similarity as compared against τ."""
+    return round(sim, ROUND_DECIMALS)
+
+
+def select(
+    similarities: Sequence[float | None], mode: Mode, threshold: float, num_layers: int | None
+) -> tuple[float | None, list[bool]]:
+    """Which modules to project, and the τ actually used.
+
+    threshold mode: rounded sim ≤ τ. number mode: τ_k is the k-th smallest rounded similarity and
+    every module at or below it is selected (ties included). Undefined similarities never are.
+    """
+    defined = [rounded(s) for s in similarities if s is not None]
+    if mode == "number":
+        if num_layers is None or num_layers < 1:
+            raise ValueError("number mode needs num_layers >= 1")
+        if not defined:
+            return None, [False] * len(similarities)
+        tau = sorted(defined)[min(num_layers, len(defined)) - 1]
+    else:
+        tau = threshold
+    return tau, [s is not None and rounded(s) <= tau for s in similarities]

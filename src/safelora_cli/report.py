@@ -1,0 +1,110 @@
+"""Rendering: the Rich table for people and the JSON document for pipelines."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from . import __version__
+from .pipeline import Report, SourceInfo
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _source(info: SourceInfo) -> dict[str, Any]:
+    return {"source": info.source, "revision": info.revision, "fingerprint": info.fingerprint}
+
+
+def to_json(report: Report) -> dict[str, Any]:
+    """The report in SPEC.md's schema; every number is finite or null."""
+    return {
+        "safelora_version": __version__,
+        "adapter": str(report.adapter),
+        "output": str(report.output) if report.output else None,
+        "written": report.written,
+        "dry_run": report.dry_run,
+        "base": _source(report.base),
+        "aligned": _source(report.aligned),
+        "mode": report.mode,
+        "threshold": _finite(report.threshold),
+        "num_layers": report.num_layers,
+        "layer_count": len(report.layers),
+        "projected_count": report.projected_count,
+        "layers": [
+            {
+                "module": layer.module,
+                "layer": layer.layer,
+                "similarity": _finite(layer.similarity),
+                "projected": layer.projected,
+                "reason": layer.reason,
+                "norm_ratio": _finite(layer.norm_ratio),
+            }
+            for layer in report.layers
+        ],
+        "skipped": [{"key": key, "reason": reason} for key, reason in report.skipped],
+        "notes": report.notes,
+        "device": report.device,
+        "bytes_read": report.bytes_read,
+        "seconds": round(report.seconds, 3),
+    }
+
+
+def dumps(report: Report) -> str:
+    return json.dumps(to_json(report), indent=2, allow_nan=False)
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "—" if x is None or not math.isfinite(x) else format(x, spec)
+
+
+def render(report: Report, console: Console) -> None:
+    """The per-module table, the skipped tensors, notes and a one-line summary."""
+    if report.layers:
+        table = Table(title=f"Safe LoRA · {report.adapter}", title_justify="left")
+        table.add_column("module")
+        table.add_column("layer", justify="right")
+        table.add_column("similarity", justify="right")
+        table.add_column("projected", justify="center")
+        table.add_column("‖C·B‖/‖B‖", justify="right")
+        for layer in report.layers:
+            projected = Text("yes", style="bold red") if layer.projected else Text("no", style="dim")
+            sim = Text(_fmt(layer.similarity, ".5f"))
+            if layer.reason:
+                sim = Text(f"— ({layer.reason})", style="yellow")
+            table.add_row(
+                layer.module,
+                "" if layer.layer is None else str(layer.layer),
+                sim,
+                projected,
+                _fmt(layer.norm_ratio, ".4f"),
+            )
+        console.print(table)
+    if report.skipped:
+        console.print(f"[dim]{len(report.skipped)} tensor(s) passed through unchanged:[/dim]")
+        for key, reason in report.skipped:
+            console.print(f"[dim]  {key}: {reason}[/dim]", highlight=False)
+    for note in report.notes:
+        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+    console.print(summary(report), highlight=False)
+
+
+def summary(report: Report) -> str:
+    """One line: n of m projected, τ used, where it went, time."""
+    tau = _fmt(report.threshold, ".5g")
+    how = f"τ = {tau}" if report.mode == "threshold" else f"k = {report.num_layers}, τ_k = {tau}"
+    if report.dry_run:
+        where = "dry run, nothing written"
+    elif report.written:
+        where = f"wrote {report.output or report.adapter}"
+    else:
+        where = "nothing written"
+    return (
+        f"{report.projected_count} of {len(report.layers)} modules projected ({how}); {where}; {report.seconds:.2f} s"
+    )
