@@ -1,9 +1,11 @@
 """Safe LoRA's math, exactly as SPEC.md: pure torch, no I/O.
 
 For one module with V = W_aligned − W_base (out×in), C = V·Vᵀ/‖V‖_F, the similarity is the cosine of
-C·B·A and B·A, and a selected module gets B ← C·B. Nothing out×out or out×in beyond V itself is
-ever formed: C·B = V·(Vᵀ·B)/‖V‖_F costs 2·out·in·r flops instead of out²·in, and with G = A·Aᵀ the
-cosine reduces to r×r traces (see ``_cosine``).
+C·B·A and B·A, and a selected module gets B ← C·B. A module's ``Operator`` is the smaller of C and V:
+C is formed only when out < in (it is then smaller than V, and it is what the projection cache
+stores); otherwise C·B = V·(Vᵀ·B)/‖V‖_F, 2·out·in·r flops instead of out²·in. P is always computed
+from the operator, so a run served by the cache and one that is not give identical bytes. With
+G = A·Aᵀ the cosine reduces to r×r traces (see ``_cosine``).
 """
 
 from __future__ import annotations
@@ -31,28 +33,119 @@ class ModuleMath:
     reason: str | None  # why the module cannot be projected, when it cannot
 
 
-class Projector:
-    """Computes ``ModuleMath`` for module after module, reusing one workspace for V.
+OperatorKind = Literal["C", "V", "zero"]
 
-    Fresh multi-megabyte allocations cost more than the arithmetic here (page faults), so V is
-    built in a buffer that grows to the largest module and is then reused.
+
+@dataclass(frozen=True)
+class Operator:
+    """All a module's projection needs from the checkpoints, in its smaller exact form.
+
+    ``C`` (out×out, ``C = V·Vᵀ/‖V‖_F``) when out < in, else ``V`` (out×in) with ``norm = ‖V‖_F``: the
+    same number of values for square modules, and V costs no out³ product to make. ``zero``: V = 0.
+    """
+
+    kind: OperatorKind
+    matrix: torch.Tensor  # C or V in the compute dtype, contiguous; empty for "zero"
+    norm: float  # ‖V‖_F as computed in the compute dtype
+    out_features: int
+    in_features: int
+
+
+def operator_kind(out_features: int, in_features: int) -> OperatorKind:
+    """Which form ``Projector.operator`` stores for a module of this shape (when V ≠ 0)."""
+    return "C" if out_features < in_features else "V"
+
+
+class Projector:
+    """Computes ``ModuleMath`` for module after module, reusing workspaces for V and C.
+
+    Fresh multi-megabyte allocations cost more than the arithmetic here (page faults), so V and C
+    are built in buffers that grow to the largest module and are then reused. An operator's matrix
+    lives in those buffers: it is valid until the next ``operator`` or ``load`` call.
     """
 
     def __init__(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         self.dtype = dtype
         self.device = torch.device(device)
-        self._workspace = torch.empty(0, dtype=dtype, device=self.device)
+        self._workspaces: dict[str, torch.Tensor] = {}
+
+    def _buffer(self, slot: str, shape: tuple[int, ...]) -> torch.Tensor:
+        n = shape[0] * shape[1]
+        ws = self._workspaces.get(slot)
+        if ws is None or ws.numel() < n:
+            ws = self._workspaces[slot] = torch.empty(n, dtype=self.dtype, device=self.device)
+        return ws[:n].view(shape)
 
     def _v(self, w_base: torch.Tensor, w_aligned: torch.Tensor) -> torch.Tensor:
-        n = w_base.numel()
-        if self._workspace.numel() < n:
-            self._workspace = torch.empty(n, dtype=self.dtype, device=self.device)
-        v = self._workspace[:n].view(w_base.shape)
+        v = self._buffer("v", (w_base.shape[0], w_base.shape[1]))
         # V in the compute dtype is exact for fp16/bf16 weights; in-place ops with a lower-precision
         # operand promote to the workspace's dtype, so no fp16 subtraction ever happens.
         v.copy_(w_aligned, non_blocking=True)
         v.sub_(w_base.to(self.device, non_blocking=True))
         return v
+
+    def operator(
+        self,
+        w_base: torch.Tensor,
+        w_aligned: torch.Tensor,
+        *,
+        transpose: bool = False,
+        names: tuple[str, str] = ("W_base", "W_aligned"),
+    ) -> Operator:
+        """C or V for one module. ``transpose``: weights are stored in×out (Conv1D)."""
+        v = self._v(w_base, w_aligned)
+        if transpose:
+            # Contiguous, like an operator loaded from the cache: the same matmul kernels then run
+            # on the same layout, so cached and fresh runs give identical bytes.
+            vt = self._buffer("vt", (v.shape[1], v.shape[0]))
+            vt.copy_(v.T)
+            v = vt
+        norm = float(torch.linalg.vector_norm(v))
+        if not math.isfinite(norm):
+            _check_finite(w_base, names[0])
+            _check_finite(w_aligned, names[1])
+            raise NumericError(f"{names[0]} − {names[1]}: ‖V‖ overflows {self.dtype}; use --precision float64")
+        out, inp = v.shape
+        if norm == 0.0:
+            return Operator("zero", v[:0, :0], 0.0, out, inp)
+        if operator_kind(out, inp) == "C":
+            c = self._buffer("c", (out, out))
+            torch.matmul(v, v.T, out=c)
+            c.div_(norm)
+            return Operator("C", c, norm, out, inp)
+        return Operator("V", v, norm, out, inp)
+
+    def load(self, kind: OperatorKind, data: torch.Tensor, norm: float, out: int, inp: int) -> Operator:
+        """An operator from stored values (the cache), copied into this projector's workspace."""
+        if kind == "zero":
+            return Operator("zero", data.new_empty(0, 0), 0.0, out, inp)
+        m = self._buffer(kind.lower(), (out, out) if kind == "C" else (out, inp))
+        m.copy_(data.view(m.shape))
+        return Operator(kind, m, norm, out, inp)
+
+    def apply(
+        self,
+        op: Operator,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        names: tuple[str, str] = ("lora_A", "lora_B"),
+    ) -> ModuleMath:
+        """Similarity and C·B for one module, from its operator."""
+        _check_finite(lora_a, names[0])
+        _check_finite(lora_b, names[1])
+        if op.kind == "zero":
+            return ModuleMath(None, None, None, "V = 0: aligned equals base for this module")
+        b = lora_b.to(self.device, self.dtype)
+        a = lora_a.to(self.device, self.dtype)
+        b_norm = float(torch.linalg.vector_norm(b))
+        if op.kind == "C":
+            p = op.matrix @ b
+        else:
+            p = op.matrix @ (op.matrix.T @ b)
+            p.div_(op.norm)
+        ratio = float(torch.linalg.vector_norm(p)) / b_norm if b_norm > 0 else None
+        sim, reason = _cosine(a, b, p)
+        return ModuleMath(sim, p.cpu() if reason is None else None, ratio, reason)
 
     def compute(
         self,
@@ -65,26 +158,8 @@ class Projector:
         names: tuple[str, str, str, str] = ("W_base", "W_aligned", "lora_A", "lora_B"),
     ) -> ModuleMath:
         """Similarity and C·B for one module. ``transpose``: weights are stored in×out (Conv1D)."""
-        _check_finite(lora_a, names[2])
-        _check_finite(lora_b, names[3])
-        v = self._v(w_base, w_aligned)
-        if transpose:
-            v = v.T
-        norm = float(torch.linalg.vector_norm(v))
-        if not math.isfinite(norm):
-            _check_finite(w_base, names[0])
-            _check_finite(w_aligned, names[1])
-            raise NumericError(f"{names[0]} − {names[1]}: ‖V‖ overflows {self.dtype}; use --precision float64")
-        b = lora_b.to(self.device, self.dtype)
-        a = lora_a.to(self.device, self.dtype)
-        b_norm = float(torch.linalg.vector_norm(b))
-        if norm == 0.0:
-            return ModuleMath(None, None, None, "V = 0: aligned equals base for this module")
-        p = v @ (v.T @ b)
-        p.div_(norm)
-        ratio = float(torch.linalg.vector_norm(p)) / b_norm if b_norm > 0 else None
-        sim, reason = _cosine(a, b, p)
-        return ModuleMath(sim, p.cpu() if reason is None else None, ratio, reason)
+        op = self.operator(w_base, w_aligned, transpose=transpose, names=(names[0], names[1]))
+        return self.apply(op, lora_a, lora_b, (names[2], names[3]))
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor, p: torch.Tensor) -> tuple[float | None, str | None]:
