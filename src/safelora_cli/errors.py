@@ -17,6 +17,14 @@ class FormatError(SourceError):
     """A safetensors file (adapter, checkpoint or cache entry) is malformed."""
 
 
+class HubError(SourceError):
+    """The Hub cannot give what a run needs: repo, revision, file, access, network, or offline mode."""
+
+
+class CacheError(SafeLoraError):
+    """The projection cache cannot be used as asked (an unknown pair, a pair busy in another run)."""
+
+
 class AdapterError(SafeLoraError):
     """The adapter directory, its config or its tensors cannot be used."""
 

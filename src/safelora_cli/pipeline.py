@@ -7,6 +7,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -15,8 +16,9 @@ import torch
 
 from . import __version__
 from .adapter import PROVENANCE_PREFIX, Adapter, LoraModule, clean_stale_temps, load_adapter, write_adapter
+from .cache import CorruptEntry, PairCache
 from .errors import AdapterError, AlreadyProjectedError, SafeLoraError, SourceError
-from .projection import Mode, ModuleMath, Projector, select
+from .projection import Mode, ModuleMath, Operator, Projector, select
 from .sources import Source
 
 Precision = Literal["float32", "float64"]
@@ -53,6 +55,16 @@ class LayerResult:
     projected: bool
     reason: str | None
     norm_ratio: float | None
+    cached: bool = False  # the operator came from the projection cache
+
+
+@dataclass(frozen=True)
+class CacheUse:
+    """How the projection cache served a run: its pair key, entries read, entries computed."""
+
+    pair: str
+    served: int
+    computed: int
 
 
 @dataclass(frozen=True)
@@ -74,6 +86,8 @@ class Report:
     bytes_read: int
     device: str
     notes: list[str] = field(default_factory=list)
+    cache: CacheUse | None = None
+    bytes_downloaded: int = 0
 
     @property
     def projected_count(self) -> int:
@@ -95,26 +109,33 @@ def _device(requested: Device) -> torch.device:
     return torch.device(requested)
 
 
-def _plan(adapter: Adapter, base: Source, aligned: Source) -> list[_Job]:
-    """Pair every module with its weights by name and check shapes, before reading any tensor."""
+def _check_weight_shape(adapter: Adapter, m: LoraModule, label: str, shape: tuple[int, ...]) -> None:
+    """The checkpoint weight (as stored) must be the matrix the adapter's A and B act on."""
+    out = adapter.header.tensors[m.b_key].shape[0]
+    inp = adapter.header.tensors[m.a_key].shape[1]
+    expected = (inp, out) if adapter.config.fan_in_fan_out else (out, inp)
+    if len(shape) != 2 or tuple(shape) != expected:
+        layout = "in×out (fan_in_fan_out)" if adapter.config.fan_in_fan_out else "out×in"
+        raise AdapterError(
+            f"{m.module}: the adapter expects a {layout} weight of {list(expected)} but "
+            f"{label} has {list(shape)}; the adapter was trained on another model"
+        )
+
+
+def _plan(adapter: Adapter, base: Source, aligned: Source, modules: list[LoraModule]) -> list[_Job]:
+    """Pair modules with their weights by name, announce the reads and check shapes, before reading any tensor."""
+    keys = [(m, base.resolve(m.module), aligned.resolve(m.module)) for m in modules]
+    base.plan([base_key for _, base_key, _ in keys])
+    aligned.plan([aligned_key for _, _, aligned_key in keys])
     jobs = []
-    for m in adapter.modules:
-        base_key, aligned_key = base.resolve(m.module), aligned.resolve(m.module)
+    for m, base_key, aligned_key in keys:
         b_shape, a_shape = base.shape(base_key), aligned.shape(aligned_key)
         if b_shape != a_shape:
             raise SourceError(
                 f"{m.module}: base weight is {list(b_shape)} but aligned is {list(a_shape)}; "
                 "base and aligned must be the same architecture and size"
             )
-        out = adapter.header.tensors[m.b_key].shape[0]
-        inp = adapter.header.tensors[m.a_key].shape[1]
-        expected = (inp, out) if adapter.config.fan_in_fan_out else (out, inp)
-        if len(b_shape) != 2 or tuple(b_shape) != expected:
-            layout = "in×out (fan_in_fan_out)" if adapter.config.fan_in_fan_out else "out×in"
-            raise AdapterError(
-                f"{m.module}: the adapter expects a {layout} weight of {list(expected)} but "
-                f"{base.label} has {list(b_shape)}; the adapter was trained on another model"
-            )
+        _check_weight_shape(adapter, m, base.label, b_shape)
         jobs.append(_Job(m, base_key, aligned_key))
     return jobs
 
@@ -163,6 +184,66 @@ def _prefetch(jobs: list[_Job], base: Source, aligned: Source) -> Iterator[tuple
         thread.join()
 
 
+def _from_cache(
+    cache: PairCache, adapter: Adapter, m: LoraModule, base: Source, projector: Projector, notes: list[str]
+) -> Operator | None:
+    """The cached operator of ``m``; None when absent, or corrupt (then noted, and recomputed)."""
+    transpose = adapter.config.fan_in_fan_out
+    try:
+        op = cache.load(m.module, transpose, projector)
+    except CorruptEntry as e:
+        notes.append(f"projection cache: the entry for {m.module} was corrupt ({e}); recomputed")
+        return None
+    if op is not None:
+        stored = (op.in_features, op.out_features) if transpose else (op.out_features, op.in_features)
+        _check_weight_shape(adapter, m, base.label, stored)
+    return op
+
+
+def _operators(
+    adapter: Adapter,
+    base: Source,
+    aligned: Source,
+    projector: Projector,
+    cache: PairCache | None,
+    notes: list[str],
+    on_cache_wait: Callable[[], None],
+) -> Iterator[tuple[LoraModule, Operator, bool]]:
+    """Each module's operator and whether the cache served it, cached ones first.
+
+    Misses are computed from the checkpoints while holding the pair's lock, after looking again:
+    a concurrent run on the same pair may have just stored them, so each entry is computed once.
+    An operator is only valid until the next one is produced (they share workspaces).
+    """
+    missing = []
+    for m in adapter.modules:
+        op = _from_cache(cache, adapter, m, base, projector, notes) if cache is not None else None
+        if op is None:
+            missing.append(m)
+        else:
+            yield m, op, True
+    if not missing:
+        return
+    with cache.locked(on_cache_wait) if cache is not None else nullcontext():
+        todo = []
+        for m in missing:
+            op = _from_cache(cache, adapter, m, base, projector, []) if cache is not None else None
+            if op is None:
+                todo.append(m)
+            else:
+                yield m, op, True
+        if not todo:
+            return
+        transpose = adapter.config.fan_in_fan_out
+        jobs = _plan(adapter, base, aligned, todo)
+        for job, w_base, w_aligned in _prefetch(jobs, base, aligned):
+            names = (f"{base.label}:{job.base_key}", f"{aligned.label}:{job.aligned_key}")
+            op = projector.operator(w_base, w_aligned, transpose=transpose, names=names)
+            if cache is not None:
+                cache.store(job.module.module, transpose, job.base_key, job.aligned_key, op)
+            yield job.module, op, False
+
+
 def _settings_provenance(settings: Settings, tau: float | None) -> dict[str, str]:
     p = {
         "mode": settings.mode,
@@ -204,10 +285,21 @@ def project_adapter(
     *,
     notes: list[str] | None = None,
     on_module: Callable[[LayerResult], None] | None = None,
+    cache: PairCache | None = None,
+    on_cache_wait: Callable[[], None] = lambda: None,
 ) -> Report:
-    """Run Safe LoRA on one adapter against one (base, aligned) pair; see SPEC.md."""
+    """Run Safe LoRA on one adapter against one (base, aligned) pair; see SPEC.md.
+
+    With ``cache`` (float32 runs only), operators are read from and stored in the projection cache:
+    cached modules read nothing from either checkpoint, and the bytes written are identical to an
+    uncached run's, since P is always computed from the same float32 operator.
+    """
     started = time.perf_counter()
     notes = list(notes or [])
+    if cache is not None and settings.precision != "float32":
+        notes.append("projection cache not used: it holds float32 operators and this run is float64")
+        cache = None
+    served = computed = 0
     adapter = load_adapter(adapter_path)
     notes.extend(adapter.warnings)
     base_info, aligned_info = _info(base), _info(aligned)
@@ -228,7 +320,9 @@ def project_adapter(
             seconds=time.perf_counter() - started,
             bytes_read=base.bytes_read + aligned.bytes_read,
             device=str(device),
-            notes=notes,
+            notes=notes + (cache.warnings if cache is not None else []),
+            cache=CacheUse(cache.key, served, computed) if cache is not None else None,
+            bytes_downloaded=base.bytes_downloaded + aligned.bytes_downloaded,
         )
 
     device = _device(settings.device)
@@ -253,39 +347,36 @@ def project_adapter(
     if not settings.dry_run and settings.output is None:
         clean_stale_temps(adapter.path)
 
-    jobs = _plan(adapter, base, aligned)
     projector = Projector(torch.float64 if settings.precision == "float64" else torch.float32, device)
-    results: list[ModuleMath] = []
-    for job, w_base, w_aligned in _prefetch(jobs, base, aligned):
-        m = job.module
-        math_ = projector.compute(
-            w_base,
-            w_aligned,
-            adapter.tensor(m.a_key),
-            adapter.tensor(m.b_key),
-            transpose=adapter.config.fan_in_fan_out,
-            names=(f"{base.label}:{job.base_key}", f"{aligned.label}:{job.aligned_key}", m.a_key, m.b_key),
-        )
-        results.append(math_)
+    found: dict[str, tuple[ModuleMath, bool]] = {}
+    for m, op, cached in _operators(adapter, base, aligned, projector, cache, notes, on_cache_wait):
+        math_ = projector.apply(op, adapter.tensor(m.a_key), adapter.tensor(m.b_key), (m.a_key, m.b_key))
+        found[m.module] = (math_, cached)
+        served, computed = served + cached, computed + (not cached)
         if on_module is not None:
-            on_module(LayerResult(m.module, m.layer, math_.similarity, False, math_.reason, math_.norm_ratio))
+            on_module(LayerResult(m.module, m.layer, math_.similarity, False, math_.reason, math_.norm_ratio, cached))
 
+    modules = adapter.modules
+    results = [found[m.module][0] for m in modules]
     tau, chosen = select([r.similarity for r in results], settings.mode, settings.threshold, settings.num_layers)
     layers = [
-        LayerResult(j.module.module, j.module.layer, r.similarity, c, r.reason, r.norm_ratio)
-        for j, r, c in zip(jobs, results, chosen, strict=True)
+        LayerResult(m.module, m.layer, r.similarity, c, r.reason, r.norm_ratio, found[m.module][1])
+        for m, r, c in zip(modules, results, chosen, strict=True)
     ]
     if settings.dry_run:
         return report(layers, tau, False)
     replacements = {}
-    for j, r, c in zip(jobs, results, chosen, strict=True):
+    for m, r, c in zip(modules, results, chosen, strict=True):
         if c and r.projected_b is not None:
-            replacements[j.module.b_key] = r.projected_b.to(adapter.tensor(j.module.b_key).dtype)
+            replacements[m.b_key] = r.projected_b.to(adapter.tensor(m.b_key).dtype)
     provenance = {
         PROVENANCE_PREFIX + "version": __version__,
         PROVENANCE_PREFIX + "base": _identity(base_info),
         PROVENANCE_PREFIX + "aligned": _identity(aligned_info),
         PROVENANCE_PREFIX + "projected": json.dumps([layer.module for layer in layers if layer.projected]),
+        PROVENANCE_PREFIX + "cache": json.dumps(
+            {"pair": cache.key, "served": served, "computed": computed} if cache is not None else None
+        ),
         **_settings_provenance(settings, tau),
     }
     if adapter.dora:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
+from types import TracebackType
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 from rich.text import Text
 
 from . import __version__
+from .cache import PairSummary
 from .pipeline import Report, SourceInfo
 
 
@@ -45,6 +49,7 @@ def to_json(report: Report) -> dict[str, Any]:
                 "projected": layer.projected,
                 "reason": layer.reason,
                 "norm_ratio": _finite(layer.norm_ratio),
+                "cached": layer.cached,
             }
             for layer in report.layers
         ],
@@ -52,6 +57,12 @@ def to_json(report: Report) -> dict[str, Any]:
         "notes": report.notes,
         "device": report.device,
         "bytes_read": report.bytes_read,
+        "bytes_downloaded": report.bytes_downloaded,
+        "cache": (
+            {"pair": report.cache.pair, "served": report.cache.served, "computed": report.cache.computed}
+            if report.cache is not None
+            else None
+        ),
         "seconds": round(report.seconds, 3),
     }
 
@@ -92,6 +103,11 @@ def render(report: Report, console: Console) -> None:
             console.print(f"[dim]  {key}: {reason}[/dim]", highlight=False)
     for note in report.notes:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+    if report.cache is not None:
+        c = report.cache
+        console.print(f"[dim]projection cache {c.pair}: {c.served} served, {c.computed} computed[/dim]")
+    if report.bytes_downloaded:
+        console.print(f"[dim]downloaded {size(report.bytes_downloaded)}[/dim]")
     console.print(summary(report), highlight=False)
 
 
@@ -108,3 +124,94 @@ def summary(report: Report) -> str:
     return (
         f"{report.projected_count} of {len(report.layers)} modules projected ({how}); {where}; {report.seconds:.2f} s"
     )
+
+
+def size(nbytes: int) -> str:
+    """Bytes for people: 1.23 GB (powers of 1000, as download tools print them)."""
+    if nbytes < 1000:
+        return f"{nbytes} B"
+    for unit, scale in (("kB", 1e3), ("MB", 1e6)):
+        if nbytes < scale * 1000:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes / 1e9:.2f} GB"
+
+
+class TransferDisplay:
+    """Byte progress bars for Hub downloads, on ``console`` when it is a terminal; warnings at once.
+
+    Implements ``hub.Transfer``. Bars are advanced from the reading thread (Rich locks internally).
+    """
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not console.is_terminal,
+        )
+
+    def __enter__(self) -> TransferDisplay:
+        self._progress.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._progress.stop()
+
+    def task(self, label: str, total: int) -> Callable[[int], None]:
+        task_id = self._progress.add_task(label, total=total)
+        return lambda n: self._progress.advance(task_id, n)
+
+    def warn(self, message: str) -> None:
+        self.console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+
+
+def _pair_json(pair: PairSummary) -> dict[str, Any]:
+    return {
+        "pair": pair.key,
+        "base": pair.base,
+        "aligned": pair.aligned,
+        "path": str(pair.path),
+        "bytes": pair.nbytes,
+        "modules": [
+            {"module": e.module, "kind": e.kind, "shape": list(e.shape), "bytes": e.nbytes, "problem": e.problem}
+            for e in pair.entries
+        ],
+    }
+
+
+def cache_json(pairs: list[PairSummary]) -> str:
+    """``safelora cache ls --json``: every pair with its modules."""
+    return json.dumps([_pair_json(p) for p in pairs], indent=2)
+
+
+def render_cache(pairs: list[PairSummary], console: Console, *, modules: bool) -> None:
+    """The pairs table; with ``modules``, each pair's modules too."""
+    if not pairs:
+        console.print("[dim]the projection cache is empty[/dim]")
+        return
+    table = Table(title="safelora projection cache", title_justify="left")
+    table.add_column("pair", no_wrap=True)
+    table.add_column("base", overflow="fold")
+    table.add_column("aligned", overflow="fold")
+    table.add_column("modules", justify="right")
+    table.add_column("size", justify="right", no_wrap=True)
+    for p in pairs:
+        table.add_row(p.key, p.base, p.aligned, str(len(p.entries)), size(p.nbytes))
+    console.print(table)
+    if modules:
+        for p in pairs:
+            t = Table(title=f"pair {p.key}", title_justify="left")
+            for col in ("module", "operator", "shape", "size"):
+                t.add_column(col, justify="right" if col == "size" else "left")
+            for e in p.entries:
+                label = e.module if e.problem is None else Text(f"? ({e.problem})", style="yellow")
+                t.add_row(label, e.kind, "×".join(map(str, e.shape)), size(e.nbytes))
+            console.print(t)
+    total = sum(p.nbytes for p in pairs)
+    console.print(f"{len(pairs)} pair(s), {size(total)}", highlight=False)

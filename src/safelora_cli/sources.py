@@ -6,7 +6,7 @@ import hashlib
 import json
 import pickle
 from abc import ABC, abstractmethod
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from functools import cached_property
 from io import BufferedReader
 from pathlib import Path
@@ -28,7 +28,8 @@ class Source(ABC):
     def __init__(self, label: str, revision: str | None = None) -> None:
         self.label = label
         self.revision = revision
-        self.bytes_read = 0
+        self.bytes_read = 0  # tensor bytes read
+        self.bytes_downloaded = 0  # bytes received over the network (headers and indexes included)
 
     @abstractmethod
     def names(self) -> Collection[str]:
@@ -53,6 +54,13 @@ class Source(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release open files."""
+
+    def plan(self, names: Sequence[str]) -> None:  # noqa: B027 - an optional hook: local files need no plan
+        """Announce the tensors about to be read, in reading order (lets the Hub source coalesce)."""
+
+    def cache_identity(self) -> str:
+        """What the projection cache keys this checkpoint by: its resolved path and fingerprint."""
+        return f"local:{Path(self.label).resolve()}@{self.fingerprint()}"
 
     def resolve(self, module: str) -> str:
         """The checkpoint name of ``module``'s weight: exact, else a unique suffix match either way.
@@ -197,26 +205,41 @@ class TorchBinSource(Source):
 
 
 def _stat_fingerprint(files: list[Path]) -> str:
-    """Hash of each weight file's name, size and mtime: changes whenever a file is rewritten."""
+    """Hash of each weight file's name, size, inode, mtime and ctime: changes whenever a file is written.
+
+    ctime is set by the kernel on every write or replacement and cannot be set back (unlike mtime:
+    ``cp -p``, ``touch -r``), so an edited checkpoint never matches an old fingerprint. Hashing the
+    weights themselves would cost a full read of both checkpoints on every run.
+    """
     h = hashlib.sha256()
     for p in sorted(files):
         st = p.stat()
-        h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{p.name}\0{st.st_size}\0{st.st_ino}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
     return h.hexdigest()[:16]
+
+
+def parse_index(raw: bytes | str, where: str) -> dict[str, str]:
+    """The ``weight_map`` of a sharded checkpoint's index: tensor name → shard file name."""
+    try:
+        doc = json.loads(raw)
+        weight_map = doc["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise SourceError(f"{where}: not a valid index (expected JSON with a 'weight_map' object)") from None
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or Path(shard).name != shard:
+            raise SourceError(f"{where}: weight_map entry {name!r} names {shard!r}, not a file beside the index")
+    return weight_map
 
 
 def _read_index(path: Path) -> dict[str, Path]:
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        weight_map = doc["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-        raise SourceError(f"{path}: not a valid index (expected JSON with a 'weight_map' object)") from None
+        raw = path.read_bytes()
+    except OSError as e:
+        raise SourceError(f"{path}: cannot read ({e.strerror})") from None
     out: dict[str, Path] = {}
-    for name, shard in weight_map.items():
-        if not isinstance(shard, str) or Path(shard).name != shard:
-            raise SourceError(f"{path}: weight_map entry {name!r} names {shard!r}, not a file beside the index")
+    for name, shard in parse_index(raw, str(path)).items():
         shard_path = path.parent / shard
         if not shard_path.is_file():
             raise SourceError(f"{shard_path}: listed in {path.name} but missing; download the complete checkpoint")
@@ -230,7 +253,7 @@ def open_local(path: Path) -> Source:
     if path.is_file() and path.suffix == ".safetensors":
         return _single_safetensors(label, path)
     if not path.exists():
-        raise SourceError(f"{path}: no such directory; pass a model directory")
+        raise SourceError(f"{path}: no such directory; pass a model directory or a Hub repo id (org/name)")
     if not path.is_dir():
         raise SourceError(f"{path}: not a directory; pass a model directory or a .safetensors file")
     if (path / SAFETENSORS_INDEX).is_file():

@@ -1,0 +1,188 @@
+"""The projection cache with local checkpoints: reuse, identity, corruption, locking, `safelora cache`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import Result
+
+from safelora_cli.adapter import ADAPTER_FILE
+from safelora_cli.cache import ProjectionCache
+from safelora_cli.projection import Projector
+from safelora_cli.stfile import read_header
+
+Cli = Callable[..., Result]
+
+
+def run(cli: Cli, adapter: Path, out: Path, base: Path, aligned: Path, *args: object) -> dict[str, Any]:
+    r = cli("project", "--adapter", adapter, "--output", out, "--json", "--base", base, "--aligned", aligned, *args)
+    assert r.exit_code == 0, r.stderr
+    report: dict[str, Any] = json.loads(r.stdout)
+    return report
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    ta, tb = load_file(a / ADAPTER_FILE), load_file(b / ADAPTER_FILE)
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def entries() -> list[Path]:
+    return sorted(Path(os.environ["SAFELORA_CACHE"]).glob("pairs/*/*.safetensors"))
+
+
+@pytest.fixture
+def pair(llama_pair: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
+    """A private copy of the pair, free to edit."""
+    base, aligned = llama_pair
+    return Path(shutil.copytree(base, tmp_path / "base")), Path(shutil.copytree(aligned, tmp_path / "aligned"))
+
+
+def test_a_rerun_reads_nothing_and_writes_the_same_bytes_as_an_uncached_run(
+    cli: Cli, llama_pair: tuple[Path, Path], llama_adapter: Path, tmp_path: Path
+) -> None:
+    first = run(cli, llama_adapter, tmp_path / "first", *llama_pair)
+    again = run(cli, llama_adapter, tmp_path / "again", *llama_pair)
+    uncached = run(cli, llama_adapter, tmp_path / "uncached", *llama_pair, "--no-cache")
+
+    n = first["layer_count"]
+    assert (first["cache"]["computed"], again["cache"]["served"], uncached["cache"]) == (n, n, None)
+    assert first["bytes_read"] > 0 and again["bytes_read"] == 0
+    assert same_tensors(tmp_path / "first", tmp_path / "again")
+    assert same_tensors(tmp_path / "first", tmp_path / "uncached")
+    assert [layer["similarity"] for layer in first["layers"]] == [layer["similarity"] for layer in uncached["layers"]]
+    # square q_proj keeps V (same size as C, and no out³ product), GQA v_proj (32×64) keeps C (32×32)
+    headers = [read_header(e) for e in entries()]
+    kinds = {(h.metadata["safelora.cache.kind"], h.tensors["operator"].shape) for h in headers}
+    assert kinds == {("V", (64, 64)), ("C", (32, 32))}
+
+
+def test_an_edited_checkpoint_is_never_served_stale(
+    cli: Cli, pair: tuple[Path, Path], llama_adapter: Path, tmp_path: Path
+) -> None:
+    base, aligned = pair
+    before = run(cli, llama_adapter, tmp_path / "before", base, aligned)
+    # Rewrite one targeted weight in place: same size, and the mtime put back as it was.
+    weight = "model.layers.0.self_attn.q_proj.weight"
+    shard = aligned / json.loads((aligned / "model.safetensors.index.json").read_text())["weight_map"][weight]
+    entry, st = read_header(shard).tensors[weight], shard.stat()
+    with shard.open("r+b") as f:
+        f.seek(entry.start)
+        f.write(bytes(entry.nbytes))  # zeros
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    after = run(cli, llama_adapter, tmp_path / "after", base, aligned)
+    fresh = run(cli, llama_adapter, tmp_path / "fresh", base, aligned, "--no-cache")
+    assert after["aligned"]["fingerprint"] != before["aligned"]["fingerprint"]
+    assert after["cache"]["pair"] != before["cache"]["pair"] and after["cache"]["served"] == 0
+    assert after["layers"] == [{**layer, "cached": False} for layer in fresh["layers"]]
+    assert after["layers"][0]["similarity"] != before["layers"][0]["similarity"]
+
+
+def test_corrupt_and_truncated_entries_are_reported_and_recomputed(
+    cli: Cli, llama_pair: tuple[Path, Path], llama_adapter: Path, tmp_path: Path
+) -> None:
+    first = run(cli, llama_adapter, tmp_path / "first", *llama_pair)
+    flipped, truncated, garbled = entries()[:3]
+    data = bytearray(flipped.read_bytes())
+    data[-5] ^= 0x01  # one bit of the operator: only the CRC can tell
+    flipped.write_bytes(bytes(data))
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    garbled.write_bytes(b"\xff" * 16 + garbled.read_bytes()[16:])
+
+    second = run(cli, llama_adapter, tmp_path / "second", *llama_pair)
+    third = run(cli, llama_adapter, tmp_path / "third", *llama_pair)
+
+    n = first["layer_count"]
+    assert (second["cache"]["served"], second["cache"]["computed"]) == (n - 3, 3)
+    corrupt = [note for note in second["notes"] if "was corrupt" in note]
+    assert len(corrupt) == 3 and any("CRC-32" in note for note in corrupt)
+    assert any("truncated" in note for note in corrupt)
+    assert third["cache"]["served"] == n
+    assert same_tensors(tmp_path / "first", tmp_path / "second")
+    assert same_tensors(tmp_path / "first", tmp_path / "third")
+
+
+def test_cache_ls_rm_and_clear(cli: Cli, llama_pair: tuple[Path, Path], llama_adapter: Path, tmp_path: Path) -> None:
+    base, aligned = llama_pair
+    report_one = run(cli, llama_adapter, tmp_path / "one", base, aligned)
+    one = report_one["cache"]["pair"]
+    two = run(cli, llama_adapter, tmp_path / "two", aligned, base)["cache"]["pair"]  # reversed: another pair
+
+    listed = json.loads(cli("cache", "ls", "--json").stdout)
+    assert {p["pair"] for p in listed} == {one, two}
+    first = next(p for p in listed if p["pair"] == one)
+    assert first["base"].startswith(f"local:{base.resolve()}@")
+    assert len(first["modules"]) == 8 and first["bytes"] > 0
+    assert {m["module"] for m in first["modules"]} == {layer["module"] for layer in report_one["layers"]}
+    table = cli("cache", "ls", "--modules")
+    assert table.exit_code == 0 and one in table.stdout and "model.layers.3.self_attn.v_proj" in table.stdout
+
+    assert cli("cache", "rm", one[:6]).exit_code == 0
+    assert [p["pair"] for p in json.loads(cli("cache", "ls", "--json").stdout)] == [two]
+    missing = cli("cache", "rm", one[:6])
+    assert missing.exit_code == 1 and "no cached pair" in missing.stderr
+    assert cli("cache", "clear").exit_code == 0
+    assert json.loads(cli("cache", "ls", "--json").stdout) == []
+
+
+def test_cache_paths_never_leave_the_cache_dir(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    pair = ProjectionCache(root).pair("hub:../../../etc@x", "local:/etc/passwd@y")
+    projector = Projector()
+    op = projector.operator(torch.zeros(4, 8), torch.ones(4, 8))
+    with pair.locked(lambda: None):
+        pair.store("../../escape/../x", False, "a", "b", op)
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert written and all(p.is_relative_to(root / "pairs" / pair.key) for p in written)
+    names = {p.name for p in written} - {".lock", "pair.json"}
+    assert names and all(len(n) == 32 + len(".safetensors") and n.endswith(".safetensors") for n in names)
+    assert pair.load("../../escape/../x", False, projector) is not None
+
+
+def test_a_second_writer_waits_for_the_lock(tmp_path: Path) -> None:
+    cache = ProjectionCache(tmp_path)
+    holder, waiter = cache.pair("hub:a/b@1", "hub:c/d@2"), cache.pair("hub:a/b@1", "hub:c/d@2")
+    waited, order = threading.Event(), []
+    acquired = threading.Event()
+
+    def hold() -> None:
+        with holder.locked(lambda: None):
+            acquired.set()
+            waited.wait(timeout=10)
+            order.append("holder done")
+
+    t = threading.Thread(target=hold)
+    t.start()
+    acquired.wait(timeout=10)
+    with waiter.locked(waited.set):
+        order.append("waiter in")
+    t.join()
+    assert order == ["holder done", "waiter in"]
+
+
+def test_an_unwritable_cache_warns_and_the_run_goes_on(
+    cli: Cli, llama_pair: tuple[Path, Path], llama_adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("SAFELORA_CACHE", str(blocker / "cache"))
+    report = run(cli, llama_adapter, tmp_path / "out", *llama_pair)
+    assert report["cache"]["computed"] == report["layer_count"]
+    assert any("projection cache: cannot write" in note for note in report["notes"])
+
+
+def test_float64_runs_do_not_use_the_float32_cache(
+    cli: Cli, llama_pair: tuple[Path, Path], llama_adapter: Path, tmp_path: Path
+) -> None:
+    report = run(cli, llama_adapter, tmp_path / "out", *llama_pair, "--precision", "float64")
+    assert report["cache"] is None and any("float64" in note for note in report["notes"])
+    assert entries() == []

@@ -1,0 +1,436 @@
+"""Hub sources against a local fake Hub (tests/fakehub.py) that counts every byte it serves.
+
+The repos are the session's tiny Llama pair: ``org/base`` and ``org/aligned`` (branch ``main``; the
+aligned repo has a second commit ``v2`` equal to the base, so V = 0 there), plus a gated, a private,
+a .bin-only and a weightless repo. The CLI runs in-process with HF_ENDPOINT pointing at the server,
+except where two processes must race.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import builders
+import pytest
+import torch
+from fakehub import FakeHub
+from huggingface_hub import snapshot_download
+from safetensors.torch import load_file
+from typer.testing import Result
+
+import safelora_cli
+from safelora_cli import hub as hub_module
+from safelora_cli.adapter import ADAPTER_FILE
+from safelora_cli.cache import ProjectionCache
+from safelora_cli.hub import parse_ref
+from safelora_cli.stfile import read_header
+
+Cli = Callable[..., Result]
+TOKEN = "hf_SeCrEt0123456789abcdef"
+
+
+@pytest.fixture(autouse=True)
+def _no_user_hub_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("HF_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture(scope="session")
+def hub_root(llama_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base, aligned = llama_pair
+    root = tmp_path_factory.mktemp("hub")
+
+    def commit(repo: str, name: str, files: Path) -> None:
+        (root / "org" / repo).mkdir(parents=True, exist_ok=True)
+        (root / "org" / repo / name).symlink_to(files)
+
+    commit("base", "main", base)
+    commit("aligned", "main", aligned)
+    commit("aligned", "v2", base)
+    commit("gated", "main", aligned)
+    commit("private", "main", aligned)
+    commit("base-bin", "main", builders.save_checkpoint(builders.load_state(base), root / "bin", "bin-sharded"))
+    (root / "weightless").mkdir()
+    (root / "weightless" / "config.json").write_text("{}")
+    commit("weightless", "main", root / "weightless")
+    return root
+
+
+@pytest.fixture(scope="session")
+def other_adapter(llama_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second adapter on the same pair (other random weights)."""
+    return builders.make_adapter(llama_pair[1], tmp_path_factory.mktemp("other") / "adapter", seed=1)
+
+
+@pytest.fixture
+def hub(hub_root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    with FakeHub(hub_root) as server:
+        server.gated["org/gated"] = {TOKEN}
+        server.private.add("org/private")
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        yield server
+
+
+def run(cli: Cli, adapter: Path, out: Path, *args: object) -> dict[str, Any]:
+    """``safelora project --json --output out``; returns the report."""
+    r = cli("project", "--adapter", adapter, "--output", out, "--json", *args)
+    assert r.exit_code == 0, r.stderr
+    report: dict[str, Any] = json.loads(r.stdout)
+    return report
+
+
+def tensors(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / ADAPTER_FILE)
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    ta, tb = tensors(a), tensors(b)
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def modules(report: dict[str, Any]) -> list[str]:
+    return [layer["module"] for layer in report["layers"]]
+
+
+def without_cached(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The report's layers minus whether the cache served them."""
+    return [{k: v for k, v in layer.items() if k != "cached"} for layer in report["layers"]]
+
+
+def targeted(model_dir: Path, module_names: list[str]) -> tuple[int, int]:
+    """(bytes of the modules' weights, bytes of the headers of the shards that hold them)."""
+    weight_map = json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    data, shards = 0, set()
+    for m in module_names:
+        shard = model_dir / weight_map[f"{m}.weight"]
+        data += read_header(shard).tensors[f"{m}.weight"].nbytes
+        shards.add(shard)
+    return data, sum(read_header(s).data_start for s in shards)
+
+
+def one_line_error(r: Result) -> str:
+    assert r.exit_code == 1, (r.exit_code, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    return lines[0]
+
+
+def test_parse_ref() -> None:
+    assert parse_ref("meta-llama/Llama-2-7b-hf") == hub_module.HubRef("meta-llama/Llama-2-7b-hf", None)
+    assert parse_ref("org/name@v1.0") == hub_module.HubRef("org/name", "v1.0")
+    assert parse_ref("org/name@refs/pr/1") == hub_module.HubRef("org/name", "refs/pr/1")
+    for not_a_repo in ("name", "org/name/extra", "./org/name", "/abs/path", "org/name@", "org/../x", "org--x/y"):
+        assert parse_ref(not_a_repo) is None, not_a_repo
+
+
+def test_first_run_fetches_only_the_targeted_bytes_and_matches_the_local_run_bit_for_bit(
+    cli: Cli, hub: FakeHub, llama_pair: tuple[Path, Path], llama_adapter: Path, tmp_path: Path
+) -> None:
+    base, aligned = llama_pair
+    local = run(cli, llama_adapter, tmp_path / "local", "--base", base, "--aligned", aligned, "--no-cache")
+    remote = run(cli, llama_adapter, tmp_path / "hub", "--base", "org/base", "--aligned", "org/aligned")
+
+    assert same_tensors(tmp_path / "local", tmp_path / "hub")
+    assert local["layers"] == remote["layers"]
+    names = modules(remote)
+    (b_data, b_head), (a_data, a_head) = targeted(base, names), targeted(aligned, names)
+    sent = hub.sent_bytes(".safetensors")
+    assert b_data + a_data <= sent <= (b_data + a_data + b_head + a_head) * 1.05
+    sha = hub.sha("org/base", "main")
+    assert remote["base"] == {"source": "org/base", "revision": sha, "fingerprint": sha}
+    assert (remote["cache"]["served"], remote["cache"]["computed"]) == (0, len(names))
+    # After resolving the branch once, every file request names the commit.
+    assert not [path for _, path in hub.requests if "/resolve/main/" in path]
+
+
+def test_a_second_adapter_on_the_same_pair_transfers_no_tensor_bytes(
+    cli: Cli, hub: FakeHub, llama_adapter: Path, other_adapter: Path, tmp_path: Path
+) -> None:
+    pair = ("--base", "org/base", "--aligned", "org/aligned")
+    first = run(cli, llama_adapter, tmp_path / "one", *pair)
+    hub.reset()
+    second = run(cli, other_adapter, tmp_path / "two", *pair)
+
+    assert hub.sent_bytes(".safetensors") == 0
+    assert [path for _, path in hub.requests] == [f"/api/models/org/{r}/revision/main" for r in ("base", "aligned")]
+    assert second["bytes_read"] == 0
+    assert second["cache"] == {"pair": first["cache"]["pair"], "served": len(modules(first)), "computed": 0}
+    assert all(layer["cached"] for layer in second["layers"])
+
+
+def test_tensors_read_back_to_back_come_in_one_request(
+    cli: Cli, hub: FakeHub, llama_pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # k, o, q and v_proj lie back to back (safetensors sorts by name), in the order the adapter reads them.
+    attention = ["k_proj", "o_proj", "q_proj", "v_proj"]
+    adapter = builders.make_adapter(llama_pair[1], tmp_path / "adapter", target_modules=attention)
+    report = run(cli, adapter, tmp_path / "out", "--base", "org/base", "--aligned", "org/aligned", "--no-cache")
+
+    runs = 0
+    for model_dir in llama_pair:
+        weight_map = json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"]
+        previous = None
+        for m in modules(report):
+            shard = weight_map[f"{m}.weight"]
+            entry = read_header(model_dir / shard).tensors[f"{m}.weight"]
+            runs += previous != (shard, entry.start)
+            previous = (shard, entry.end)
+    gets = [p for m, p in hub.requests if m == "GET" and p.endswith(".safetensors")]
+    header_gets = 2 * len(set(gets))  # the 8-byte length, then the header
+    assert runs < 2 * len(modules(report))
+    assert len(gets) - header_gets == runs
+
+
+def test_a_revision_pin_holds_when_the_branch_moves(
+    cli: Cli, hub: FakeHub, llama_adapter: Path, tmp_path: Path
+) -> None:
+    first = run(cli, llama_adapter, tmp_path / "first", "--base", "org/base", "--aligned", "org/aligned")
+    sha = first["aligned"]["revision"]
+    assert sha == hub.sha("org/aligned", "main")
+
+    hub.move("org/aligned", "main", "v2")
+    pinned = run(cli, llama_adapter, tmp_path / "pinned", "--base", "org/base", "--aligned", f"org/aligned@{sha}")
+    flag = run(
+        cli,
+        llama_adapter,
+        tmp_path / "flag",
+        "--base",
+        "org/base",
+        "--aligned",
+        "org/aligned",
+        "--aligned-revision",
+        sha,
+    )
+    moved = run(cli, llama_adapter, tmp_path / "moved", "--base", "org/base", "--aligned", "org/aligned")
+
+    for report, out in ((pinned, "pinned"), (flag, "flag")):
+        assert report["aligned"]["revision"] == sha
+        assert report["layers"] == [{**layer, "cached": True} for layer in first["layers"]]
+        assert same_tensors(tmp_path / "first", tmp_path / out)
+    assert moved["aligned"]["revision"] == hub.sha("org/aligned", "v2") != sha
+    assert moved["projected_count"] == 0  # v2 equals the base: V = 0 everywhere
+    assert {layer["reason"] for layer in moved["layers"]} == {"V = 0: aligned equals base for this module"}
+
+
+def test_the_revision_is_given_once(cli: Cli, hub: FakeHub, llama_adapter: Path, llama_pair: tuple[Path, Path]) -> None:
+    twice = cli("project", "--adapter", llama_adapter, "--base", "org/base@main", "--base-revision", "v2")
+    assert twice.exit_code == 2 and "revision given twice" in twice.stderr
+    local = cli("project", "--adapter", llama_adapter, "--base", llama_pair[0], "--base-revision", "main")
+    assert local.exit_code == 2 and "revisions apply to Hub repos" in local.stderr
+
+
+def test_an_existing_local_directory_wins_and_hf_prefix_means_the_hub(
+    cli: Cli,
+    hub: FakeHub,
+    llama_pair: tuple[Path, Path],
+    llama_adapter: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    (tmp_path / "org").mkdir()
+    (tmp_path / "org" / "base").symlink_to(llama_pair[0])
+    monkeypatch.chdir(tmp_path)
+    local = run(cli, llama_adapter, tmp_path / "a", "--base", "org/base", "--aligned", "org/aligned")
+    remote = run(cli, llama_adapter, tmp_path / "b", "--base", "hf://org/base", "--aligned", "org/aligned")
+
+    assert local["base"]["revision"] is None
+    assert remote["base"]["revision"] == hub.sha("org/base", "main")
+    assert same_tensors(tmp_path / "a", tmp_path / "b")
+
+
+def test_offline_without_caches_fails_naming_what_is_missing(
+    cli: Cli, hub: FakeHub, llama_adapter: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    line = one_line_error(cli("project", "--adapter", llama_adapter, "--base", "org/base", "--aligned", "org/aligned"))
+    assert "HF_HUB_OFFLINE=1" in line and "org/base@main" in line
+    assert hub.requests == []
+
+
+def test_offline_runs_from_the_projection_cache(
+    cli: Cli, hub: FakeHub, llama_adapter: Path, other_adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pair = ("--base", "org/base", "--aligned", "org/aligned")
+    first = run(cli, llama_adapter, tmp_path / "online", *pair)
+    hub.reset()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline = run(cli, other_adapter, tmp_path / "offline", *pair)
+
+    assert hub.requests == []
+    assert offline["aligned"] == first["aligned"]
+    assert offline["cache"]["served"] == len(modules(first))
+    # Without the projection cache the shards themselves are needed, and they are not cached.
+    line = one_line_error(cli("project", "--adapter", other_adapter, *pair, "--no-cache", "--dry-run"))
+    assert "HF_HUB_OFFLINE=1" in line
+
+
+def test_files_in_the_hugging_face_cache_are_read_without_network(
+    cli: Cli,
+    hub: FakeHub,
+    llama_adapter: Path,
+    llama_pair: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hf_cache = Path(os.environ["HF_HUB_CACHE"])
+    for repo in ("org/base", "org/aligned"):
+        snapshot_download(repo, cache_dir=hf_cache, endpoint=hub.url, token=False)
+    base_sha, aligned_sha = hub.sha("org/base", "main"), hub.sha("org/aligned", "main")
+    run(cli, llama_adapter, tmp_path / "local", "--base", llama_pair[0], "--aligned", llama_pair[1])
+    hub.reset()
+
+    pinned = ("--base", f"org/base@{base_sha}", "--aligned", f"org/aligned@{aligned_sha}", "--no-cache")
+    run(cli, llama_adapter, tmp_path / "pinned", *pinned)
+    assert hub.requests == []  # a cached commit needs no network at all
+    run(cli, llama_adapter, tmp_path / "branch", "--base", "org/base", "--aligned", "org/aligned", "--no-cache")
+    assert all(path.startswith("/api/models/") for _, path in hub.requests)  # a branch: one lookup each
+    assert hub.sent_bytes(".safetensors") == 0
+    assert same_tensors(tmp_path / "local", tmp_path / "pinned")
+    assert same_tensors(tmp_path / "local", tmp_path / "branch")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub.reset()
+    run(cli, llama_adapter, tmp_path / "offline", "--base", "org/base", "--aligned", "org/aligned", "--no-cache")
+    assert hub.requests == []
+    shard = sorted((hf_cache / "models--org--base" / "snapshots" / base_sha).glob("model-*.safetensors"))[0]
+    shard.unlink()
+    line = one_line_error(
+        cli("project", "--adapter", llama_adapter, "--base", "org/base", "--aligned", "org/aligned", "--no-cache")
+    )
+    assert shard.name in line and "HF_HUB_OFFLINE=1" in line
+
+
+@pytest.mark.parametrize(
+    ("aligned", "token", "expected"),
+    [
+        ("org/missing", None, "org/missing: no such repository on "),
+        ("org/aligned@nope", None, "org/aligned@nope: no such revision on "),
+        ("org/weightless", None, "no model.safetensors, model.safetensors.index.json, pytorch_model.bin"),
+        ("org/private", None, "org/private: access denied (HTTP 401)"),
+        ("org/gated", None, "org/gated is gated: request access at {url}/org/gated"),
+        ("org/gated", "hf_not_the_right_one", "org/gated is gated and the token's account has no access yet"),
+    ],
+)
+def test_hub_errors_are_one_line_and_exit_1(
+    cli: Cli, hub: FakeHub, llama_adapter: Path, aligned: str, token: str | None, expected: str
+) -> None:
+    args = ["project", "--adapter", llama_adapter, "--base", "org/base", "--aligned", aligned, "--dry-run"]
+    line = one_line_error(cli(*args, *(["--token", token] if token else [])))
+    assert expected.format(url=hub.url) in line
+    if token:
+        assert token not in line
+
+
+def test_an_unreachable_hub_is_one_line_and_exit_1(
+    cli: Cli, llama_adapter: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    line = one_line_error(cli("project", "--adapter", llama_adapter, "--base", "org/base", "--aligned", "org/aligned"))
+    assert f"cannot reach http://127.0.0.1:{port}" in line and "HF_HUB_OFFLINE=1" in line
+
+
+def test_the_token_opens_a_gated_repo_and_is_never_written_or_printed(
+    cli: Cli, hub: FakeHub, llama_adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r = cli(
+        "project", "--adapter", llama_adapter, "--output", tmp_path / "out", "--json",
+        "--base", "org/base", "--aligned", "org/gated", "--token", TOKEN,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    monkeypatch.setenv("HF_TOKEN", TOKEN)  # the environment works as well as --token
+    r2 = cli("project", "--adapter", llama_adapter, "--output", tmp_path / "out2", "--json", "--base", "org/base",
+             "--aligned", "org/gated", "--no-cache")  # fmt: skip
+    assert r2.exit_code == 0, r2.stderr
+
+    assert TOKEN not in r.stdout + r.stderr + r2.stdout + r2.stderr
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == ADAPTER_FILE for p in written) and any(p.suffix == ".safetensors" for p in written)
+    assert not [p for p in written if TOKEN.encode() in p.read_bytes()]
+
+
+def test_a_bin_only_repo_is_downloaded_whole_with_a_warning(
+    cli: Cli, hub: FakeHub, hub_root: Path, llama_pair: tuple[Path, Path], llama_adapter: Path, tmp_path: Path
+) -> None:
+    local = run(cli, llama_adapter, tmp_path / "local", "--base", llama_pair[0], "--aligned", llama_pair[1])
+    r = cli("project", "--adapter", llama_adapter, "--output", tmp_path / "bin", "--json", "--base", "org/base-bin",
+            "--aligned", "org/aligned", "--no-cache")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+
+    assert "has only PyTorch .bin weights" in r.stderr and " GB, into the Hugging Face cache" in r.stderr
+    weight_map = json.loads((hub_root / "bin" / "pytorch_model.bin.index.json").read_text())["weight_map"]
+    needed = {weight_map[f"{m}.weight"] for m in modules(local)}
+    assert hub.sent_bytes(".bin") == sum((hub_root / "bin" / f).stat().st_size for f in needed)
+    assert same_tensors(tmp_path / "local", tmp_path / "bin")
+
+
+def test_a_dropped_connection_is_resumed_where_it_stopped(
+    cli: Cli,
+    hub: FakeHub,
+    llama_pair: tuple[Path, Path],
+    llama_adapter: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(hub_module, "_BACKOFF", 0.0)
+    base, aligned = llama_pair
+    run(cli, llama_adapter, tmp_path / "local", "--base", base, "--aligned", aligned, "--no-cache")
+    hub.drop_after = 3000
+    remote = run(cli, llama_adapter, tmp_path / "hub", "--base", "org/base", "--aligned", "org/aligned")
+
+    assert hub.drop_after is None  # the drop happened
+    assert same_tensors(tmp_path / "local", tmp_path / "hub")
+    names = modules(remote)
+    (b_data, b_head), (a_data, a_head) = targeted(base, names), targeted(aligned, names)
+    assert hub.sent_bytes(".safetensors") <= (b_data + a_data + b_head + a_head) * 1.05  # resumed, not restarted
+
+
+def test_two_cold_runs_started_together_both_succeed_and_compute_each_entry_once(
+    hub: FakeHub, llama_pair: tuple[Path, Path], llama_adapter: Path, tmp_path: Path
+) -> None:
+    src = str(Path(safelora_cli.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "safelora_cli", "project", "--adapter", str(llama_adapter), "--json",
+           "--base", "org/base", "--aligned", "org/aligned", "--output"]  # fmt: skip
+    sha = {repo: hub.sha(f"org/{repo}", "main") for repo in ("base", "aligned")}
+    pair = ProjectionCache().pair(f"hub:org/base@{sha['base']}", f"hub:org/aligned@{sha['aligned']}")
+    # Hold the pair's lock until both runs have missed the cold cache and wait for it: then they race.
+    with pair.locked(lambda: None):
+        procs = [
+            subprocess.Popen([*cmd, str(tmp_path / f"out{i}")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for i in (1, 2)
+        ]
+        waiting = [_wait_for(p, "waiting for it") for p in procs]
+    outs = [p.communicate(timeout=120) for p in procs]
+    errs = [w + e.decode() for w, (_, e) in zip(waiting, outs, strict=True)]
+    assert [p.returncode for p in procs] == [0, 0], errs
+
+    reports = [json.loads(out) for out, _ in outs]
+    names = modules(reports[0])
+    assert sorted(r["cache"]["computed"] for r in reports) == [0, len(names)]
+    assert without_cached(reports[0]) == without_cached(reports[1])
+    assert same_tensors(tmp_path / "out1", tmp_path / "out2")
+    (b_data, b_head), (a_data, a_head) = targeted(llama_pair[0], names), targeted(llama_pair[1], names)
+    assert hub.sent_bytes(".safetensors") <= (b_data + a_data + b_head + a_head) * 1.05  # fetched once
+
+
+def _wait_for(proc: subprocess.Popen[bytes], text: str) -> str:
+    """Read ``proc``'s stderr until ``text`` appears (or it exits); returns what was read."""
+    assert proc.stderr is not None
+    seen = ""
+    while text not in seen:
+        line = proc.stderr.readline().decode()
+        if not line:
+            break
+        seen += line
+    return seen
