@@ -145,7 +145,9 @@ def test_cache_paths_never_leave_the_cache_dir(tmp_path: Path) -> None:
     assert written and all(p.is_relative_to(root / "pairs" / pair.key) for p in written)
     names = {p.name for p in written} - {".lock", "pair.json"}
     assert names and all(len(n) == 32 + len(".safetensors") and n.endswith(".safetensors") for n in names)
-    assert pair.load("../../escape/../x", False, projector) is not None
+    assert [(m, type(stored).__name__) for m, stored in pair.load_all(["../../escape/../x"], False)] == [
+        ("../../escape/../x", "Stored")
+    ]
 
 
 def test_a_second_writer_waits_for_the_lock(tmp_path: Path) -> None:

@@ -9,11 +9,14 @@ Layout under the root (``SAFELORA_CACHE``, else ``$XDG_CACHE_HOME/safelora``, el
 
 Every file name is a hash, so no repo id or path can make a name that leaves the root. Entries are
 written to a temp file and renamed into place, so a reader sees a whole entry or none, and each
-carries a CRC-32 of its data, so a corrupt one is detected and recomputed instead of served.
+carries a CRC-32 of its data, so a corrupt one is detected and recomputed instead of served. That
+check is also why entries are not fsync'd: an entry torn by a power loss fails it and is recomputed,
+while an fsync per entry would make a first run wait for gigabytes to reach the disk.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -23,16 +26,18 @@ import shutil
 import tempfile
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 
 from . import stfile
 from .errors import CacheError, FormatError
-from .projection import Operator, OperatorKind, Projector
+from .projection import Operator, OperatorKind
 
 FORMAT = "1"  # bump when what an entry means changes; old pairs then simply stop matching
 _META = "safelora.cache."
@@ -59,6 +64,17 @@ class CorruptEntry(Exception):
 
 
 @dataclass(frozen=True)
+class Stored:
+    """One entry as read and verified: ``data`` views a reused buffer, valid until the next entry."""
+
+    kind: OperatorKind
+    data: torch.Tensor
+    norm: float
+    out_features: int
+    in_features: int
+
+
+@dataclass(frozen=True)
 class EntrySummary:
     module: str  # "?" when the entry is unreadable
     kind: str
@@ -81,24 +97,47 @@ class PairSummary:
 
 
 class PairCache:
-    """The entries of one (base, aligned) pair; ``load`` needs no lock, ``store`` runs under ``locked``."""
+    """The entries of one (base, aligned) pair; ``load_all`` needs no lock, ``store`` runs under ``locked``."""
 
     def __init__(self, root: Path, base: str, aligned: str) -> None:
         self.base, self.aligned = base, aligned
         self.key = _hash(FORMAT, base, aligned, length=16)
         self.dir = root / "pairs" / self.key
         self.warnings: list[str] = []
-        self._buf = bytearray()
         self._writable = True
+        self._writer: ThreadPoolExecutor | None = None  # set while ``locked``
+        self._staging: list[torch.Tensor] = [torch.empty(0), torch.empty(0)]
+        self._pending: list[Future[None] | None] = [None, None]
+        self._stored = 0
 
     def _entry_path(self, module: str, transpose: bool) -> Path:
         return self.dir / f"{_hash(module, str(int(transpose)), length=32)}.safetensors"
 
-    def load(self, module: str, transpose: bool, projector: Projector) -> Operator | None:
-        """The module's operator, copied into ``projector``'s workspace; None when not cached.
+    def load_all(self, modules: Sequence[str], transpose: bool) -> Iterator[tuple[str, Stored | CorruptEntry | None]]:
+        """Each module's entry (None when not cached, ``CorruptEntry`` when it cannot be trusted).
 
-        Raises ``CorruptEntry`` when an entry exists but is truncated, malformed or fails its CRC.
+        A thread reads and verifies entry i+1 while the caller uses entry i, in two buffers that
+        are reused: the caller must be done with an entry's ``data`` before asking for the next.
         """
+        buffers = [bytearray(), bytearray()]
+
+        def read(i: int) -> Stored | CorruptEntry | None:
+            try:
+                return self._read(modules[i], transpose, buffers, i % 2)
+            except CorruptEntry as e:
+                return e
+
+        if not modules:
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="safelora-cache") as pool:
+            pending = pool.submit(read, 0)
+            for i, module in enumerate(modules):
+                result = pending.result()
+                if i + 1 < len(modules):
+                    pending = pool.submit(read, i + 1)
+                yield module, result
+
+    def _read(self, module: str, transpose: bool, buffers: list[bytearray], slot: int) -> Stored | None:
         path = self._entry_path(module, transpose)
         try:
             f = path.open("rb")
@@ -112,24 +151,39 @@ class PairCache:
                 header = stfile.parse_header(f.read(stfile.header_length(f.read(8), str(path), size)), str(path), size)
                 kind, norm, out, inp, crc = _check_meta(header, module, transpose)
                 entry = header.tensors[_TENSOR]
-                if len(self._buf) < entry.nbytes:
-                    self._buf = bytearray(entry.nbytes)
-                data = stfile.read_tensor(f, entry, str(path), self._buf)
+                if len(buffers[slot]) < entry.nbytes:
+                    buffers[slot] = bytearray(entry.nbytes)
+                data = stfile.read_tensor(f, entry, str(path), buffers[slot])
             except FormatError as e:
                 raise CorruptEntry(str(e).removeprefix(f"{path}: ")) from None
             except OSError as e:
                 raise CorruptEntry(f"cannot read ({e.strerror})") from None
-            if f"{zlib.crc32(memoryview(self._buf)[: entry.nbytes]):08x}" != crc:
-                raise CorruptEntry("its data does not match its CRC-32")
-        return projector.load(kind, data, norm, out, inp)
+        if f"{zlib.crc32(memoryview(buffers[slot])[: entry.nbytes]):08x}" != crc:
+            raise CorruptEntry("its data does not match its CRC-32")
+        return Stored(kind, data, norm, out, inp)
 
     def store(self, module: str, transpose: bool, base_key: str, aligned_key: str, op: Operator) -> None:
-        """Write one entry atomically; a failure (disk full, permissions) becomes a warning."""
+        """Write one entry atomically, on a thread: the run goes on to the next module meanwhile.
+
+        ``op`` is copied first (its matrix lives in a reused workspace). A failure (disk full,
+        permissions) becomes a warning. Only under ``locked``, which waits for the writes.
+        """
+        if self._writer is None:
+            raise RuntimeError("PairCache.store outside PairCache.locked")
         if not self._writable:
             return
         if op.matrix.dtype != torch.float32:
             raise ValueError("the projection cache holds float32 operators only")
-        data = stfile.tensor_bytes(op.matrix)
+        slot = self._stored % 2
+        self._stored += 1
+        previous = self._pending[slot]
+        if previous is not None:
+            previous.result()  # its staging buffer is about to be reused
+        n = op.matrix.numel()
+        if self._staging[slot].numel() < n:
+            self._staging[slot] = torch.empty(n, dtype=torch.float32)
+        staged = self._staging[slot][:n].view(op.matrix.shape)
+        staged.copy_(op.matrix)
         meta = {
             _META + "format": FORMAT,
             _META + "module": module,
@@ -140,11 +194,16 @@ class PairCache:
             _META + "in": str(op.in_features),
             _META + "base_key": base_key,
             _META + "aligned_key": aligned_key,
-            _META + "crc32": f"{zlib.crc32(data):08x}",
         }
-        blob = stfile.Blob("F32", tuple(op.matrix.shape), data)
+        self._pending[slot] = self._writer.submit(self._write, self._entry_path(module, transpose), staged, meta)
+
+    def _write(self, path: Path, matrix: torch.Tensor, meta: dict[str, str]) -> None:
+        data = _memory(matrix)
+        meta[_META + "crc32"] = f"{zlib.crc32(data):08x}"
+        # serialize only takes the data's length and hands the data itself to the writer.
+        blob = stfile.Blob("F32", tuple(matrix.shape), cast(bytes, data))
         try:
-            _write_atomic(self._entry_path(module, transpose), stfile.serialize({_TENSOR: blob}, meta))
+            _write_atomic(path, stfile.serialize({_TENSOR: blob}, meta))
         except OSError as e:
             self._unwritable(e)
 
@@ -165,15 +224,19 @@ class PairCache:
         fd = None
         try:
             fd = self._acquire(on_wait)
-            if fd is not None:
-                self._prepare()
+            self._prepare()
         except OSError as e:
             self._unwritable(e)
         try:
-            yield
+            with ThreadPoolExecutor(1, thread_name_prefix="safelora-cache-write") as self._writer:
+                yield
+            for pending in self._pending:  # re-raise what a write thread hit, if anything
+                if pending is not None:
+                    pending.result()
         finally:
+            self._writer, self._pending = None, [None, None]
             if fd is not None:
-                os.close(fd)  # releases the flock
+                os.close(fd)  # releases the flock, once every entry is written
 
     def _acquire(self, on_wait: Callable[[], None]) -> int:
         lock = self.dir / ".lock"
@@ -209,6 +272,13 @@ class PairCache:
             _write_atomic(manifest, [json.dumps(doc, indent=2).encode()])
 
 
+def _memory(t: torch.Tensor) -> memoryview:
+    """A contiguous CPU tensor's bytes without a copy (valid while ``t`` lives): an operator is up to
+    hundreds of megabytes, and copying it to ``bytes`` first cost more than writing it."""
+    n = t.numel() * t.element_size()
+    return memoryview((ctypes.c_ubyte * n).from_address(t.data_ptr())).cast("B") if n else memoryview(b"")
+
+
 def _check_meta(header: stfile.Header, module: str, transpose: bool) -> tuple[OperatorKind, float, int, int, str]:
     """An entry's kind, ‖V‖, out, in and CRC, after checking they describe ``module``'s tensor."""
     meta = header.metadata
@@ -231,16 +301,13 @@ def _check_meta(header: stfile.Header, module: str, transpose: bool) -> tuple[Op
 
 
 def _write_atomic(target: Path, chunks: list[bytes]) -> None:
-    """Temp file beside ``target``, fsync, rename, fsync the directory: readers see all or nothing."""
+    """Temp file beside ``target``, then rename: readers see all or nothing (no fsync, see above)."""
     fd, tmp = tempfile.mkstemp(prefix=_TMP, dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, target)
-        stfile.fsync_dir(target.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -185,19 +185,25 @@ def _prefetch(jobs: list[_Job], base: Source, aligned: Source) -> Iterator[tuple
 
 
 def _from_cache(
-    cache: PairCache, adapter: Adapter, m: LoraModule, base: Source, projector: Projector, notes: list[str]
-) -> Operator | None:
-    """The cached operator of ``m``; None when absent, or corrupt (then noted, and recomputed)."""
+    cache: PairCache,
+    adapter: Adapter,
+    modules: list[LoraModule],
+    base: Source,
+    projector: Projector,
+    notes: list[str],
+) -> Iterator[tuple[LoraModule, Operator | None]]:
+    """Each module's cached operator, or None when absent or corrupt (corrupt ones are noted)."""
     transpose = adapter.config.fan_in_fan_out
-    try:
-        op = cache.load(m.module, transpose, projector)
-    except CorruptEntry as e:
-        notes.append(f"projection cache: the entry for {m.module} was corrupt ({e}); recomputed")
-        return None
-    if op is not None:
-        stored = (op.in_features, op.out_features) if transpose else (op.out_features, op.in_features)
-        _check_weight_shape(adapter, m, base.label, stored)
-    return op
+    for m, (_, stored) in zip(modules, cache.load_all([m.module for m in modules], transpose), strict=True):
+        if isinstance(stored, CorruptEntry):
+            notes.append(f"projection cache: the entry for {m.module} was corrupt ({stored}); recomputed")
+            yield m, None
+        elif stored is None:
+            yield m, None
+        else:
+            out, inp = stored.out_features, stored.in_features
+            _check_weight_shape(adapter, m, base.label, (inp, out) if transpose else (out, inp))
+            yield m, projector.load(stored.kind, stored.data, stored.norm, out, inp)
 
 
 def _operators(
@@ -215,23 +221,25 @@ def _operators(
     a concurrent run on the same pair may have just stored them, so each entry is computed once.
     An operator is only valid until the next one is produced (they share workspaces).
     """
-    missing = []
-    for m in adapter.modules:
-        op = _from_cache(cache, adapter, m, base, projector, notes) if cache is not None else None
-        if op is None:
-            missing.append(m)
-        else:
-            yield m, op, True
-    if not missing:
-        return
-    with cache.locked(on_cache_wait) if cache is not None else nullcontext():
-        todo = []
-        for m in missing:
-            op = _from_cache(cache, adapter, m, base, projector, []) if cache is not None else None
+    if cache is None:
+        todo = list(adapter.modules)
+    else:
+        missing = []
+        for m, op in _from_cache(cache, adapter, adapter.modules, base, projector, notes):
             if op is None:
-                todo.append(m)
+                missing.append(m)
             else:
                 yield m, op, True
+        if not missing:
+            return
+    with cache.locked(on_cache_wait) if cache is not None else nullcontext():
+        if cache is not None:
+            todo = []
+            for m, op in _from_cache(cache, adapter, missing, base, projector, []):
+                if op is None:
+                    todo.append(m)
+                else:
+                    yield m, op, True
         if not todo:
             return
         transpose = adapter.config.fan_in_fan_out
