@@ -192,7 +192,7 @@ def _offline_sha(repo_id: str, revision: str, hub: Hub) -> str:
     if _SHA.match(revision):
         return revision
     ref_file = hub.repo_cache(repo_id) / "refs" / revision
-    if ".." not in Path(revision).parts and ref_file.is_file():
+    if not Path(revision).is_absolute() and ".." not in Path(revision).parts and ref_file.is_file():
         sha = ref_file.read_text(encoding="utf-8").strip()
         if _SHA.match(sha):
             return sha

@@ -221,27 +221,26 @@ def _operators(
     a concurrent run on the same pair may have just stored them, so each entry is computed once.
     An operator is only valid until the next one is produced (they share workspaces).
     """
-    if cache is None:
-        todo = list(adapter.modules)
-    else:
-        missing = []
+    todo = list(adapter.modules)
+    if cache is not None:
+        todo = []
         for m, op in _from_cache(cache, adapter, adapter.modules, base, projector, notes):
             if op is None:
-                missing.append(m)
+                todo.append(m)
             else:
                 yield m, op, True
-        if not missing:
+        if not todo:
             return
     with cache.locked(on_cache_wait) if cache is not None else nullcontext():
         if cache is not None:
-            todo = []
+            missing, todo = todo, []
             for m, op in _from_cache(cache, adapter, missing, base, projector, []):
                 if op is None:
                     todo.append(m)
                 else:
                     yield m, op, True
-        if not todo:
-            return
+            if not todo:
+                return
         transpose = adapter.config.fan_in_fan_out
         jobs = _plan(adapter, base, aligned, todo)
         for job, w_base, w_aligned in _prefetch(jobs, base, aligned):
