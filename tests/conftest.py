@@ -1,0 +1,43 @@
+"""Shared fixtures: one tiny sharded Llama pair and one real PEFT adapter, built once per session.
+
+Importing transformers and peft costs seconds and building a model a fraction of one, so the models
+are session-scoped and tests that change files get a fresh copy (``adapter_dir``).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import builders
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _isolated_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reads or writes the user's safelora or Hugging Face caches."""
+    monkeypatch.setenv("SAFELORA_CACHE", str(tmp_path / "cache" / "safelora"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "cache" / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache" / "hf" / "hub"))
+
+
+@pytest.fixture(scope="session")
+def llama_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(base_dir, aligned_dir): tiny float32 Llama checkpoints, sharded with an index, GQA k/v_proj."""
+    return builders.llama_pair(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def llama_adapter(llama_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A pristine PEFT adapter on the aligned model: q_proj/v_proj, r=8, alpha=16, random A and B.
+
+    Session-scoped and shared: never write to it; use ``adapter_dir`` for a copy you may change.
+    """
+    _, aligned_dir = llama_pair
+    return builders.make_adapter(aligned_dir, tmp_path_factory.mktemp("llama-adapter") / "adapter")
+
+
+@pytest.fixture
+def adapter_dir(llama_adapter: Path, tmp_path: Path) -> Path:
+    """A fresh copy of ``llama_adapter`` in this test's tmp_path."""
+    return Path(shutil.copytree(llama_adapter, tmp_path / "adapter"))
