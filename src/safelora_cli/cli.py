@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -14,12 +15,12 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from . import __version__
+from . import __version__, audit
 from . import demo as demo_data
 from .adapter import load_adapter
 from .errors import SafeLoraError
-from .pipeline import Device, Precision, Report, Settings, project_adapter
-from .report import dumps, render
+from .pipeline import Device, Precision, Report, Settings, project_adapter, source_info
+from .report import check_to_json, dumps, inspection_to_json, render, render_check, render_inspection
 from .sources import Source, open_local
 
 app = typer.Typer(
@@ -191,6 +192,56 @@ def demo(
             base_src.close()
             aligned_src.close()
         _emit(report, as_json)
+
+
+@app.command()
+def check(
+    adapter: AdapterOpt,
+    base: Annotated[Path | None, typer.Option(help="Also require this base model.")] = None,
+    aligned: Annotated[Path | None, typer.Option(help="Also require this aligned model.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Gate: is this adapter sanitized by safelora, unmodified since, and (optionally) against this pair?
+
+    Exit codes: 0 sanitized; 3 never sanitized, sanitized against another pair, or modified since;
+    1 error (unreadable adapter or checkpoint); 2 usage.
+    """
+    if (base is None) != (aligned is None):
+        raise typer.BadParameter("give both --base and --aligned, or neither", param_hint="--base/--aligned")
+    with _errors():
+        pair = None
+        if base is not None and aligned is not None:
+            pair = (_identity(base), _identity(aligned))
+        result = audit.check(adapter, pair)
+    if as_json:
+        render_check(result, _err_console())
+        sys.stdout.write(json.dumps(check_to_json(result), indent=2) + "\n")
+    else:
+        render_check(result, Console())
+    if not result.ok:
+        raise typer.Exit(3)
+
+
+def _identity(path: Path) -> str:
+    src = _open(path)
+    try:
+        return source_info(src).identity
+    finally:
+        src.close()
+
+
+@app.command("inspect")
+def inspect_(
+    adapter: Annotated[Path, typer.Argument(help="The PEFT LoRA adapter directory.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Show what an adapter is (modules, ranks, dtypes, size, targets, DoRA…) and its provenance."""
+    with _errors():
+        info = audit.inspect(adapter)
+    if as_json:
+        sys.stdout.write(json.dumps(inspection_to_json(info), indent=2) + "\n")
+    else:
+        render_inspection(info, Console())
 
 
 def _version(value: bool) -> None:

@@ -44,6 +44,11 @@ class SourceInfo:
     revision: str | None
     fingerprint: str
 
+    @property
+    def identity(self) -> str:
+        """How provenance names the source: ``path@fingerprint`` or ``repo@sha``."""
+        return f"{self.source}@{self.revision or self.fingerprint}"
+
 
 @dataclass(frozen=True)
 class LayerResult:
@@ -176,8 +181,8 @@ def _settings_provenance(settings: Settings, tau: float | None) -> dict[str, str
 
 def _same_run(previous: dict[str, str], base: SourceInfo, aligned: SourceInfo, settings: Settings) -> bool:
     want = {
-        "base": _identity(base),
-        "aligned": _identity(aligned),
+        "base": base.identity,
+        "aligned": aligned.identity,
         "mode": settings.mode,
         "precision": settings.precision,
     }
@@ -188,11 +193,7 @@ def _same_run(previous: dict[str, str], base: SourceInfo, aligned: SourceInfo, s
     return all(previous.get(PROVENANCE_PREFIX + k) == v for k, v in want.items())
 
 
-def _identity(info: SourceInfo) -> str:
-    return f"{info.source}@{info.revision or info.fingerprint}"
-
-
-def _info(src: Source) -> SourceInfo:
+def source_info(src: Source) -> SourceInfo:
     return SourceInfo(src.label, src.revision, src.fingerprint())
 
 
@@ -210,7 +211,7 @@ def project_adapter(
     notes = list(notes or [])
     adapter = load_adapter(adapter_path)
     notes.extend(adapter.warnings)
-    base_info, aligned_info = _info(base), _info(aligned)
+    base_info, aligned_info = source_info(base), source_info(aligned)
 
     def report(layers: list[LayerResult], tau: float | None, written: bool) -> Report:
         return Report(
@@ -283,8 +284,8 @@ def project_adapter(
             replacements[j.module.b_key] = r.projected_b.to(adapter.tensor(j.module.b_key).dtype)
     provenance = {
         PROVENANCE_PREFIX + "version": __version__,
-        PROVENANCE_PREFIX + "base": _identity(base_info),
-        PROVENANCE_PREFIX + "aligned": _identity(aligned_info),
+        PROVENANCE_PREFIX + "base": base_info.identity,
+        PROVENANCE_PREFIX + "aligned": aligned_info.identity,
         PROVENANCE_PREFIX + "projected": json.dumps([layer.module for layer in layers if layer.projected]),
         **_settings_provenance(settings, tau),
     }

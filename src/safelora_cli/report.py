@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__
+from .audit import CheckResult, Inspection
 from .pipeline import Report, SourceInfo
 
 
@@ -108,3 +109,59 @@ def summary(report: Report) -> str:
     return (
         f"{report.projected_count} of {len(report.layers)} modules projected ({how}); {where}; {report.seconds:.2f} s"
     )
+
+
+def check_to_json(result: CheckResult) -> dict[str, Any]:
+    return {
+        "safelora_version": __version__,
+        "adapter": str(result.adapter),
+        "ok": result.ok,
+        "status": result.status,
+        "message": result.message,
+        "provenance": result.provenance,
+    }
+
+
+def render_check(result: CheckResult, console: Console) -> None:
+    style = "bold green" if result.ok else "bold red"
+    console.print(f"[{style}]{result.status}[/{style}] {result.adapter}: {result.message}", highlight=False)
+
+
+def inspection_to_json(info: Inspection) -> dict[str, Any]:
+    return {
+        "safelora_version": __version__,
+        "adapter": str(info.adapter),
+        "modules": info.modules,
+        "ranks": {str(r): n for r, n in info.ranks.items()},
+        "dtypes": info.dtypes,
+        "size_bytes": info.size_bytes,
+        "target_modules": info.target_modules,
+        "base_model_name_or_path": info.base_model,
+        "dora": info.dora,
+        "embeddings": info.embeddings,
+        "modules_to_save": info.modules_to_save,
+        "skipped": [{"key": key, "reason": reason} for key, reason in info.skipped],
+        "provenance": info.provenance,
+    }
+
+
+def render_inspection(info: Inspection, console: Console) -> None:
+    table = Table(title=f"adapter · {info.adapter}", title_justify="left", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    ranks = ", ".join(f"r={r} ×{n}" for r, n in info.ranks.items())
+    table.add_row("LoRA modules", f"{info.modules} ({ranks})")
+    table.add_row("dtypes", ", ".join(f"{d} ×{n}" for d, n in info.dtypes.items()))
+    table.add_row("size", f"{info.size_bytes:,} bytes")
+    table.add_row("target_modules", str(info.target_modules))
+    table.add_row("base_model_name_or_path", str(info.base_model))
+    table.add_row("DoRA", "yes" if info.dora else "no")
+    table.add_row("embedding LoRA", "yes" if info.embeddings else "no")
+    table.add_row("modules_to_save", "yes" if info.modules_to_save else "no")
+    table.add_row("passed-through tensors", str(len(info.skipped)))
+    if info.provenance:
+        for key, value in sorted(info.provenance.items()):
+            table.add_row(key, value)
+    else:
+        table.add_row("provenance", "none (never sanitized by safelora)")
+    console.print(table)
