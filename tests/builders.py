@@ -95,3 +95,71 @@ def make_adapter(
     randomize_lora(peft_model, seed)
     peft_model.save_pretrained(out_dir)
     return out_dir
+
+
+def qwen2_pair(root: Path, **kw: Any) -> tuple[Path, Path]:
+    """2 layers, hidden 64, GQA; q/k/v_proj carry biases (``q_proj.bias``) as in Qwen2."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    return save_pair(Qwen2ForCausalLM, config, root, **kw)
+
+
+def make_native_adapter(
+    model_dir: Path,
+    out_dir: Path,
+    *,
+    model_cls: type[PreTrainedModel] = LlamaForCausalLM,
+    dtype: torch.dtype,
+    seed: int = 0,
+    **lora_kwargs: Any,
+) -> Path:
+    """Like ``make_adapter``, but the LoRA weights keep ``dtype`` (PEFT would upcast them to float32)."""
+    model = model_cls.from_pretrained(model_dir, dtype=dtype)
+    kw: dict[str, Any] = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+    kw.update(lora_kwargs)
+    peft_model = get_peft_model(model, LoraConfig(**kw), autocast_adapter_dtype=False)
+    randomize_lora(peft_model, seed)
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+def save_checkpoint(state: dict[str, torch.Tensor], out_dir: Path, layout: str, shards: int = 3) -> Path:
+    """Write a state dict as transformers would: ``layout`` is one of
+    ``safetensors``, ``safetensors-sharded``, ``bin``, ``bin-sharded`` (shards + index)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in state.items()}
+    ext, stem = ("safetensors", "model") if layout.startswith("safetensors") else ("bin", "pytorch_model")
+
+    def write(part: dict[str, torch.Tensor], name: str) -> None:
+        if ext == "safetensors":
+            save_file(part, str(out_dir / name), metadata={"format": "pt"})
+        else:
+            torch.save(part, out_dir / name)
+
+    if not layout.endswith("-sharded"):
+        write(state, f"{stem}.{ext}")
+        return out_dir
+    names = list(state)
+    weight_map = {}
+    for i in range(shards):
+        shard = f"{stem}-{i + 1:05d}-of-{shards:05d}.{ext}"
+        part = {k: state[k] for k in names[i::shards]}
+        write(part, shard)
+        weight_map.update(dict.fromkeys(part, shard))
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())}}
+    index["weight_map"] = weight_map
+    (out_dir / f"{stem}.{ext}.index.json").write_text(json.dumps(index, indent=2))
+    return out_dir

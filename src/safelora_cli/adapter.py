@@ -26,6 +26,7 @@ TMP_MARK = ".safelora-tmp-"
 
 # module path, lora_A|lora_B, optional adapter name (older files: ``lora_A.default.weight``)
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.(?P<name>[^.]+))?\.weight$")
+_MODULES_TO_SAVE = "modules_to_save weight: passed through"
 _SKIP_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$"), "DoRA magnitude vector: left unchanged"),
     (
@@ -37,7 +38,7 @@ _SKIP_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
         re.compile(r"trainable_tokens_delta"),
         "trainable-token delta: not defined by Safe LoRA, passed through",
     ),
-    (re.compile(r"modules_to_save"), "modules_to_save weight: passed through"),
+    (re.compile(r"modules_to_save"), _MODULES_TO_SAVE),
 )
 _LAYER = re.compile(r"\.(\d+)\.")
 _CONVERTED_INITS = {"pissa", "olora", "loftq", "corda", "eva"}
@@ -55,6 +56,7 @@ class LoraConfig:
     layers_to_transform: list[int] | None
     init_lora_weights: object
     base_model_name_or_path: str | None
+    modules_to_save: list[str] = field(default_factory=list)
 
     def expected_rank(self, module: str) -> int:
         """r for ``module``: the first matching ``rank_pattern`` key (as PEFT matches it), else r."""
@@ -71,6 +73,11 @@ class LoraConfig:
         if isinstance(t, str):
             return re.fullmatch(t, module) is not None
         return any(module == name or module.endswith("." + name) for name in t)
+
+    def saves(self, key: str) -> bool:
+        """Whether ``key`` is a full weight PEFT saved for a ``modules_to_save`` module."""
+        module = key.rsplit(".", 1)[0]
+        return any(module == name or module.endswith("." + name) for name in self.modules_to_save)
 
 
 @dataclass(frozen=True)
@@ -129,6 +136,7 @@ def _load_config(path: Path) -> tuple[LoraConfig, dict[str, Any]]:
     rank_pattern = raw.get("rank_pattern") or {}
     target = raw.get("target_modules")
     layers = raw.get("layers_to_transform")
+    to_save = raw.get("modules_to_save") or []
     if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]
     if not (
@@ -142,9 +150,11 @@ def _load_config(path: Path) -> tuple[LoraConfig, dict[str, Any]]:
             or (isinstance(target, list) and all(isinstance(t, str) for t in target))
         )
         and (layers is None or (isinstance(layers, list) and all(type(i) is int for i in layers)))
+        and _str_list(to_save)
     ):
         raise AdapterError(
-            f"{cfg_path}: invalid LoRA config (r, rank_pattern, target_modules or layers_to_transform); "
+            f"{cfg_path}: invalid LoRA config (r, rank_pattern, target_modules, layers_to_transform or "
+            "modules_to_save); "
             "restore it from your training run"
         )
     base = raw.get("base_model_name_or_path")
@@ -157,6 +167,7 @@ def _load_config(path: Path) -> tuple[LoraConfig, dict[str, Any]]:
         layers_to_transform=layers,
         init_lora_weights=raw.get("init_lora_weights", True),
         base_model_name_or_path=base if isinstance(base, str) and base else None,
+        modules_to_save=to_save,
     )
     return config, raw
 
@@ -202,7 +213,10 @@ def _parse_keys(
     for key, entry in header.tensors.items():
         m = _LORA_KEY.match(key)
         if m is None:
-            reason = next((why for rx, why in _SKIP_RULES if rx.search(key)), "not a LoRA tensor: passed through")
+            reason = next((why for rx, why in _SKIP_RULES if rx.search(key)), None)
+            if reason is None:
+                # PEFT saves a modules_to_save copy under the module's own name (``…lm_head.weight``)
+                reason = _MODULES_TO_SAVE if config.saves(key) else "not a LoRA tensor: passed through"
             dora = dora or "lora_magnitude_vector" in key
             skipped.append((key, reason))
             continue
