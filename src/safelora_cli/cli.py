@@ -10,17 +10,18 @@ import traceback
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+import yaml
 from rich.console import Console
 
-from . import __version__, audit
+from . import __version__, audit, config
 from . import demo as demo_data
 from .adapter import load_adapter
 from .errors import SafeLoraError
 from .pipeline import Device, Precision, Report, Settings, project_adapter, source_info
-from .report import check_to_json, dumps, inspection_to_json, render, render_check, render_inspection
+from .report import check_to_json, dumps, inspection_to_json, progress, render, render_check, render_inspection
 from .sources import Source, open_local
 
 app = typer.Typer(
@@ -31,8 +32,12 @@ app = typer.Typer(
 )
 
 BaseOpt = Annotated[
-    Path,
-    typer.Option(help="The unaligned base model: a directory with safetensors (single or sharded) or .bin weights."),
+    Path | None,
+    typer.Option(
+        help="The unaligned base model: a directory with safetensors (single or sharded) or .bin weights. "
+        "Default: the preset's base when --aligned is a preset's aligned model.",
+        show_default=False,
+    ),
 ]
 AlignedOpt = Annotated[
     Path | None,
@@ -59,14 +64,19 @@ OutputOpt = Annotated[
     Path | None,
     typer.Option(help="Write a complete patched adapter directory here and leave the source untouched."),
 ]
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Compute and report; write nothing.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON document on stdout; the table goes to stderr.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run/--no-dry-run", help="Compute and report; write nothing.")]
+JsonOpt = Annotated[
+    bool, typer.Option("--json/--no-json", help="One JSON document on stdout; the table goes to stderr.")
+]
 PrecisionOpt = Annotated[str, typer.Option(help="Compute precision: float32 or float64.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")]
 AllowDoraOpt = Annotated[
     bool,
-    typer.Option("--allow-dora", help="Project lora_B of a DoRA adapter; magnitudes are left unchanged."),
+    typer.Option(
+        "--allow-dora/--no-allow-dora", help="Project lora_B of a DoRA adapter; magnitudes are left unchanged."
+    ),
 ]
+QuietOpt = Annotated[bool, typer.Option("--quiet/--no-quiet", "-q", help="Print nothing but errors (and --json).")]
 ForceOpt = Annotated[
     bool,
     typer.Option(
@@ -101,6 +111,54 @@ def _choice(value: str, choices: Mapping[str, str], flag: str) -> str:
     return value
 
 
+_MODE_KEYS = ("threshold", "num_layers")
+
+
+def _merge(lower: Mapping[str, Any], higher: Mapping[str, Any]) -> dict[str, Any]:
+    """Option values where ``higher`` wins; τ and k are one choice, so either one replaces both."""
+    merged = {**lower, **higher}
+    if any(k in higher for k in _MODE_KEYS):
+        for k in _MODE_KEYS:
+            if k not in higher:
+                merged.pop(k, None)
+    return merged
+
+
+def _option_keys(ctx: typer.Context) -> dict[str, str]:
+    """YAML key -> parameter name, for every option of the command (``json`` -> ``as_json``)."""
+    keys = {}
+    for param in ctx.command.params:
+        if param.name in ("config_file", "preset") or param.name is None:
+            continue
+        for opt in param.opts:
+            if opt.startswith("--"):
+                keys[opt[2:].replace("-", "_")] = param.name
+    return keys
+
+
+def _as_defaults(ctx: typer.Context, options: dict[str, Any]) -> dict[str, Any]:
+    keys = _option_keys(ctx)
+    return {keys[k]: v for k, v in options.items()}
+
+
+def _config_callback(ctx: typer.Context, value: Path | None) -> Path | None:
+    if value is not None:
+        with _errors():
+            options = config.load_file(value, _option_keys(ctx))
+        ctx.default_map = _merge(ctx.default_map or {}, _as_defaults(ctx, options))
+    return value
+
+
+def _preset_callback(ctx: typer.Context, value: str | None) -> str | None:
+    if value is not None:
+        with _errors():
+            chosen = config.preset(value)
+            options = config.load_options(yaml.safe_dump(chosen.options), f"preset {value}", _option_keys(ctx))
+        # A --config file given beside the preset wins over it, whichever comes first on the line.
+        ctx.default_map = _merge(_as_defaults(ctx, options), ctx.default_map or {})
+    return value
+
+
 def _open(path: Path) -> Source:
     return open_local(path)
 
@@ -114,18 +172,55 @@ def _aligned_default(adapter: Path, notes: list[str]) -> Path:
     return Path(name)
 
 
-def _emit(report: Report, as_json: bool) -> None:
+def _from_command_line(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
+
+
+def _base_from_preset(aligned: Path, notes: list[str]) -> Path:
+    """--base left out: the base of the preset whose aligned model is ``aligned``."""
+    match = config.preset_for_aligned(str(aligned))
+    if match is None:
+        raise typer.BadParameter(
+            f"required ({aligned} is not the aligned model of any preset; see --preset)", param_hint="--base"
+        )
+    notes.append(f"--base filled in from preset {match.name}: {match.base}")
+    return Path(match.base)
+
+
+def _emit(report: Report, as_json: bool, quiet: bool = False) -> None:
     if as_json:
-        render(report, _err_console())
         sys.stdout.write(dumps(report) + "\n")
-    else:
-        render(report, Console())
+    if not quiet:
+        render(report, _err_console() if as_json else Console())
+
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        is_eager=True,
+        callback=_config_callback,
+        help="YAML file with any of these options (keys like num_layers or num-layers); flags given here win.",
+        show_default=False,
+    ),
+]
+PresetOpt = Annotated[
+    str | None,
+    typer.Option(
+        is_eager=True,
+        callback=_preset_callback,
+        help="A shipped pair: llama-2-7b, llama-2-13b, llama-3-8b, llama-3.1-8b, mistral-7b, qwen2.5-7b, gemma-2-9b.",
+        show_default=False,
+    ),
+]
 
 
 @app.command()
 def project(
-    base: BaseOpt,
+    ctx: typer.Context,
     adapter: AdapterOpt,
+    base: BaseOpt = None,
     aligned: AlignedOpt = None,
     threshold: ThresholdOpt = None,
     num_layers: NumLayersOpt = None,
@@ -136,6 +231,9 @@ def project(
     device: DeviceOpt = "auto",
     allow_dora: AllowDoraOpt = False,
     force: ForceOpt = False,
+    quiet: QuietOpt = False,
+    config_file: ConfigOpt = None,
+    preset: PresetOpt = None,
 ) -> None:
     """Project a LoRA adapter (Safe LoRA): for each module, B ← C·B when its similarity is low.
 
@@ -143,7 +241,13 @@ def project(
     Only the weights of the adapter's targeted modules are read, one tensor at a time.
     """
     if threshold is not None and num_layers is not None:
-        raise typer.BadParameter("give --threshold or --num-layers, not both", param_hint="--num-layers")
+        # A flag on the command line beats the other one coming from --config/--preset.
+        if _from_command_line(ctx, "num_layers") and not _from_command_line(ctx, "threshold"):
+            threshold = None
+        elif _from_command_line(ctx, "threshold") and not _from_command_line(ctx, "num_layers"):
+            num_layers = None
+        else:
+            raise typer.BadParameter("give --threshold or --num-layers, not both", param_hint="--num-layers")
     settings = Settings(
         mode="number" if num_layers is not None else "threshold",
         threshold=0.5 if threshold is None else threshold,
@@ -158,13 +262,15 @@ def project(
     notes: list[str] = []
     with _errors():
         aligned_path = aligned if aligned is not None else _aligned_default(adapter, notes)
-        base_src, aligned_src = _open(base), _open(aligned_path)
+        base_path = base if base is not None else _base_from_preset(aligned_path, notes)
+        base_src, aligned_src = _open(base_path), _open(aligned_path)
         try:
-            report = project_adapter(adapter, base_src, aligned_src, settings, notes=notes)
+            with progress(_err_console(), enabled=not quiet) as on_module:
+                report = project_adapter(adapter, base_src, aligned_src, settings, notes=notes, on_module=on_module)
         finally:
             base_src.close()
             aligned_src.close()
-    _emit(report, as_json)
+    _emit(report, as_json, quiet)
 
 
 @app.command()

@@ -85,6 +85,10 @@ class Report:
         return sum(layer.projected for layer in self.layers)
 
 
+# Called after each module with its (unselected) result and the number of modules in the run.
+OnModule = Callable[[LayerResult, int], None] | None
+
+
 @dataclass(frozen=True)
 class _Job:
     module: LoraModule
@@ -204,7 +208,7 @@ def project_adapter(
     settings: Settings,
     *,
     notes: list[str] | None = None,
-    on_module: Callable[[LayerResult], None] | None = None,
+    on_module: OnModule = None,
 ) -> Report:
     """Run Safe LoRA on one adapter against one (base, aligned) pair; see SPEC.md."""
     started = time.perf_counter()
@@ -269,7 +273,9 @@ def project_adapter(
         )
         results.append(math_)
         if on_module is not None:
-            on_module(LayerResult(m.module, m.layer, math_.similarity, False, math_.reason, math_.norm_ratio))
+            on_module(
+                LayerResult(m.module, m.layer, math_.similarity, False, math_.reason, math_.norm_ratio), len(jobs)
+            )
 
     tau, chosen = select([r.similarity for r in results], settings.mode, settings.threshold, settings.num_layers)
     layers = [

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+from rich import box
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
 from . import __version__
 from .audit import CheckResult, Inspection
-from .pipeline import Report, SourceInfo
+from .pipeline import LayerResult, OnModule, Report, SourceInfo
 
 
 def _finite(x: float | None) -> float | None:
@@ -61,6 +65,28 @@ def dumps(report: Report) -> str:
     return json.dumps(to_json(report), indent=2, allow_nan=False)
 
 
+@contextmanager
+def progress(console: Console, total: int | None = None, *, enabled: bool = True) -> Iterator[OnModule]:
+    """A transient per-module progress bar on ``console`` (a terminal only); yields the callback."""
+    if not enabled or not console.is_terminal:
+        yield None
+        return
+    with Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("projecting", total=total)
+
+        def advance(layer: LayerResult, count: int) -> None:
+            bar.update(task, advance=1, total=count, description=layer.module)
+
+        yield advance
+
+
 def _fmt(x: float | None, spec: str) -> str:
     return "—" if x is None or not math.isfinite(x) else format(x, spec)
 
@@ -68,15 +94,15 @@ def _fmt(x: float | None, spec: str) -> str:
 def render(report: Report, console: Console) -> None:
     """The per-module table, the skipped tensors, notes and a one-line summary."""
     if report.layers:
-        table = Table(title=f"Safe LoRA · {report.adapter}", title_justify="left")
-        table.add_column("module")
+        table = Table(title=f"Safe LoRA · {report.adapter}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        table.add_column("module", no_wrap=True, min_width=max(len(layer.module) for layer in report.layers))
         table.add_column("layer", justify="right")
-        table.add_column("similarity", justify="right")
-        table.add_column("projected", justify="center")
-        table.add_column("‖C·B‖/‖B‖", justify="right")
+        table.add_column("similarity", justify="right", no_wrap=True)
+        table.add_column("proj.", justify="center")
+        table.add_column("‖CB‖/‖B‖", justify="right")
         for layer in report.layers:
             projected = Text("yes", style="bold red") if layer.projected else Text("no", style="dim")
-            sim = Text(_fmt(layer.similarity, ".5f"))
+            sim = _similarity_cell(layer)
             if layer.reason:
                 sim = Text(f"— ({layer.reason})", style="yellow")
             table.add_row(
@@ -94,6 +120,19 @@ def render(report: Report, console: Console) -> None:
     for note in report.notes:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     console.print(summary(report), highlight=False)
+
+
+_BAR_WIDTH = 8
+
+
+def _similarity_cell(layer: LayerResult) -> Text:
+    """The similarity and an inline bar (red when projected), so a glance finds the projected layers."""
+    cell = Text(_fmt(layer.similarity, ".5f") + " ")
+    if layer.similarity is not None and math.isfinite(layer.similarity):
+        filled = round(min(max(layer.similarity, 0.0), 1.0) * _BAR_WIDTH)
+        cell.append("█" * filled, style="red" if layer.projected else "green")
+        cell.append("·" * (_BAR_WIDTH - filled), style="dim")
+    return cell
 
 
 def summary(report: Report) -> str:
