@@ -156,10 +156,22 @@ def save_checkpoint(state: dict[str, torch.Tensor], out_dir: Path, layout: str, 
     weight_map = {}
     for i in range(shards):
         shard = f"{stem}-{i + 1:05d}-of-{shards:05d}.{ext}"
-        part = {k: state[k] for k in names[i::shards]}
+        part = {k: state[k] for k in names[i * len(names) // shards : (i + 1) * len(names) // shards]}
         write(part, shard)
         weight_map.update(dict.fromkeys(part, shard))
     index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())}}
     index["weight_map"] = weight_map
     (out_dir / f"{stem}.{ext}.index.json").write_text(json.dumps(index, indent=2))
     return out_dir
+
+
+def load_state(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory, whatever its layout (safetensors or .bin, sharded or not)."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        state.update(load_file(f))
+    for f in sorted(model_dir.glob("*.bin")):
+        state.update(torch.load(f, weights_only=True))
+    return state

@@ -32,16 +32,6 @@ _LORA = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])(?:\
 State = dict[str, torch.Tensor]
 
 
-def load_state(model_dir: Path) -> State:
-    """Every tensor of a checkpoint directory, whatever its layout."""
-    state: State = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        state.update(load_file(f))
-    for f in sorted(model_dir.glob("*.bin")):
-        state.update(torch.load(f, weights_only=True))
-    return state
-
-
 def lora_keys(adapter_file: Path) -> dict[str, tuple[str, str]]:
     """module → (lora_A key, lora_B key), parsed independently of safelora's own parser."""
     parts: dict[str, dict[str, str]] = {}
@@ -117,7 +107,7 @@ def cli(*args: str | Path) -> tuple[int, str]:
 
 @pytest.fixture(scope="session")
 def llama_states(llama_pair: tuple[Path, Path]) -> tuple[State, State]:
-    return load_state(llama_pair[0]), load_state(llama_pair[1])
+    return builders.load_state(llama_pair[0]), builders.load_state(llama_pair[1])
 
 
 @pytest.fixture(scope="session")
@@ -173,7 +163,7 @@ def test_checkpoint_names_without_the_adapters_prefix(
     """Original GPT-2 files say ``h.0.attn.c_attn.weight`` for module ``transformer.h.0.attn.c_attn``."""
     dirs = []
     for d in gpt2_pair:
-        state = {k.removeprefix("transformer."): v for k, v in load_state(d).items()}
+        state = {k.removeprefix("transformer."): v for k, v in builders.load_state(d).items()}
         dirs.append(builders.save_checkpoint(state, tmp_path / d.name, "safetensors"))
     report, out = run(gpt2_adapter, dirs[0], dirs[1], tmp_path / "out")
     same, _ = run(gpt2_adapter, *gpt2_pair, tmp_path / "same")
@@ -183,8 +173,8 @@ def test_checkpoint_names_without_the_adapters_prefix(
         report,
         gpt2_adapter,
         out,
-        load_state(dirs[0]),
-        load_state(dirs[1]),
+        builders.load_state(dirs[0]),
+        builders.load_state(dirs[1]),
         fan_in_fan_out=True,
         weight=lambda m: m.removeprefix("transformer.") + ".weight",
     )
@@ -196,7 +186,7 @@ def test_checkpoint_names_with_an_extra_prefix(
     """Multimodal checkpoints nest the language model: ``language_model.model.layers.0…``."""
     dirs = []
     for d in llama_pair:
-        state = {f"language_model.{k}": v for k, v in load_state(d).items()}
+        state = {f"language_model.{k}": v for k, v in builders.load_state(d).items()}
         state["vision_tower.blocks.0.attn.q_proj.weight"] = torch.zeros(8, 8)  # same leaf name, no clash
         dirs.append(builders.save_checkpoint(state, tmp_path / d.name, "safetensors-sharded"))
     report, out = run(llama_adapter, dirs[0], dirs[1], tmp_path / "out")
@@ -205,8 +195,8 @@ def test_checkpoint_names_with_an_extra_prefix(
         report,
         llama_adapter,
         out,
-        load_state(dirs[0]),
-        load_state(dirs[1]),
+        builders.load_state(dirs[0]),
+        builders.load_state(dirs[1]),
         weight=lambda m: f"language_model.{m}.weight",
     )
 
@@ -221,7 +211,7 @@ def test_checkpoint_names_with_an_extra_prefix(
 def test_ambiguous_or_absent_weight_is_an_error_naming_the_module(
     llama_pair: tuple[Path, Path], adapter_dir: Path, tmp_path: Path, names: set[str], message: str
 ) -> None:
-    state = load_state(llama_pair[0])
+    state = builders.load_state(llama_pair[0])
     target = "model.layers.2.self_attn.v_proj.weight"
     w = state.pop(target)
     if names != {"missing"}:
@@ -285,7 +275,7 @@ def test_biases_of_targeted_modules_take_no_part(tmp_path_factory: pytest.TempPa
     )
     report, out = run(adapter, base, aligned, tmp_path / "out")
 
-    base_state, aligned_state = load_state(base), load_state(aligned)
+    base_state, aligned_state = builders.load_state(base), builders.load_state(aligned)
     assert "model.layers.0.self_attn.q_proj.bias" in base_state
     check_against_reference(report, adapter, out, base_state, aligned_state)
     weights = sum(base_state[f"{layer.module}.weight"].nbytes for layer in report.layers)
@@ -297,7 +287,7 @@ def test_gpt2_conv1d_fused_c_attn(gpt2_pair: tuple[Path, Path], gpt2_adapter: Pa
     from peft import PeftModel
 
     report, out = run(gpt2_adapter, *gpt2_pair, tmp_path / "out")
-    base, aligned = load_state(gpt2_pair[0]), load_state(gpt2_pair[1])
+    base, aligned = builders.load_state(gpt2_pair[0]), builders.load_state(gpt2_pair[1])
     assert aligned["transformer.h.0.attn.c_attn.weight"].shape == (64, 192)
     assert len(report.layers) == 6
     check_against_reference(report, gpt2_adapter, out, base, aligned, fan_in_fan_out=True)
@@ -350,7 +340,7 @@ def test_dtypes(
     adapter = builders.make_native_adapter(
         aligned, tmp_path / "adapter", dtype=adapter_dtype, target_modules=["q_proj", "v_proj", "down_proj"]
     )
-    base_state, aligned_state = load_state(base), load_state(aligned)
+    base_state, aligned_state = builders.load_state(base), builders.load_state(aligned)
     assert base_state["model.layers.0.self_attn.q_proj.weight"].dtype == checkpoint_dtype
     assert {t.dtype for t in load_file(adapter / ADAPTER_FILE).values()} == {adapter_dtype}
 

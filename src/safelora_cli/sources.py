@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Collection
 from functools import cached_property
@@ -154,7 +155,8 @@ class TorchBinSource(Source):
         if state is not None:
             return state
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            # Only the zip format (torch >= 1.6) can be memory-mapped; older files are read whole.
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
         except pickle.UnpicklingError as e:
             raise SourceError(
                 f"{path}: refused to unpickle ({str(e).splitlines()[0][:160]}); only plain tensor "
