@@ -351,14 +351,18 @@ def test_dtypes(
 # ---------------------------------------------------------------- DoRA
 
 
-def test_dora_is_refused_by_default(llama_pair: tuple[Path, Path], dora_adapter: Path) -> None:
-    before = (dora_adapter / ADAPTER_FILE).read_bytes()
-    code, output = cli("--base", llama_pair[0], "--aligned", llama_pair[1], "--adapter", dora_adapter)
+def test_dora_is_refused_by_default(llama_pair: tuple[Path, Path], dora_adapter: Path, tmp_path: Path) -> None:
+    adapter = Path(shutil.copytree(dora_adapter, tmp_path / "adapter"))
+    before = (adapter / ADAPTER_FILE).read_bytes()
+    args = ("--base", llama_pair[0], "--aligned", llama_pair[1], "--adapter", adapter)
+    code, output = cli(*args)
 
     assert code == 1
     assert "DoRA" in output
     assert "--allow-dora" in output
-    assert (dora_adapter / ADAPTER_FILE).read_bytes() == before
+    assert (adapter / ADAPTER_FILE).read_bytes() == before
+    assert cli(*args, "--allow-dora")[0] == 0
+    assert (adapter / ADAPTER_FILE).read_bytes() != before
 
 
 def test_allow_dora_projects_lora_b_and_keeps_magnitudes(
@@ -407,6 +411,60 @@ def test_embeddings_and_modules_to_save_pass_through(
     for key in skipped:
         assert after[key].dtype == before[key].dtype
         assert after[key].numpy().tobytes() == before[key].numpy().tobytes()
+
+
+def test_lora_bias_passes_through(
+    llama_pair: tuple[Path, Path], llama_states: tuple[State, State], tmp_path: Path
+) -> None:
+    """``lora_bias=True`` adds ``lora_B.bias``: not defined by the method, kept as it is."""
+    adapter = builders.make_adapter(llama_pair[1], tmp_path / "adapter", lora_bias=True)
+    report, out = run(adapter, *llama_pair, tmp_path / "out")
+
+    check_against_reference(report, adapter, out, *llama_states)
+    before, after = load_file(adapter / ADAPTER_FILE), load_file(out / ADAPTER_FILE)
+    biases = {k for k in before if k.endswith("lora_B.bias")}
+    assert len(biases) == 8
+    assert dict(report.skipped).keys() == biases
+    assert all("lora_B bias" in why for _, why in report.skipped)
+    assert all(torch.equal(after[k], before[k]) for k in biases)
+
+
+class _ConvNet(torch.nn.Module):
+    """Two linear layers beside a Conv2d and a Conv1d: PEFT gives the convolutions 3-/4-D LoRA weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin1 = torch.nn.Linear(16, 24)
+        self.lin2 = torch.nn.Linear(24, 16)
+        self.conv2d = torch.nn.Conv2d(3, 8, 3)
+        self.conv1d = torch.nn.Conv1d(4, 6, 3)
+
+
+def test_convolution_lora_passes_through(tmp_path: Path) -> None:
+    """Safe LoRA defines C for 2-D weights only: conv LoRA is kept, listed as skipped, never an error."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base_state = _ConvNet().state_dict()
+    aligned_state = {k: v + 0.01 * torch.randn(v.shape) for k, v in base_state.items()}
+    base = builders.save_checkpoint(base_state, tmp_path / "base", "safetensors")
+    aligned = builders.save_checkpoint(aligned_state, tmp_path / "aligned", "safetensors")
+    net = _ConvNet()
+    net.load_state_dict(aligned_state)
+    peft_model = get_peft_model(net, LoraConfig(r=2, target_modules=["lin1", "lin2", "conv2d", "conv1d"]))
+    builders.randomize_lora(peft_model, seed=1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    adapter = tmp_path / "adapter"
+
+    report, out = run(adapter, base, aligned, tmp_path / "out", Settings(mode="number", num_layers=1))
+
+    assert [x.module for x in report.layers] == ["lin1", "lin2"]
+    check_against_reference(report, adapter, out, base_state, aligned_state)
+    skipped = dict(report.skipped)
+    assert set(skipped) == {f"base_model.model.{m}.lora_{p}.weight" for m in ("conv1d", "conv2d") for p in "AB"}
+    assert all("convolution" in why for why in skipped.values())
+    before, after = load_file(adapter / ADAPTER_FILE), load_file(out / ADAPTER_FILE)
+    assert all(torch.equal(after[k], before[k]) for k in skipped)
 
 
 # ---------------------------------------------------------------- degenerate and bad inputs
