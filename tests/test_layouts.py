@@ -33,11 +33,11 @@ State = dict[str, torch.Tensor]
 
 
 def lora_keys(adapter_file: Path) -> dict[str, tuple[str, str]]:
-    """module → (lora_A key, lora_B key), parsed independently of safelora's own parser."""
+    """module → (lora_A key, lora_B key) of 2-D pairs, parsed independently of safelora's own parser."""
     parts: dict[str, dict[str, str]] = {}
-    for key in load_file(adapter_file):
+    for key, t in load_file(adapter_file).items():
         m = _LORA.match(key)
-        if m:
+        if m and t.ndim == 2:
             parts.setdefault(m["module"], {})[m["part"]] = key
     return {module: (p["A"], p["B"]) for module, p in parts.items()}
 
