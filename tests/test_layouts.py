@@ -7,6 +7,7 @@ with the checkpoint weight of the same *name*.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -47,7 +48,7 @@ def run(adapter: Path, base: Path, aligned: Path, out: Path, settings: Settings 
     settings = settings or Settings(mode="number", num_layers=2)
     base_src, aligned_src = open_local(base), open_local(aligned)
     try:
-        report = project_adapter(adapter, base_src, aligned_src, Settings(**{**vars(settings), "output": out}))
+        report = project_adapter(adapter, base_src, aligned_src, dataclasses.replace(settings, output=out))
     finally:
         base_src.close()
         aligned_src.close()
