@@ -7,10 +7,14 @@ are session-scoped and tests that change files get a fresh copy (``adapter_dir``
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import builders
 import pytest
+from typer.testing import CliRunner, Result
+
+from safelora_cli.cli import app
 
 
 @pytest.fixture(autouse=True)
@@ -41,3 +45,14 @@ def llama_adapter(llama_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPa
 def adapter_dir(llama_adapter: Path, tmp_path: Path) -> Path:
     """A fresh copy of ``llama_adapter`` in this test's tmp_path."""
     return Path(shutil.copytree(llama_adapter, tmp_path / "adapter"))
+
+
+@pytest.fixture
+def cli() -> Callable[..., Result]:
+    """Run ``safelora`` in-process: ``cli("project", "--base", base, ...)``.
+
+    Result.stdout and Result.stderr are kept apart. Exceptions other than the exit propagate, so a
+    crash fails the test with its traceback instead of posing as exit code 1.
+    """
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
