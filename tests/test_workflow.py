@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import builders
 import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -277,3 +278,12 @@ def test_the_demo_example_is_buildable_anywhere(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "modules projected" in done.stdout
     shutil.rmtree(tmp_path / "demo")
+
+
+def test_inspect_sees_modules_to_save_as_peft_writes_them(llama_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    adapter = builders.make_adapter(llama_pair[1], tmp_path / "adapter", modules_to_save=["lm_head"])
+    code, out, _ = run("inspect", adapter, "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["modules_to_save"] is True
+    assert any("lm_head" in s["key"] for s in doc["skipped"])

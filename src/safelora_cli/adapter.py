@@ -26,7 +26,7 @@ TMP_MARK = ".safelora-tmp-"
 
 # module path, lora_A|lora_B, optional adapter name (older files: ``lora_A.default.weight``)
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.(?P<name>[^.]+))?\.weight$")
-_MODULES_TO_SAVE = "modules_to_save weight: passed through"
+MODULES_TO_SAVE = "modules_to_save weight: passed through"
 _SKIP_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$"), "DoRA magnitude vector: left unchanged"),
     (
@@ -38,7 +38,7 @@ _SKIP_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
         re.compile(r"trainable_tokens_delta"),
         "trainable-token delta: not defined by Safe LoRA, passed through",
     ),
-    (re.compile(r"modules_to_save"), _MODULES_TO_SAVE),
+    (re.compile(r"modules_to_save"), MODULES_TO_SAVE),
 )
 _LAYER = re.compile(r"\.(\d+)\.")
 _CONVERTED_INITS = {"pissa", "olora", "loftq", "corda", "eva"}
@@ -216,7 +216,7 @@ def _parse_keys(
             reason = next((why for rx, why in _SKIP_RULES if rx.search(key)), None)
             if reason is None:
                 # PEFT saves a modules_to_save copy under the module's own name (``…lm_head.weight``)
-                reason = _MODULES_TO_SAVE if config.saves(key) else "not a LoRA tensor: passed through"
+                reason = MODULES_TO_SAVE if config.saves(key) else "not a LoRA tensor: passed through"
             dora = dora or "lora_magnitude_vector" in key
             skipped.append((key, reason))
             continue

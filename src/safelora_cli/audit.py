@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .adapter import PROVENANCE_PREFIX, file_digest, load_adapter
+from .adapter import MODULES_TO_SAVE, PROVENANCE_PREFIX, file_digest, load_adapter
 
 CheckStatus = Literal["sanitized", "never_sanitized", "modified", "other_pair"]
 
@@ -97,7 +97,7 @@ def inspect(adapter_path: Path) -> Inspection:
         base_model=adapter.config.base_model_name_or_path,
         dora=adapter.dora,
         embeddings=any("lora_embedding_" in k for k in keys),
-        modules_to_save=any("modules_to_save" in k for k in keys),
+        modules_to_save=any(why == MODULES_TO_SAVE for _, why in adapter.skipped),
         skipped=adapter.skipped,
         provenance=adapter.provenance(),
     )
