@@ -356,13 +356,19 @@ def atomic_write(target: Path, chunks: list[bytes], mode: int = 0o644) -> None:
             os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
         os.replace(tmp, target)
-        stfile.fsync_dir(directory)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise AdapterError(f"{target}: write failed ({e.strerror}); the original file is unchanged") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    # After the rename the new file is in place: a failure now must not claim the old one survived.
+    try:
+        stfile.fsync_dir(directory)
+    except OSError as e:
+        raise AdapterError(
+            f"{target}: written, but syncing {directory} failed ({e.strerror}); a crash may still undo the write"
+        ) from None
 
 
 def clean_stale_temps(directory: Path) -> list[Path]:
