@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,14 +119,30 @@ class Adapter:
         """The ``safelora.*`` metadata a previous run left, if any."""
         return {k: v for k, v in self.header.metadata.items() if k.startswith(PROVENANCE_PREFIX)}
 
+    def provenance_value(self, name: str, default: str, types: tuple[type, ...]) -> Any:
+        """The JSON value a previous run recorded under ``safelora.<name>`` (``default`` if absent)."""
+        key = PROVENANCE_PREFIX + name
+        try:
+            value = json.loads(self.header.metadata.get(key, default))
+        except (json.JSONDecodeError, RecursionError):
+            value = None
+            types = ()
+        if not isinstance(value, types):
+            raise AdapterError(
+                f"{self.file}: provenance {key} is not what safelora writes; the metadata was edited by hand "
+                "or by another tool. Start from the original adapter"
+            )
+        return value
+
 
 def _load_config(path: Path) -> tuple[LoraConfig, dict[str, Any]]:
     cfg_path = path / CONFIG_FILE
     if not cfg_path.is_file():
-        raise AdapterError(f"{cfg_path}: missing; pass a PEFT adapter directory (adapter_config.json + {ADAPTER_FILE})")
+        what = "not a file" if cfg_path.exists() else "missing"
+        raise AdapterError(f"{cfg_path}: {what}; pass a PEFT adapter directory (adapter_config.json + {ADAPTER_FILE})")
     try:
         raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise AdapterError(
             f"{cfg_path}: not valid JSON ({e.__class__.__name__}); restore it from your training run"
         ) from None
@@ -157,6 +176,17 @@ def _load_config(path: Path) -> tuple[LoraConfig, dict[str, Any]]:
             "modules_to_save); "
             "restore it from your training run"
         )
+    patterns = [("rank_pattern key", key) for key in rank_pattern]
+    if isinstance(target, str):
+        patterns.append(("target_modules", target))
+    for what, pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise AdapterError(
+                f"{cfg_path}: {what} {pattern!r} is not a valid regular expression ({e}); restore it from your "
+                "training run"
+            ) from None
     base = raw.get("base_model_name_or_path")
     config = LoraConfig(
         r=r,
@@ -176,17 +206,32 @@ def _str_list(x: object) -> bool:
     return isinstance(x, list) and all(isinstance(t, str) for t in x)
 
 
+# A Hub repo id (``org/name``) given where a directory is expected: say what to do instead.
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _require_dir(path: Path) -> None:
+    if path.is_dir():
+        return
+    if not path.exists() and _REPO_ID.match(str(path)):
+        raise AdapterError(
+            f"{path}: no such directory, and adapters are local directories; download it first "
+            f"(huggingface-cli download {path} --local-dir DIR) and pass --adapter DIR"
+        )
+    what = "does not exist" if not path.exists() else "is not a directory"
+    raise AdapterError(f"{path}: {what}; pass a PEFT adapter directory")
+
+
 def load_adapter(path: Path) -> Adapter:
     """Read and check an adapter directory; raises ``AdapterError`` naming the file or tensor."""
-    if not path.is_dir():
-        what = "does not exist" if not path.exists() else "is not a directory"
-        raise AdapterError(f"{path}: {what}; pass a PEFT adapter directory")
+    _require_dir(path)
     config, _ = _load_config(path)
     file = path / ADAPTER_FILE
     if not file.is_file():
         if (path / "adapter_model.bin").exists():
             raise AdapterError(f"{path}: only adapter_model.bin; re-save the adapter with safe_serialization=True")
-        raise AdapterError(f"{file}: missing; pass a PEFT adapter directory")
+        what = "not a file" if file.exists() else "missing"
+        raise AdapterError(f"{file}: {what}; pass a PEFT adapter directory")
     try:
         data = bytearray(file.read_bytes())
     except OSError as e:
@@ -243,7 +288,10 @@ def _module(
     a, b = header.tensors[a_key], header.tensors[b_key]
     rank = a.shape[0]
     if b.shape[1] != rank:
-        raise AdapterError(f"{file}: {a_key} is {list(a.shape)} but {b_key} is {list(b.shape)}; ranks differ")
+        raise AdapterError(
+            f"{file}: {a_key} is {list(a.shape)} but {b_key} is {list(b.shape)}; ranks differ, the adapter file is "
+            "incomplete or corrupt: save it again from your training run"
+        )
     if rank != config.expected_rank(module):
         raise AdapterError(
             f"{file}: {a_key} has rank {rank} but adapter_config.json says r={config.expected_rank(module)} "
@@ -340,6 +388,32 @@ def _prepare_output(src: Path, output: Path, overwrite: bool) -> Path:
     return output
 
 
+@contextmanager
+def rewrite_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the adapter directory from reading the adapter to replacing it.
+
+    A second run on the same adapter waits here, then reads what the first one wrote and sees its
+    provenance: it reports the no-op or refuses, and never projects the original a second time. It
+    is flock(2) on the directory itself: no lock file to create (read-only directories still give
+    their own error) or leave behind, and the kernel releases it when the holder dies, even by SIGKILL.
+    """
+    _require_dir(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _test_pause() -> None:
+    """Test-only: SAFELORA_TEST_WRITE_DELAY (seconds) stretches each step of ``atomic_write`` so that
+    tests/test_crash.py can land SIGKILL between the steps. Unset, as outside the tests, it does nothing."""
+    delay = os.environ.get("SAFELORA_TEST_WRITE_DELAY")
+    if delay:
+        time.sleep(float(delay))
+
+
 def atomic_write(target: Path, chunks: list[bytes], mode: int = 0o644) -> None:
     """Replace ``target`` with ``chunks`` so that readers and crashes see old or new, never a mix."""
     directory = target.parent
@@ -349,16 +423,22 @@ def atomic_write(target: Path, chunks: list[bytes], mode: int = 0o644) -> None:
         raise AdapterError(f"{directory}: cannot create a file here ({e.strerror}); use --output DIR") from None
     tmp = Path(tmp_name)
     try:
+        _test_pause()
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
+                _test_pause()
             f.flush()
             os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
+        _test_pause()
         os.replace(tmp, target)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise AdapterError(f"{target}: write failed ({e.strerror}); the original file is unchanged") from None
+        raise AdapterError(
+            f"{target}: write failed ({e.strerror}); the original file is unchanged. Free some space or pass "
+            "--output DIR"
+        ) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

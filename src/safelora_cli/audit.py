@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .adapter import MODULES_TO_SAVE, PROVENANCE_PREFIX, file_digest, load_adapter
+from .adapter import MODULES_TO_SAVE, PROVENANCE_PREFIX, Adapter, file_digest, load_adapter
 
 CheckStatus = Literal["sanitized", "never_sanitized", "modified", "other_pair"]
 
@@ -53,11 +52,12 @@ def check(adapter_path: Path, pair: tuple[str, str] | None = None) -> CheckResul
                 f"sanitized against {had[0]} → {had[1]}, not {pair[0]} → {pair[1]}",
                 prov,
             )
-    return CheckResult(adapter_path, "sanitized", _sanitized_line(prov), prov)
+    return CheckResult(adapter_path, "sanitized", _sanitized_line(adapter), prov)
 
 
-def _sanitized_line(prov: dict[str, str]) -> str:
-    projected = json.loads(prov.get(PROVENANCE_PREFIX + "projected", "[]"))
+def _sanitized_line(adapter: Adapter) -> str:
+    prov = adapter.provenance()
+    projected = adapter.provenance_value("projected", "[]", (list,))
     return (
         f"sanitized by safelora {prov.get(PROVENANCE_PREFIX + 'version')} against "
         f"{prov.get(PROVENANCE_PREFIX + 'base')} → {prov.get(PROVENANCE_PREFIX + 'aligned')} "

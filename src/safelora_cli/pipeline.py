@@ -14,7 +14,16 @@ from typing import Literal
 import torch
 
 from . import __version__
-from .adapter import PROVENANCE_PREFIX, Adapter, LoraModule, clean_stale_temps, load_adapter, write_adapter
+from .adapter import (
+    ADAPTER_FILE,
+    PROVENANCE_PREFIX,
+    Adapter,
+    LoraModule,
+    clean_stale_temps,
+    load_adapter,
+    rewrite_lock,
+    write_adapter,
+)
 from .errors import AdapterError, AlreadyProjectedError, SafeLoraError, SourceError
 from .projection import Mode, ModuleMath, Projector, select
 from .sources import Source
@@ -112,7 +121,7 @@ def _plan(adapter: Adapter, base: Source, aligned: Source) -> list[_Job]:
         b_shape, a_shape = base.shape(base_key), aligned.shape(aligned_key)
         if b_shape != a_shape:
             raise SourceError(
-                f"{m.module}: base weight is {list(b_shape)} but aligned is {list(a_shape)}; "
+                f"{m.module}: {base.label} has {list(b_shape)} but {aligned.label} has {list(a_shape)}; "
                 "base and aligned must be the same architecture and size"
             )
         out = adapter.header.tensors[m.b_key].shape[0]
@@ -122,7 +131,8 @@ def _plan(adapter: Adapter, base: Source, aligned: Source) -> list[_Job]:
             layout = "in×out (fan_in_fan_out)" if adapter.config.fan_in_fan_out else "out×in"
             raise AdapterError(
                 f"{m.module}: the adapter expects a {layout} weight of {list(expected)} but "
-                f"{base.label} has {list(b_shape)}; the adapter was trained on another model"
+                f"{base.label} has {list(b_shape)}; the adapter was trained on another model, pass the "
+                "base/aligned pair it was trained on"
             )
         jobs.append(_Job(m, base_key, aligned_key))
     return jobs
@@ -210,7 +220,24 @@ def project_adapter(
     notes: list[str] | None = None,
     on_module: OnModule = None,
 ) -> Report:
-    """Run Safe LoRA on one adapter against one (base, aligned) pair; see SPEC.md."""
+    """Run Safe LoRA on one adapter against one (base, aligned) pair; see SPEC.md.
+
+    An in-place run holds the adapter's ``rewrite_lock`` from reading the adapter to replacing it.
+    """
+    if settings.dry_run or settings.output is not None:
+        return _project(adapter_path, base, aligned, settings, notes, on_module)
+    with rewrite_lock(adapter_path):
+        return _project(adapter_path, base, aligned, settings, notes, on_module)
+
+
+def _project(
+    adapter_path: Path,
+    base: Source,
+    aligned: Source,
+    settings: Settings,
+    notes: list[str] | None,
+    on_module: OnModule,
+) -> Report:
     started = time.perf_counter()
     notes = list(notes or [])
     adapter = load_adapter(adapter_path)
@@ -241,7 +268,7 @@ def project_adapter(
     if previous and not settings.force:
         if _same_run(previous, base_info, aligned_info, settings):
             notes.append("already projected with this pair and these settings: nothing to do")
-            tau = json.loads(previous.get(PROVENANCE_PREFIX + "threshold", "null"))
+            tau = adapter.provenance_value("threshold", "null", (int, float, type(None)))
             return report([], tau, False)
         pair = f"{previous.get(PROVENANCE_PREFIX + 'base')} → {previous.get(PROVENANCE_PREFIX + 'aligned')}"
         raise AlreadyProjectedError(
@@ -256,6 +283,13 @@ def project_adapter(
             )
         notes.append("DoRA: lora_B projected, magnitude vectors left unchanged")
     if not settings.dry_run and settings.output is None:
+        if adapter.file.is_symlink():
+            # os.replace would swap the link for a regular file and leave its target (often a shared
+            # blob, as in the Hugging Face cache) as it was: rarely what anyone meant.
+            raise AdapterError(
+                f"{adapter.file}: is a symbolic link, and rewriting it in place would replace the link, not "
+                f"its target; pass --output DIR for a patched copy, or replace the link with a copy of {ADAPTER_FILE}"
+            )
         clean_stale_temps(adapter.path)
 
     jobs = _plan(adapter, base, aligned)

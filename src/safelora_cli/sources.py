@@ -213,8 +213,10 @@ def _read_index(path: Path) -> dict[str, Path]:
         weight_map = doc["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-        raise SourceError(f"{path}: not a valid index (expected JSON with a 'weight_map' object)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError):
+        raise SourceError(
+            f"{path}: not a valid index (expected JSON with a 'weight_map' object); download the checkpoint again"
+        ) from None
     out: dict[str, Path] = {}
     for name, shard in weight_map.items():
         if not isinstance(shard, str) or Path(shard).name != shard:
