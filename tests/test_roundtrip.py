@@ -136,7 +136,7 @@ def test_threshold_mode_in_place(llama_pair: Pair, adapter_dir: Path) -> None:
     assert (report.mode, report.threshold, report.written, report.output) == ("threshold", TAU, True, None)
     assert [layer.module for layer in report.layers] == sorted(want, key=lambda m: (int(m.split(".")[2]), m))
     for layer in report.layers:
-        assert layer.similarity == pytest.approx(want[layer.module].similarity, abs=1e-6)
+        assert layer.similarity == pytest.approx(want[layer.module].similarity, abs=1e-5)
     chosen = ref.select_threshold([want[layer.module].similarity for layer in report.layers], TAU)
     assert [layer.projected for layer in report.layers] == chosen
     assert 0 < sum(chosen) < len(chosen), "fixture should have modules on both sides of τ"
