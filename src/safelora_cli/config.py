@@ -22,8 +22,10 @@ def load_options(text: str, where: str, known: Collection[str]) -> dict[str, Any
     """
     try:
         doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise UsageError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+    # PyYAML's constructors fail on impossible scalars (2001-13-45, !!int 0xZZ, !!timestamp 1) with
+    # plain ValueError or AttributeError, and deep nesting overflows the stack: all are bad YAML here.
+    except (yaml.YAMLError, ValueError, TypeError, AttributeError, RecursionError) as e:
+        raise UsageError(f"{where}: not valid YAML ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
     if doc is None:
         return {}
     if not isinstance(doc, dict) or not all(isinstance(k, str) for k in doc):
