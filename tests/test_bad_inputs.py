@@ -592,3 +592,23 @@ def test_bad_input_costs_nothing(
     for fragment in expected:
         assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
     assert snapshot(root) == before
+
+
+def test_a_symlinked_adapter_file_is_read_and_can_be_patched_into_output(
+    llama_pair: tuple[Path, Path], adapter_dir: Path, tmp_path: Path, cli: Callable[..., Any]
+) -> None:
+    real = tmp_path / "blobs" / ADAPTER_FILE
+    real.parent.mkdir()
+    (adapter_dir / ADAPTER_FILE).rename(real)
+    (adapter_dir / ADAPTER_FILE).symlink_to(real)
+    original = real.read_bytes()
+    pair = ["--base", llama_pair[0], "--aligned", llama_pair[1]]
+
+    assert cli("inspect", adapter_dir).exit_code == 0
+    assert cli("project", "--adapter", adapter_dir, *pair, "--dry-run").exit_code == 0
+    result = cli("project", "--adapter", adapter_dir, *pair, "--output", tmp_path / "out")
+
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "out" / ADAPTER_FILE).read_bytes() != original
+    assert not (tmp_path / "out" / ADAPTER_FILE).is_symlink()
+    assert (adapter_dir / ADAPTER_FILE).is_symlink() and real.read_bytes() == original
