@@ -470,6 +470,16 @@ def _(i: Inputs) -> tuple[str, ...]:
     return str(i.adapter_file), "No space left on device", "--output"
 
 
+@case("adapter on a filesystem without locks")
+def _(i: Inputs) -> tuple[str, ...]:
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    i.monkeypatch.setattr(adapter_module.fcntl, "flock", no_locks)
+    i.project()
+    return str(i.adapter), "cannot lock", "--output"
+
+
 @case("provenance from a hostile writer")
 def _(i: Inputs) -> tuple[str, ...]:
     settings = Settings(mode="number", num_layers=2)

@@ -398,9 +398,17 @@ def rewrite_lock(path: Path) -> Iterator[None]:
     their own error) or leave behind, and the kernel releases it when the holder dies, even by SIGKILL.
     """
     _require_dir(path)
-    fd = os.open(path, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise AdapterError(f"{path}: cannot open the adapter directory ({e.strerror})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            raise AdapterError(
+                f"{path}: cannot lock the adapter directory ({e.strerror}); pass --output DIR on a local disk"
+            ) from None
         yield
     finally:
         os.close(fd)  # releases the lock
