@@ -389,6 +389,16 @@ def _(i: Inputs) -> tuple[str, ...]:
     return str(i.adapter / CONFIG_FILE), "rank_pattern", "restore it"
 
 
+@case("LoRA weight of an integer dtype")
+def _(i: Inputs) -> tuple[str, ...]:
+    def quantize(t: dict[str, torch.Tensor]) -> None:
+        t[Q0_B] = (t[Q0_B] * 100).to(torch.int8)
+
+    edit_tensors(i.adapter_file, quantize, {"format": "pt"})
+    i.project()
+    return Q0_B, "not floating point", "save the adapter"
+
+
 @case("lora_A without lora_B")
 def _(i: Inputs) -> tuple[str, ...]:
     edit_tensors(i.adapter_file, lambda t: t.pop(Q0_B), {"format": "pt"})

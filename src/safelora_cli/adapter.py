@@ -268,6 +268,11 @@ def _parse_keys(
         if len(entry.shape) != 2:
             skipped.append((key, f"{len(entry.shape)}-D LoRA weight (convolution): not defined by Safe LoRA"))
             continue
+        if not entry.torch_dtype.is_floating_point:
+            raise AdapterError(
+                f"{file}: {key} is {entry.dtype}, not floating point; Safe LoRA needs the trained LoRA weights "
+                "(save the adapter from your training run in float32, float16 or bfloat16)"
+            )
         pairs.setdefault(m["module"], {})[m["part"]] = key
     modules = []
     for raw_module, parts in pairs.items():
