@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ TMP_MARK = ".safelora-tmp-"
 
 # module path, lora_A|lora_B, optional adapter name (older files: ``lora_A.default.weight``)
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.(?P<name>[^.]+))?\.weight$")
+MODULES_TO_SAVE = "modules_to_save weight: passed through"
 _SKIP_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$"), "DoRA magnitude vector: left unchanged"),
     (
@@ -37,7 +41,7 @@ _SKIP_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
         re.compile(r"trainable_tokens_delta"),
         "trainable-token delta: not defined by Safe LoRA, passed through",
     ),
-    (re.compile(r"modules_to_save"), "modules_to_save weight: passed through"),
+    (re.compile(r"modules_to_save"), MODULES_TO_SAVE),
 )
 _LAYER = re.compile(r"\.(\d+)\.")
 _CONVERTED_INITS = {"pissa", "olora", "loftq", "corda", "eva"}
@@ -55,6 +59,7 @@ class LoraConfig:
     layers_to_transform: list[int] | None
     init_lora_weights: object
     base_model_name_or_path: str | None
+    modules_to_save: list[str] = field(default_factory=list)
 
     def expected_rank(self, module: str) -> int:
         """r for ``module``: the first matching ``rank_pattern`` key (as PEFT matches it), else r."""
@@ -71,6 +76,11 @@ class LoraConfig:
         if isinstance(t, str):
             return re.fullmatch(t, module) is not None
         return any(module == name or module.endswith("." + name) for name in t)
+
+    def saves(self, key: str) -> bool:
+        """Whether ``key`` is a full weight PEFT saved for a ``modules_to_save`` module."""
+        module = key.rsplit(".", 1)[0]
+        return any(module == name or module.endswith("." + name) for name in self.modules_to_save)
 
 
 @dataclass(frozen=True)
@@ -109,14 +119,30 @@ class Adapter:
         """The ``safelora.*`` metadata a previous run left, if any."""
         return {k: v for k, v in self.header.metadata.items() if k.startswith(PROVENANCE_PREFIX)}
 
+    def provenance_value(self, name: str, default: str, types: tuple[type, ...]) -> Any:
+        """The JSON value a previous run recorded under ``safelora.<name>`` (``default`` if absent)."""
+        key = PROVENANCE_PREFIX + name
+        try:
+            value = json.loads(self.header.metadata.get(key, default))
+        except (json.JSONDecodeError, RecursionError):
+            value = None
+            types = ()
+        if not isinstance(value, types):
+            raise AdapterError(
+                f"{self.file}: provenance {key} is not what safelora writes; the metadata was edited by hand "
+                "or by another tool. Start from the original adapter"
+            )
+        return value
+
 
 def _load_config(path: Path) -> tuple[LoraConfig, dict[str, Any]]:
     cfg_path = path / CONFIG_FILE
     if not cfg_path.is_file():
-        raise AdapterError(f"{cfg_path}: missing; pass a PEFT adapter directory (adapter_config.json + {ADAPTER_FILE})")
+        what = "not a file" if cfg_path.exists() else "missing"
+        raise AdapterError(f"{cfg_path}: {what}; pass a PEFT adapter directory (adapter_config.json + {ADAPTER_FILE})")
     try:
         raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise AdapterError(
             f"{cfg_path}: not valid JSON ({e.__class__.__name__}); restore it from your training run"
         ) from None
@@ -129,6 +155,7 @@ def _load_config(path: Path) -> tuple[LoraConfig, dict[str, Any]]:
     rank_pattern = raw.get("rank_pattern") or {}
     target = raw.get("target_modules")
     layers = raw.get("layers_to_transform")
+    to_save = raw.get("modules_to_save") or []
     if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]
     if not (
@@ -142,11 +169,24 @@ def _load_config(path: Path) -> tuple[LoraConfig, dict[str, Any]]:
             or (isinstance(target, list) and all(isinstance(t, str) for t in target))
         )
         and (layers is None or (isinstance(layers, list) and all(type(i) is int for i in layers)))
+        and _str_list(to_save)
     ):
         raise AdapterError(
-            f"{cfg_path}: invalid LoRA config (r, rank_pattern, target_modules or layers_to_transform); "
+            f"{cfg_path}: invalid LoRA config (r, rank_pattern, target_modules, layers_to_transform or "
+            "modules_to_save); "
             "restore it from your training run"
         )
+    patterns = [("rank_pattern key", key) for key in rank_pattern]
+    if isinstance(target, str):
+        patterns.append(("target_modules", target))
+    for what, pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise AdapterError(
+                f"{cfg_path}: {what} {pattern!r} is not a valid regular expression ({e}); restore it from your "
+                "training run"
+            ) from None
     base = raw.get("base_model_name_or_path")
     config = LoraConfig(
         r=r,
@@ -157,6 +197,7 @@ def _load_config(path: Path) -> tuple[LoraConfig, dict[str, Any]]:
         layers_to_transform=layers,
         init_lora_weights=raw.get("init_lora_weights", True),
         base_model_name_or_path=base if isinstance(base, str) and base else None,
+        modules_to_save=to_save,
     )
     return config, raw
 
@@ -165,17 +206,32 @@ def _str_list(x: object) -> bool:
     return isinstance(x, list) and all(isinstance(t, str) for t in x)
 
 
+# A Hub repo id (``org/name``) given where a directory is expected: say what to do instead.
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _require_dir(path: Path) -> None:
+    if path.is_dir():
+        return
+    if not path.exists() and _REPO_ID.match(str(path)):
+        raise AdapterError(
+            f"{path}: no such directory, and adapters are local directories; download it first "
+            f"(huggingface-cli download {path} --local-dir DIR) and pass --adapter DIR"
+        )
+    what = "does not exist" if not path.exists() else "is not a directory"
+    raise AdapterError(f"{path}: {what}; pass a PEFT adapter directory")
+
+
 def load_adapter(path: Path) -> Adapter:
     """Read and check an adapter directory; raises ``AdapterError`` naming the file or tensor."""
-    if not path.is_dir():
-        what = "does not exist" if not path.exists() else "is not a directory"
-        raise AdapterError(f"{path}: {what}; pass a PEFT adapter directory")
+    _require_dir(path)
     config, _ = _load_config(path)
     file = path / ADAPTER_FILE
     if not file.is_file():
         if (path / "adapter_model.bin").exists():
             raise AdapterError(f"{path}: only adapter_model.bin; re-save the adapter with safe_serialization=True")
-        raise AdapterError(f"{file}: missing; pass a PEFT adapter directory")
+        what = "not a file" if file.exists() else "missing"
+        raise AdapterError(f"{file}: {what}; pass a PEFT adapter directory")
     try:
         data = bytearray(file.read_bytes())
     except OSError as e:
@@ -202,13 +258,21 @@ def _parse_keys(
     for key, entry in header.tensors.items():
         m = _LORA_KEY.match(key)
         if m is None:
-            reason = next((why for rx, why in _SKIP_RULES if rx.search(key)), "not a LoRA tensor: passed through")
+            reason = next((why for rx, why in _SKIP_RULES if rx.search(key)), None)
+            if reason is None:
+                # PEFT saves a modules_to_save copy under the module's own name (``…lm_head.weight``)
+                reason = MODULES_TO_SAVE if config.saves(key) else "not a LoRA tensor: passed through"
             dora = dora or "lora_magnitude_vector" in key
             skipped.append((key, reason))
             continue
         if len(entry.shape) != 2:
             skipped.append((key, f"{len(entry.shape)}-D LoRA weight (convolution): not defined by Safe LoRA"))
             continue
+        if not entry.torch_dtype.is_floating_point:
+            raise AdapterError(
+                f"{file}: {key} is {entry.dtype}, not floating point; Safe LoRA needs the trained LoRA weights "
+                "(save the adapter from your training run in float32, float16 or bfloat16)"
+            )
         pairs.setdefault(m["module"], {})[m["part"]] = key
     modules = []
     for raw_module, parts in pairs.items():
@@ -229,7 +293,10 @@ def _module(
     a, b = header.tensors[a_key], header.tensors[b_key]
     rank = a.shape[0]
     if b.shape[1] != rank:
-        raise AdapterError(f"{file}: {a_key} is {list(a.shape)} but {b_key} is {list(b.shape)}; ranks differ")
+        raise AdapterError(
+            f"{file}: {a_key} is {list(a.shape)} but {b_key} is {list(b.shape)}; ranks differ, the adapter file is "
+            "incomplete or corrupt: save it again from your training run"
+        )
     if rank != config.expected_rank(module):
         raise AdapterError(
             f"{file}: {a_key} has rank {rank} but adapter_config.json says r={config.expected_rank(module)} "
@@ -326,6 +393,40 @@ def _prepare_output(src: Path, output: Path, overwrite: bool) -> Path:
     return output
 
 
+@contextmanager
+def rewrite_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the adapter directory from reading the adapter to replacing it.
+
+    A second run on the same adapter waits here, then reads what the first one wrote and sees its
+    provenance: it reports the no-op or refuses, and never projects the original a second time. It
+    is flock(2) on the directory itself: no lock file to create (read-only directories still give
+    their own error) or leave behind, and the kernel releases it when the holder dies, even by SIGKILL.
+    """
+    _require_dir(path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise AdapterError(f"{path}: cannot open the adapter directory ({e.strerror})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            raise AdapterError(
+                f"{path}: cannot lock the adapter directory ({e.strerror}); pass --output DIR on a local disk"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _test_pause() -> None:
+    """Test-only: SAFELORA_TEST_WRITE_DELAY (seconds) stretches each step of ``atomic_write`` so that
+    tests/test_crash.py can land SIGKILL between the steps. Unset, as outside the tests, it does nothing."""
+    delay = os.environ.get("SAFELORA_TEST_WRITE_DELAY")
+    if delay:
+        time.sleep(float(delay))
+
+
 def atomic_write(target: Path, chunks: list[bytes], mode: int = 0o644) -> None:
     """Replace ``target`` with ``chunks`` so that readers and crashes see old or new, never a mix."""
     directory = target.parent
@@ -335,20 +436,32 @@ def atomic_write(target: Path, chunks: list[bytes], mode: int = 0o644) -> None:
         raise AdapterError(f"{directory}: cannot create a file here ({e.strerror}); use --output DIR") from None
     tmp = Path(tmp_name)
     try:
+        _test_pause()
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
+                _test_pause()
             f.flush()
             os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
+        _test_pause()
         os.replace(tmp, target)
-        stfile.fsync_dir(directory)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise AdapterError(f"{target}: write failed ({e.strerror}); the original file is unchanged") from None
+        raise AdapterError(
+            f"{target}: write failed ({e.strerror}); the original file is unchanged. Free some space or pass "
+            "--output DIR"
+        ) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    # After the rename the new file is in place: a failure now must not claim the old one survived.
+    try:
+        stfile.fsync_dir(directory)
+    except OSError as e:
+        raise AdapterError(
+            f"{target}: written, but syncing {directory} failed ({e.strerror}); a crash may still undo the write"
+        ) from None
 
 
 def clean_stale_temps(directory: Path) -> list[Path]:

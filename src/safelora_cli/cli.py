@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -9,20 +10,32 @@ import traceback
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+import yaml
 from rich.console import Console
 
-from . import __version__
+from . import __version__, audit, config
 from . import demo as demo_data
 from .adapter import load_adapter
 from .cache import ProjectionCache
 from .errors import SafeLoraError
-from .hub import Hub, open_source, parse_ref
-from .pipeline import Device, Precision, Report, Settings, project_adapter
-from .report import TransferDisplay, cache_json, dumps, render, render_cache, size
-from .sources import open_local
+from .hub import Hub, QuietTransfer, Transfer, open_source, parse_ref
+from .pipeline import Device, Precision, Report, Settings, project_adapter, source_info
+from .report import (
+    RunDisplay,
+    cache_json,
+    check_to_json,
+    dumps,
+    inspection_to_json,
+    render,
+    render_cache,
+    render_check,
+    render_inspection,
+    size,
+)
+from .sources import Source, open_local
 
 app = typer.Typer(
     help="Safe LoRA for PEFT adapters: project each LoRA update onto the alignment subspace of "
@@ -32,10 +45,12 @@ app = typer.Typer(
 )
 
 BaseOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
         help="The unaligned base model: a local directory (safetensors, single or sharded, or .bin), or a Hub "
-        "repo org/name[@revision]. An existing local path wins; hf://org/name always means the Hub.",
+        "repo org/name[@revision]. An existing local path wins; hf://org/name always means the Hub. "
+        "Default: the preset's base when --aligned is a preset's aligned model.",
+        show_default=False,
     ),
 ]
 AlignedOpt = Annotated[
@@ -62,7 +77,7 @@ TokenOpt = Annotated[
 ]
 NoCacheOpt = Annotated[
     bool,
-    typer.Option("--no-cache", help="Neither read nor write the projection cache (SAFELORA_CACHE)."),
+    typer.Option("--no-cache/--cache", help="Neither read nor write the projection cache (SAFELORA_CACHE)."),
 ]
 AdapterOpt = Annotated[Path, typer.Option(help="The PEFT LoRA adapter directory to patch.")]
 ThresholdOpt = Annotated[
@@ -81,14 +96,19 @@ OutputOpt = Annotated[
     Path | None,
     typer.Option(help="Write a complete patched adapter directory here and leave the source untouched."),
 ]
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Compute and report; write nothing.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON document on stdout; the table goes to stderr.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run/--no-dry-run", help="Compute and report; write nothing.")]
+JsonOpt = Annotated[
+    bool, typer.Option("--json/--no-json", help="One JSON document on stdout; the table goes to stderr.")
+]
 PrecisionOpt = Annotated[str, typer.Option(help="Compute precision: float32 or float64.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")]
 AllowDoraOpt = Annotated[
     bool,
-    typer.Option("--allow-dora", help="Project lora_B of a DoRA adapter; magnitudes are left unchanged."),
+    typer.Option(
+        "--allow-dora/--no-allow-dora", help="Project lora_B of a DoRA adapter; magnitudes are left unchanged."
+    ),
 ]
+QuietOpt = Annotated[bool, typer.Option("--quiet/--no-quiet", "-q", help="Print nothing but errors (and --json).")]
 ForceOpt = Annotated[
     bool,
     typer.Option(
@@ -123,6 +143,54 @@ def _choice(value: str, choices: Mapping[str, str], flag: str) -> str:
     return value
 
 
+_MODE_KEYS = ("threshold", "num_layers")
+
+
+def _merge(lower: Mapping[str, Any], higher: Mapping[str, Any]) -> dict[str, Any]:
+    """Option values where ``higher`` wins; τ and k are one choice, so either one replaces both."""
+    merged = {**lower, **higher}
+    if any(k in higher for k in _MODE_KEYS):
+        for k in _MODE_KEYS:
+            if k not in higher:
+                merged.pop(k, None)
+    return merged
+
+
+def _option_keys(ctx: typer.Context) -> dict[str, str]:
+    """YAML key -> parameter name, for every option of the command (``json`` -> ``as_json``)."""
+    keys = {}
+    for param in ctx.command.params:
+        if param.name in ("config_file", "preset") or param.name is None:
+            continue
+        for opt in param.opts:
+            if opt.startswith("--"):
+                keys[opt[2:].replace("-", "_")] = param.name
+    return keys
+
+
+def _as_defaults(ctx: typer.Context, options: dict[str, Any]) -> dict[str, Any]:
+    keys = _option_keys(ctx)
+    return {keys[k]: v for k, v in options.items()}
+
+
+def _config_callback(ctx: typer.Context, value: Path | None) -> Path | None:
+    if value is not None:
+        with _errors():
+            options = config.load_file(value, _option_keys(ctx))
+        ctx.default_map = _merge(ctx.default_map or {}, _as_defaults(ctx, options))
+    return value
+
+
+def _preset_callback(ctx: typer.Context, value: str | None) -> str | None:
+    if value is not None:
+        with _errors():
+            chosen = config.preset(value)
+            options = config.load_options(yaml.safe_dump(chosen.options), f"preset {value}", _option_keys(ctx))
+        # A --config file given beside the preset wins over it, whichever comes first on the line.
+        ctx.default_map = _merge(_as_defaults(ctx, options), ctx.default_map or {})
+    return value
+
+
 def _aligned_default(adapter: Path, notes: list[str]) -> str:
     name = load_adapter(adapter).config.base_model_name_or_path
     if name is None or not (Path(name).is_dir() or parse_ref(name) is not None):
@@ -132,18 +200,55 @@ def _aligned_default(adapter: Path, notes: list[str]) -> str:
     return name
 
 
-def _emit(report: Report, as_json: bool) -> None:
+def _from_command_line(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
+
+
+def _base_from_preset(aligned: str, notes: list[str]) -> str:
+    """--base left out: the base of the preset whose aligned model is ``aligned``."""
+    match = config.preset_for_aligned(aligned)
+    if match is None:
+        raise typer.BadParameter(
+            f"required ({aligned} is not the aligned model of any preset; see --preset)", param_hint="--base"
+        )
+    notes.append(f"--base filled in from preset {match.name}: {match.base}")
+    return match.base
+
+
+def _emit(report: Report, as_json: bool, quiet: bool = False) -> None:
     if as_json:
-        render(report, _err_console())
         sys.stdout.write(dumps(report) + "\n")
-    else:
-        render(report, Console())
+    if not quiet:
+        render(report, _err_console() if as_json else Console())
+
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        is_eager=True,
+        callback=_config_callback,
+        help="YAML file with any of these options (keys like num_layers or num-layers); flags given here win.",
+        show_default=False,
+    ),
+]
+PresetOpt = Annotated[
+    str | None,
+    typer.Option(
+        is_eager=True,
+        callback=_preset_callback,
+        help="A shipped pair: llama-2-7b, llama-2-13b, llama-3-8b, llama-3.1-8b, mistral-7b, qwen2.5-7b, gemma-2-9b.",
+        show_default=False,
+    ),
+]
 
 
 @app.command()
 def project(
-    base: BaseOpt,
+    ctx: typer.Context,
     adapter: AdapterOpt,
+    base: BaseOpt = None,
     aligned: AlignedOpt = None,
     threshold: ThresholdOpt = None,
     num_layers: NumLayersOpt = None,
@@ -154,6 +259,9 @@ def project(
     device: DeviceOpt = "auto",
     allow_dora: AllowDoraOpt = False,
     force: ForceOpt = False,
+    quiet: QuietOpt = False,
+    config_file: ConfigOpt = None,
+    preset: PresetOpt = None,
     base_revision: BaseRevisionOpt = None,
     aligned_revision: AlignedRevisionOpt = None,
     token: TokenOpt = None,
@@ -167,7 +275,13 @@ def project(
     (base, aligned) pair, so later runs on the same pair read nothing for it (--no-cache: off).
     """
     if threshold is not None and num_layers is not None:
-        raise typer.BadParameter("give --threshold or --num-layers, not both", param_hint="--num-layers")
+        # A flag on the command line beats the other one coming from --config/--preset.
+        if _from_command_line(ctx, "num_layers") and not _from_command_line(ctx, "threshold"):
+            threshold = None
+        elif _from_command_line(ctx, "threshold") and not _from_command_line(ctx, "num_layers"):
+            num_layers = None
+        else:
+            raise typer.BadParameter("give --threshold or --num-layers, not both", param_hint="--num-layers")
     settings = Settings(
         mode="number" if num_layers is not None else "threshold",
         threshold=0.5 if threshold is None else threshold,
@@ -180,29 +294,32 @@ def project(
         output=output,
     )
     notes: list[str] = []
-    err = _err_console()
-    with _errors(), TransferDisplay(err) as transfer, ExitStack() as open_files:
+    with _errors(), RunDisplay(_err_console(), enabled=not quiet) as display, ExitStack() as open_files:
         cache = None if no_cache else ProjectionCache()
         hub = Hub.from_env(token, cache.refs if cache is not None else None)
         aligned_spec = aligned if aligned is not None else _aligned_default(adapter, notes)
-        sources = []
-        for flag, spec, revision in (("--base", base, base_revision), ("--aligned", aligned_spec, aligned_revision)):
-            src = open_source(spec, revision, flag=flag, hub=hub, transfer=transfer, notes=notes)
-            open_files.callback(src.close)
-            sources.append(src)
-        base_src, aligned_src = sources
+        base_spec = base if base is not None else _base_from_preset(aligned_spec, notes)
+        base_src = _open(base_spec, base_revision, "--base", hub, display, notes)
+        open_files.callback(base_src.close)
+        aligned_src = _open(aligned_spec, aligned_revision, "--aligned", hub, display, notes)
+        open_files.callback(aligned_src.close)
         report = project_adapter(
             adapter,
             base_src,
             aligned_src,
             settings,
             notes=notes,
+            on_module=display.on_module,
             cache=cache.pair(base_src.cache_identity(), aligned_src.cache_identity()) if cache else None,
-            on_cache_wait=lambda: err.print(
-                "[dim]another safelora run is computing this pair's projection cache; waiting for it[/dim]"
+            on_cache_wait=lambda: display.say(
+                "another safelora run is computing this pair's projection cache; waiting for it"
             ),
         )
-    _emit(report, as_json)
+    _emit(report, as_json, quiet)
+
+
+def _open(spec: str, revision: str | None, flag: str, hub: Hub, transfer: Transfer, notes: list[str]) -> Source:
+    return open_source(spec, revision, flag=flag, hub=hub, transfer=transfer, notes=notes)
 
 
 @app.command()
@@ -230,6 +347,59 @@ def demo(
             base_src.close()
             aligned_src.close()
         _emit(report, as_json)
+
+
+@app.command()
+def check(
+    adapter: AdapterOpt,
+    base: Annotated[str | None, typer.Option(help="Also require this base model (a directory or a Hub repo).")] = None,
+    aligned: Annotated[
+        str | None, typer.Option(help="Also require this aligned model (a directory or a Hub repo).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Gate: is this adapter sanitized by safelora, unmodified since, and (optionally) against this pair?
+
+    Exit codes: 0 sanitized; 3 never sanitized, sanitized against another pair, or modified since;
+    1 error (unreadable adapter or checkpoint); 2 usage.
+    """
+    if (base is None) != (aligned is None):
+        raise typer.BadParameter("give both --base and --aligned, or neither", param_hint="--base/--aligned")
+    with _errors():
+        pair = None
+        if base is not None and aligned is not None:
+            hub = Hub.from_env(None, ProjectionCache().refs)
+            pair = (_identity(base, "--base", hub), _identity(aligned, "--aligned", hub))
+        result = audit.check(adapter, pair)
+    if as_json:
+        render_check(result, _err_console())
+        sys.stdout.write(json.dumps(check_to_json(result), indent=2) + "\n")
+    else:
+        render_check(result, Console())
+    if not result.ok:
+        raise typer.Exit(3)
+
+
+def _identity(spec: str, flag: str, hub: Hub) -> str:
+    src = _open(spec, None, flag, hub, QuietTransfer(), [])
+    try:
+        return source_info(src).identity
+    finally:
+        src.close()
+
+
+@app.command("inspect")
+def inspect_(
+    adapter: Annotated[Path, typer.Argument(help="The PEFT LoRA adapter directory.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Show what an adapter is (modules, ranks, dtypes, size, targets, DoRA…) and its provenance."""
+    with _errors():
+        info = audit.inspect(adapter)
+    if as_json:
+        sys.stdout.write(json.dumps(inspection_to_json(info), indent=2) + "\n")
+    else:
+        render_inspection(info, Console())
 
 
 cache_app = typer.Typer(

@@ -8,14 +8,26 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich import box
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
 from . import __version__
+from .audit import CheckResult, Inspection
 from .cache import PairSummary
-from .pipeline import Report, SourceInfo
+from .pipeline import LayerResult, OnModule, Report, SourceInfo
 
 
 def _finite(x: float | None) -> float | None:
@@ -78,15 +90,15 @@ def _fmt(x: float | None, spec: str) -> str:
 def render(report: Report, console: Console) -> None:
     """The per-module table, the skipped tensors, notes and a one-line summary."""
     if report.layers:
-        table = Table(title=f"Safe LoRA · {report.adapter}", title_justify="left")
-        table.add_column("module")
+        table = Table(title=f"Safe LoRA · {report.adapter}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        table.add_column("module", no_wrap=True, min_width=max(len(layer.module) for layer in report.layers))
         table.add_column("layer", justify="right")
-        table.add_column("similarity", justify="right")
-        table.add_column("projected", justify="center")
-        table.add_column("‖C·B‖/‖B‖", justify="right")
+        table.add_column("similarity", justify="right", no_wrap=True)
+        table.add_column("proj.", justify="center")
+        table.add_column("‖CB‖/‖B‖", justify="right")
         for layer in report.layers:
             projected = Text("yes", style="bold red") if layer.projected else Text("no", style="dim")
-            sim = Text(_fmt(layer.similarity, ".5f"))
+            sim = _similarity_cell(layer)
             if layer.reason:
                 sim = Text(f"— ({layer.reason})", style="yellow")
             table.add_row(
@@ -109,6 +121,19 @@ def render(report: Report, console: Console) -> None:
     if report.bytes_downloaded:
         console.print(f"[dim]downloaded {size(report.bytes_downloaded)}[/dim]")
     console.print(summary(report), highlight=False)
+
+
+_BAR_WIDTH = 8
+
+
+def _similarity_cell(layer: LayerResult) -> Text:
+    """The similarity and an inline bar (red when projected), so a glance finds the projected layers."""
+    cell = Text(_fmt(layer.similarity, ".5f") + " ")
+    if layer.similarity is not None and math.isfinite(layer.similarity):
+        filled = round(min(max(layer.similarity, 0.0), 1.0) * _BAR_WIDTH)
+        cell.append("█" * filled, style="red" if layer.projected else "green")
+        cell.append("·" * (_BAR_WIDTH - filled), style="dim")
+    return cell
 
 
 def summary(report: Report) -> str:
@@ -136,39 +161,66 @@ def size(nbytes: int) -> str:
     return f"{nbytes / 1e9:.2f} GB"
 
 
-class TransferDisplay:
-    """Byte progress bars for Hub downloads, on ``console`` when it is a terminal; warnings at once.
+class RunDisplay:
+    """What a terminal shows while a run works: a byte bar per Hub download above the module bar.
 
-    Implements ``hub.Transfer``. Bars are advanced from the reading thread (Rich locks internally).
+    Implements ``hub.Transfer`` (bars are advanced from the reading thread; Rich locks internally)
+    and gives the pipeline's ``on_module`` callback. Transient; nothing at all is drawn when
+    ``console`` is not a terminal, and nothing is printed when disabled (--quiet).
     """
 
-    def __init__(self, console: Console) -> None:
-        self.console = console
-        self._progress = Progress(
+    def __init__(self, console: Console, *, enabled: bool = True) -> None:
+        self.console, self.enabled = console, enabled
+        self._downloads = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
             DownloadColumn(),
             TransferSpeedColumn(),
             TimeRemainingColumn(),
             console=console,
-            disable=not console.is_terminal,
         )
+        self._modules = Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        live = enabled and console.is_terminal
+        self._live = Live(Group(self._downloads, self._modules), console=console, transient=True) if live else None
+        self._module_task = self._modules.add_task("projecting", total=None)
 
-    def __enter__(self) -> TransferDisplay:
-        self._progress.start()
+    def __enter__(self) -> RunDisplay:
+        if self._live is not None:
+            self._live.start()
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._progress.stop()
+        if self._live is not None:
+            self._live.stop()
+
+    @property
+    def on_module(self) -> OnModule:
+        """The pipeline's per-module callback; None when nothing is drawn (no work per module)."""
+        return self._advance if self._live is not None else None
+
+    def _advance(self, layer: LayerResult, count: int) -> None:
+        self._modules.update(self._module_task, advance=1, total=count, description=layer.module)
 
     def task(self, label: str, total: int) -> Callable[[int], None]:
-        task_id = self._progress.add_task(label, total=total)
-        return lambda n: self._progress.advance(task_id, n)
+        task_id = self._downloads.add_task(label, total=total)
+        return lambda n: self._downloads.advance(task_id, n)
 
     def warn(self, message: str) -> None:
-        self.console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+        if self.enabled:
+            self.console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+
+    def say(self, message: str) -> None:
+        """A dim line now, above the bars (unless --quiet)."""
+        if self.enabled:
+            self.console.print(f"[dim]{message}[/dim]", highlight=False, soft_wrap=True)
 
 
 def _pair_json(pair: PairSummary) -> dict[str, Any]:
@@ -215,3 +267,59 @@ def render_cache(pairs: list[PairSummary], console: Console, *, modules: bool) -
             console.print(t)
     total = sum(p.nbytes for p in pairs)
     console.print(f"{len(pairs)} pair(s), {size(total)}", highlight=False)
+
+
+def check_to_json(result: CheckResult) -> dict[str, Any]:
+    return {
+        "safelora_version": __version__,
+        "adapter": str(result.adapter),
+        "ok": result.ok,
+        "status": result.status,
+        "message": result.message,
+        "provenance": result.provenance,
+    }
+
+
+def render_check(result: CheckResult, console: Console) -> None:
+    style = "bold green" if result.ok else "bold red"
+    console.print(f"[{style}]{result.status}[/{style}] {result.adapter}: {result.message}", highlight=False)
+
+
+def inspection_to_json(info: Inspection) -> dict[str, Any]:
+    return {
+        "safelora_version": __version__,
+        "adapter": str(info.adapter),
+        "modules": info.modules,
+        "ranks": {str(r): n for r, n in info.ranks.items()},
+        "dtypes": info.dtypes,
+        "size_bytes": info.size_bytes,
+        "target_modules": info.target_modules,
+        "base_model_name_or_path": info.base_model,
+        "dora": info.dora,
+        "embeddings": info.embeddings,
+        "modules_to_save": info.modules_to_save,
+        "skipped": [{"key": key, "reason": reason} for key, reason in info.skipped],
+        "provenance": info.provenance,
+    }
+
+
+def render_inspection(info: Inspection, console: Console) -> None:
+    table = Table(title=f"adapter · {info.adapter}", title_justify="left", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    ranks = ", ".join(f"r={r} ×{n}" for r, n in info.ranks.items())
+    table.add_row("LoRA modules", f"{info.modules} ({ranks})")
+    table.add_row("dtypes", ", ".join(f"{d} ×{n}" for d, n in info.dtypes.items()))
+    table.add_row("size", f"{info.size_bytes:,} bytes")
+    table.add_row("target_modules", str(info.target_modules))
+    table.add_row("base_model_name_or_path", str(info.base_model))
+    table.add_row("DoRA", "yes" if info.dora else "no")
+    table.add_row("embedding LoRA", "yes" if info.embeddings else "no")
+    table.add_row("modules_to_save", "yes" if info.modules_to_save else "no")
+    table.add_row("passed-through tensors", str(len(info.skipped)))
+    if info.provenance:
+        for key, value in sorted(info.provenance.items()):
+            table.add_row(key, value)
+    else:
+        table.add_row("provenance", "none (never sanitized by safelora)")
+    console.print(table)

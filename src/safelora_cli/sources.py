@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Sequence
 from functools import cached_property
@@ -162,7 +163,8 @@ class TorchBinSource(Source):
         if state is not None:
             return state
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            # Only the zip format (torch >= 1.6) can be memory-mapped; older files are read whole.
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
         except pickle.UnpicklingError as e:
             raise SourceError(
                 f"{path}: refused to unpickle ({str(e).splitlines()[0][:160]}); only plain tensor "
@@ -225,8 +227,10 @@ def parse_index(raw: bytes | str, where: str) -> dict[str, str]:
         weight_map = doc["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-        raise SourceError(f"{where}: not a valid index (expected JSON with a 'weight_map' object)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError):
+        raise SourceError(
+            f"{where}: not a valid index (expected JSON with a 'weight_map' object); download the checkpoint again"
+        ) from None
     for name, shard in weight_map.items():
         if not isinstance(shard, str) or Path(shard).name != shard:
             raise SourceError(f"{where}: weight_map entry {name!r} names {shard!r}, not a file beside the index")

@@ -40,6 +40,10 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
+# What every format error ends with: the same parser reads adapters, checkpoints and cache entries.
+CORRUPT = "the file is corrupt; download, copy or save it again"
+TRUNCATED = "the file is truncated; download, copy or save it again"
+
 
 @dataclass(frozen=True)
 class TensorEntry:
@@ -72,12 +76,10 @@ class Header:
 def header_length(prefix: bytes, where: str, file_size: int | None) -> int:
     """Decode and check the 8-byte little-endian header length."""
     if len(prefix) < 8:
-        raise FormatError(f"{where}: file is {len(prefix)} bytes, too short for a safetensors header")
+        raise FormatError(f"{where}: file is {len(prefix)} bytes, too short for a safetensors header; {TRUNCATED}")
     (n,) = struct.unpack("<Q", prefix[:8])
     if n > MAX_HEADER_BYTES or (file_size is not None and 8 + n > file_size):
-        raise FormatError(
-            f"{where}: header length {n} is larger than the file; the file is truncated or not safetensors"
-        )
+        raise FormatError(f"{where}: header length {n} is larger than the file; not safetensors, or {TRUNCATED}")
     return int(n)
 
 
@@ -86,15 +88,15 @@ def parse_header(raw: bytes, where: str, file_size: int | None) -> Header:
     data_start = 8 + len(raw)
     try:
         doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{where}: header is not valid JSON ({e.__class__.__name__}); file is corrupt") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise FormatError(f"{where}: header is not valid JSON ({e.__class__.__name__}); {CORRUPT}") from None
     if not isinstance(doc, dict):
-        raise FormatError(f"{where}: header is not a JSON object; file is corrupt")
+        raise FormatError(f"{where}: header is not a JSON object; {CORRUPT}")
     metadata = doc.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
-        raise FormatError(f"{where}: __metadata__ must map strings to strings")
+        raise FormatError(f"{where}: __metadata__ must map strings to strings; {CORRUPT}")
     tensors: dict[str, TensorEntry] = {}
     for name, info in doc.items():
         tensors[name] = _entry(name, info, where, data_start)
@@ -105,25 +107,25 @@ def parse_header(raw: bytes, where: str, file_size: int | None) -> Header:
 
 def _entry(name: str, info: object, where: str, data_start: int) -> TensorEntry:
     if not isinstance(info, dict):
-        raise FormatError(f"{where}: tensor {name!r} has no dtype/shape/data_offsets entry")
+        raise FormatError(f"{where}: tensor {name!r} has no dtype/shape/data_offsets entry; {CORRUPT}")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in DTYPES:
-        raise FormatError(f"{where}: tensor {name!r} has unsupported dtype {dtype!r}")
+    if not (isinstance(dtype, str) and dtype in DTYPES):
+        raise FormatError(f"{where}: tensor {name!r} has unsupported dtype {dtype!r}; save it as {', '.join(DTYPES)}")
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-        raise FormatError(f"{where}: tensor {name!r} has an invalid shape {shape!r}")
+        raise FormatError(f"{where}: tensor {name!r} has an invalid shape {shape!r}; {CORRUPT}")
     if not (
         isinstance(offsets, list)
         and len(offsets) == 2
         and all(type(o) is int and o >= 0 for o in offsets)
         and offsets[0] <= offsets[1]
     ):
-        raise FormatError(f"{where}: tensor {name!r} has invalid data_offsets {offsets!r}")
+        raise FormatError(f"{where}: tensor {name!r} has invalid data_offsets {offsets!r}; {CORRUPT}")
     itemsize = DTYPES[dtype].itemsize
     expected = math.prod(shape) * itemsize
     if offsets[1] - offsets[0] != expected:
         raise FormatError(
             f"{where}: tensor {name!r} is {dtype}{shape} ({expected} bytes) but its data_offsets "
-            f"span {offsets[1] - offsets[0]} bytes; file is corrupt"
+            f"span {offsets[1] - offsets[0]} bytes; {CORRUPT}"
         )
     return TensorEntry(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
 
@@ -133,11 +135,10 @@ def _check_layout(entries: Iterable[TensorEntry], where: str, data_size: int | N
     for e in sorted(entries, key=lambda e: (e.start, e.end)):
         rel_start, rel_end = e.start - data_start, e.end - data_start
         if rel_start < end:
-            raise FormatError(f"{where}: tensor {e.name!r} overlaps another tensor; file is corrupt")
+            raise FormatError(f"{where}: tensor {e.name!r} overlaps another tensor; {CORRUPT}")
         if data_size is not None and rel_end > data_size:
             raise FormatError(
-                f"{where}: tensor {e.name!r} ends at byte {e.end} beyond the end of the file; "
-                "the file is truncated, download or copy it again"
+                f"{where}: tensor {e.name!r} ends at byte {e.end} beyond the end of the file; {TRUNCATED}"
             )
         end = max(end, rel_end)
 
@@ -151,7 +152,9 @@ def read_header(path: Path) -> Header:
             n = header_length(f.read(8), where, size)
             raw = f.read(n)
     except IsADirectoryError:
-        raise FormatError(f"{where}: is a directory, expected a safetensors file") from None
+        raise FormatError(
+            f"{where}: is a directory, expected a safetensors file; download the checkpoint again"
+        ) from None
     except OSError as e:
         raise FormatError(f"{where}: cannot read ({e.strerror})") from None
     return parse_header(raw, where, size)
@@ -181,7 +184,7 @@ def read_tensor(f: Readable, entry: TensorEntry, where: str, buf: bytearray | No
     while got < entry.nbytes:
         n = f.readinto(view[got:])
         if not n:
-            raise FormatError(f"{where}: tensor {entry.name!r} is cut short; the file is truncated")
+            raise FormatError(f"{where}: tensor {entry.name!r} is cut short; {TRUNCATED}")
         got += n
     return tensor_from_bytes(entry, view)
 

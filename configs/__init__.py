@@ -1,0 +1,1 @@
+"""Presets for real (base, aligned) pairs, shipped inside the package as safelora_cli.configs."""

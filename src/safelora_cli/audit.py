@@ -1,0 +1,103 @@
+"""Read-only questions about an adapter: what is it (inspect), and was it sanitized (check)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from .adapter import MODULES_TO_SAVE, PROVENANCE_PREFIX, Adapter, file_digest, load_adapter
+
+CheckStatus = Literal["sanitized", "never_sanitized", "modified", "other_pair"]
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The verdict of ``safelora check``; ``ok`` is exit 0, anything else exit 3."""
+
+    adapter: Path
+    status: CheckStatus
+    message: str
+    provenance: dict[str, str]
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "sanitized"
+
+
+def check(adapter_path: Path, pair: tuple[str, str] | None = None) -> CheckResult:
+    """Whether the adapter carries valid provenance, is unmodified since, and (optionally) used ``pair``.
+
+    ``pair`` is the (base, aligned) identity as provenance records it (``source@revision-or-fingerprint``).
+    """
+    adapter = load_adapter(adapter_path)
+    prov = adapter.provenance()
+    if not prov:
+        return CheckResult(adapter_path, "never_sanitized", "no safelora provenance: never sanitized", prov)
+    recorded = prov.get(PROVENANCE_PREFIX + "digest")
+    if recorded is None or recorded != file_digest(adapter):
+        return CheckResult(
+            adapter_path,
+            "modified",
+            "tensors differ from what safelora wrote: modified since it was sanitized",
+            prov,
+        )
+    if pair is not None:
+        had = (prov.get(PROVENANCE_PREFIX + "base"), prov.get(PROVENANCE_PREFIX + "aligned"))
+        if had != pair:
+            return CheckResult(
+                adapter_path,
+                "other_pair",
+                f"sanitized against {had[0]} → {had[1]}, not {pair[0]} → {pair[1]}",
+                prov,
+            )
+    return CheckResult(adapter_path, "sanitized", _sanitized_line(adapter), prov)
+
+
+def _sanitized_line(adapter: Adapter) -> str:
+    prov = adapter.provenance()
+    projected = adapter.provenance_value("projected", "[]", (list,))
+    return (
+        f"sanitized by safelora {prov.get(PROVENANCE_PREFIX + 'version')} against "
+        f"{prov.get(PROVENANCE_PREFIX + 'base')} → {prov.get(PROVENANCE_PREFIX + 'aligned')} "
+        f"({len(projected)} modules projected)"
+    )
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """What an adapter is, as ``safelora inspect`` shows it."""
+
+    adapter: Path
+    modules: int
+    ranks: dict[int, int]  # rank -> number of modules
+    dtypes: dict[str, int]  # dtype -> number of tensors
+    size_bytes: int
+    target_modules: list[str] | str | None
+    base_model: str | None
+    dora: bool
+    embeddings: bool
+    modules_to_save: bool
+    skipped: list[tuple[str, str]]
+    provenance: dict[str, str]
+
+
+def inspect(adapter_path: Path) -> Inspection:
+    """Describe an adapter without reading any checkpoint."""
+    adapter = load_adapter(adapter_path)
+    keys = list(adapter.header.tensors)
+    return Inspection(
+        adapter=adapter_path,
+        modules=len(adapter.modules),
+        ranks=dict(sorted(Counter(m.rank for m in adapter.modules).items())),
+        dtypes=dict(Counter(e.dtype for e in adapter.header.tensors.values())),
+        size_bytes=adapter.file.stat().st_size,
+        target_modules=adapter.config.target_modules,
+        base_model=adapter.config.base_model_name_or_path,
+        dora=adapter.dora,
+        embeddings=any("lora_embedding_" in k for k in keys),
+        modules_to_save=any(why == MODULES_TO_SAVE for _, why in adapter.skipped),
+        skipped=adapter.skipped,
+        provenance=adapter.provenance(),
+    )

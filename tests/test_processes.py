@@ -1,0 +1,227 @@
+"""Real processes: SIGKILL at random moments never costs the adapter, and concurrent runs never tear it.
+
+The processes are ``safelora project`` runs forked by ``forkserver.py`` (torch imported once, not once
+per process). ``SAFELORA_TEST_WRITE_DELAY`` stretches each step of the atomic write (temp file
+created, each tensor written, before the rename) so that kills and races land inside the write too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import select
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from safelora_cli.adapter import ADAPTER_FILE, TMP_MARK
+
+KILLS = 50
+PARALLEL = 10  # kills per round: the runs are short and mostly wait, so they overlap well on 2 cores
+STEP_DELAY = "0.005"
+
+
+@dataclass
+class Run:
+    """One ``safelora`` invocation for the fork server; ``out``/``err`` receive its stdout/stderr."""
+
+    argv: list[str]
+    out: Path
+    err: Path
+    kill_at: float | None = None
+
+    def report(self) -> dict[str, Any]:
+        return json.loads(self.out.read_text())
+
+
+@dataclass
+class Outcome:
+    status: list[int]
+    seconds: list[float]
+
+
+class ForkServer:
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("forkserver.py"))],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._answer(120) == {"ready": True}
+
+    def _answer(self, timeout: float) -> Any:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            self.proc.kill()
+            pytest.fail(f"the fork server gave no answer in {timeout} s (a run hangs?)")
+        return json.loads(self.proc.stdout.readline())
+
+    def run(self, runs: list[Run], env: dict[str, str] | None = None) -> Outcome:
+        """Fork every run at once and wait for all of them."""
+        assert self.proc.stdin is not None
+        # The server started before this test's fixtures: hand the children this test's caches.
+        caches = {k: os.environ[k] for k in ("SAFELORA_CACHE", "HF_HOME", "HF_HUB_CACHE") if k in os.environ}
+        request = {
+            "runs": [{"argv": r.argv, "out": str(r.out), "err": str(r.err), "kill_at": r.kill_at} for r in runs],
+            "env": {**caches, **(env or {})},
+        }
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        answer = self._answer(60)
+        return Outcome(answer["status"], answer["seconds"])
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def forkserver() -> Iterator[ForkServer]:
+    server = ForkServer()
+    yield server
+    server.close()
+
+
+def project(adapter: Path, pair: tuple[Path, Path], logs: Path, *extra: str) -> Run:
+    logs.mkdir(parents=True, exist_ok=True)
+    argv = ["project", "--adapter", str(adapter), "--base", str(pair[0]), "--aligned", str(pair[1])]
+    return Run([*argv, "--json", "--quiet", *extra], logs / "stdout", logs / "stderr")
+
+
+def temps(adapter: Path) -> list[Path]:
+    return sorted(adapter.glob(f"*{TMP_MARK}*"))
+
+
+# --- crash safety ------------------------------------------------------------------------------------------
+
+
+def test_sigkill_at_random_moments_leaves_the_original_or_the_result(
+    forkserver: ForkServer, llama_pair: tuple[Path, Path], llama_adapter: Path, tmp_path: Path
+) -> None:
+    original = (llama_adapter / ADAPTER_FILE).read_bytes()
+    adapters = [Path(shutil.copytree(llama_adapter, tmp_path / f"adapter{k}")) for k in range(PARALLEL)]
+    slow = {"SAFELORA_TEST_WRITE_DELAY": STEP_DELAY}
+
+    # Unkilled, in parallel as the killed rounds run: the result to expect and how long a run takes.
+    runs = [project(a, llama_pair, tmp_path / "logs" / a.name) for a in adapters]
+    calibration = forkserver.run(runs, slow)
+    assert calibration.status == [0] * PARALLEL, runs[0].err.read_text()
+    projected = (adapters[0] / ADAPTER_FILE).read_bytes()
+    assert projected != original
+    assert all((a / ADAPTER_FILE).read_bytes() == projected for a in adapters)
+    span = max(calibration.seconds)
+
+    rng = random.Random(20240607)
+    seen = {"original": 0, "projected": 0, "temp file left": 0}
+    started = time.monotonic()
+    for _ in range(KILLS // PARALLEL):
+        for a in adapters:
+            (a / ADAPTER_FILE).write_bytes(original)  # each round starts from the original; temps stay
+        for r in runs:
+            r.kill_at = rng.uniform(0, span)
+        forkserver.run(runs, slow)
+        for a in adapters:
+            now = (a / ADAPTER_FILE).read_bytes()
+            assert now in (original, projected), "the adapter is neither the original nor the projected result"
+            seen["original" if now == original else "projected"] += 1
+            left = temps(a)
+            # the next run removes a killed run's temp file before it writes its own: they never pile up
+            assert len(left) <= 1, left
+            seen["temp file left"] += len(left)
+    killed_for = time.monotonic() - started
+
+    # Every kill moment class happened: before the rename (original), after it, and mid-write.
+    assert all(seen.values()), seen
+    # One more run on each adapter cleans up after the last kills and completes the job.
+    for a, r in zip(adapters, runs, strict=True):
+        (a / ADAPTER_FILE).write_bytes(original)
+        r.kill_at = None
+    assert forkserver.run(runs).status == [0] * PARALLEL
+    for a in adapters:
+        assert (a / ADAPTER_FILE).read_bytes() == projected
+        assert temps(a) == []
+    print(f"\n{KILLS} SIGKILLs in {killed_for:.1f} s (one run: {span:.2f} s): {seen}")
+
+
+# --- concurrency -------------------------------------------------------------------------------------------
+
+
+def variants(llama_adapter: Path, root: Path, n: int) -> list[Path]:
+    """``n`` different adapters: the fixture's LoRA weights, each set perturbed by its own seed."""
+    out = []
+    for k in range(n):
+        adapter = Path(shutil.copytree(llama_adapter, root / f"adapter{k}"))
+        tensors = load_file(adapter / ADAPTER_FILE)
+        g = torch.Generator().manual_seed(k)
+        save_file(
+            {name: t + torch.randn(t.shape, generator=g) * 0.05 for name, t in tensors.items()},
+            adapter / ADAPTER_FILE,
+            metadata={"format": "pt"},
+        )
+        out.append(adapter)
+    return out
+
+
+def test_eight_processes_on_eight_adapters_match_a_sequential_run(
+    forkserver: ForkServer, llama_pair: tuple[Path, Path], llama_adapter: Path, tmp_path: Path
+) -> None:
+    sequential = variants(llama_adapter, tmp_path / "sequential", 8)
+    for k, adapter in enumerate(sequential):
+        assert forkserver.run([project(adapter, llama_pair, tmp_path / "logs" / f"s{k}")]).status == [0]
+    together = variants(llama_adapter, tmp_path / "together", 8)
+    runs = [project(adapter, llama_pair, tmp_path / "logs" / f"t{k}") for k, adapter in enumerate(together)]
+
+    outcome = forkserver.run(runs)
+
+    assert outcome.status == [0] * 8, [r.err.read_text() for r in runs]
+    assert all(r.report()["written"] for r in runs)
+    results = [(a / ADAPTER_FILE).read_bytes() for a in together]
+    assert results == [(a / ADAPTER_FILE).read_bytes() for a in sequential]
+    assert len(set(results)) == 8
+
+
+@pytest.mark.parametrize("second", [[], ["--num-layers", "3"]], ids=["same settings", "other settings"])
+def test_two_processes_on_one_adapter_one_wins_the_other_reports(
+    forkserver: ForkServer,
+    llama_pair: tuple[Path, Path],
+    llama_adapter: Path,
+    tmp_path: Path,
+    second: list[str],
+) -> None:
+    # What each settings alone would write, in two fresh copies.
+    expected = []
+    for k, extra in enumerate([[], second]):
+        alone = Path(shutil.copytree(llama_adapter, tmp_path / f"alone{k}"))
+        assert forkserver.run([project(alone, llama_pair, tmp_path / "logs" / f"alone{k}", *extra)]).status == [0]
+        expected.append((alone / ADAPTER_FILE).read_bytes())
+    adapter = Path(shutil.copytree(llama_adapter, tmp_path / "adapter"))
+    runs = [project(adapter, llama_pair, tmp_path / "logs" / f"run{k}", *extra) for k, extra in enumerate([[], second])]
+
+    # A slow write keeps the first run inside its rewrite while the second one starts.
+    outcome = forkserver.run(runs, {"SAFELORA_TEST_WRITE_DELAY": "0.02"})
+
+    winners = [k for k, r in enumerate(runs) if outcome.status[k] == 0 and r.report()["written"]]
+    assert len(winners) == 1, [r.err.read_text() for r in runs]
+    (winner,) = winners
+    loser = 1 - winner
+    assert (adapter / ADAPTER_FILE).read_bytes() == expected[winner]
+    if second:  # other settings: the loser refuses to project the projected adapter again
+        assert outcome.status[loser] == 1
+        assert "already projected by safelora" in runs[loser].err.read_text()
+    else:  # the same pair and settings: the loser finds the work done
+        assert outcome.status[loser] == 0
+        assert "nothing to do" in " ".join(runs[loser].report()["notes"])
+    assert temps(adapter) == []

@@ -1,0 +1,289 @@
+"""The CI workflow: `check` exit codes, `inspect`, YAML configs, presets, terminal manners."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import builders
+import pytest
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from safelora_cli import config
+from safelora_cli.cli import app
+
+runner = CliRunner()
+
+
+def run(*args: str | Path) -> tuple[int, str, str]:
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture
+def pair(llama_pair: tuple[Path, Path]) -> list[str]:
+    base, aligned = llama_pair
+    return ["--base", str(base), "--aligned", str(aligned)]
+
+
+@pytest.fixture
+def sanitized(adapter_dir: Path, pair: list[str]) -> Path:
+    code, _, err = run("project", "--adapter", adapter_dir, *pair, "--quiet")
+    assert code == 0, err
+    return adapter_dir
+
+
+# --- check -------------------------------------------------------------------------------------------
+
+
+def check(adapter: Path, *extra: str) -> tuple[int, dict[str, object]]:
+    code, out, _ = run("check", "--adapter", adapter, *extra, "--json")
+    return code, json.loads(out) if out.strip() else {}
+
+
+def test_check_passes_a_sanitized_adapter_with_or_without_the_pair(sanitized: Path, pair: list[str]) -> None:
+    assert check(sanitized)[0] == 0
+    code, doc = check(sanitized, *pair)
+    assert code == 0
+    assert doc["ok"] is True and doc["status"] == "sanitized"
+
+
+def test_check_fails_an_adapter_that_was_never_sanitized(adapter_dir: Path) -> None:
+    code, doc = check(adapter_dir)
+    assert code == 3
+    assert doc["status"] == "never_sanitized"
+
+
+def test_check_fails_an_adapter_sanitized_against_another_pair(sanitized: Path, llama_pair: tuple[Path, Path]) -> None:
+    aligned = llama_pair[1]
+    code, doc = check(sanitized, "--base", str(aligned), "--aligned", str(aligned))
+    assert code == 3
+    assert doc["status"] == "other_pair"
+
+
+def test_check_fails_an_adapter_modified_after_sanitizing(sanitized: Path) -> None:
+    path = sanitized / "adapter_model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    key = next(k for k in tensors if "lora_A" in k)
+    tensors[key][0, 0] += 1.0
+    save_file(tensors, path, metadata=metadata)
+    code, doc = check(sanitized)
+    assert code == 3
+    assert doc["status"] == "modified"
+
+
+def test_check_fails_when_provenance_has_no_digest(sanitized: Path) -> None:
+    path = sanitized / "adapter_model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        metadata = {k: v for k, v in f.metadata().items() if k != "safelora.digest"}
+    save_file(load_file(path), path, metadata=metadata)
+    assert check(sanitized)[0] == 3
+
+
+def test_check_errors_are_exit_1(tmp_path: Path) -> None:
+    code, _, err = run("check", "--adapter", tmp_path / "missing")
+    assert code == 1
+    assert "missing" in err and "Traceback" not in err
+
+
+def test_check_needs_both_or_neither_of_base_and_aligned(sanitized: Path, pair: list[str]) -> None:
+    code, _, _ = run("check", "--adapter", sanitized, *pair[:2])
+    assert code == 2
+
+
+# --- inspect -----------------------------------------------------------------------------------------
+
+
+def test_inspect_describes_the_adapter_and_its_provenance(sanitized: Path) -> None:
+    code, out, _ = run("inspect", sanitized, "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["modules"] == 8
+    assert doc["ranks"] == {"8": 8}
+    assert doc["dtypes"] == {"F32": 16}
+    assert sorted(doc["target_modules"]) == ["q_proj", "v_proj"]
+    assert doc["dora"] is False and doc["embeddings"] is False and doc["modules_to_save"] is False
+    assert doc["size_bytes"] == (sanitized / "adapter_model.safetensors").stat().st_size
+    assert doc["provenance"]["safelora.mode"] == "threshold"
+
+
+def test_inspect_of_a_fresh_adapter_has_no_provenance(adapter_dir: Path) -> None:
+    code, out, _ = run("inspect", adapter_dir, "--json")
+    assert code == 0
+    assert json.loads(out)["provenance"] == {}
+
+
+# --- configs and presets -----------------------------------------------------------------------------
+
+
+def project_json(*args: str | Path) -> dict[str, object]:
+    code, out, err = run("project", *args, "--dry-run", "--json", "--quiet")
+    assert code == 0, err
+    doc: dict[str, object] = json.loads(out)
+    return doc
+
+
+def write_yaml(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_config_file_carries_project_options(adapter_dir: Path, llama_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    base, aligned = llama_pair
+    cfg = write_yaml(tmp_path / "c.yaml", f"base: {base}\naligned: {aligned}\nnum-layers: 3\nprecision: float64\n")
+    doc = project_json("--adapter", adapter_dir, "--config", cfg)
+    assert doc["mode"] == "number" and doc["num_layers"] == 3
+    assert doc["projected_count"] == 3
+
+
+def test_command_line_flags_override_the_config(adapter_dir: Path, pair: list[str], tmp_path: Path) -> None:
+    cfg = write_yaml(tmp_path / "c.yaml", "num_layers: 3\n")
+    doc = project_json("--adapter", adapter_dir, *pair, "--config", cfg, "--threshold", "0.2")
+    assert doc["mode"] == "threshold" and doc["threshold"] == 0.2
+    cfg = write_yaml(tmp_path / "d.yaml", "threshold: 0.2\n")
+    doc = project_json("--adapter", adapter_dir, *pair, "--config", cfg, "--num-layers", "1")
+    assert doc["mode"] == "number" and doc["projected_count"] == 1
+
+
+def test_boolean_options_from_a_config_can_be_turned_off(adapter_dir: Path, pair: list[str], tmp_path: Path) -> None:
+    cfg = write_yaml(tmp_path / "c.yaml", "dry_run: true\n")
+    before = (adapter_dir / "adapter_model.safetensors").read_bytes()
+    code, _, err = run("project", "--adapter", adapter_dir, *pair, "--config", cfg, "--quiet")
+    assert code == 0, err
+    assert (adapter_dir / "adapter_model.safetensors").read_bytes() == before
+    code, _, err = run("project", "--adapter", adapter_dir, *pair, "--config", cfg, "--no-dry-run", "--quiet")
+    assert code == 0, err
+    assert (adapter_dir / "adapter_model.safetensors").read_bytes() != before
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("thresold: 0.3\n", "thresold"),
+        ("- a list\n", "mapping"),
+        ("threshold: [unclosed\n", "not valid YAML"),
+        ("threshold: 0.2\nnum_layers: 3\n", "not both"),
+    ],
+)
+def test_bad_configs_are_usage_errors_naming_the_problem(
+    adapter_dir: Path, pair: list[str], tmp_path: Path, text: str, needle: str
+) -> None:
+    cfg = write_yaml(tmp_path / "c.yaml", text)
+    code, _, err = run("project", "--adapter", adapter_dir, *pair, "--config", cfg)
+    assert code == 2
+    assert needle in err
+
+
+def test_every_shipped_preset_names_a_real_pair_and_a_documented_setting() -> None:
+    shipped = config.presets()
+    assert set(shipped) == {
+        "llama-2-7b",
+        "llama-2-13b",
+        "llama-3-8b",
+        "llama-3.1-8b",
+        "mistral-7b",
+        "qwen2.5-7b",
+        "gemma-2-9b",
+    }
+    assert shipped["llama-2-7b"].base == "meta-llama/Llama-2-7b-hf"
+    assert shipped["llama-2-7b"].aligned == "meta-llama/Llama-2-7b-chat-hf"
+    assert shipped["qwen2.5-7b"].aligned == "Qwen/Qwen2.5-7B-Instruct"
+    assert shipped["gemma-2-9b"].aligned == "google/gemma-2-9b-it"
+    known = {"base", "aligned", "threshold", "num_layers"}
+    for preset in shipped.values():
+        assert set(preset.options) <= known
+        assert ("threshold" in preset.options) != ("num_layers" in preset.options)
+
+
+def test_a_preset_is_found_from_its_aligned_model() -> None:
+    match = config.preset_for_aligned("meta-llama/Meta-Llama-3-8B-Instruct")
+    assert match is not None and match.base == "meta-llama/Meta-Llama-3-8B"
+    assert config.preset_for_aligned("someone/else") is None
+
+
+def test_a_config_beside_a_preset_wins(adapter_dir: Path, pair: list[str], tmp_path: Path) -> None:
+    cfg = write_yaml(tmp_path / "c.yaml", "num_layers: 2\n")
+    for order in (["--preset", "llama-2-7b", "--config", str(cfg)], ["--config", str(cfg), "--preset", "llama-2-7b"]):
+        doc = project_json("--adapter", adapter_dir, *pair, *order)
+        assert doc["mode"] == "number" and doc["projected_count"] == 2
+
+
+def test_unknown_preset_lists_the_choices(adapter_dir: Path) -> None:
+    code, _, err = run("project", "--adapter", adapter_dir, "--preset", "llama-9")
+    assert code == 2
+    assert "llama-2-7b" in err
+
+
+def test_base_is_required_when_no_preset_matches(adapter_dir: Path, llama_pair: tuple[Path, Path]) -> None:
+    code, _, err = run("project", "--adapter", adapter_dir, "--aligned", llama_pair[1])
+    assert code == 2
+    assert "--base" in err
+
+
+# --- terminal manners --------------------------------------------------------------------------------
+
+
+def cli(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "safelora_cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def test_output_to_a_pipe_has_no_escape_codes(adapter_dir: Path, pair: list[str]) -> None:
+    done = cli("project", "--adapter", adapter_dir, *pair, "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert "model.layers.0.self_attn.q_proj" in done.stdout
+    assert "\x1b[" not in done.stdout + done.stderr
+
+
+COLOR_CODE = re.compile(r"\x1b\[(?:[0-9]+;)*(?:3[0-9]|9[0-7])[;m]")
+
+
+def test_no_color_is_respected_even_on_a_forced_terminal(adapter_dir: Path, pair: list[str]) -> None:
+    args = ("project", "--adapter", adapter_dir, *pair, "--dry-run")
+    forced = cli(*args, env={"FORCE_COLOR": "1"})
+    assert COLOR_CODE.search(forced.stdout), "the check below would prove nothing"
+    done = cli(*args, env={"FORCE_COLOR": "1", "NO_COLOR": "1"})
+    assert done.returncode == 0, done.stderr
+    assert not COLOR_CODE.search(done.stdout + done.stderr)
+
+
+def test_quiet_prints_nothing_but_the_json(adapter_dir: Path, pair: list[str]) -> None:
+    done = cli("project", "--adapter", adapter_dir, *pair, "--dry-run", "--quiet", "--json")
+    assert done.returncode == 0
+    assert done.stderr == ""
+    assert json.loads(done.stdout)["layer_count"] == 8
+
+
+def test_version_and_completion_are_available() -> None:
+    assert cli("--version").stdout.startswith("safelora ")
+    assert "--install-completion" in cli("--help").stdout
+
+
+def test_the_demo_example_is_buildable_anywhere(tmp_path: Path) -> None:
+    done = cli("demo", "--keep", tmp_path / "demo")
+    assert done.returncode == 0, done.stderr
+    assert "modules projected" in done.stdout
+    shutil.rmtree(tmp_path / "demo")
+
+
+def test_inspect_sees_modules_to_save_as_peft_writes_them(llama_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    adapter = builders.make_adapter(llama_pair[1], tmp_path / "adapter", modules_to_save=["lm_head"])
+    code, out, _ = run("inspect", adapter, "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["modules_to_save"] is True
+    assert any("lm_head" in s["key"] for s in doc["skipped"])

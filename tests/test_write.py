@@ -1,0 +1,193 @@
+"""Rewriting the adapter: readers and failures see the old file or the new one, never a mix or a mess."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import Result
+
+from safelora_cli import adapter as adapter_module
+from safelora_cli.adapter import ADAPTER_FILE, TMP_MARK, clean_stale_temps
+from safelora_cli.errors import AdapterError
+from safelora_cli.pipeline import Report, Settings, project_adapter
+from safelora_cli.sources import open_local
+
+Pair = tuple[Path, Path]
+
+
+def project(pair: Pair, adapter: Path, **settings: Any) -> Report:
+    with closing(open_local(pair[0])) as base, closing(open_local(pair[1])) as aligned:
+        return project_adapter(adapter, base, aligned, Settings(**settings))
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file's name and bytes: temp files left behind show up as extra names."""
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def temp_name(pid: int | str) -> str:
+    return f".{ADAPTER_FILE}{TMP_MARK}{pid}-x1y2"
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited."""
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    return child.pid
+
+
+def _raise(error: BaseException) -> Callable[..., None]:
+    def fail(*args: object) -> None:
+        raise error
+
+    return fail
+
+
+@pytest.mark.parametrize("output", [False, True], ids=["in-place", "output"])
+def test_failed_rename_leaves_the_original_and_no_temp_file(
+    llama_pair: Pair, adapter_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, output: bool
+) -> None:
+    """The last step before the new file exists: a full disk there must change nothing."""
+    before = snapshot(adapter_dir)
+    out = tmp_path / "out" if output else None
+    monkeypatch.setattr(adapter_module.os, "replace", _raise(OSError(errno.ENOSPC, "No space left on device")))
+
+    with pytest.raises(AdapterError, match=r"No space left on device.*original file is unchanged"):
+        project(llama_pair, adapter_dir, output=out)
+
+    assert snapshot(adapter_dir) == before
+    if out is not None:
+        assert ADAPTER_FILE not in snapshot(out)
+        assert not [name for name in snapshot(out) if TMP_MARK in name]
+
+
+def test_interrupt_before_the_rename_leaves_the_original_and_no_temp_file(
+    llama_pair: Pair, adapter_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = snapshot(adapter_dir)
+    monkeypatch.setattr(adapter_module.os, "replace", _raise(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        project(llama_pair, adapter_dir)
+    assert snapshot(adapter_dir) == before
+
+
+def test_failure_after_the_rename_does_not_claim_the_original_survived(
+    llama_pair: Pair, adapter_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = (adapter_dir / ADAPTER_FILE).read_bytes()
+    monkeypatch.setattr(adapter_module.stfile, "fsync_dir", _raise(OSError(errno.EIO, "Input/output error")))
+    with pytest.raises(AdapterError) as info:
+        project(llama_pair, adapter_dir)
+    assert "written" in str(info.value) and "unchanged" not in str(info.value)
+    assert (adapter_dir / ADAPTER_FILE).read_bytes() != before
+
+
+def test_open_readers_keep_seeing_the_old_file(llama_pair: Pair, adapter_dir: Path) -> None:
+    """The rewrite replaces the directory entry; it never writes into the file a reader has open."""
+    before = (adapter_dir / ADAPTER_FILE).read_bytes()
+    with (adapter_dir / ADAPTER_FILE).open("rb") as reader:
+        project(llama_pair, adapter_dir)
+        assert reader.read() == before
+    assert (adapter_dir / ADAPTER_FILE).read_bytes() != before
+
+
+def test_in_place_rewrite_keeps_the_file_mode(llama_pair: Pair, adapter_dir: Path) -> None:
+    (adapter_dir / ADAPTER_FILE).chmod(0o640)
+    project(llama_pair, adapter_dir)
+    assert (adapter_dir / ADAPTER_FILE).stat().st_mode & 0o777 == 0o640
+
+
+@pytest.fixture(params=["chmod", "injected"])
+def read_only_adapter(request: pytest.FixtureRequest, adapter_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``adapter_dir`` where no new file can be created: a real read-only directory where
+    permissions apply, and an injected EACCES that also runs as root (root ignores them)."""
+    if request.param == "chmod":
+        if os.geteuid() == 0:
+            pytest.skip("root ignores directory permissions")
+        adapter_dir.chmod(0o555)
+        request.addfinalizer(lambda: adapter_dir.chmod(0o755))
+    else:
+        real_mkstemp = tempfile.mkstemp
+
+        def mkstemp(*args: Any, dir: str, **kwargs: Any) -> tuple[int, str]:
+            if Path(dir) == adapter_dir:
+                raise PermissionError(errno.EACCES, "Permission denied")
+            return real_mkstemp(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(adapter_module.tempfile, "mkstemp", mkstemp)
+    return adapter_dir
+
+
+def test_read_only_adapter_directory(
+    read_only_adapter: Path, llama_pair: Pair, cli: Callable[..., Result], tmp_path: Path
+) -> None:
+    """In place fails with one line that names the way out (--output), and that way works."""
+    before = snapshot(read_only_adapter)
+    args = ("project", "--base", llama_pair[0], "--aligned", llama_pair[1], "--adapter", read_only_adapter)
+
+    refused = cli(*args)
+    assert refused.exit_code == 1
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Permission denied" in lines[0] and "--output" in lines[0]
+    assert snapshot(read_only_adapter) == before
+
+    written = cli(*args, "--output", tmp_path / "safe")
+    assert written.exit_code == 0, written.stderr
+    assert (tmp_path / "safe" / ADAPTER_FILE).is_file()
+    assert snapshot(read_only_adapter) == before
+
+
+def test_clean_stale_temps_removes_only_files_of_dead_runs(tmp_path: Path) -> None:
+    """A temp file names the pid that wrote it: a live pid may be a concurrent run, so it stays."""
+    dead, live, unparsable = temp_name(dead_pid()), temp_name(os.getpid()), temp_name("x")
+    for name in (dead, live, unparsable, ADAPTER_FILE, "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+
+    removed = clean_stale_temps(tmp_path)
+
+    assert sorted(p.name for p in removed) == sorted([dead, unparsable])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live, ADAPTER_FILE, "notes.txt"])
+
+
+def test_an_in_place_run_cleans_up_after_killed_runs(llama_pair: Pair, adapter_dir: Path) -> None:
+    dead, live = temp_name(dead_pid()), temp_name(os.getpid())
+    for name in (dead, live):
+        (adapter_dir / name).write_bytes(b"partial")
+    project(llama_pair, adapter_dir)
+    assert not (adapter_dir / dead).exists()
+    assert (adapter_dir / live).exists()
+
+
+def test_output_must_not_be_the_adapter_itself(llama_pair: Pair, adapter_dir: Path) -> None:
+    before = snapshot(adapter_dir)
+    with pytest.raises(AdapterError, match="drop --output"):
+        project(llama_pair, adapter_dir, output=adapter_dir / ".." / adapter_dir.name)
+    assert snapshot(adapter_dir) == before
+
+
+def test_output_is_not_overwritten_without_force(llama_pair: Pair, adapter_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(AdapterError, match="not empty"):
+        project(llama_pair, adapter_dir, output=out)
+    assert snapshot(out) == {"keep.txt": b"mine"}
+
+    report = project(llama_pair, adapter_dir, output=out, force=True)
+    assert report.written and (out / ADAPTER_FILE).is_file()
+
+
+def test_output_that_is_a_file_is_refused(llama_pair: Pair, adapter_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "out").write_text("mine")
+    with pytest.raises(AdapterError, match="not a directory"):
+        project(llama_pair, adapter_dir, output=tmp_path / "out")
+    assert (tmp_path / "out").read_text() == "mine"
