@@ -246,6 +246,21 @@ def test_an_existing_local_directory_wins_and_hf_prefix_means_the_hub(
     assert same_tensors(tmp_path / "a", tmp_path / "b")
 
 
+def test_a_repo_id_in_adapter_config_is_the_aligned_default_and_check_accepts_hub_repos(
+    cli: Cli, hub: FakeHub, adapter_dir: Path, tmp_path: Path
+) -> None:
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "org/aligned"
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(config))
+    report = run(cli, adapter_dir, tmp_path / "out", "--base", "org/base")
+    assert report["aligned"]["source"] == "org/aligned"
+    assert report["aligned"]["revision"] == hub.sha("org/aligned", "main")
+
+    gate = ("check", "--adapter", tmp_path / "out", "--base", "org/base")
+    assert cli(*gate, "--aligned", "org/aligned").exit_code == 0
+    assert cli(*gate, "--aligned", "org/aligned@v2").exit_code == 3  # another commit: another pair
+
+
 def test_offline_without_caches_fails_naming_what_is_missing(
     cli: Cli, hub: FakeHub, llama_adapter: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -117,9 +117,11 @@ def render(report: Report, console: Console) -> None:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     if report.cache is not None:
         c = report.cache
-        console.print(f"[dim]projection cache {c.pair}: {c.served} served, {c.computed} computed[/dim]")
+        console.print(
+            f"[dim]projection cache {c.pair}: {c.served} served, {c.computed} computed[/dim]", highlight=False
+        )
     if report.bytes_downloaded:
-        console.print(f"[dim]downloaded {size(report.bytes_downloaded)}[/dim]")
+        console.print(f"[dim]downloaded {size(report.bytes_downloaded)}[/dim]", highlight=False)
     console.print(summary(report), highlight=False)
 
 
