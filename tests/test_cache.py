@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from typer.testing import Result
 
 from safelora_cli.adapter import ADAPTER_FILE
@@ -63,6 +63,38 @@ def test_a_rerun_reads_nothing_and_writes_the_same_bytes_as_an_uncached_run(
     headers = [read_header(e) for e in entries()]
     kinds = {(h.metadata["safelora.cache.kind"], h.tensors["operator"].shape) for h in headers}
     assert kinds == {("V", (64, 64)), ("C", (32, 32))}
+
+
+def test_large_modules_give_the_same_file_cached_or_not(cli: Cli, tmp_path: Path) -> None:
+    """At 1024 and up MKL splits products across threads, so results depend on the thread count:
+    a cached module must be applied exactly like a computed one for the bytes to match."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"q_proj": (1024, 1024), "k_proj": (256, 1024)}  # V kept, and C kept (out < in)
+    base, aligned, lora = {}, {}, {}
+    for proj, (out, inp) in shapes.items():
+        key = f"model.layers.0.self_attn.{proj}"
+        w = torch.randn(out, inp, generator=g) * 0.02
+        base[f"{key}.weight"] = w.half()
+        update = torch.randn(out, 8, generator=g) @ torch.randn(8, inp, generator=g) * 1e-2
+        aligned[f"{key}.weight"] = (w + update).half()
+        lora[f"base_model.model.{key}.lora_A.weight"] = torch.randn(16, inp, generator=g) * 0.01
+        lora[f"base_model.model.{key}.lora_B.weight"] = torch.randn(out, 16, generator=g) * 0.01
+    for name, state in (("base", base), ("aligned", aligned), ("adapter", lora)):
+        (tmp_path / name).mkdir()
+        file = "adapter_model.safetensors" if name == "adapter" else "model.safetensors"
+        save_file(state, tmp_path / name / file, metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": list(shapes)}
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+
+    pair = (tmp_path / "base", tmp_path / "aligned")
+    reports = [
+        run(cli, tmp_path / "adapter", tmp_path / out, *pair, *extra)
+        for out, extra in (("cold", ()), ("warm", ()), ("uncached", ("--no-cache",)))
+    ]
+    assert [r["cache"] and r["cache"]["served"] for r in reports] == [0, 2, None]
+    cold = (tmp_path / "cold" / ADAPTER_FILE).read_bytes()
+    assert (tmp_path / "warm" / ADAPTER_FILE).read_bytes() == cold
+    assert (tmp_path / "uncached" / ADAPTER_FILE).read_bytes() == cold
 
 
 def test_an_edited_checkpoint_is_never_served_stale(

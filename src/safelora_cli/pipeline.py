@@ -7,7 +7,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -176,11 +176,6 @@ def _prefetch(jobs: list[_Job], base: Source, aligned: Source) -> Iterator[tuple
         queue.Queue()
     )
     stop = threading.Event()
-    # Leave the reader a core: OpenMP workers wait for one another at the end of every op, so one
-    # preempted by the reader stalls the whole op. On 2 cores, 2 compute threads plus the reader
-    # ran the Llama-2-7B benchmark 4–15× slower than 1 compute thread plus the reader.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads - 1))
 
     def produce() -> None:
         try:
@@ -206,6 +201,22 @@ def _prefetch(jobs: list[_Job], base: Source, aligned: Source) -> Iterator[tuple
         stop.set()
         free.put((bytearray(), bytearray()))  # wakes a producer waiting for a slot
         thread.join()
+
+
+@contextmanager
+def _leave_a_core() -> Iterator[None]:
+    """Compute on one thread fewer while the reader threads (weights, cache entries) work.
+
+    OpenMP workers wait for one another at the end of every op, so one preempted by a reader stalls
+    the whole op: on 2 cores, 2 compute threads plus the reader ran the Llama-2-7B benchmark 4–15×
+    slower than 1 compute thread plus the reader. Held for every module, cached or computed: MKL's
+    results depend on the thread count, and both must be applied alike to give identical bytes.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - 1))
+    try:
+        yield
+    finally:
         torch.set_num_threads(threads)
 
 
@@ -401,15 +412,16 @@ def _project(
 
     projector = Projector(torch.float64 if settings.precision == "float64" else torch.float32, device)
     found: dict[str, tuple[ModuleMath, bool]] = {}
-    for m, op, cached in _operators(adapter, base, aligned, projector, cache, notes, on_cache_wait):
-        math_ = projector.apply(op, adapter.tensor(m.a_key), adapter.tensor(m.b_key), (m.a_key, m.b_key))
-        found[m.module] = (math_, cached)
-        served, computed = served + cached, computed + (not cached)
-        if on_module is not None:
-            on_module(
-                LayerResult(m.module, m.layer, math_.similarity, False, math_.reason, math_.norm_ratio, cached),
-                len(adapter.modules),
-            )
+    with _leave_a_core():
+        for m, op, cached in _operators(adapter, base, aligned, projector, cache, notes, on_cache_wait):
+            math_ = projector.apply(op, adapter.tensor(m.a_key), adapter.tensor(m.b_key), (m.a_key, m.b_key))
+            found[m.module] = (math_, cached)
+            served, computed = served + cached, computed + (not cached)
+            if on_module is not None:
+                on_module(
+                    LayerResult(m.module, m.layer, math_.similarity, False, math_.reason, math_.norm_ratio, cached),
+                    len(adapter.modules),
+                )
 
     modules = adapter.modules
     results = [found[m.module][0] for m in modules]
