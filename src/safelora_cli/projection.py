@@ -31,68 +31,61 @@ class ModuleMath:
     reason: str | None  # why the module cannot be projected, when it cannot
 
 
-# Rows of V per block: a block in the compute dtype stays in L2 (about 1 MiB a core here) while it
-# is built from the fp16/bf16 weights and used, instead of streaming all of V through memory for
-# each of the build, the norm and Vᵀ·B.
-_BLOCK_BYTES = 1 << 20
+# Bytes of a block of V per compute thread: each thread's share stays in its L2 (about 1 MiB a core
+# here) while the block is built from the fp16/bf16 weights and used, instead of streaming all of V
+# through memory for each of the build, the norm and Vᵀ·B. Larger shares spill to L3 (~15% slower
+# on one thread); smaller ones only add ops, each ending in a wait for every thread.
+_BLOCK_BYTES_PER_THREAD = 1 << 20
 
 
 class Projector:
-    """Computes ``ModuleMath`` for module after module, reusing its workspaces.
+    """Computes ``ModuleMath`` for module after module, reusing one workspace for V.
 
-    Fresh multi-megabyte allocations cost more than the arithmetic here (page faults), so V and
-    the block buffer grow to the largest module and are then reused.
+    Fresh multi-megabyte allocations cost more than the arithmetic here (page faults), so V is
+    built in a buffer that grows to the largest module and is then reused.
     """
 
     def __init__(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         self.dtype = dtype
         self.device = torch.device(device)
         self._workspace = torch.empty(0, dtype=dtype, device=self.device)
-        self._block = torch.empty(0, dtype=dtype, device=self.device)
-
-    def _buffer(self, name: str, shape: tuple[int, int]) -> torch.Tensor:
-        buf: torch.Tensor = getattr(self, name)
-        n = shape[0] * shape[1]
-        if buf.numel() < n:
-            buf = torch.empty(n, dtype=self.dtype, device=self.device)
-            setattr(self, name, buf)
-        return buf[:n].view(shape)
 
     def _project(
         self, w_base: torch.Tensor, w_aligned: torch.Tensor, b: torch.Tensor, transpose: bool
     ) -> tuple[float, torch.Tensor]:
         """‖V‖²_F and V·Vᵀ·B in one pass over row blocks of the stored weights S.
 
-        Each block S_k = (W_aligned − W_base)[rows] is built in the compute dtype (exact for
-        fp16/bf16 weights), then used while it is in cache: its squared norm is added up in
-        Python floats (a float32 norm over all 16M entries of a 4096² V is off by ~1e-3;
-        per-block dots by ~1e-6), and
+        Each block S_k = (W_aligned − W_base)[rows] is built in the compute dtype, then used while
+        it is in cache: its squared norm is added up in Python floats (a float32 norm over all 16M
+        entries of a 4096² V is off by ~1e-3; per-block dots by a few 1e-6), and
         - V = S (out×in): Vᵀ·B = Σ S_kᵀ·B_k is accumulated, and V·(Vᵀ·B) is one matmul over the
           V kept in the workspace;
         - V = Sᵀ (Conv1D): V·Vᵀ·B = Sᵀ·(S·B) = Σ S_kᵀ·(S_k·B) is accumulated directly.
         """
         rows, cols = w_base.shape
-        # One block on accelerators: there the loop would only add launches and syncs.
-        step = rows if self.device.type != "cpu" else max(1, _BLOCK_BYTES // (cols * self.dtype.itemsize))
-        v = self._buffer("_workspace", (rows, cols))
-        tmp = self._buffer("_block", (min(step, rows), cols))
+        if self.device.type == "cpu":
+            block_bytes = _BLOCK_BYTES_PER_THREAD * torch.get_num_threads()
+            step = max(1, block_bytes // (cols * self.dtype.itemsize))
+        else:
+            step = rows  # one block: on accelerators the loop would only add launches and syncs
+        n = rows * cols
+        if self._workspace.numel() < n:
+            self._workspace = torch.empty(n, dtype=self.dtype, device=self.device)
+        v = self._workspace[:n].view(rows, cols)
         out = torch.zeros((cols, b.shape[1]) if transpose else (b.shape[1], cols), dtype=self.dtype, device=self.device)
         norm2 = 0.0
         for r0 in range(0, rows, step):
-            r1 = min(r0 + step, rows)
-            s = v[r0:r1]
-            # copy_ converts to the compute dtype; subtracting two compute-dtype buffers is ~3×
-            # faster than an in-place op with a half-precision operand.
-            s.copy_(w_aligned[r0:r1])
-            base = tmp[: r1 - r0]
-            base.copy_(w_base[r0:r1])
-            s.sub_(base)
+            s = v[r0 : r0 + step]
+            # In-place ops with a lower-precision operand promote to the workspace's dtype: V is
+            # exact for fp16/bf16 weights, no fp16 subtraction ever happens.
+            s.copy_(w_aligned[r0 : r0 + step])
+            s.sub_(w_base[r0 : r0 + step].to(self.device))
             flat = s.view(-1)
             norm2 += float(torch.dot(flat, flat))
             if transpose:
                 out.addmm_(s.T, s @ b)
             else:
-                out.addmm_(b[r0:r1].T, s)
+                out.addmm_(b[r0 : r0 + step].T, s)
         if transpose:
             return norm2, out
         return norm2, v @ out.T
