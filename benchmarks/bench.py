@@ -129,8 +129,8 @@ class Module:
 
 def synth_module(layer: int, proj: str) -> Module:
     """W_base random like a trained weight; W_aligned = W_base + a rank-8 update with a decaying
-    spectrum + noise. B lies mostly in the update's column space for odd layers (similarity high:
-    kept) and is random for even ones (low: projected), so both decisions occur.
+    spectrum + noise. B is random for even layers (similarity low: projected) and lies mostly in
+    the update's column space for odd ones (higher: a few are kept), so both decisions occur.
     """
     g = torch.Generator().manual_seed(1000 * layer + TARGETS.index(proj))
     base = (torch.randn(HIDDEN, HIDDEN, generator=g) * 0.02).half()
@@ -400,16 +400,23 @@ def compute(pair: Pair, n_modules: int, n_dense: int, repeats: int) -> dict[str,
                 )
             )
 
+    # Ours at the thread count the dense algorithm gets (all), and at the one the pipeline computes
+    # with while its prefetch thread reads (one fewer).
+    threads = torch.get_num_threads()
     projector = Projector()
-    projector.compute(modules[0].base, modules[0].aligned, modules[0].lora_a, modules[0].lora_b)  # sizes buffers
-    ours_times: list[float] = []
+    ours_times: dict[int, list[float]] = {}
     ours: list[ModuleMath] = []
-    for _ in range(repeats):
-        ours.clear()
-        for m in modules:
-            t, out = timed(projector.compute, m.base, m.aligned, m.lora_a, m.lora_b)
-            ours_times.append(t)
-            ours.append(out)
+    for n in sorted({threads, max(1, threads - 1)}, reverse=True):
+        torch.set_num_threads(n)
+        projector.compute(modules[0].base, modules[0].aligned, modules[0].lora_a, modules[0].lora_b)  # warm-up
+        ours_times[n] = []
+        for _ in range(repeats):
+            ours.clear()
+            for m in modules:
+                t, out = timed(projector.compute, m.base, m.aligned, m.lora_a, m.lora_b)
+                ours_times[n].append(t)
+                ours.append(out)
+    torch.set_num_threads(threads)
     dense_times: list[float] = []
     dense_out: list[tuple[float, torch.Tensor]] = []
     for m in modules[:n_dense]:
@@ -428,23 +435,24 @@ def compute(pair: Pair, n_modules: int, n_dense: int, repeats: int) -> dict[str,
         if i < n_dense:
             dense_sim_err = max(dense_sim_err, abs(dense_out[i][0] - ref_sim))
             same_decisions &= (round(dense_out[i][0], 5) <= 0.5) == (round(got.similarity, 5) <= 0.5)
-    ours_ms = statistics.median(ours_times) * 1e3
+    ours_ms = {n: statistics.median(ts) * 1e3 for n, ts in ours_times.items()}
     dense_ms = statistics.median(dense_times) * 1e3
     return {
         "modules": n_modules,
         "dense_modules": n_dense,
         "shape": [HIDDEN, HIDDEN],
         "rank": RANK,
-        "ours_ms": ours_ms,
-        "ours_ms_all": [t * 1e3 for t in ours_times],
+        "threads": threads,
+        "ours_ms": ours_ms[threads],
+        "ours_ms_by_threads": ours_ms,
+        "ours_ms_all": {n: [t * 1e3 for t in ts] for n, ts in ours_times.items()},
         "dense_ms": dense_ms,
         "dense_ms_all": [t * 1e3 for t in dense_times],
-        "speedup": dense_ms / ours_ms,
+        "speedup": dense_ms / ours_ms[threads],
         "ours_max_abs_sim_err": sim_err,
         "ours_max_rel_b_err": b_err,
         "dense_max_abs_sim_err": dense_sim_err,
         "same_decisions_at_0.5": same_decisions,
-        "threads": torch.get_num_threads(),
     }
 
 
@@ -520,11 +528,13 @@ def main() -> None:
     rss = max(r["peak_rss_bytes"] for r in e2e.values())
     print(f"peak RSS ≤ {gib(TARGET_RSS)}: {verdict(rss <= TARGET_RSS)}\n")
     print(
-        f"compute per {HIDDEN}×{HIDDEN} module (r={RANK}, {comp['threads']} threads, I/O excluded): "
-        f"ours {comp['ours_ms']:.1f} ms (median of {len(comp['ours_ms_all'])}), "
-        f"dense {comp['dense_ms']:.0f} ms (median of {len(comp['dense_ms_all'])}), "
-        f"speedup {comp['speedup']:.0f}×  ≥ {TARGET_SPEEDUP:.0f}×: {verdict(comp['speedup'] >= TARGET_SPEEDUP)}"
+        f"compute per {HIDDEN}×{HIDDEN} fp16 module, r={RANK}, I/O excluded, medians: "
+        f"dense {comp['dense_ms']:.0f} ms, ours {comp['ours_ms']:.1f} ms ({comp['threads']} threads each)"
     )
+    for n, ms in comp["ours_ms_by_threads"].items():
+        if n != comp["threads"]:
+            print(f"  ours on {n} thread(s), as the pipeline computes beside its reader: {ms:.1f} ms")
+    print(f"  speedup {comp['speedup']:.0f}×   ≥ {TARGET_SPEEDUP:.0f}×: {verdict(comp['speedup'] >= TARGET_SPEEDUP)}")
     print(
         f"vs float64 reference: ours |Δsim| ≤ {comp['ours_max_abs_sim_err']:.1e}, "
         f"‖ΔB‖/‖B‖ ≤ {comp['ours_max_rel_b_err']:.1e}; dense |Δsim| ≤ {comp['dense_max_abs_sim_err']:.1e}; "

@@ -33,10 +33,11 @@ class ModuleMath:
     reason: str | None  # why the module cannot be projected, when it cannot
 
 
-# Rows of V per block: a block in the compute dtype stays in L2 (about 1 MiB a core here) while it
-# is built from the fp16/bf16 weights and its squared norm is taken, instead of streaming all of V
-# through memory for each of the build and the norm.
-_BLOCK_BYTES = 1 << 20
+# Bytes of a block of V per compute thread: each thread's share stays in its L2 (about 1 MiB a core
+# here) while the block is built from the fp16/bf16 weights and its squared norm is taken, instead
+# of streaming all of V through memory for each. Larger shares spill to L3 (~15% slower on one
+# thread); smaller ones only add ops, each ending in a wait for every thread.
+_BLOCK_BYTES_PER_THREAD = 1 << 20
 
 OperatorKind = Literal["C", "V", "zero"]
 
@@ -64,16 +65,15 @@ def operator_kind(out_features: int, in_features: int) -> OperatorKind:
 class Projector:
     """Computes ``ModuleMath`` for module after module, reusing its workspaces.
 
-    Fresh multi-megabyte allocations cost more than the arithmetic here (page faults), so V, C and
-    the block buffer grow to the largest module and are then reused. An operator's matrix lives in
-    those buffers: it is valid until the next ``operator`` or ``load`` call.
+    Fresh multi-megabyte allocations cost more than the arithmetic here (page faults), so V and C
+    are built in buffers that grow to the largest module and are then reused. An operator's matrix
+    lives in those buffers: it is valid until the next ``operator`` or ``load`` call.
     """
 
     def __init__(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         self.dtype = dtype
         self.device = torch.device(device)
         self._workspace = torch.empty(0, dtype=dtype, device=self.device)
-        self._block = torch.empty(0, dtype=dtype, device=self.device)
         self._transposed = torch.empty(0, dtype=dtype, device=self.device)
         self._c = torch.empty(0, dtype=dtype, device=self.device)
 
@@ -88,25 +88,24 @@ class Projector:
     def _v(self, w_base: torch.Tensor, w_aligned: torch.Tensor) -> tuple[torch.Tensor, float]:
         """V = W_aligned − W_base as stored, and ‖V‖²_F, in one pass over row blocks.
 
-        Each block is built in the compute dtype (exact for fp16/bf16 weights) and its squared norm
-        added up in Python floats while it is in cache (a float32 norm over all 16M entries of a
-        4096² V is off by ~1e-3; per-block dots by ~1e-6).
+        Each block is built in the compute dtype and its squared norm added up in Python floats
+        while it is in cache (a float32 norm over all 16M entries of a 4096² V is off by ~1e-3;
+        per-block dots by a few 1e-6).
         """
         rows, cols = w_base.shape
-        # One block on accelerators: there the loop would only add launches and syncs.
-        step = rows if self.device.type != "cpu" else max(1, _BLOCK_BYTES // (cols * self.dtype.itemsize))
+        if self.device.type == "cpu":
+            block_bytes = _BLOCK_BYTES_PER_THREAD * torch.get_num_threads()
+            step = max(1, block_bytes // (cols * self.dtype.itemsize))
+        else:
+            step = rows  # one block: on accelerators the loop would only add launches and syncs
         v = self._buffer("_workspace", (rows, cols))
-        tmp = self._buffer("_block", (min(step, rows), cols))
         norm2 = 0.0
         for r0 in range(0, rows, step):
-            r1 = min(r0 + step, rows)
-            s = v[r0:r1]
-            # copy_ converts to the compute dtype; subtracting two compute-dtype buffers is ~3×
-            # faster than an in-place op with a half-precision operand.
-            s.copy_(w_aligned[r0:r1])
-            base = tmp[: r1 - r0]
-            base.copy_(w_base[r0:r1])
-            s.sub_(base)
+            s = v[r0 : r0 + step]
+            # In-place ops with a lower-precision operand promote to the workspace's dtype: V is
+            # exact for fp16/bf16 weights, no fp16 subtraction ever happens.
+            s.copy_(w_aligned[r0 : r0 + step])
+            s.sub_(w_base[r0 : r0 + step].to(self.device))
             flat = s.view(-1)
             norm2 += float(torch.dot(flat, flat))
         return v, norm2
