@@ -30,9 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from fakehub import FakeHub  # noqa: E402 - lives in tests/, shared with the test suite
-
-from safelora_cli.stfile import read_header  # noqa: E402
+from fakehub import FakeHub, targeted  # noqa: E402 - lives in tests/, shared with the test suite
 
 DEFAULT_DATA = ROOT / "bench-data" / "llama2-7b-synth-32l"
 TARGET_TRANSFER, TARGET_RERUN = 1.05, 0.5
@@ -47,17 +45,6 @@ def run(argv: list[str], env: dict[str, str]) -> tuple[float, dict[str, Any]]:
         sys.exit(f"bench_hub: safelora failed ({proc.returncode}):\n{proc.stderr.decode(errors='replace')[-2000:]}")
     report: dict[str, Any] = json.loads(proc.stdout)
     return wall, report
-
-
-def targeted(model_dir: Path, modules: list[str]) -> tuple[int, int]:
-    """(bytes of the modules' weights, bytes of the headers of the shards holding them)."""
-    weight_map = json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"]
-    data, shards = 0, set()
-    for m in modules:
-        shard = model_dir / weight_map[f"{m}.weight"]
-        data += read_header(shard).tensors[f"{m}.weight"].nbytes
-        shards.add(shard)
-    return data, sum(read_header(s).data_start for s in shards)
 
 
 def gb(n: float) -> str:

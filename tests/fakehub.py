@@ -22,9 +22,23 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from safelora_cli.stfile import read_header
+
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 _CHUNK = 1 << 20
 _HASHED_UP_TO = 100 << 20  # files above this get a stat-based ETag instead of hashing gigabytes
+
+
+def targeted(model_dir: Path, modules: list[str]) -> tuple[int, int]:
+    """What a run on ``modules`` must fetch from a sharded checkpoint at least: (bytes of the modules'
+    weights, bytes of the headers of the shards that hold them)."""
+    weight_map = json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    data, shards = 0, set()
+    for m in modules:
+        shard = model_dir / weight_map[f"{m}.weight"]
+        data += read_header(shard).tensors[f"{m}.weight"].nbytes
+        shards.add(shard)
+    return data, sum(read_header(s).data_start for s in shards)
 
 
 class NotFound(Exception):

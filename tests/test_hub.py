@@ -20,7 +20,7 @@ from typing import Any
 import builders
 import pytest
 import torch
-from fakehub import FakeHub
+from fakehub import FakeHub, targeted
 from huggingface_hub import snapshot_download
 from safetensors.torch import load_file
 from typer.testing import Result
@@ -102,17 +102,6 @@ def modules(report: dict[str, Any]) -> list[str]:
 def without_cached(report: dict[str, Any]) -> list[dict[str, Any]]:
     """The report's layers minus whether the cache served them."""
     return [{k: v for k, v in layer.items() if k != "cached"} for layer in report["layers"]]
-
-
-def targeted(model_dir: Path, module_names: list[str]) -> tuple[int, int]:
-    """(bytes of the modules' weights, bytes of the headers of the shards that hold them)."""
-    weight_map = json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"]
-    data, shards = 0, set()
-    for m in module_names:
-        shard = model_dir / weight_map[f"{m}.weight"]
-        data += read_header(shard).tensors[f"{m}.weight"].nbytes
-        shards.add(shard)
-    return data, sum(read_header(s).data_start for s in shards)
 
 
 def one_line_error(r: Result) -> str:

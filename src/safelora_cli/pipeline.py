@@ -220,26 +220,30 @@ def _leave_a_core() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _from_cache(
+def _cached(
     cache: PairCache,
     adapter: Adapter,
     modules: list[LoraModule],
     base: Source,
     projector: Projector,
     notes: list[str],
-) -> Iterator[tuple[LoraModule, Operator | None]]:
-    """Each module's cached operator, or None when absent or corrupt (corrupt ones are noted)."""
+    misses: list[LoraModule],
+) -> Iterator[tuple[LoraModule, Operator, bool]]:
+    """The modules the cache has, with their operators; the others are appended to ``misses``.
+
+    A corrupt entry is a miss, and noted.
+    """
     transpose = adapter.config.fan_in_fan_out
     for m, (_, stored) in zip(modules, cache.load_all([m.module for m in modules], transpose), strict=True):
         if isinstance(stored, CorruptEntry):
             notes.append(f"projection cache: the entry for {m.module} was corrupt ({stored}); recomputed")
-            yield m, None
+            misses.append(m)
         elif stored is None:
-            yield m, None
+            misses.append(m)
         else:
             out, inp = stored.out_features, stored.in_features
             _check_weight_shape(adapter, m, base.label, (inp, out) if transpose else (out, inp))
-            yield m, projector.load(stored.kind, stored.data, stored.norm, out, inp)
+            yield m, projector.load(stored.kind, stored.data, stored.norm, out, inp), True
 
 
 def _operators(
@@ -260,21 +264,13 @@ def _operators(
     todo = list(adapter.modules)
     if cache is not None:
         todo = []
-        for m, op in _from_cache(cache, adapter, adapter.modules, base, projector, notes):
-            if op is None:
-                todo.append(m)
-            else:
-                yield m, op, True
+        yield from _cached(cache, adapter, adapter.modules, base, projector, notes, todo)
         if not todo:
             return
     with cache.locked(on_cache_wait) if cache is not None else nullcontext():
         if cache is not None:
             missing, todo = todo, []
-            for m, op in _from_cache(cache, adapter, missing, base, projector, []):
-                if op is None:
-                    todo.append(m)
-                else:
-                    yield m, op, True
+            yield from _cached(cache, adapter, missing, base, projector, [], todo)
             if not todo:
                 return
         transpose = adapter.config.fan_in_fan_out
