@@ -135,16 +135,13 @@ class Transfer(Protocol):
 
 
 class QuietTransfer:
-    """A ``Transfer`` that shows nothing and keeps the warnings."""
-
-    def __init__(self) -> None:
-        self.warnings: list[str] = []
+    """A ``Transfer`` that shows nothing: for uses that download no weights (``safelora check``)."""
 
     def task(self, label: str, total: int) -> Callable[[int], None]:
         return lambda n: None
 
     def warn(self, message: str) -> None:
-        self.warnings.append(message)
+        pass
 
 
 def open_source(
