@@ -3,8 +3,9 @@
 Measures, in one run:
 - end to end: wall time and peak RSS of `safelora project --dry-run --json` in a subprocess, against
   an I/O floor (a subprocess that only reads the same targeted tensors with the `safetensors`
-  library), both with a cold page cache (the shards evicted with posix_fadvise before each run) and
-  a warm one (the targeted tensors read once first), runs alternating between the two programs;
+  library: safe_open + get_tensor, touching every page), both with a cold page cache (the shards
+  evicted with posix_fadvise before each run) and a warm one (the targeted tensors read once
+  first), runs alternating between the two programs;
 - per module: `Projector.compute` against the official dense algorithm (C = V·Vᵀ/‖V‖_F
   materialised, float32) on the same in-memory fp16 tensors, I/O excluded, plus both results'
   distance from a float64 reference.
@@ -48,14 +49,19 @@ BUILD_VERSION = 1  # bump when the synthetic data changes, so old builds are reb
 TARGET_RATIO, TARGET_RSS, TARGET_SPEEDUP = 1.5, 1.5 * 2**30, 50.0
 
 # The floor: what reading the targeted tensors costs with the reference library and nothing else.
+# get_tensor returns a view of a memory-mapped file and reads nothing until the bytes are used, so
+# the floor touches one byte of every 4 KiB page: each byte is then read from storage once, and
+# never copied.
 FLOOR = """
 import json, sys
+import torch
 from safetensors import safe_open
 handles, n = {}, 0
 for path, name in json.loads(sys.argv[1]):
     if path not in handles:
         handles[path] = safe_open(path, framework="pt")
     t = handles[path].get_tensor(name)
+    t.view(-1).view(dtype=torch.uint8)[::4096].sum()
     n += t.numel() * t.element_size()
 print(n)
 """
