@@ -43,6 +43,7 @@ from .sources import (
     Source,
     TorchBinSource,
     open_local,
+    open_shard,
     parse_index,
 )
 
@@ -353,7 +354,7 @@ class _LocalShard:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.header = stfile.read_header(path)
-        self._file = path.open("rb")
+        self._file = open_shard(path)
 
     def read(self, entry: stfile.TensorEntry, buf: bytearray | None, progress: Callable[[int], None]) -> torch.Tensor:
         """Read from disk; ``progress`` counts downloads only, so it is not advanced."""
