@@ -1,11 +1,11 @@
 """Benchmark `safelora project` on a synthetic Llama-2-7B-shaped pair (run with `make bench`).
 
 Measures, in one run:
-- end to end: wall time and peak RSS of `safelora project --dry-run --json` in a subprocess, against
-  an I/O floor (a subprocess that only reads the same targeted tensors with the `safetensors`
-  library: safe_open + get_tensor, touching every page), both with a cold page cache (the shards
-  evicted with posix_fadvise before each run) and a warm one (the targeted tensors read once
-  first), runs alternating between the two programs;
+- end to end: wall time and peak RSS of `safelora project --dry-run --json --no-cache` in a
+  subprocess, against an I/O floor (a subprocess that only reads the same targeted tensors with the
+  `safetensors` library: safe_open + get_tensor, touching every page), both with a cold page cache
+  (the shards evicted with posix_fadvise before each run) and a warm one (the targeted tensors read
+  once first), runs alternating between the two programs;
 - per module: `Projector.compute` against the official dense algorithm (C = V·Vᵀ/‖V‖_F
   materialised, float32) on the same in-memory fp16 tensors, I/O excluded, plus both results'
   distance from a float64 reference.
@@ -325,6 +325,7 @@ def end_to_end(pair: Pair, repeats: int) -> dict[str, Any]:
         "--json",
         "--device",
         "cpu",
+        "--no-cache",  # the streamed computation is what is measured, not the projection cache
     ]
     floor_argv = [sys.executable, "-c", FLOOR, json.dumps(targeted_reads(pair))]
     results: dict[str, Any] = {}
