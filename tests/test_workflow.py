@@ -287,3 +287,71 @@ def test_inspect_sees_modules_to_save_as_peft_writes_them(llama_pair: tuple[Path
     doc = json.loads(out)
     assert doc["modules_to_save"] is True
     assert any("lm_head" in s["key"] for s in doc["skipped"])
+
+
+# --- batches -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def three_adapters(llama_adapter: Path, tmp_path: Path) -> list[Path]:
+    return [Path(shutil.copytree(llama_adapter, tmp_path / "batch" / f"a{i}")) for i in range(3)]
+
+
+def test_a_batch_reads_each_weight_once_for_all_adapters(
+    three_adapters: list[Path], adapter_dir: Path, pair: list[str]
+) -> None:
+    code, out, err = run("project", "--adapter", adapter_dir, *pair, "--dry-run", "--json", "--no-cache")
+    assert code == 0, err
+    single = json.loads(out)
+    args = [a for path in three_adapters for a in ("--adapter", str(path))]
+    code, out, err = run("project", *args, *pair, "--dry-run", "--json", "--no-cache")
+    assert code == 0, err
+    reports = json.loads(out)
+    assert [r["adapter"] for r in reports] == [str(p) for p in three_adapters]
+    assert all(r["layers"] == single["layers"] for r in reports)
+    # Three adapters on the same modules: the checkpoints were read once, not three times.
+    assert reports[-1]["bytes_read"] == single["bytes_read"] > 0
+
+
+def test_a_batch_writes_what_single_runs_write(three_adapters: list[Path], adapter_dir: Path, pair: list[str]) -> None:
+    code, _, err = run("project", "--adapter", adapter_dir, *pair, "--quiet", "--no-cache")
+    assert code == 0, err
+    code, _, err = run("project", "--adapter", str(three_adapters[0].parent / "a*"), *pair, "--quiet", "--no-cache")
+    assert code == 0, err
+    expected = (adapter_dir / "adapter_model.safetensors").read_bytes()
+    for path in three_adapters:
+        assert (path / "adapter_model.safetensors").read_bytes() == expected
+
+
+def test_one_broken_adapter_does_not_stop_the_others(three_adapters: list[Path], pair: list[str]) -> None:
+    broken = three_adapters[1]
+    (broken / "adapter_config.json").write_text("{not json")
+    before = (broken / "adapter_model.safetensors").read_bytes()
+    args = [a for path in three_adapters for a in ("--adapter", str(path))]
+    code, out, err = run("project", *args, *pair, "--json", "--quiet")
+    assert code == 1
+    reports = json.loads(out)
+    assert "error" in reports[1] and "adapter_config.json" in reports[1]["error"]
+    assert reports[0]["written"] and reports[2]["written"]
+    assert err.count("error:") == 1 and "Traceback" not in err
+    assert (broken / "adapter_model.safetensors").read_bytes() == before
+    assert check(three_adapters[0])[0] == 0 and check(three_adapters[2])[0] == 0
+
+
+def test_an_adapter_of_another_model_fails_alone(three_adapters: list[Path], pair: list[str], tmp_path: Path) -> None:
+    gpt2_base, _ = builders.gpt2_pair(tmp_path / "gpt2")
+    other = builders.make_adapter(
+        gpt2_base, tmp_path / "batch" / "gpt2", model_cls=builders.GPT2LMHeadModel, target_modules=["c_attn"]
+    )
+    args = [a for path in [three_adapters[0], other] for a in ("--adapter", str(path))]
+    code, out, _ = run("project", *args, *pair, "--json", "--quiet", "--dry-run")
+    assert code == 1
+    reports = json.loads(out)
+    assert reports[0]["projected_count"] > 0
+    assert "error" in reports[1]
+
+
+def test_a_glob_that_matches_nothing_is_a_usage_error(pair: list[str], tmp_path: Path) -> None:
+    code, _, err = run("project", "--adapter", str(tmp_path / "nothing-*"), *pair)
+    assert code == 2
+    assert "matches no adapter" in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
@@ -22,7 +23,7 @@ from .adapter import load_adapter
 from .cache import ProjectionCache
 from .errors import SafeLoraError
 from .hub import Hub, QuietTransfer, Transfer, open_source, parse_ref
-from .pipeline import Device, Precision, Report, Settings, project_adapter, source_info
+from .pipeline import Device, Precision, Report, Settings, project_adapter, project_adapters, source_info
 from .report import (
     RunDisplay,
     cache_json,
@@ -34,6 +35,7 @@ from .report import (
     render_check,
     render_inspection,
     size,
+    to_json,
 )
 from .sources import Source, open_local
 
@@ -79,7 +81,16 @@ NoCacheOpt = Annotated[
     bool,
     typer.Option("--no-cache/--cache", help="Neither read nor write the projection cache (SAFELORA_CACHE)."),
 ]
-AdapterOpt = Annotated[Path, typer.Option(help="The PEFT LoRA adapter directory to patch.")]
+AdapterOpt = Annotated[Path, typer.Option(help="The PEFT LoRA adapter directory.")]
+AdaptersOpt = Annotated[
+    list[str],
+    typer.Option(
+        "--adapter",
+        help="The PEFT LoRA adapter directory to patch. Repeat it, or give a quoted glob ('adapters/*'), "
+        "to patch several against one pair: each projection operator is read or computed once for all.",
+        show_default=False,
+    ),
+]
 ThresholdOpt = Annotated[
     float | None,
     typer.Option(
@@ -170,7 +181,9 @@ def _option_keys(ctx: typer.Context) -> dict[str, str]:
 
 def _as_defaults(ctx: typer.Context, options: dict[str, Any]) -> dict[str, Any]:
     keys = _option_keys(ctx)
-    return {keys[k]: v for k, v in options.items()}
+    repeatable = {p.name for p in ctx.command.params if getattr(p, "multiple", False)}
+    # ``adapter: ./a`` in YAML means the one-element list a repeatable option expects.
+    return {keys[k]: [v] if keys[k] in repeatable and not isinstance(v, list) else v for k, v in options.items()}
 
 
 def _config_callback(ctx: typer.Context, value: Path | None) -> Path | None:
@@ -247,7 +260,7 @@ PresetOpt = Annotated[
 @app.command()
 def project(
     ctx: typer.Context,
-    adapter: AdapterOpt,
+    adapter: AdaptersOpt,
     base: BaseOpt = None,
     aligned: AlignedOpt = None,
     threshold: ThresholdOpt = None,
@@ -297,14 +310,15 @@ def project(
     with _errors(), RunDisplay(_err_console(), enabled=not quiet) as display, ExitStack() as open_files:
         cache = None if no_cache else ProjectionCache()
         hub = Hub.from_env(token, cache.refs if cache is not None else None)
-        aligned_spec = aligned if aligned is not None else _aligned_default(adapter, notes)
+        adapters = _expand_adapters(adapter)
+        aligned_spec = aligned if aligned is not None else _aligned_default(adapters[0], notes)
         base_spec = base if base is not None else _base_from_preset(aligned_spec, notes)
         base_src = _open(base_spec, base_revision, "--base", hub, display, notes)
         open_files.callback(base_src.close)
         aligned_src = _open(aligned_spec, aligned_revision, "--aligned", hub, display, notes)
         open_files.callback(aligned_src.close)
-        report = project_adapter(
-            adapter,
+        outcomes = project_adapters(
+            adapters,
             base_src,
             aligned_src,
             settings,
@@ -315,7 +329,48 @@ def project(
                 "another safelora run is computing this pair's projection cache; waiting for it"
             ),
         )
-    _emit(report, as_json, quiet)
+        if len(adapters) == 1 and isinstance(outcomes[0], SafeLoraError):
+            raise outcomes[0]
+    _emit_batch(adapters, outcomes, as_json, quiet)
+
+
+def _expand_adapters(patterns: list[str]) -> list[Path]:
+    """--adapter values, globs expanded (sorted), duplicates dropped, order kept."""
+    paths: list[Path] = []
+    for pattern in patterns:
+        if any(c in pattern for c in "*?["):
+            matches = sorted(glob.glob(pattern))
+            if not matches:
+                raise typer.BadParameter(f"{pattern!r} matches no adapter directory", param_hint="--adapter")
+            paths.extend(Path(m) for m in matches)
+        else:
+            paths.append(Path(pattern))
+    return list(dict.fromkeys(paths))
+
+
+def _emit_batch(adapters: list[Path], outcomes: list[Report | SafeLoraError], as_json: bool, quiet: bool) -> None:
+    """One report per adapter (a JSON array for several); each failure is one line; exit 1 if any failed."""
+    if len(adapters) == 1 and isinstance(outcomes[0], Report):
+        _emit(outcomes[0], as_json, quiet)
+        return
+    console = _err_console() if as_json else Console()
+    for outcome in outcomes:
+        if isinstance(outcome, Report):
+            if not quiet:
+                render(outcome, console)
+        else:
+            _err_console().print(f"[bold red]error:[/bold red] {outcome}", highlight=False, soft_wrap=True)
+    failed = sum(isinstance(o, SafeLoraError) for o in outcomes)
+    if not quiet:
+        console.print(f"{len(adapters) - failed} of {len(adapters)} adapters done, {failed} failed", highlight=False)
+    if as_json:
+        docs = [
+            to_json(o) if isinstance(o, Report) else {"adapter": str(p), "error": str(o)}
+            for p, o in zip(adapters, outcomes, strict=True)
+        ]
+        sys.stdout.write(json.dumps(docs, indent=2, allow_nan=False) + "\n")
+    if failed:
+        raise typer.Exit(1)
 
 
 def _open(spec: str, revision: str | None, flag: str, hub: Hub, transfer: Transfer, notes: list[str]) -> Source:

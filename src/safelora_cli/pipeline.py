@@ -7,7 +7,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -141,9 +141,18 @@ def _check_weight_shape(adapter: Adapter, m: LoraModule, label: str, shape: tupl
         )
 
 
-def _plan(adapter: Adapter, base: Source, aligned: Source, modules: list[LoraModule]) -> list[_Job]:
-    """Pair modules with their weights by name, announce the reads and check shapes, before reading any tensor."""
-    keys = [(m, base.resolve(m.module), aligned.resolve(m.module)) for m in modules]
+def _plan(group: _Group, base: Source, aligned: Source, modules: list[LoraModule]) -> list[_Job]:
+    """Pair modules with their weights by name, announce the reads and check shapes, before reading any tensor.
+
+    A module no adapter can use any more (its shape check failed for all of them) is not read.
+    """
+    keys = []
+    for m in modules:
+        try:
+            keys.append((m, base.resolve(m.module), aligned.resolve(m.module)))
+        except SourceError as e:
+            # A module the checkpoints lack belongs to an adapter of another model: that adapter fails.
+            group.fail(m, e)
     base.plan([base_key for _, base_key, _ in keys])
     aligned.plan([aligned_key for _, _, aligned_key in keys])
     jobs = []
@@ -154,8 +163,8 @@ def _plan(adapter: Adapter, base: Source, aligned: Source, modules: list[LoraMod
                 f"{m.module}: {base.label} has {list(b_shape)} but {aligned.label} has {list(a_shape)}; "
                 "base and aligned must be the same architecture and size"
             )
-        _check_weight_shape(adapter, m, base.label, b_shape)
-        jobs.append(_Job(m, base_key, aligned_key))
+        if group.check(m, base.label, b_shape):
+            jobs.append(_Job(m, base_key, aligned_key))
     return jobs
 
 
@@ -220,9 +229,59 @@ def _leave_a_core() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+@dataclass
+class _Run:
+    """One adapter of a batch: where it is, what was found for it, and how it ended."""
+
+    path: Path
+    notes: list[str]
+    adapter: Adapter | None = None
+    found: dict[str, tuple[ModuleMath, bool]] = field(default_factory=dict)
+    outcome: Report | SafeLoraError | None = None  # set once the run is over (a no-op or an error)
+
+    @property
+    def loaded(self) -> Adapter:
+        """The adapter, once ``_prepare`` has read it (every later step runs after that)."""
+        if self.adapter is None:
+            raise RuntimeError(f"{self.path}: adapter used before it was loaded")
+        return self.adapter
+
+
+class _Group:
+    """The modules of a batch's adapters that share a layout: each operator is produced once for all."""
+
+    def __init__(self, runs: list[_Run], transpose: bool) -> None:
+        self.transpose = transpose
+        self.users: dict[str, list[tuple[_Run, LoraModule]]] = {}
+        for run in runs:
+            for m in run.loaded.modules:
+                self.users.setdefault(m.module, []).append((run, m))
+        self.modules = [users[0][1] for users in self.users.values()]
+
+    def live(self, module: str) -> list[tuple[_Run, LoraModule]]:
+        return [(run, m) for run, m in self.users[module] if run.outcome is None]
+
+    def fail(self, module: LoraModule, error: SafeLoraError) -> None:
+        """End the run of every adapter that needs ``module``."""
+        for run, _ in self.live(module.module):
+            run.outcome = error
+
+    def check(self, module: LoraModule, label: str, shape: tuple[int, ...]) -> bool:
+        """Check the weight's shape against every adapter using it; a mismatch ends that adapter's run.
+
+        Returns whether any adapter still needs the module.
+        """
+        for run, m in self.live(module.module):
+            try:
+                _check_weight_shape(run.loaded, m, label, shape)
+            except AdapterError as e:
+                run.outcome = e
+        return bool(self.live(module.module))
+
+
 def _cached(
     cache: PairCache,
-    adapter: Adapter,
+    group: _Group,
     modules: list[LoraModule],
     base: Source,
     projector: Projector,
@@ -233,7 +292,7 @@ def _cached(
 
     A corrupt entry is a miss, and noted.
     """
-    transpose = adapter.config.fan_in_fan_out
+    transpose = group.transpose
     for m, (_, stored) in zip(modules, cache.load_all([m.module for m in modules], transpose), strict=True):
         if isinstance(stored, CorruptEntry):
             notes.append(f"projection cache: the entry for {m.module} was corrupt ({stored}); recomputed")
@@ -242,12 +301,12 @@ def _cached(
             misses.append(m)
         else:
             out, inp = stored.out_features, stored.in_features
-            _check_weight_shape(adapter, m, base.label, (inp, out) if transpose else (out, inp))
-            yield m, projector.load(stored.kind, stored.data, stored.norm, out, inp), True
+            if group.check(m, base.label, (inp, out) if transpose else (out, inp)):
+                yield m, projector.load(stored.kind, stored.data, stored.norm, out, inp), True
 
 
 def _operators(
-    adapter: Adapter,
+    group: _Group,
     base: Source,
     aligned: Source,
     projector: Projector,
@@ -261,25 +320,26 @@ def _operators(
     a concurrent run on the same pair may have just stored them, so each entry is computed once.
     An operator is only valid until the next one is produced (they share workspaces).
     """
-    todo = list(adapter.modules)
+    todo = list(group.modules)
     if cache is not None:
         todo = []
-        yield from _cached(cache, adapter, adapter.modules, base, projector, notes, todo)
+        yield from _cached(cache, group, group.modules, base, projector, notes, todo)
         if not todo:
             return
     with cache.locked(on_cache_wait) if cache is not None else nullcontext():
         if cache is not None:
             missing, todo = todo, []
-            yield from _cached(cache, adapter, missing, base, projector, [], todo)
+            yield from _cached(cache, group, missing, base, projector, [], todo)
             if not todo:
                 return
-        transpose = adapter.config.fan_in_fan_out
-        jobs = _plan(adapter, base, aligned, todo)
+        jobs = [job for job in _plan(group, base, aligned, todo) if group.live(job.module.module)]
+        if not jobs:
+            return
         for job, w_base, w_aligned in _prefetch(jobs, base, aligned):
             names = (f"{base.label}:{job.base_key}", f"{aligned.label}:{job.aligned_key}")
-            op = projector.operator(w_base, w_aligned, transpose=transpose, names=names)
+            op = projector.operator(w_base, w_aligned, transpose=group.transpose, names=names)
             if cache is not None:
-                cache.store(job.module.module, transpose, job.base_key, job.aligned_key, op)
+                cache.store(job.module.module, group.transpose, job.base_key, job.aligned_key, op)
             yield job.module, op, False
 
 
@@ -323,42 +383,57 @@ def project_adapter(
     cache: PairCache | None = None,
     on_cache_wait: Callable[[], None] = lambda: None,
 ) -> Report:
-    """Run Safe LoRA on one adapter against one (base, aligned) pair; see SPEC.md.
+    """Run Safe LoRA on one adapter against one (base, aligned) pair; see SPEC.md. Raises its error."""
+    [outcome] = project_adapters(
+        [adapter_path],
+        base,
+        aligned,
+        settings,
+        notes=notes,
+        on_module=on_module,
+        cache=cache,
+        on_cache_wait=on_cache_wait,
+    )
+    if isinstance(outcome, SafeLoraError):
+        raise outcome
+    return outcome
 
-    An in-place run holds the adapter's ``rewrite_lock`` from reading the adapter to replacing it.
-    With ``cache`` (float32 runs only), operators are read from and stored in the projection cache:
-    cached modules read nothing from either checkpoint, and the bytes written are identical to an
-    uncached run's, since P is always computed from the same float32 operator.
-    """
-    if settings.dry_run or settings.output is not None:
-        return _project(adapter_path, base, aligned, settings, notes, on_module, cache, on_cache_wait)
-    with rewrite_lock(adapter_path):
-        return _project(adapter_path, base, aligned, settings, notes, on_module, cache, on_cache_wait)
 
-
-def _project(
-    adapter_path: Path,
+def project_adapters(
+    adapter_paths: list[Path],
     base: Source,
     aligned: Source,
     settings: Settings,
-    notes: list[str] | None,
-    on_module: OnModule,
-    cache: PairCache | None,
-    on_cache_wait: Callable[[], None],
-) -> Report:
-    started = time.perf_counter()
-    notes = list(notes or [])
-    if cache is not None and settings.precision != "float32":
-        notes.append("projection cache not used: it holds float32 operators and this run is float64")
-        cache = None
-    served = computed = 0
-    adapter = load_adapter(adapter_path)
-    notes.extend(adapter.warnings)
-    base_info, aligned_info = source_info(base), source_info(aligned)
+    *,
+    notes: list[str] | None = None,
+    on_module: OnModule = None,
+    cache: PairCache | None = None,
+    on_cache_wait: Callable[[], None] = lambda: None,
+) -> list[Report | SafeLoraError]:
+    """Run Safe LoRA on several adapters against one pair: a report or an error per adapter, in order.
 
-    def report(layers: list[LayerResult], tau: float | None, written: bool) -> Report:
+    Each module's operator is read or computed once for every adapter that targets it. A bad adapter
+    ends its own run only; a bad checkpoint (or the network) ends them all, by raising.
+    In-place runs hold their adapter's ``rewrite_lock`` from reading the adapter to replacing it
+    (taken in path order, so two batches never wait on each other). With ``cache`` (float32 runs
+    only), operators are read from and stored in the projection cache: cached modules read nothing
+    from either checkpoint, and the bytes written are identical to an uncached run's, since P is
+    always computed from the same float32 operator.
+    """
+    started = time.perf_counter()
+    shared_notes = list(notes or [])
+    if cache is not None and settings.precision != "float32":
+        shared_notes.append("projection cache not used: it holds float32 operators and this run is float64")
+        cache = None
+    device = _device(settings.device)
+    base_info, aligned_info = source_info(base), source_info(aligned)
+    runs = [_Run(path, list(shared_notes)) for path in adapter_paths]
+    in_place = not settings.dry_run and settings.output is None
+
+    def report(run: _Run, layers: list[LayerResult], tau: float | None, written: bool) -> Report:
+        served = sum(cached for _, cached in run.found.values())
         return Report(
-            adapter=adapter_path,
+            adapter=run.path,
             output=settings.output,
             written=written,
             dry_run=settings.dry_run,
@@ -368,22 +443,68 @@ def _project(
             threshold=tau,
             num_layers=settings.num_layers,
             layers=layers,
-            skipped=adapter.skipped,
+            skipped=run.loaded.skipped,
             seconds=time.perf_counter() - started,
             bytes_read=base.bytes_read + aligned.bytes_read,
             device=str(device),
-            notes=notes + (cache.warnings if cache is not None else []),
-            cache=CacheUse(cache.key, served, computed) if cache is not None else None,
+            notes=run.notes + (cache.warnings if cache is not None else []),
+            cache=CacheUse(cache.key, served, len(run.found) - served) if cache is not None else None,
             bytes_downloaded=base.bytes_downloaded + aligned.bytes_downloaded,
         )
 
-    device = _device(settings.device)
+    with ExitStack() as locks:
+        for run in sorted(runs, key=lambda r: str(r.path.resolve())) if in_place else []:
+            try:
+                locks.enter_context(rewrite_lock(run.path))
+            except SafeLoraError as e:
+                run.outcome = e
+        for run in runs:
+            if run.outcome is None:
+                try:
+                    _prepare(run, settings, base_info, aligned_info, in_place, report)
+                except SafeLoraError as e:
+                    run.outcome = e
+        live = [run for run in runs if run.outcome is None]
+        projector = Projector(torch.float64 if settings.precision == "float64" else torch.float32, device)
+        total = sum(len(run.loaded.modules) for run in live)
+        compute_notes: list[str] = []
+        with _leave_a_core():
+            for transpose in sorted({run.loaded.config.fan_in_fan_out for run in live}):
+                group = _Group([run for run in live if run.loaded.config.fan_in_fan_out == transpose], transpose)
+                for m, op, cached in _operators(group, base, aligned, projector, cache, compute_notes, on_cache_wait):
+                    for run, mod in group.live(m.module):
+                        _apply(run, mod, op, cached, projector, on_module, total)
+                    if all(run.outcome is not None for run in live):
+                        break
+        for run in live:
+            run.notes.extend(compute_notes)
+        for run in live:
+            if run.outcome is None:
+                try:
+                    run.outcome = _finish(run, settings, base_info, aligned_info, report)
+                except SafeLoraError as e:
+                    run.outcome = e
+    return [run.outcome for run in runs if run.outcome is not None]
+
+
+def _prepare(
+    run: _Run,
+    settings: Settings,
+    base_info: SourceInfo,
+    aligned_info: SourceInfo,
+    in_place: bool,
+    report: Callable[[_Run, list[LayerResult], float | None, bool], Report],
+) -> None:
+    """Load the adapter and decide whether it may be projected; a no-op ends the run with its report."""
+    run.adapter = adapter = load_adapter(run.path)
+    run.notes.extend(adapter.warnings)
     previous = adapter.provenance()
     if previous and not settings.force:
         if _same_run(previous, base_info, aligned_info, settings):
-            notes.append("already projected with this pair and these settings: nothing to do")
+            run.notes.append("already projected with this pair and these settings: nothing to do")
             tau = adapter.provenance_value("threshold", "null", (int, float, type(None)))
-            return report([], tau, False)
+            run.outcome = report(run, [], tau, False)
+            return
         pair = f"{previous.get(PROVENANCE_PREFIX + 'base')} → {previous.get(PROVENANCE_PREFIX + 'aligned')}"
         raise AlreadyProjectedError(
             f"{adapter.file}: already projected by safelora against {pair}; projecting twice shrinks the update again. "
@@ -395,8 +516,8 @@ def _project(
                 f"{adapter.file}: a DoRA adapter (lora_magnitude_vector); Safe LoRA does not define DoRA. "
                 "Pass --allow-dora to project lora_B and leave the magnitudes unchanged"
             )
-        notes.append("DoRA: lora_B projected, magnitude vectors left unchanged")
-    if not settings.dry_run and settings.output is None:
+        run.notes.append("DoRA: lora_B projected, magnitude vectors left unchanged")
+    if in_place:
         if adapter.file.is_symlink():
             # os.replace would swap the link for a regular file and leave its target (often a shared
             # blob, as in the Hugging Face cache) as it was: rarely what anyone meant.
@@ -406,28 +527,48 @@ def _project(
             )
         clean_stale_temps(adapter.path)
 
-    projector = Projector(torch.float64 if settings.precision == "float64" else torch.float32, device)
-    found: dict[str, tuple[ModuleMath, bool]] = {}
-    with _leave_a_core():
-        for m, op, cached in _operators(adapter, base, aligned, projector, cache, notes, on_cache_wait):
-            math_ = projector.apply(op, adapter.tensor(m.a_key), adapter.tensor(m.b_key), (m.a_key, m.b_key))
-            found[m.module] = (math_, cached)
-            served, computed = served + cached, computed + (not cached)
-            if on_module is not None:
-                on_module(
-                    LayerResult(m.module, m.layer, math_.similarity, False, math_.reason, math_.norm_ratio, cached),
-                    len(adapter.modules),
-                )
 
+def _apply(
+    run: _Run,
+    m: LoraModule,
+    op: Operator,
+    cached: bool,
+    projector: Projector,
+    on_module: OnModule,
+    total: int,
+) -> None:
+    """One adapter's module against its operator; NaN/Inf in its A or B ends that adapter's run."""
+    adapter = run.loaded
+    try:
+        math_ = projector.apply(op, adapter.tensor(m.a_key), adapter.tensor(m.b_key), (m.a_key, m.b_key))
+    except SafeLoraError as e:
+        run.outcome = e
+        return
+    run.found[m.module] = (math_, cached)
+    if on_module is not None:
+        on_module(
+            LayerResult(m.module, m.layer, math_.similarity, False, math_.reason, math_.norm_ratio, cached), total
+        )
+
+
+def _finish(
+    run: _Run,
+    settings: Settings,
+    base_info: SourceInfo,
+    aligned_info: SourceInfo,
+    report: Callable[[_Run, list[LayerResult], float | None, bool], Report],
+) -> Report:
+    """Select, write (unless a dry run) and report one adapter."""
+    adapter = run.loaded
     modules = adapter.modules
-    results = [found[m.module][0] for m in modules]
+    results = [run.found[m.module][0] for m in modules]
     tau, chosen = select([r.similarity for r in results], settings.mode, settings.threshold, settings.num_layers)
     layers = [
-        LayerResult(m.module, m.layer, r.similarity, c, r.reason, r.norm_ratio, found[m.module][1])
+        LayerResult(m.module, m.layer, r.similarity, c, r.reason, r.norm_ratio, run.found[m.module][1])
         for m, r, c in zip(modules, results, chosen, strict=True)
     ]
     if settings.dry_run:
-        return report(layers, tau, False)
+        return report(run, layers, tau, False)
     replacements = {}
     for m, r, c in zip(modules, results, chosen, strict=True):
         if c and r.projected_b is not None:
@@ -442,4 +583,4 @@ def _project(
     if adapter.dora:
         provenance[PROVENANCE_PREFIX + "dora"] = "lora_B projected; magnitude vectors unchanged"
     write_adapter(adapter, replacements, provenance, settings.output, overwrite_output=settings.force)
-    return report(layers, tau, True)
+    return report(run, layers, tau, True)
