@@ -355,3 +355,12 @@ def test_a_glob_that_matches_nothing_is_a_usage_error(pair: list[str], tmp_path:
     code, _, err = run("project", "--adapter", str(tmp_path / "nothing-*"), *pair)
     assert code == 2
     assert "matches no adapter" in err
+
+
+def test_check_names_local_checkpoints_the_same_from_any_directory(
+    sanitized: Path, llama_pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, aligned = llama_pair
+    monkeypatch.chdir(base.parent)
+    code, doc = check(sanitized, "--base", base.name, "--aligned", aligned.name)
+    assert code == 0, doc

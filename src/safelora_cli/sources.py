@@ -262,8 +262,11 @@ def _read_index(path: Path) -> dict[str, Path]:
 
 
 def open_local(path: Path) -> Source:
-    """Open a local checkpoint directory (or a single ``.safetensors`` file)."""
-    label = str(path)
+    """Open a local checkpoint directory (or a single ``.safetensors`` file).
+
+    Its label is the absolute path, so provenance names the same checkpoint from any working directory.
+    """
+    label = str(path.absolute())
     if path.is_file() and path.suffix == ".safetensors":
         return _single_safetensors(label, path)
     if not path.exists():
