@@ -123,7 +123,7 @@ QuietOpt = Annotated[bool, typer.Option("--quiet/--no-quiet", "-q", help="Print 
 ForceOpt = Annotated[
     bool,
     typer.Option(
-        "--force",
+        "--force/--no-force",
         help="Project an adapter that already carries safelora provenance; reuse a non-empty --output.",
     ),
 ]
