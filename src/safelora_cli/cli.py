@@ -41,7 +41,8 @@ from .sources import Source, open_local
 
 app = typer.Typer(
     help="Safe LoRA for PEFT adapters: project each LoRA update onto the alignment subspace of "
-    "W_aligned − W_base when it looks unlike it. Exit codes: 0 done, 1 input or I/O error, 2 usage.",
+    "W_aligned − W_base when it looks unlike it. Exit codes: 0 done, 1 input or I/O error, 2 usage, "
+    "3 (check only) not sanitized against the pair or modified since.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
