@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import builders
@@ -232,51 +229,45 @@ def test_base_is_required_when_no_preset_matches(adapter_dir: Path, llama_pair: 
 # --- terminal manners --------------------------------------------------------------------------------
 
 
-def cli(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "safelora_cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        check=False,
-    )
-
-
-def test_output_to_a_pipe_has_no_escape_codes(adapter_dir: Path, pair: list[str]) -> None:
-    done = cli("project", "--adapter", adapter_dir, *pair, "--dry-run")
-    assert done.returncode == 0, done.stderr
-    assert "model.layers.0.self_attn.q_proj" in done.stdout
-    assert "\x1b[" not in done.stdout + done.stderr
-
-
 COLOR_CODE = re.compile(r"\x1b\[(?:[0-9]+;)*(?:3[0-9]|9[0-7])[;m]")
 
 
-def test_no_color_is_respected_even_on_a_forced_terminal(adapter_dir: Path, pair: list[str]) -> None:
+def test_output_to_a_pipe_has_no_escape_codes(adapter_dir: Path, pair: list[str]) -> None:
+    # CliRunner's streams are pipes, not terminals, as in a CI log.
+    code, out, err = run("project", "--adapter", adapter_dir, *pair, "--dry-run")
+    assert code == 0, err
+    assert "model.layers.0.self_attn.q_proj" in out
+    assert "\x1b[" not in out + err
+
+
+def test_no_color_is_respected_even_on_a_forced_terminal(
+    adapter_dir: Path, pair: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     args = ("project", "--adapter", adapter_dir, *pair, "--dry-run")
-    forced = cli(*args, env={"FORCE_COLOR": "1"})
-    assert COLOR_CODE.search(forced.stdout), "the check below would prove nothing"
-    done = cli(*args, env={"FORCE_COLOR": "1", "NO_COLOR": "1"})
-    assert done.returncode == 0, done.stderr
-    assert not COLOR_CODE.search(done.stdout + done.stderr)
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    assert COLOR_CODE.search(run(*args)[1]), "the check below would prove nothing"
+    monkeypatch.setenv("NO_COLOR", "1")
+    code, out, err = run(*args)
+    assert code == 0, err
+    assert not COLOR_CODE.search(out + err)
 
 
 def test_quiet_prints_nothing_but_the_json(adapter_dir: Path, pair: list[str]) -> None:
-    done = cli("project", "--adapter", adapter_dir, *pair, "--dry-run", "--quiet", "--json")
-    assert done.returncode == 0
-    assert done.stderr == ""
-    assert json.loads(done.stdout)["layer_count"] == 8
+    code, out, err = run("project", "--adapter", adapter_dir, *pair, "--dry-run", "--quiet", "--json")
+    assert code == 0
+    assert err == ""
+    assert json.loads(out)["layer_count"] == 8
 
 
 def test_version_and_completion_are_available() -> None:
-    assert cli("--version").stdout.startswith("safelora ")
-    assert "--install-completion" in cli("--help").stdout
+    assert run("--version")[1].startswith("safelora ")
+    assert "--install-completion" in run("--help")[1]
 
 
 def test_the_demo_example_is_buildable_anywhere(tmp_path: Path) -> None:
-    done = cli("demo", "--keep", tmp_path / "demo")
-    assert done.returncode == 0, done.stderr
-    assert "modules projected" in done.stdout
+    code, out, err = run("demo", "--keep", tmp_path / "demo")
+    assert code == 0, err
+    assert "modules projected" in out
     shutil.rmtree(tmp_path / "demo")
 
 
