@@ -117,3 +117,18 @@ def test_readme_command_runs(
     assert "Traceback" not in result.stderr
     if jq is not None:
         assert jq in json.loads(result.stdout)
+
+
+def test_a_preset_fills_in_the_base_of_its_aligned_model(
+    workdir: tuple[Path, FakeHub], llama_adapter: Path, cli: Callable[..., Result]
+) -> None:
+    work, hub = workdir
+    fresh_adapters(work, llama_adapter)
+    result = cli(
+        "project", "--aligned", "meta-llama/Llama-2-7b-chat-hf", "--adapter", "./my-adapter", "--dry-run", "--json"
+    )
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["base"]["source"] == "meta-llama/Llama-2-7b-hf"
+    assert report["base"]["revision"] == hub.sha("meta-llama/Llama-2-7b-hf", "main")
+    assert any("preset llama-2-7b" in note for note in report["notes"])
