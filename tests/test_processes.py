@@ -178,9 +178,12 @@ def variants(llama_adapter: Path, root: Path, n: int) -> list[Path]:
 def test_eight_processes_on_eight_adapters_match_a_sequential_run(
     forkserver: ForkServer, llama_pair: tuple[Path, Path], llama_adapter: Path, tmp_path: Path
 ) -> None:
+    # The reference runs bypass the projection cache, so the eight runs below start on a cold one
+    # (cached or not, the bytes written are the same).
     sequential = variants(llama_adapter, tmp_path / "sequential", 8)
     for k, adapter in enumerate(sequential):
-        assert forkserver.run([project(adapter, llama_pair, tmp_path / "logs" / f"s{k}")]).status == [0]
+        reference = project(adapter, llama_pair, tmp_path / "logs" / f"s{k}", "--no-cache")
+        assert forkserver.run([reference]).status == [0]
     together = variants(llama_adapter, tmp_path / "together", 8)
     runs = [project(adapter, llama_pair, tmp_path / "logs" / f"t{k}") for k, adapter in enumerate(together)]
 
@@ -188,6 +191,8 @@ def test_eight_processes_on_eight_adapters_match_a_sequential_run(
 
     assert outcome.status == [0] * 8, [r.err.read_text() for r in runs]
     assert all(r.report()["written"] for r in runs)
+    # Cold: every module was computed by one of the eight runs, once, and served to the others.
+    assert sum(r.report()["cache"]["computed"] for r in runs) == len(runs[0].report()["layers"])
     results = [(a / ADAPTER_FILE).read_bytes() for a in together]
     assert results == [(a / ADAPTER_FILE).read_bytes() for a in sequential]
     assert len(set(results)) == 8
