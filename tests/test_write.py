@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest
 from typer.testing import Result
 
 from safelora_cli import adapter as adapter_module
-from safelora_cli.adapter import ADAPTER_FILE, TMP_MARK, clean_stale_temps
+from safelora_cli.adapter import ADAPTER_FILE, TMP_MARK, clean_stale_temps, rewrite_lock
 from safelora_cli.errors import AdapterError
 from safelora_cli.pipeline import Report, Settings, project_adapter
 from safelora_cli.sources import open_local
@@ -191,3 +193,21 @@ def test_output_that_is_a_file_is_refused(llama_pair: Pair, adapter_dir: Path, t
     with pytest.raises(AdapterError, match="not a directory"):
         project(llama_pair, adapter_dir, output=tmp_path / "out")
     assert (tmp_path / "out").read_text() == "mine"
+
+
+def test_a_run_that_waits_for_the_adapter_lock_says_so(adapter_dir: Path) -> None:
+    holder = os.open(adapter_dir, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    waited, entered = threading.Event(), threading.Event()
+
+    def second_run() -> None:
+        with rewrite_lock(adapter_dir, on_wait=waited.set):
+            entered.set()
+
+    thread = threading.Thread(target=second_run)
+    thread.start()
+    assert waited.wait(5)
+    assert not entered.wait(0.2)  # still waiting while the first run holds the lock
+    os.close(holder)
+    thread.join(5)
+    assert entered.is_set()

@@ -10,7 +10,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -394,13 +394,14 @@ def _prepare_output(src: Path, output: Path, overwrite: bool) -> Path:
 
 
 @contextmanager
-def rewrite_lock(path: Path) -> Iterator[None]:
+def rewrite_lock(path: Path, on_wait: Callable[[], None] = lambda: None) -> Iterator[None]:
     """Hold an exclusive lock on the adapter directory from reading the adapter to replacing it.
 
     A second run on the same adapter waits here, then reads what the first one wrote and sees its
     provenance: it reports the no-op or refuses, and never projects the original a second time. It
     is flock(2) on the directory itself: no lock file to create (read-only directories still give
     their own error) or leave behind, and the kernel releases it when the holder dies, even by SIGKILL.
+    ``on_wait`` is called once if another run holds the lock.
     """
     _require_dir(path)
     try:
@@ -409,7 +410,11 @@ def rewrite_lock(path: Path) -> Iterator[None]:
         raise AdapterError(f"{path}: cannot open the adapter directory ({e.strerror})") from None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                on_wait()
+                fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as e:
             raise AdapterError(
                 f"{path}: cannot lock the adapter directory ({e.strerror}); pass --output DIR on a local disk"

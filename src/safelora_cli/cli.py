@@ -326,9 +326,7 @@ def project(
             notes=notes,
             on_module=display.on_module,
             cache=cache.pair(base_src.cache_identity(), aligned_src.cache_identity()) if cache else None,
-            on_cache_wait=lambda: display.say(
-                "another safelora run is computing this pair's projection cache; waiting for it"
-            ),
+            on_wait=display.say,
         )
         if len(adapters) == 1 and isinstance(outcomes[0], SafeLoraError):
             raise outcomes[0]

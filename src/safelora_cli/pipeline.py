@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -168,6 +169,13 @@ def _plan(group: _Group, base: Source, aligned: Source, modules: list[LoraModule
     return jobs
 
 
+_CACHE_WAIT = "another safelora run is computing this pair's projection cache; waiting for it"
+
+
+def _adapter_wait(path: Path) -> str:
+    return f"another safelora run is rewriting {path}; waiting for it"
+
+
 _SLOTS = 2  # one module being computed while the next one is read
 
 
@@ -312,7 +320,7 @@ def _operators(
     projector: Projector,
     cache: PairCache | None,
     notes: list[str],
-    on_cache_wait: Callable[[], None],
+    on_wait: Callable[[str], None],
 ) -> Iterator[tuple[LoraModule, Operator, bool]]:
     """Each module's operator and whether the cache served it, cached ones first.
 
@@ -326,7 +334,7 @@ def _operators(
         yield from _cached(cache, group, group.modules, base, projector, notes, todo)
         if not todo:
             return
-    with cache.locked(on_cache_wait) if cache is not None else nullcontext():
+    with cache.locked(lambda: on_wait(_CACHE_WAIT)) if cache is not None else nullcontext():
         if cache is not None:
             missing, todo = todo, []
             yield from _cached(cache, group, missing, base, projector, [], todo)
@@ -381,7 +389,7 @@ def project_adapter(
     notes: list[str] | None = None,
     on_module: OnModule = None,
     cache: PairCache | None = None,
-    on_cache_wait: Callable[[], None] = lambda: None,
+    on_wait: Callable[[str], None] = lambda message: None,
 ) -> Report:
     """Run Safe LoRA on one adapter against one (base, aligned) pair; see SPEC.md. Raises its error."""
     [outcome] = project_adapters(
@@ -392,7 +400,7 @@ def project_adapter(
         notes=notes,
         on_module=on_module,
         cache=cache,
-        on_cache_wait=on_cache_wait,
+        on_wait=on_wait,
     )
     if isinstance(outcome, SafeLoraError):
         raise outcome
@@ -408,7 +416,7 @@ def project_adapters(
     notes: list[str] | None = None,
     on_module: OnModule = None,
     cache: PairCache | None = None,
-    on_cache_wait: Callable[[], None] = lambda: None,
+    on_wait: Callable[[str], None] = lambda message: None,
 ) -> list[Report | SafeLoraError]:
     """Run Safe LoRA on several adapters against one pair: a report or an error per adapter, in order.
 
@@ -455,7 +463,7 @@ def project_adapters(
     with ExitStack() as locks:
         for run in sorted(runs, key=lambda r: str(r.path.resolve())) if in_place else []:
             try:
-                locks.enter_context(rewrite_lock(run.path))
+                locks.enter_context(rewrite_lock(run.path, partial(on_wait, _adapter_wait(run.path))))
             except SafeLoraError as e:
                 run.outcome = e
         for run in runs:
@@ -471,7 +479,7 @@ def project_adapters(
         with _leave_a_core():
             for transpose in sorted({run.loaded.config.fan_in_fan_out for run in live}):
                 group = _Group([run for run in live if run.loaded.config.fan_in_fan_out == transpose], transpose)
-                for m, op, cached in _operators(group, base, aligned, projector, cache, compute_notes, on_cache_wait):
+                for m, op, cached in _operators(group, base, aligned, projector, cache, compute_notes, on_wait):
                     for run, mod in group.live(m.module):
                         _apply(run, mod, op, cached, projector, on_module, total)
                     if all(run.outcome is not None for run in live):
