@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 from rich.console import Console
 
 from . import __version__, audit, config
@@ -199,7 +198,7 @@ def _preset_callback(ctx: typer.Context, value: str | None) -> str | None:
     if value is not None:
         with _errors():
             chosen = config.preset(value)
-            options = config.load_options(yaml.safe_dump(chosen.options), f"preset {value}", _option_keys(ctx))
+            options = config.checked_options(chosen.options, f"preset {value}", _option_keys(ctx))
         # A --config file given beside the preset wins over it, whichever comes first on the line.
         ctx.default_map = _merge(_as_defaults(ctx, options), ctx.default_map or {})
     return value

@@ -26,8 +26,11 @@ def load_options(text: str, where: str, known: Collection[str]) -> dict[str, Any
     # plain ValueError or AttributeError, and deep nesting overflows the stack: all are bad YAML here.
     except (yaml.YAMLError, ValueError, TypeError, AttributeError, RecursionError) as e:
         raise UsageError(f"{where}: not valid YAML ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
-    if doc is None:
-        return {}
+    return checked_options({} if doc is None else doc, where, known)
+
+
+def checked_options(doc: object, where: str, known: Collection[str]) -> dict[str, Any]:
+    """Option names normalised (``num-layers`` → ``num_layers``) and checked against ``known``."""
     if not isinstance(doc, dict) or not all(isinstance(k, str) for k in doc):
         raise UsageError(f"{where}: expected a mapping of option names to values")
     options = {k.replace("-", "_"): v for k, v in doc.items()}
