@@ -363,17 +363,15 @@ def _settings_provenance(settings: Settings, tau: float | None) -> dict[str, str
 
 
 def _same_run(previous: dict[str, str], base: SourceInfo, aligned: SourceInfo, settings: Settings) -> bool:
+    """Whether provenance records this pair and these settings (in number mode τ_k is an outcome, not one)."""
     want = {
-        "base": base.identity,
-        "aligned": aligned.identity,
-        "mode": settings.mode,
-        "precision": settings.precision,
+        PROVENANCE_PREFIX + "base": base.identity,
+        PROVENANCE_PREFIX + "aligned": aligned.identity,
+        **_settings_provenance(settings, settings.threshold),
     }
     if settings.mode == "number":
-        want["num_layers"] = str(settings.num_layers)
-    else:
-        want["threshold"] = json.dumps(settings.threshold)
-    return all(previous.get(PROVENANCE_PREFIX + k) == v for k, v in want.items())
+        del want[PROVENANCE_PREFIX + "threshold"]
+    return all(previous.get(k) == v for k, v in want.items())
 
 
 def source_info(src: Source) -> SourceInfo:
