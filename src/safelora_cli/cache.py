@@ -148,7 +148,7 @@ class PairCache:
         with f:
             try:
                 size = os.fstat(f.fileno()).st_size
-                header = stfile.parse_header(f.read(stfile.header_length(f.read(8), str(path), size)), str(path), size)
+                header = stfile.header_of(f, str(path), size)
                 kind, norm, out, inp, crc = _check_meta(header, module, transpose)
                 entry = header.tensors[_TENSOR]
                 if len(buffers[slot]) < entry.nbytes:

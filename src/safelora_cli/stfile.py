@@ -14,7 +14,7 @@ import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import torch
 
@@ -143,21 +143,24 @@ def _check_layout(entries: Iterable[TensorEntry], where: str, data_size: int | N
         end = max(end, rel_end)
 
 
+def header_of(f: BinaryIO, where: str, size: int) -> Header:
+    """Read and validate the header of an open safetensors file of ``size`` bytes, from its start."""
+    return parse_header(f.read(header_length(f.read(8), where, size)), where, size)
+
+
 def read_header(path: Path) -> Header:
     """Read and validate the header of a local safetensors file."""
     where = str(path)
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
-            n = header_length(f.read(8), where, size)
-            raw = f.read(n)
+            return header_of(f, where, size)
     except IsADirectoryError:
         raise FormatError(
             f"{where}: is a directory, expected a safetensors file; download the checkpoint again"
         ) from None
     except OSError as e:
         raise FormatError(f"{where}: cannot read ({e.strerror})") from None
-    return parse_header(raw, where, size)
 
 
 def tensor_from_bytes(entry: TensorEntry, buf: bytearray | memoryview) -> torch.Tensor:
