@@ -10,6 +10,9 @@ Measures, in one run:
   materialised, float32) on the same in-memory fp16 tensors, I/O excluded, plus both results'
   distance from a float64 reference.
 
+``--device cuda`` runs ours (both parts) on the GPU; ``--compute-only`` skips the pair and times
+the per-module comparison on modules generated in memory.
+
 The pair is built once under bench-data/ (git-ignored) and reused while its marker file matches.
 Untargeted tensors are holes in sparse shard files: they read as zeros, the shards have the real
 sizes and layout, and the build writes only the 2 × 2 GiB that the tool reads.
@@ -309,7 +312,7 @@ def run_child(argv: list[str]) -> Child:
         return Child(wall, usage.ru_maxrss * 1024, out.read().decode())
 
 
-def end_to_end(pair: Pair, repeats: int) -> dict[str, Any]:
+def end_to_end(pair: Pair, repeats: int, device: str) -> dict[str, Any]:
     ours_argv = [
         sys.executable,
         "-m",
@@ -324,7 +327,7 @@ def end_to_end(pair: Pair, repeats: int) -> dict[str, Any]:
         "--dry-run",
         "--json",
         "--device",
-        "cpu",
+        device,
         "--no-cache",  # the streamed computation is what is measured, not the projection cache
     ]
     floor_argv = [sys.executable, "-c", FLOOR, json.dumps(targeted_reads(pair))]
@@ -387,9 +390,12 @@ class Timing:
     cpu: float  # process CPU time, all threads: the compute spent, whatever else the machine runs
 
 
-def timed(f: Callable[..., T], *args: Any) -> tuple[Timing, T]:
+def timed(f: Callable[..., T], *args: Any, sync: bool = False) -> tuple[Timing, T]:
+    """``sync``: wait for the GPU's queued work before reading the clocks."""
     wall, cpu = time.perf_counter(), time.process_time()
     out = f(*args)
+    if sync:
+        torch.cuda.synchronize()
     return Timing(time.perf_counter() - wall, time.process_time() - cpu), out
 
 
@@ -400,8 +406,8 @@ def medians_ms(ts: list[Timing]) -> dict[str, float]:
     }
 
 
-def compute(pair: Pair, n_modules: int, n_dense: int, repeats: int) -> dict[str, Any]:
-    """Both algorithms on the same in-memory tensors, read from the built pair."""
+def read_modules(pair: Pair, n_modules: int) -> list[Module]:
+    """The first ``n_modules`` targeted modules of the built pair, in memory."""
     reads = targeted_reads(pair)[: 2 * n_modules]
     with safe_open(str(pair.adapter / "adapter_model.safetensors"), framework="pt") as f:
         lora = {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
@@ -420,28 +426,40 @@ def compute(pair: Pair, n_modules: int, n_dense: int, repeats: int) -> dict[str,
                     lora[prefix + ".lora_B.weight"],
                 )
             )
+    return modules
 
-    # Ours on all threads, as the dense algorithm gets, and on one fewer, as the pipeline computes
-    # beside its prefetch thread.
+
+def compute(modules: list[Module], n_dense: int, repeats: int, device: torch.device) -> dict[str, Any]:
+    """Both algorithms on the same tensors, moved to ``device`` before any timing.
+
+    On the CPU ours runs on all threads, as the dense algorithm does, and on one fewer, as the
+    pipeline computes beside its prefetch thread.
+    """
+    sync = device.type == "cuda"
+    modules = [Module(m.name, *(t.to(device) for t in (m.base, m.aligned, m.lora_a, m.lora_b))) for m in modules]
     threads = torch.get_num_threads()
-    projector = Projector()
+    counts = sorted({threads, max(1, threads - 1)}, reverse=True) if device.type == "cpu" else [threads]
+    projector = Projector(device=device)
     ours_times: dict[int, list[Timing]] = {}
     ours: list[ModuleMath] = []
-    for n in sorted({threads, max(1, threads - 1)}, reverse=True):
+    first = modules[0]
+    for n in counts:
         torch.set_num_threads(n)
-        projector.compute(modules[0].base, modules[0].aligned, modules[0].lora_a, modules[0].lora_b)  # warm-up
+        timed(projector.compute, first.base, first.aligned, first.lora_a, first.lora_b, sync=sync)  # warm-up
         ours_times[n] = []
         for _ in range(repeats):
             ours.clear()
             for m in modules:
-                t, out = timed(projector.compute, m.base, m.aligned, m.lora_a, m.lora_b)
+                t, out = timed(projector.compute, m.base, m.aligned, m.lora_a, m.lora_b, sync=sync)
                 ours_times[n].append(t)
                 ours.append(out)
     torch.set_num_threads(threads)
+    if sync:
+        timed(dense, first, sync=sync)  # warm-up: cuBLAS picks its kernels on the first call
     dense_times: list[Timing] = []
     dense_out: list[tuple[float, torch.Tensor]] = []
     for m in modules[:n_dense]:
-        t, d = timed(dense, m)
+        t, d = timed(dense, m, sync=sync)
         dense_times.append(t)
         dense_out.append(d)
 
@@ -452,15 +470,16 @@ def compute(pair: Pair, n_modules: int, n_dense: int, repeats: int) -> dict[str,
         got = ours[i]
         assert got.similarity is not None and got.projected_b is not None
         sim_err = max(sim_err, abs(got.similarity - ref_sim))
-        b_err = max(b_err, float((got.projected_b.double() - ref_p).norm() / ref_p.norm()))
+        b_err = max(b_err, float((got.projected_b.double() - ref_p.cpu()).norm() / ref_p.norm()))
         if i < n_dense:
             dense_sim_err = max(dense_sim_err, abs(dense_out[i][0] - ref_sim))
             same_decisions &= (round(dense_out[i][0], 5) <= 0.5) == (round(got.similarity, 5) <= 0.5)
     ours_ms = {n: medians_ms(ts) for n, ts in ours_times.items()}
     dense_ms = medians_ms(dense_times)
-    pipeline_threads = max(1, threads - 1)
+    pipeline_threads = counts[-1]
     return {
-        "modules": n_modules,
+        "device": torch.cuda.get_device_name(device) if sync else "cpu",
+        "modules": len(modules),
         "dense_modules": n_dense,
         "shape": [HIDDEN, HIDDEN],
         "rank": RANK,
@@ -489,6 +508,37 @@ def verdict(ok: bool) -> str:
     return "ok" if ok else "MISSED"
 
 
+def print_compute(comp: dict[str, Any]) -> None:
+    gpu = comp["device"] != "cpu"
+    print(
+        f"compute per {HIDDEN}×{HIDDEN} fp16 module, r={RANK}, I/O excluded, on {comp['device']} "
+        f"(medians{'' if gpu else '; CPU = all threads’ time'}):"
+    )
+    rows = [(f"dense, {comp['threads']} threads", comp["dense"])]
+    rows += [(f"ours, {n} thread{'s' * (n > 1)}", ms) for n, ms in comp["ours"].items()]
+    for label, ms in rows if not gpu else [("dense", comp["dense"]), ("ours", comp["ours"][comp["threads"]])]:
+        print(f"  {label:<20}{ms['wall_ms']:>9.2f} ms wall" + ("" if gpu else f"{ms['cpu_ms']:>9.1f} ms CPU"))
+    if gpu:
+        speedup = comp["speedup_wall_same_threads"]
+        ok = speedup >= TARGET_SPEEDUP
+        print(f"  less compute (GPU time): {speedup:.0f}×   ≥ {TARGET_SPEEDUP:.0f}×: {verdict(ok)}")
+    else:
+        ok = comp["speedup_cpu"] >= TARGET_SPEEDUP
+        print(
+            f"  less compute (CPU time, ours on {comp['pipeline_threads']} thread as the pipeline runs it): "
+            f"{comp['speedup_cpu']:.0f}×   ≥ {TARGET_SPEEDUP:.0f}×: {verdict(ok)}"
+        )
+        print(
+            f"  wall speedup: {comp['speedup_wall_same_threads']:.0f}× on {comp['threads']} threads each, "
+            f"{comp['speedup_wall_as_pipeline']:.0f}× with ours on {comp['pipeline_threads']}"
+        )
+    print(
+        f"vs float64 reference: ours |Δsim| ≤ {comp['ours_max_abs_sim_err']:.1e}, "
+        f"‖ΔB‖/‖B‖ ≤ {comp['ours_max_rel_b_err']:.1e}; dense |Δsim| ≤ {comp['dense_max_abs_sim_err']:.1e}; "
+        f"same decisions at τ = 0.5: {comp['same_decisions_at_0.5']}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=ROOT / "bench-data", help="where the pair is built and kept")
@@ -496,7 +546,20 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs of each program per cache state (median)")
     ap.add_argument("--modules", type=int, default=8, help="modules timed for ours, per repeat")
     ap.add_argument("--dense-modules", type=int, default=2, help="modules timed for the dense algorithm")
+    ap.add_argument(
+        "--compute-only",
+        action="store_true",
+        help="only the per-module comparison, on modules generated in memory (no pair is built)",
+    )
+    ap.add_argument("--device", default="cpu", help="where ours (and the per-module comparison) computes: cpu or cuda")
     args = ap.parse_args()
+    device = torch.device(args.device)
+
+    if args.compute_only:
+        n = min(args.modules, 2 * args.layers)
+        modules = [synth_module(i // 2, TARGETS[i % 2]) for i in range(n)]
+        print_compute(compute(modules, min(args.dense_modules, n), args.repeats, device))
+        return
 
     layers, why = choose_layers(args.data, args.layers)
     pair = Pair(args.data / f"llama2-7b-synth-{layers}l", layers)
@@ -507,8 +570,9 @@ def main() -> None:
         build_s, _ = timed(build, pair)
         print(f"  built in {build_s.wall:.0f} s")
     load_before = os.getloadavg()[0]
-    e2e = end_to_end(pair, args.repeats)
-    comp = compute(pair, min(args.modules, 2 * layers), min(args.dense_modules, 2 * layers), args.repeats)
+    e2e = end_to_end(pair, args.repeats, args.device)
+    n = min(args.modules, 2 * layers)
+    comp = compute(read_modules(pair, n), min(args.dense_modules, n), args.repeats, device)
     load_after = os.getloadavg()[0]
 
     reads = targeted_reads(pair)
@@ -524,7 +588,12 @@ def main() -> None:
         "targeted_bytes": targeted,
         "end_to_end": e2e,
         "compute": comp,
-        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "load_avg": [load_before, load_after]},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "device": args.device,
+            "torch": torch.__version__,
+            "load_avg": [load_before, load_after],
+        },
         "targets": {"wall_over_floor": TARGET_RATIO, "peak_rss_bytes": TARGET_RSS, "compute_speedup": TARGET_SPEEDUP},
     }
     out = args.data / "last.json"
@@ -535,7 +604,10 @@ def main() -> None:
         f"{gib(model_bytes)} per model; adapter r={RANK} on {', '.join(TARGETS)} ({2 * layers} modules)"
     )
     print(f"targeted: {len(reads)} tensors, {gib(targeted)} of {gib(2 * model_bytes)} in both models")
-    print(f"{os.cpu_count()} CPUs, torch {torch.__version__}, load average {load_before:.2f} → {load_after:.2f}\n")
+    print(
+        f"{os.cpu_count()} CPUs, ours on --device {args.device}, torch {torch.__version__}, "
+        f"load average {load_before:.2f} → {load_after:.2f}\n"
+    )
     print(f"{'page cache':<12}{'ours (s)':>10}{'floor (s)':>11}{'ratio':>8}{'peak RSS':>12}{'bytes read':>16}")
     for cache, r in e2e.items():
         ok = r["ratio"] <= TARGET_RATIO
@@ -549,25 +621,7 @@ def main() -> None:
     )
     rss = max(r["peak_rss_bytes"] for r in e2e.values())
     print(f"peak RSS ≤ {gib(TARGET_RSS)}: {verdict(rss <= TARGET_RSS)}\n")
-    print(f"compute per {HIDDEN}×{HIDDEN} fp16 module, r={RANK}, I/O excluded (medians; CPU = all threads' time):")
-    rows = [(f"dense, {comp['threads']} threads", comp["dense"])]
-    rows += [(f"ours, {n} thread{'s' * (n > 1)}", ms) for n, ms in comp["ours"].items()]
-    for label, ms in rows:
-        print(f"  {label:<20}{ms['wall_ms']:>9.1f} ms wall{ms['cpu_ms']:>9.1f} ms CPU")
-    ok = comp["speedup_cpu"] >= TARGET_SPEEDUP
-    print(
-        f"  less compute (CPU time, ours on {comp['pipeline_threads']} thread as the pipeline runs it): "
-        f"{comp['speedup_cpu']:.0f}×   ≥ {TARGET_SPEEDUP:.0f}×: {verdict(ok)}"
-    )
-    print(
-        f"  wall speedup: {comp['speedup_wall_same_threads']:.0f}× on {comp['threads']} threads each, "
-        f"{comp['speedup_wall_as_pipeline']:.0f}× with ours on {comp['pipeline_threads']}"
-    )
-    print(
-        f"vs float64 reference: ours |Δsim| ≤ {comp['ours_max_abs_sim_err']:.1e}, "
-        f"‖ΔB‖/‖B‖ ≤ {comp['ours_max_rel_b_err']:.1e}; dense |Δsim| ≤ {comp['dense_max_abs_sim_err']:.1e}; "
-        f"same decisions at τ = 0.5: {comp['same_decisions_at_0.5']}"
-    )
+    print_compute(comp)
     print(f"\nfigures written to {out}")
 
 

@@ -5,7 +5,7 @@ C·B·A and B·A, and a selected module gets B ← C·B. A module's ``Operator``
 C is formed only when out < in (it is then smaller than V, and it is what the projection cache
 stores); otherwise C·B = V·(Vᵀ·B)/‖V‖_F, 2·out·in·r flops instead of out²·in. P is always computed
 from the operator, so a run served by the cache and one that is not give identical bytes. With
-G = A·Aᵀ the cosine reduces to r×r traces (see ``_cosine``).
+G = A·Aᵀ the cosine reduces to r×r traces (see ``_cosine_terms``).
 """
 
 from __future__ import annotations
@@ -163,15 +163,17 @@ class Projector:
             return ModuleMath(None, None, None, "V = 0: aligned equals base for this module")
         b = lora_b.to(self.device, self.dtype)
         a = lora_a.to(self.device, self.dtype)
-        b_norm = float(torch.linalg.vector_norm(b))
         if op.kind == "C":
             p = op.matrix @ b
         else:
             # (Bᵀ·V)ᵀ is Vᵀ·B, about 3× faster on CPU than the transposed-V product.
             p = op.matrix @ (b.T @ op.matrix).T
             p.div_(op.norm)
-        ratio = float(torch.linalg.vector_norm(p)) / b_norm if b_norm > 0 else None
-        sim, reason = _cosine(a, b, p)
+        # Every scalar in one transfer: on a GPU each read of a value is a wait for the device.
+        norms = torch.stack([torch.linalg.vector_norm(b), torch.linalg.vector_norm(p)]).double()
+        b_norm, p_norm, ba, pa, cross = torch.cat([norms, _cosine_terms(a, b, p)]).tolist()
+        ratio = p_norm / b_norm if b_norm > 0 else None
+        sim, reason = _cosine(ba, pa, cross)
         return ModuleMath(sim, p.cpu() if reason is None else None, ratio, reason)
 
     def compute(
@@ -189,17 +191,19 @@ class Projector:
         return self.apply(op, lora_a, lora_b, (names[2], names[3]))
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor, p: torch.Tensor) -> tuple[float | None, str | None]:
-    """cos_F(P·A, B·A) from r×r products: ⟨P·A, B·A⟩ = tr(Bᵀ·P·G) etc. with G = A·Aᵀ.
+def _cosine_terms(a: torch.Tensor, b: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """⟨B·A, B·A⟩, ⟨P·A, P·A⟩ and ⟨B·A, P·A⟩ from r×r products: ⟨X·A, Y·A⟩ = Σ (Xᵀ·Y) ∘ G, G = A·Aᵀ.
 
-    The r×r products are taken in float64: they cost out·r² flops, and float64 keeps the rounded
-    similarity, hence the decision, identical on CPU and GPU.
+    Taken in float64: they cost out·r² flops, and float64 keeps the rounded similarity, hence the
+    decision, identical on CPU and GPU.
     """
     a64, b64, p64 = a.double(), b.double(), p.double()
     g = a64 @ a64.T
-    ba = float(((b64.T @ b64) * g).sum())
-    pa = float(((p64.T @ p64) * g).sum())
-    cross = float(((b64.T @ p64) * g).sum())
+    return torch.stack([((x.T @ y) * g).sum() for x, y in ((b64, b64), (p64, p64), (b64, p64))])
+
+
+def _cosine(ba: float, pa: float, cross: float) -> tuple[float | None, str | None]:
+    """cos_F(P·A, B·A) from ``_cosine_terms``, or why it is undefined."""
     if ba <= 0.0:
         return None, "B·A = 0 (an untrained adapter?): similarity undefined"
     if pa <= 0.0:
