@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar, cast
 
 import torch
 
@@ -28,7 +29,7 @@ from .adapter import (
 )
 from .cache import CorruptEntry, PairCache
 from .errors import AdapterError, AlreadyProjectedError, SafeLoraError, SourceError
-from .projection import Mode, ModuleMath, Operator, Projector, select
+from .projection import Mode, ModuleMath, Operator, Projector, build_v, select
 from .sources import Source
 
 Precision = Literal["float32", "float64"]
@@ -176,61 +177,106 @@ def _adapter_wait(path: Path) -> str:
     return f"another safelora run is rewriting {path}; waiting for it"
 
 
-_SLOTS = 2  # one module being computed while the next one is read
+_SLOTS = 2  # per stage: one item being used downstream while the next one is made
+
+Item = TypeVar("Item")
+Slot = TypeVar("Slot")
+Result = TypeVar("Result")
+_DONE, _STOP = object(), object()  # "no more items", "no more slots"
 
 
-def _prefetch(jobs: list[_Job], base: Source, aligned: Source) -> Iterator[tuple[_Job, torch.Tensor, torch.Tensor]]:
-    """Read module i+1's weights on a thread while module i is computed (matmuls drop the GIL).
+def _on_thread(
+    items: Iterator[Item], work: Callable[[Item, Slot], Result], slots: list[Slot], name: str
+) -> Generator[tuple[Result, Callable[[], None]], None, None]:
+    """``work(item, slot)`` for each item on a thread of its own, ahead of the consumer.
 
-    Each slot's buffers are sized once for the largest tensor and reused: no fresh allocation (and
-    page faults) per tensor, and peak memory stays a few copies of the largest targeted tensor.
+    Yields each result with the function that hands its slot back: ``work`` writes into a slot, so
+    a result stays valid until that call, and the thread runs at most ``len(slots)`` items ahead.
+    Buffers are sized once and reused: no fresh allocation (and page faults) per item, and peak
+    memory stays bounded. An exception on the thread is raised in the consumer; when the consumer
+    stops early the thread stops too, and ``items`` is closed in either case.
     """
-    size = max(max(base.nbytes(j.base_key), aligned.nbytes(j.aligned_key)) for j in jobs)
-    free: queue.Queue[tuple[bytearray, bytearray]] = queue.Queue()
-    for _ in range(_SLOTS):
-        free.put((bytearray(size), bytearray(size)))
-    ready: queue.Queue[tuple[_Job, torch.Tensor, torch.Tensor, tuple[bytearray, bytearray]] | BaseException] = (
-        queue.Queue()
-    )
+    free: queue.Queue[Slot | object] = queue.Queue()
+    for slot in slots:
+        free.put(slot)
+    ready: queue.Queue[tuple[Result, Slot] | BaseException | object] = queue.Queue()
     stop = threading.Event()
 
     def produce() -> None:
         try:
-            for job in jobs:
+            for item in items:
                 slot = free.get()
-                if stop.is_set():
+                if slot is _STOP or stop.is_set():
                     return
-                ready.put((job, base.read(job.base_key, slot[0]), aligned.read(job.aligned_key, slot[1]), slot))
-        except BaseException as e:  # handed to the consumer, which re-raises it in the main thread
+                ready.put((work(item, cast(Slot, slot)), slot))
+            ready.put(_DONE)
+        except BaseException as e:  # handed to the consumer, which re-raises it in its thread
             ready.put(e)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
 
-    thread = threading.Thread(target=produce, name="safelora-prefetch", daemon=True)
+    thread = threading.Thread(target=produce, name=name, daemon=True)
     thread.start()
     try:
-        for _ in jobs:
-            item = ready.get()
-            if isinstance(item, BaseException):
-                raise item
-            job, w_base, w_aligned, slot = item
-            yield job, w_base, w_aligned
-            free.put(slot)
+        while (got := ready.get()) is not _DONE:
+            if isinstance(got, BaseException):
+                raise got
+            result, slot = cast(tuple[Result, Slot], got)
+            yield result, partial(free.put, slot)
     finally:
         stop.set()
-        free.put((bytearray(), bytearray()))  # wakes a producer waiting for a slot
+        free.put(_STOP)  # wakes a producer waiting for a slot
         thread.join()
 
 
-@contextmanager
-def _leave_a_core() -> Iterator[None]:
-    """Compute on one thread fewer while the reader threads (weights, cache entries) work.
+def _prefetch(
+    jobs: list[_Job], base: Source, aligned: Source, projector: Projector
+) -> Iterator[tuple[_Job, torch.Tensor, float]]:
+    """Each job's V and ‖V‖², made two stages ahead of the consumer: one thread reads a module's
+    weights while another builds the previous module's V from them and the caller uses the one
+    before (I/O, conversions and matmuls drop the GIL). From a warm page cache the build costs as
+    much as the reading and the products, so two threads each take a share of the cores' work.
+    """
+    size = max(max(base.nbytes(j.base_key), aligned.nbytes(j.aligned_key)) for j in jobs)
+    numel = max(math.prod(base.shape(j.base_key)) for j in jobs)
 
-    OpenMP workers wait for one another at the end of every op, so one preempted by a reader stalls
-    the whole op: on 2 cores, 2 compute threads plus the reader ran the Llama-2-7B benchmark 4–15×
-    slower than 1 compute thread plus the reader. Held for every module, cached or computed: MKL's
-    results depend on the thread count, and both must be applied alike to give identical bytes.
+    def read(job: _Job, slot: tuple[bytearray, bytearray]) -> tuple[_Job, torch.Tensor, torch.Tensor]:
+        return job, base.read(job.base_key, slot[0]), aligned.read(job.aligned_key, slot[1])
+
+    def build(
+        item: tuple[tuple[_Job, torch.Tensor, torch.Tensor], Callable[[], None]], v_slot: torch.Tensor
+    ) -> tuple[_Job, torch.Tensor, float]:
+        (job, w_base, w_aligned), release = item
+        try:
+            v = v_slot[: w_base.numel()].view(w_base.shape)
+            names = (f"{base.label}:{job.base_key}", f"{aligned.label}:{job.aligned_key}")
+            return job, v, build_v(w_base, w_aligned, v, names)
+        finally:
+            release()
+
+    reads = _on_thread(iter(jobs), read, [(bytearray(size), bytearray(size)) for _ in range(_SLOTS)], "safelora-read")
+    built = _on_thread(reads, build, [projector.workspace(numel) for _ in range(_SLOTS)], "safelora-build")
+    try:
+        for result, release in built:
+            yield result
+            release()
+    finally:
+        built.close()  # stops both threads when the caller stops early
+
+
+@contextmanager
+def _share_cores() -> Iterator[None]:
+    """Split the cores between the build thread and the caller's while a batch is computed.
+
+    OpenMP workers wait for one another at the end of every op, so one preempted by another thread
+    stalls the whole op: on 2 cores, 2 compute threads plus the reader ran the Llama-2-7B benchmark
+    4–15× slower than 1 compute thread plus the reader. Held for every module, cached or computed:
+    MKL's results depend on the thread count, and both must be applied alike to give identical bytes.
     """
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads - 1))
+    torch.set_num_threads(max(1, threads // 2))
     try:
         yield
     finally:
@@ -343,9 +389,8 @@ def _operators(
         jobs = [job for job in _plan(group, base, aligned, todo) if group.live(job.module.module)]
         if not jobs:
             return
-        for job, w_base, w_aligned in _prefetch(jobs, base, aligned):
-            names = (f"{base.label}:{job.base_key}", f"{aligned.label}:{job.aligned_key}")
-            op = projector.operator(w_base, w_aligned, transpose=group.transpose, names=names)
+        for job, v, norm2 in _prefetch(jobs, base, aligned, projector):
+            op = projector.operator_from(v, norm2, transpose=group.transpose)
             if cache is not None:
                 cache.store(job.module.module, group.transpose, job.base_key, job.aligned_key, op)
             yield job.module, op, False
@@ -474,7 +519,7 @@ def project_adapters(
         projector = Projector(torch.float64 if settings.precision == "float64" else torch.float32, device)
         total = sum(len(run.loaded.modules) for run in live)
         compute_notes: list[str] = []
-        with _leave_a_core():
+        with _share_cores():
             for transpose in sorted({run.loaded.config.fan_in_fan_out for run in live}):
                 group = _Group([run for run in live if run.loaded.config.fan_in_fan_out == transpose], transpose)
                 for m, op, cached in _operators(group, base, aligned, projector, cache, compute_notes, on_wait):

@@ -33,11 +33,44 @@ class ModuleMath:
     reason: str | None  # why the module cannot be projected, when it cannot
 
 
-# Bytes of a block of V per compute thread: each thread's share stays in its L2 (about 1 MiB a core
-# here) while the block is built from the fp16/bf16 weights and its squared norm is taken, instead
-# of streaming all of V through memory for each. Larger shares spill to L3 (~15% slower on one
-# thread); smaller ones only add ops, each ending in a wait for every thread.
-_BLOCK_BYTES_PER_THREAD = 1 << 20
+# Bytes of a block of V: a block stays in L2 (about 1 MiB a core here) while it is built from the
+# fp16/bf16 weights and its squared norm is taken, instead of streaming all of V through memory for
+# each step. Larger blocks spill to L3 (~15% slower); smaller ones only add ops. Fixed, not scaled
+# with the thread count: the norm's rounding, hence every result bit, must not depend on it.
+_BLOCK_BYTES = 1 << 20
+
+
+def build_v(
+    w_base: torch.Tensor,
+    w_aligned: torch.Tensor,
+    out: torch.Tensor,
+    names: tuple[str, str] = ("W_base", "W_aligned"),
+) -> float:
+    """V = W_aligned − W_base as stored, into ``out`` (compute dtype and device); returns ‖V‖²_F.
+
+    One pass over row blocks: each is built in the compute dtype and its squared norm added up in
+    Python floats while it is in cache (a float32 norm over all 16M entries of a 4096² V is off by
+    ~1e-3; per-block dots by a few 1e-6). NaN/Inf in either weight, or a ‖V‖ the dtype cannot hold,
+    raises ``NumericError`` naming the tensor.
+    """
+    rows, cols = w_base.shape
+    # On accelerators, one block: the loop would only add launches and syncs.
+    step = max(1, _BLOCK_BYTES // (cols * out.element_size())) if out.device.type == "cpu" else rows
+    norm2 = 0.0
+    for r0 in range(0, rows, step):
+        s = out[r0 : r0 + step]
+        # In-place ops with a lower-precision operand promote to the workspace's dtype: V is
+        # exact for fp16/bf16 weights, no fp16 subtraction ever happens.
+        s.copy_(w_aligned[r0 : r0 + step])
+        s.sub_(w_base[r0 : r0 + step].to(out.device))
+        flat = s.view(-1)
+        norm2 += float(torch.dot(flat, flat))
+    if not math.isfinite(math.sqrt(norm2)):
+        _check_finite(w_base, names[0])
+        _check_finite(w_aligned, names[1])
+        raise NumericError(f"{names[0]} − {names[1]}: ‖V‖ overflows {out.dtype}; use --precision float64")
+    return norm2
+
 
 OperatorKind = Literal["C", "V", "zero"]
 
@@ -67,7 +100,8 @@ class Projector:
 
     Fresh multi-megabyte allocations cost more than the arithmetic here (page faults), so V and C
     are built in buffers that grow to the largest module and are then reused. An operator's matrix
-    lives in those buffers: it is valid until the next ``operator`` or ``load`` call.
+    lives in those buffers (or in the V it was made from): it is valid until the next ``operator``,
+    ``operator_from`` or ``load`` call.
     """
 
     def __init__(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
@@ -85,30 +119,9 @@ class Projector:
             setattr(self, name, buf)
         return buf[:n].view(shape)
 
-    def _v(self, w_base: torch.Tensor, w_aligned: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """V = W_aligned − W_base as stored, and ‖V‖²_F, in one pass over row blocks.
-
-        Each block is built in the compute dtype and its squared norm added up in Python floats
-        while it is in cache (a float32 norm over all 16M entries of a 4096² V is off by ~1e-3;
-        per-block dots by a few 1e-6).
-        """
-        rows, cols = w_base.shape
-        if self.device.type == "cpu":
-            block_bytes = _BLOCK_BYTES_PER_THREAD * torch.get_num_threads()
-            step = max(1, block_bytes // (cols * self.dtype.itemsize))
-        else:
-            step = rows  # one block: on accelerators the loop would only add launches and syncs
-        v = self._buffer("_workspace", (rows, cols))
-        norm2 = 0.0
-        for r0 in range(0, rows, step):
-            s = v[r0 : r0 + step]
-            # In-place ops with a lower-precision operand promote to the workspace's dtype: V is
-            # exact for fp16/bf16 weights, no fp16 subtraction ever happens.
-            s.copy_(w_aligned[r0 : r0 + step])
-            s.sub_(w_base[r0 : r0 + step].to(self.device))
-            flat = s.view(-1)
-            norm2 += float(torch.dot(flat, flat))
-        return v, norm2
+    def workspace(self, numel: int) -> torch.Tensor:
+        """A flat buffer in the compute dtype and device, for ``build_v`` on another thread."""
+        return torch.empty(numel, dtype=self.dtype, device=self.device)
 
     def operator(
         self,
@@ -119,12 +132,12 @@ class Projector:
         names: tuple[str, str] = ("W_base", "W_aligned"),
     ) -> Operator:
         """C or V for one module. ``transpose``: weights are stored in×out (Conv1D)."""
-        v, norm2 = self._v(w_base, w_aligned)
+        v = self._buffer("_workspace", (w_base.shape[0], w_base.shape[1]))
+        return self.operator_from(v, build_v(w_base, w_aligned, v, names), transpose=transpose)
+
+    def operator_from(self, v: torch.Tensor, norm2: float, *, transpose: bool = False) -> Operator:
+        """C or V from ``build_v``'s V (as stored) and ‖V‖²; a V-kind operator's matrix is ``v`` itself."""
         norm = math.sqrt(norm2)
-        if not math.isfinite(norm):
-            _check_finite(w_base, names[0])
-            _check_finite(w_aligned, names[1])
-            raise NumericError(f"{names[0]} − {names[1]}: ‖V‖ overflows {self.dtype}; use --precision float64")
         if transpose:
             # Contiguous, like an operator loaded from the cache: the same matmul kernels then run
             # on the same layout, so cached and fresh runs give identical bytes.
