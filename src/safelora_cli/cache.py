@@ -3,7 +3,7 @@
 Layout under the root (``SAFELORA_CACHE``, else ``$XDG_CACHE_HOME/safelora``, else ``~/.cache/safelora``):
 
     pairs/<pair key>/pair.json                which checkpoints: repo id + commit sha, or path + fingerprint
-    pairs/<pair key>/<entry key>.safetensors  one module's operator (C or V, float32) and its metadata
+    pairs/<pair key>/<entry key>.safetensors  one module's operator (V, float32) and its metadata
     pairs/<pair key>/.lock                    flock'd by the run that computes missing entries
     refs/<key>.json                           the last commit seen for each Hub branch or tag
 
@@ -39,11 +39,11 @@ from . import stfile
 from .errors import CacheError, FormatError
 from .projection import Operator, OperatorKind
 
-FORMAT = "1"  # bump when what an entry means changes; old pairs then simply stop matching
+FORMAT = "2"  # bump when what an entry means changes; old pairs then simply stop matching
 _META = "safelora.cache."
 _TENSOR = "operator"
 _TMP = ".tmp-"
-_KINDS: dict[str, OperatorKind] = {"C": "C", "V": "V", "zero": "zero"}
+_KINDS: dict[str, OperatorKind] = {"V": "V", "zero": "zero"}
 
 
 def cache_root() -> Path:
@@ -292,7 +292,7 @@ def _check_meta(header: stfile.Header, module: str, transpose: bool) -> tuple[Op
         raise FormatError("metadata is missing or malformed") from None
     if meta.get(_META + "format") != FORMAT or not same:
         raise FormatError("it belongs to another module or format")
-    shape = {"C": (out, out), "V": (out, inp), "zero": (0, 0)}[kind]
+    shape = {"V": (out, inp), "zero": (0, 0)}[kind]
     if entry is None or entry.dtype != "F32" or entry.shape != shape or len(header.tensors) != 1:
         raise FormatError(f"expected one F32 tensor of shape {list(shape)}")
     if not (norm > 0 if kind != "zero" else norm == 0) or norm == float("inf"):
