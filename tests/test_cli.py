@@ -234,3 +234,18 @@ def test_python_dash_m_runs_the_cli() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "--num-layers" in result.stdout and "--adapter" in result.stdout
+
+
+def test_a_local_run_imports_neither_the_hub_stack_nor_yaml(adapter_dir: Path, pair_args: tuple[str, ...]) -> None:
+    """huggingface_hub (with its HTTP stack) and PyYAML cost ~0.35 s of every start-up: a run on
+    local checkpoints without --config or --preset must not pay for them."""
+    args = ["project", *pair_args, "--adapter", str(adapter_dir), "--dry-run", "--quiet"]
+    code = (
+        "import sys\n"
+        "from safelora_cli.cli import app\n"
+        f"app({args!r}, standalone_mode=False)\n"
+        "print(sorted(m for m in ('huggingface_hub', 'httpx2', 'yaml') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -29,7 +29,7 @@ import safelora_cli
 from safelora_cli import hub as hub_module
 from safelora_cli.adapter import ADAPTER_FILE
 from safelora_cli.cache import ProjectionCache
-from safelora_cli.hub import parse_ref
+from safelora_cli.sources import HubRef, parse_ref
 from safelora_cli.stfile import read_header
 
 Cli = Callable[..., Result]
@@ -113,9 +113,9 @@ def one_line_error(r: Result) -> str:
 
 
 def test_parse_ref() -> None:
-    assert parse_ref("meta-llama/Llama-2-7b-hf") == hub_module.HubRef("meta-llama/Llama-2-7b-hf", None)
-    assert parse_ref("org/name@v1.0") == hub_module.HubRef("org/name", "v1.0")
-    assert parse_ref("org/name@refs/pr/1") == hub_module.HubRef("org/name", "refs/pr/1")
+    assert parse_ref("meta-llama/Llama-2-7b-hf") == HubRef("meta-llama/Llama-2-7b-hf", None)
+    assert parse_ref("org/name@v1.0") == HubRef("org/name", "v1.0")
+    assert parse_ref("org/name@refs/pr/1") == HubRef("org/name", "refs/pr/1")
     for not_a_repo in ("name", "org/name/extra", "./org/name", "/abs/path", "org/name@", "org/../x", "org--x/y"):
         assert parse_ref(not_a_repo) is None, not_a_repo
 

@@ -21,7 +21,6 @@ from . import demo as demo_data
 from .adapter import load_adapter
 from .cache import ProjectionCache
 from .errors import SafeLoraError
-from .hub import Hub, QuietTransfer, Transfer, open_source, parse_ref
 from .pipeline import Device, Precision, Report, Settings, project_adapter, project_adapters, source_info
 from .report import (
     RunDisplay,
@@ -36,7 +35,7 @@ from .report import (
     size,
     to_json,
 )
-from .sources import Source, open_local
+from .sources import Hub, QuietTransfer, Source, Transfer, open_local, open_source, parse_ref
 
 app = typer.Typer(
     help="Safe LoRA for PEFT adapters: project each LoRA update onto the alignment subspace of "

@@ -10,14 +10,12 @@ in pieces: their shards are downloaded whole into the Hugging Face cache, with a
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
-from typing import Protocol
 
 import httpx2
 import torch
@@ -33,143 +31,34 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_backoff
 
 from . import __version__, stfile
-from .cache import RefMemo
-from .errors import HubError, SourceError, UsageError
+from .errors import HubError, SourceError
 from .sources import (
     BIN_INDEX,
     BIN_SINGLE,
     SAFETENSORS_INDEX,
     SAFETENSORS_SINGLE,
+    Hub,
+    HubRef,
     Source,
     TorchBinSource,
-    open_local,
+    Transfer,
     open_shard,
     parse_index,
 )
 
-HF_PREFIX = "hf://"
 _SHA = re.compile(r"^[0-9a-f]{40}$")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
-_TRUE = {"1", "ON", "YES", "TRUE"}
 _CHUNK = 1 << 20
 _RETRIES = 3  # per request, for dropped connections, 429 and 5xx
 _BACKOFF = 1.0  # seconds before the first retry; doubles after each
 
 
-@dataclass(frozen=True)
-class HubRef:
-    """``org/name`` with an optional branch, tag or commit sha."""
-
-    repo_id: str
-    revision: str | None
-
-
-def parse_ref(text: str) -> HubRef | None:
-    """``org/name`` or ``org/name@revision`` as a ``HubRef``; None when ``text`` is not one."""
-    repo_id, at, revision = text.partition("@")
-    if not _REPO_ID.match(repo_id) or "--" in repo_id or ".." in repo_id or (at and not revision):
-        return None
-    return HubRef(repo_id, revision or None)
-
-
-def hf_cache_dir() -> Path:
-    """The Hugging Face cache, as huggingface_hub finds it: HF_HUB_CACHE, HF_HOME/hub, XDG, ~/.cache."""
-    env = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
-    if env:
-        return Path(env).expanduser()
-    home = os.environ.get("HF_HOME")
-    if home:
-        return Path(home).expanduser() / "hub"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "huggingface" / "hub"
-
-
-@dataclass(frozen=True)
-class Hub:
-    """Where and how to reach the Hub. Read from the environment when a run starts (not at import)."""
-
-    endpoint: str
-    token: str | None = field(repr=False)
-    hf_cache: Path
-    offline: bool
-    refs: RefMemo | None  # safelora's record of branch → commit, for offline runs; None with --no-cache
-
-    @classmethod
-    def from_env(cls, token: str | None, refs: RefMemo | None) -> Hub:
-        """HF_ENDPOINT, HF_HUB_OFFLINE and the Hugging Face cache; the token is --token, else HF_TOKEN,
-        else the stored login."""
-        return cls(
-            endpoint=(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/"),
-            token=token or get_token(),
-            hf_cache=hf_cache_dir(),
-            offline=os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in _TRUE,
-            refs=refs,
-        )
-
-    def api(self) -> HfApi:
-        return HfApi(
-            endpoint=self.endpoint, token=self.token or False, library_name="safelora", library_version=__version__
-        )
-
-    def headers(self) -> dict[str, str]:
-        headers = build_hf_headers(token=self.token or False, library_name="safelora", library_version=__version__)
-        headers["Accept-Encoding"] = "identity"  # byte ranges of the file as stored
-        return headers
-
-    def repo_cache(self, repo_id: str) -> Path:
-        """The repo's folder in the Hugging Face cache (``refs/``, ``snapshots/``)."""
-        return self.hf_cache / f"models--{repo_id.replace('/', '--')}"
-
-    def snapshot(self, repo_id: str, sha: str) -> Path:
-        return self.repo_cache(repo_id) / "snapshots" / sha
-
-
-class Transfer(Protocol):
-    """How a Hub source reports progress and warnings (the CLI draws a Rich progress bar)."""
-
-    def task(self, label: str, total: int) -> Callable[[int], None]:
-        """Start a byte counter of ``total`` bytes; returns the function that advances it."""
-
-    def warn(self, message: str) -> None:
-        """Tell the user now (e.g. before a large download)."""
-
-
-class QuietTransfer:
-    """A ``Transfer`` that shows nothing: for uses that download no weights (``safelora check``)."""
-
-    def task(self, label: str, total: int) -> Callable[[int], None]:
-        return lambda n: None
-
-    def warn(self, message: str) -> None:
-        pass
-
-
-def open_source(
-    spec: str, revision: str | None, *, flag: str, hub: Hub, transfer: Transfer, notes: list[str]
-) -> Source:
-    """A local checkpoint or a Hub repo, from what the user typed.
-
-    ``hf://org/name`` is always the Hub; an existing local path is always local (as in transformers);
-    otherwise ``org/name[@revision]`` is the Hub. The report names which one was used.
-    """
-    forced = spec.startswith(HF_PREFIX)
-    ref = parse_ref(spec.removeprefix(HF_PREFIX))
-    if not forced and (ref is None or Path(spec).exists()):
-        if revision is not None:
-            raise UsageError(f"{flag}-revision: {spec} is a local path; revisions apply to Hub repos")
-        return open_local(Path(spec))
-    if ref is None:
-        raise SourceError(f"{spec}: not a Hub repo id; write org/name or org/name@revision")
-    if ref.revision is not None and revision is not None and ref.revision != revision:
-        raise UsageError(f"{flag}: revision given twice ({spec} and {flag}-revision {revision}); give one")
-    source = open_hub(HubRef(ref.repo_id, ref.revision or revision), hub, transfer)
-    notes.append(f"{flag} {ref.repo_id}@{source.requested} is commit {source.sha}")
-    return source
-
-
 def open_hub(ref: HubRef, hub: Hub, transfer: Transfer) -> HubSource:
-    """Resolve ``ref`` to its commit: one API call, none with HF_HUB_OFFLINE=1 or a cached commit sha."""
+    """Resolve ``ref`` to its commit: one API call, none with HF_HUB_OFFLINE=1 or a cached commit sha.
+
+    The token is --token, else HF_TOKEN, else the stored login (looked up here, not at start-up).
+    """
+    hub = replace(hub, token=hub.token or get_token())
     revision = ref.revision or "main"
     if hub.offline:
         sha = _offline_sha(ref.repo_id, revision, hub)
@@ -177,13 +66,23 @@ def open_hub(ref: HubRef, hub: Hub, transfer: Transfer) -> HubSource:
     if _SHA.match(revision) and _complete(hub.snapshot(ref.repo_id, revision)):
         return HubSource(ref.repo_id, revision, revision, None, hub, transfer)
     with _translate(hub, ref.repo_id, f"{ref.repo_id}@{revision}"):
-        info = hub.api().model_info(ref.repo_id, revision=revision)
+        info = _api(hub).model_info(ref.repo_id, revision=revision)
     if info.sha is None:
         raise HubError(f"{ref.repo_id}@{revision}: the Hub did not say which commit this is")
     if hub.refs is not None and info.sha != revision:
         hub.refs.put(hub.endpoint, ref.repo_id, revision, info.sha)
     files = [s.rfilename for s in info.siblings or []]
     return HubSource(ref.repo_id, revision, info.sha, files, hub, transfer)
+
+
+def _api(hub: Hub) -> HfApi:
+    return HfApi(endpoint=hub.endpoint, token=hub.token or False, library_name="safelora", library_version=__version__)
+
+
+def _headers(hub: Hub) -> dict[str, str]:
+    headers = build_hf_headers(token=hub.token or False, library_name="safelora", library_version=__version__)
+    headers["Accept-Encoding"] = "identity"  # byte ranges of the file as stored
+    return headers
 
 
 def _offline_sha(repo_id: str, revision: str, hub: Hub) -> str:
@@ -291,7 +190,7 @@ class _Stream:
 
     def _open(self) -> Iterator[bytes]:
         client = get_session()
-        headers = {**self.shard.source.hub.headers(), "Range": f"bytes={self.pos}-{self.end - 1}"}
+        headers = {**_headers(self.shard.source.hub), "Range": f"bytes={self.pos}-{self.end - 1}"}
         resp = client.send(client.build_request("GET", self.shard.url, headers=headers), stream=True)
         if resp.status_code == 429 or resp.status_code >= 500:
             resp.close()
@@ -377,7 +276,7 @@ class _RemoteShard:
         self._stream: _Stream | None = None
 
     def _get(self, start: int, end: int) -> tuple[bytes, int]:
-        headers = {**self.source.hub.headers(), "Range": f"bytes={start}-{end - 1}"}
+        headers = {**_headers(self.source.hub), "Range": f"bytes={start}-{end - 1}"}
         with _translate(self.source.hub, self.source.repo_id, self.where):
             resp = http_backoff("GET", self.url, headers=headers, max_retries=_RETRIES, base_wait_time=_BACKOFF)
             hf_raise_for_status(resp)
@@ -477,7 +376,7 @@ class HubSource(Source):
             raise self._offline_missing([filename])
         url = hf_hub_url(self.repo_id, filename, revision=self.sha, endpoint=self.hub.endpoint)
         with _translate(self.hub, self.repo_id, self.where(filename)):
-            resp = http_backoff("GET", url, headers=self.hub.headers(), max_retries=_RETRIES, base_wait_time=_BACKOFF)
+            resp = http_backoff("GET", url, headers=_headers(self.hub), max_retries=_RETRIES, base_wait_time=_BACKOFF)
             hf_raise_for_status(resp)
         self.bytes_downloaded += len(resp.content)
         return resp.content
@@ -539,7 +438,7 @@ class HubSource(Source):
         if self.hub.offline:
             raise self._offline_missing(missing)
         with _translate(self.hub, self.repo_id, self.where()):
-            infos = self.hub.api().get_paths_info(self.repo_id, missing, revision=self.sha)
+            infos = _api(self.hub).get_paths_info(self.repo_id, missing, revision=self.sha)
         sizes = {i.path: getattr(i, "size", 0) for i in infos}
         total = sum(sizes.values())
         self._transfer.warn(

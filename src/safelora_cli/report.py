@@ -166,7 +166,7 @@ def size(nbytes: int) -> str:
 class RunDisplay:
     """What a terminal shows while a run works: a byte bar per Hub download above the module bar.
 
-    Implements ``hub.Transfer`` (bars are advanced from the reading thread; Rich locks internally)
+    Implements ``sources.Transfer`` (bars are advanced from the reading thread; Rich locks internally)
     and gives the pipeline's ``on_module`` callback. Transient; nothing at all is drawn when
     ``console`` is not a terminal, and nothing is printed when disabled (--quiet).
     """

@@ -1,4 +1,8 @@
-"""Where base and aligned weights come from: one tensor at a time, never a whole model."""
+"""Where base and aligned weights come from: one tensor at a time, never a whole model.
+
+Local checkpoints are read here; a Hub reference is recognised here and read by ``hub``, which
+is imported only by runs that use the Hub.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +10,25 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import zipfile
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
 from io import BufferedReader
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from . import stfile
-from .errors import SourceError
+from .cache import RefMemo
+from .errors import SourceError, UsageError
 
+HF_PREFIX = "hf://"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_TRUE = {"1", "ON", "YES", "TRUE"}
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_SINGLE = "pytorch_model.bin"
@@ -291,3 +302,106 @@ def open_local(path: Path) -> Source:
 def _single_safetensors(label: str, path: Path) -> SafetensorsSource:
     header = stfile.read_header(path)
     return SafetensorsSource(label, dict.fromkeys(header.tensors, path), [path], {path: header})
+
+
+@dataclass(frozen=True)
+class HubRef:
+    """``org/name`` with an optional branch, tag or commit sha."""
+
+    repo_id: str
+    revision: str | None
+
+
+def parse_ref(text: str) -> HubRef | None:
+    """``org/name`` or ``org/name@revision`` as a ``HubRef``; None when ``text`` is not one."""
+    repo_id, at, revision = text.partition("@")
+    if not _REPO_ID.match(repo_id) or "--" in repo_id or ".." in repo_id or (at and not revision):
+        return None
+    return HubRef(repo_id, revision or None)
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face cache, as huggingface_hub finds it: HF_HUB_CACHE, HF_HOME/hub, XDG, ~/.cache."""
+    env = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if env:
+        return Path(env).expanduser()
+    home = os.environ.get("HF_HOME")
+    if home:
+        return Path(home).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "huggingface" / "hub"
+
+
+@dataclass(frozen=True)
+class Hub:
+    """Where and how to reach the Hub. Read from the environment when a run starts (not at import)."""
+
+    endpoint: str
+    token: str | None = field(repr=False)  # --token; ``hub.open_hub`` falls back to HF_TOKEN, then the login
+    hf_cache: Path
+    offline: bool
+    refs: RefMemo | None  # safelora's record of branch → commit, for offline runs; None with --no-cache
+
+    @classmethod
+    def from_env(cls, token: str | None, refs: RefMemo | None) -> Hub:
+        """HF_ENDPOINT, HF_HUB_OFFLINE and the Hugging Face cache, and the --token given (if any)."""
+        return cls(
+            endpoint=(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/"),
+            token=token,
+            hf_cache=hf_cache_dir(),
+            offline=os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in _TRUE,
+            refs=refs,
+        )
+
+    def repo_cache(self, repo_id: str) -> Path:
+        """The repo's folder in the Hugging Face cache (``refs/``, ``snapshots/``)."""
+        return self.hf_cache / f"models--{repo_id.replace('/', '--')}"
+
+    def snapshot(self, repo_id: str, sha: str) -> Path:
+        return self.repo_cache(repo_id) / "snapshots" / sha
+
+
+class Transfer(Protocol):
+    """How a Hub source reports progress and warnings (the CLI draws a Rich progress bar)."""
+
+    def task(self, label: str, total: int) -> Callable[[int], None]:
+        """Start a byte counter of ``total`` bytes; returns the function that advances it."""
+
+    def warn(self, message: str) -> None:
+        """Tell the user now (e.g. before a large download)."""
+
+
+class QuietTransfer:
+    """A ``Transfer`` that shows nothing: for uses that download no weights (``safelora check``)."""
+
+    def task(self, label: str, total: int) -> Callable[[int], None]:
+        return lambda n: None
+
+    def warn(self, message: str) -> None:
+        pass
+
+
+def open_source(
+    spec: str, revision: str | None, *, flag: str, hub: Hub, transfer: Transfer, notes: list[str]
+) -> Source:
+    """A local checkpoint or a Hub repo, from what the user typed.
+
+    ``hf://org/name`` is always the Hub; an existing local path is always local (as in transformers);
+    otherwise ``org/name[@revision]`` is the Hub. The report names which one was used.
+    """
+    forced = spec.startswith(HF_PREFIX)
+    ref = parse_ref(spec.removeprefix(HF_PREFIX))
+    if not forced and (ref is None or Path(spec).exists()):
+        if revision is not None:
+            raise UsageError(f"{flag}-revision: {spec} is a local path; revisions apply to Hub repos")
+        return open_local(Path(spec))
+    if ref is None:
+        raise SourceError(f"{spec}: not a Hub repo id; write org/name or org/name@revision")
+    if ref.revision is not None and revision is not None and ref.revision != revision:
+        raise UsageError(f"{flag}: revision given twice ({spec} and {flag}-revision {revision}); give one")
+    # huggingface_hub and its HTTP stack cost ~0.25 s to import: only runs that use the Hub pay it.
+    from .hub import open_hub
+
+    source = open_hub(HubRef(ref.repo_id, ref.revision or revision), hub, transfer)
+    notes.append(f"{flag} {ref.repo_id}@{source.requested} is commit {source.sha}")
+    return source
