@@ -54,22 +54,82 @@ def _raise(error: BaseException) -> Callable[..., None]:
     return fail
 
 
-@pytest.mark.parametrize("output", [False, True], ids=["in-place", "output"])
 def test_failed_rename_leaves_the_original_and_no_temp_file(
-    llama_pair: Pair, adapter_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, output: bool
+    llama_pair: Pair, adapter_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The last step before the new file exists: a full disk there must change nothing."""
     before = snapshot(adapter_dir)
-    out = tmp_path / "out" if output else None
     monkeypatch.setattr(adapter_module.os, "replace", _raise(OSError(errno.ENOSPC, "No space left on device")))
 
     with pytest.raises(AdapterError, match=r"No space left on device.*original file is unchanged"):
+        project(llama_pair, adapter_dir)
+
+    assert snapshot(adapter_dir) == before
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "empty"])
+@pytest.mark.parametrize(
+    "failure", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()], ids=["full-disk", "interrupt"]
+)
+def test_failed_output_leaves_no_directory_and_no_temp_files(
+    llama_pair: Pair,
+    adapter_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    existing: bool,
+    failure: BaseException,
+) -> None:
+    """--output appears whole or not at all: a failure at its last step leaves a new one absent and
+    an empty one empty, with no half-written adapter that a rerun would have to --force over."""
+    before = snapshot(adapter_dir)
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+    monkeypatch.setattr(adapter_module.os, "rename", _raise(failure))
+
+    with (
+        pytest.raises(type(failure))
+        if isinstance(failure, KeyboardInterrupt)
+        else pytest.raises(AdapterError, match=r"No space left on device.*nothing was written there")
+    ):
         project(llama_pair, adapter_dir, output=out)
 
     assert snapshot(adapter_dir) == before
-    if out is not None:
-        assert ADAPTER_FILE not in snapshot(out)
-        assert not [name for name in snapshot(out) if TMP_MARK in name]
+    assert (out.is_dir() and not any(out.iterdir())) if existing else not out.exists()
+    assert not [p.name for p in tmp_path.iterdir() if TMP_MARK in p.name]
+    monkeypatch.undo()
+    assert project(llama_pair, adapter_dir, output=out).written, "a rerun needs no --force"
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "empty"])
+def test_output_is_a_complete_directory_with_the_usual_modes(
+    llama_pair: Pair, adapter_dir: Path, tmp_path: Path, existing: bool
+) -> None:
+    out = tmp_path / "nested" / "out"
+    if existing:
+        out.mkdir(parents=True)
+    project(llama_pair, adapter_dir, output=out)
+    assert set(snapshot(out)) == set(snapshot(adapter_dir))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (out / ADAPTER_FILE).stat().st_mode & 0o777 == (adapter_dir / ADAPTER_FILE).stat().st_mode & 0o777
+
+
+def test_a_run_to_an_output_removes_what_killed_runs_left_beside_it(
+    llama_pair: Pair, adapter_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    stale = tmp_path / f".out{TMP_MARK}{dead_pid()}-abcd"
+    stale.mkdir()
+    (stale / "adapter_config.json").write_text("{}")
+    live = tmp_path / f".out{TMP_MARK}{os.getpid()}-abcd"  # a concurrent run's: kept
+    live.mkdir()
+
+    project(llama_pair, adapter_dir, output=out)
+
+    assert not stale.exists() and live.is_dir()
+    assert (out / ADAPTER_FILE).is_file()
 
 
 def test_interrupt_before_the_rename_leaves_the_original_and_no_temp_file(

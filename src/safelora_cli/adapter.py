@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import time
@@ -366,31 +368,91 @@ def write_adapter(
     metadata.update(provenance)
     metadata[PROVENANCE_PREFIX + "digest"] = digest(blobs)
     chunks = stfile.serialize(blobs, metadata)
-    target_dir = adapter.path if output is None else _prepare_output(adapter.path, output, overwrite_output)
-    target = target_dir / ADAPTER_FILE
-    atomic_write(target, chunks, mode=adapter.file.stat().st_mode & 0o777)
+    mode = adapter.file.stat().st_mode & 0o777
+    if output is not None:
+        return _write_output(adapter.path, output, chunks, mode, overwrite_output)
+    target = adapter.path / ADAPTER_FILE
+    atomic_write(target, chunks, mode=mode)
     return target
 
 
-def _prepare_output(src: Path, output: Path, overwrite: bool) -> Path:
+def _write_output(src: Path, output: Path, chunks: list[bytes], mode: int, overwrite: bool) -> Path:
+    """A complete adapter directory at ``output``: the new weights and a copy of every other file.
+
+    A new or empty ``output`` appears whole or not at all: the directory is assembled beside it and
+    renamed into place, so a failure or a crash leaves it as it was (a killed run's temp directory
+    is removed by the next run that writes there). Reusing a non-empty one (--force) copies the
+    files into it one by one, the weights atomically.
+    """
     if output.resolve() == src.resolve():
         raise AdapterError(f"{output}: is the adapter directory itself; drop --output to patch in place")
     if output.exists() and not output.is_dir():
         raise AdapterError(f"{output}: exists and is not a directory; choose another --output")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise AdapterError(f"{output}: exists and is not empty; choose another --output or pass --force")
+    if output.is_dir() and any(output.iterdir()):
+        if not overwrite:
+            raise AdapterError(f"{output}: exists and is not empty; choose another --output or pass --force")
+        _copy_files(src, output, output)
+        atomic_write(output / ADAPTER_FILE, chunks, mode=mode)
+        return output / ADAPTER_FILE
+    parent = output.absolute().parent
+    prefix = f".{output.name}{TMP_MARK}"
     try:
-        output.mkdir(parents=True, exist_ok=True)
+        parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(parent, prefix)
+        # Made by mkdir, not mkdtemp (0700), so it ends up with the mode any new directory would get.
+        staging = parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
+        staging.mkdir()
+    except OSError as e:
+        raise AdapterError(f"{output}: cannot write ({e.strerror}); choose a writable --output") from None
+    try:
+        _copy_files(src, staging, output)
+        with (staging / ADAPTER_FILE).open("xb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            os.fchmod(f.fileno(), mode)
+        for path in (*staging.rglob("*"), staging):
+            if not path.is_symlink():
+                _fsync(path)
+        _test_pause()
+        os.rename(staging, output)  # onto a missing or an empty directory, never a full one
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise AdapterError(
+            f"{output}: write failed ({e.strerror}); nothing was written there. Free some space or choose "
+            "another --output"
+        ) from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    try:
+        stfile.fsync_dir(parent)
+    except OSError as e:
+        raise AdapterError(
+            f"{output}: written, but syncing {parent} failed ({e.strerror}); a crash may still undo the write"
+        ) from None
+    return output / ADAPTER_FILE
+
+
+def _copy_files(src: Path, dst: Path, output: Path) -> None:
+    """Every file of the adapter directory but its weights (and our temp files) into ``dst``."""
+    try:
         for item in src.iterdir():
             if item.name == ADAPTER_FILE or TMP_MARK in item.name:
                 continue
             if item.is_dir():
-                shutil.copytree(item, output / item.name, dirs_exist_ok=True)
+                shutil.copytree(item, dst / item.name, dirs_exist_ok=True)
             else:
-                shutil.copy2(item, output / item.name)
+                shutil.copy2(item, dst / item.name)
     except OSError as e:
         raise AdapterError(f"{output}: cannot write ({e.strerror}); choose a writable --output") from None
-    return output
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextmanager
@@ -426,7 +488,7 @@ def rewrite_lock(path: Path, on_wait: Callable[[], None] = lambda: None) -> Iter
 
 def _test_pause() -> None:
     """Test-only: SAFELORA_TEST_WRITE_DELAY (seconds) stretches each step of ``atomic_write`` so that
-    tests/test_crash.py can land SIGKILL between the steps. Unset, as outside the tests, it does nothing."""
+    tests/test_processes.py can land SIGKILL between the steps. Unset, as outside the tests, it does nothing."""
     delay = os.environ.get("SAFELORA_TEST_WRITE_DELAY")
     if delay:
         time.sleep(float(delay))
@@ -469,17 +531,21 @@ def atomic_write(target: Path, chunks: list[bytes], mode: int = 0o644) -> None:
         ) from None
 
 
-def clean_stale_temps(directory: Path) -> list[Path]:
-    """Remove temp files that killed runs left beside the adapter; returns what was removed.
+def clean_stale_temps(directory: Path, prefix: str = f".{ADAPTER_FILE}{TMP_MARK}") -> list[Path]:
+    """Remove the temp files (or directories) that killed runs left in ``directory``; returns them.
 
-    A temp file names the pid that wrote it; files of live processes (a concurrent run) are kept.
+    A temp name is ``prefix`` then the pid that made it; those of live processes (a concurrent
+    run) are kept.
     """
     removed = []
-    for p in directory.glob(f".{ADAPTER_FILE}{TMP_MARK}*"):
-        pid = p.name.removeprefix(f".{ADAPTER_FILE}{TMP_MARK}").split("-", 1)[0]
+    for p in directory.glob(f"{glob.escape(prefix)}*"):
+        pid = p.name.removeprefix(prefix).split("-", 1)[0]
         if pid.isdigit() and _alive(int(pid)):
             continue
-        p.unlink(missing_ok=True)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
         removed.append(p)
     return removed
 
