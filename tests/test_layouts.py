@@ -202,6 +202,40 @@ def test_checkpoint_names_with_an_extra_prefix(
     )
 
 
+@pytest.mark.parametrize("adapter_side", ["new", "old"])
+def test_multimodal_names_on_either_side_of_the_transformers_rename(
+    llama_pair: tuple[Path, Path], llama_adapter: Path, tmp_path: Path, adapter_side: str
+) -> None:
+    """transformers 4.52 renamed ``language_model.model.*`` to ``model.language_model.*``: an adapter
+    made on one side pairs with a checkpoint saved on the other, in both directions."""
+    new, old = "model.language_model.", "language_model.model."
+    adapter_prefix, checkpoint_prefix = (new, old) if adapter_side == "new" else (old, new)
+    dirs = []
+    for d in llama_pair:
+        state = {
+            checkpoint_prefix + k.removeprefix("model.") if k.startswith("model.") else k: v
+            for k, v in builders.load_state(d).items()
+        }
+        dirs.append(builders.save_checkpoint(state, tmp_path / d.name, "safetensors"))
+    adapter = Path(shutil.copytree(llama_adapter, tmp_path / "adapter"))
+    tensors = load_file(adapter / ADAPTER_FILE)
+    peft_prefix = "base_model.model."
+    renamed = {k.replace(peft_prefix + "model.", peft_prefix + adapter_prefix): v for k, v in tensors.items()}
+    save_file(renamed, adapter / ADAPTER_FILE, metadata={"format": "pt"})
+
+    report, out = run(adapter, dirs[0], dirs[1], tmp_path / "out")
+
+    assert all(layer.module.startswith(adapter_prefix) for layer in report.layers)
+    check_against_reference(
+        report,
+        adapter,
+        out,
+        builders.load_state(dirs[0]),
+        builders.load_state(dirs[1]),
+        weight=lambda m: checkpoint_prefix + m.removeprefix(adapter_prefix) + ".weight",
+    )
+
+
 @pytest.mark.parametrize(
     ("names", "message"),
     [

@@ -35,6 +35,17 @@ BIN_SINGLE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
 
+# transformers 4.52 renamed the language model of multimodal models (Llava, Gemma 3, Qwen2-VL…)
+# from ``language_model.model.*`` to ``model.language_model.*``: an adapter and a checkpoint saved
+# on either side of that change name the same weight each their way.
+_RENAMES = (("model.language_model.", "language_model.model."), ("language_model.model.", "model.language_model."))
+
+
+def _renamed(key: str) -> list[str]:
+    """``key`` as the other side of transformers' multimodal rename writes it (if it is such a name)."""
+    return [other + key.removeprefix(prefix) for prefix, other in _RENAMES if key.startswith(prefix)]
+
+
 class Source(ABC):
     """A checkpoint we can read single tensors from, by name."""
 
@@ -76,16 +87,21 @@ class Source(ABC):
         return f"local:{Path(self.label).resolve()}@{self.fingerprint()}"
 
     def resolve(self, module: str) -> str:
-        """The checkpoint name of ``module``'s weight: exact, else a unique suffix match either way.
+        """The checkpoint name of ``module``'s weight: exact, else a unique suffix match either way,
+        else the same for the name on the other side of transformers' multimodal rename.
 
         Checkpoints may carry a prefix the adapter's module path lacks (``language_model.``) or
         lack one it has (original GPT-2 files: ``h.0.attn.c_attn.weight``).
         """
         key = f"{module}.weight"
         names = self.names()
-        if key in names:
-            return key
-        found = sorted(n for n in names if n.endswith("." + key) or key.endswith("." + n))
+        found: list[str] = []
+        for candidate in (key, *_renamed(key)):
+            if candidate in names:
+                return candidate
+            found = sorted(n for n in names if n.endswith("." + candidate) or candidate.endswith("." + n))
+            if found:
+                break
         if len(found) == 1:
             return found[0]
         if not found:
