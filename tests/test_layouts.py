@@ -19,7 +19,7 @@ import pytest
 import reference
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import GPT2LMHeadModel, Qwen2ForCausalLM
+from transformers import GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM
 from typer.testing import CliRunner
 
 from safelora_cli.adapter import ADAPTER_FILE
@@ -233,6 +233,33 @@ def test_multimodal_names_on_either_side_of_the_transformers_rename(
         builders.load_state(dirs[0]),
         builders.load_state(dirs[1]),
         weight=lambda m: checkpoint_prefix + m.removeprefix(adapter_prefix) + ".weight",
+    )
+
+
+def test_a_tied_lm_head_is_paired_with_the_input_embeddings(tmp_path: Path) -> None:
+    """With tie_word_embeddings a checkpoint stores no lm_head.weight: the head is the embedding
+    matrix, and its V is the embeddings' difference."""
+    config = builders.llama_config(tie_word_embeddings=True)
+    base_dir, aligned_dir = builders.save_pair(LlamaForCausalLM, config, tmp_path / "tied", max_shard_size=None)
+    aligned = builders.load_state(aligned_dir)
+    assert "lm_head.weight" not in aligned
+    g = torch.Generator().manual_seed(3)
+    embed = aligned["model.embed_tokens.weight"]
+    embed += torch.randn(embed.shape[0], 4, generator=g) @ torch.randn(4, embed.shape[1], generator=g) * 1e-2
+    save_file(aligned, aligned_dir / "model.safetensors", metadata={"format": "pt"})
+    adapter = builders.make_adapter(aligned_dir, tmp_path / "adapter", target_modules=["q_proj", "lm_head"])
+
+    report, out = run(adapter, base_dir, aligned_dir, tmp_path / "out")
+
+    head = next(layer for layer in report.layers if layer.module == "lm_head")
+    assert head.similarity is not None
+    check_against_reference(
+        report,
+        adapter,
+        out,
+        builders.load_state(base_dir),
+        aligned,
+        weight=lambda m: "model.embed_tokens.weight" if m == "lm_head" else f"{m}.weight",
     )
 
 

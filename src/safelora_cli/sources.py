@@ -41,6 +41,10 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 _RENAMES = (("model.language_model.", "language_model.model."), ("language_model.model.", "model.language_model."))
 
 
+# The input embedding matrix, as the architectures whose lm_head may be tied to it name it.
+_INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+
+
 def _renamed(key: str) -> list[str]:
     """``key`` as the other side of transformers' multimodal rename writes it (if it is such a name)."""
     return [other + key.removeprefix(prefix) for prefix, other in _RENAMES if key.startswith(prefix)]
@@ -88,7 +92,8 @@ class Source(ABC):
 
     def resolve(self, module: str) -> str:
         """The checkpoint name of ``module``'s weight: exact, else a unique suffix match either way,
-        else the same for the name on the other side of transformers' multimodal rename.
+        else the same for the name on the other side of transformers' multimodal rename; for an
+        ``lm_head`` the checkpoint does not store (tied), the input embeddings.
 
         Checkpoints may carry a prefix the adapter's module path lacks (``language_model.``) or
         lack one it has (original GPT-2 files: ``h.0.attn.c_attn.weight``).
@@ -102,6 +107,9 @@ class Source(ABC):
             found = sorted(n for n in names if n.endswith("." + candidate) or candidate.endswith("." + n))
             if found:
                 break
+        if not found and module.rsplit(".", 1)[-1] == "lm_head":
+            # A head tied to the input embeddings (tie_word_embeddings) is not saved: it is that matrix.
+            found = sorted(n for n in names if any(n == e or n.endswith("." + e) for e in _INPUT_EMBEDDINGS))
         if len(found) == 1:
             return found[0]
         if not found:
