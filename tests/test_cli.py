@@ -249,3 +249,22 @@ def test_a_local_run_imports_neither_the_hub_stack_nor_yaml(adapter_dir: Path, p
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["project", "--help"], ["cache", "--help"]])
+def test_help_and_version_answer_without_importing_torch(args: list[str]) -> None:
+    """torch takes seconds to import; --help, --version and shell completion must not wait for it."""
+    code = (
+        "import sys\n"
+        "from safelora_cli.cli import main\n"
+        f"sys.argv = ['safelora', *{args!r}]\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "print('torch' in sys.modules, file=sys.stderr)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "False"
+    assert result.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import importlib
 import json
 import os
 import sys
@@ -11,31 +12,38 @@ import traceback
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
-from . import __version__, audit, config
-from . import demo as demo_data
-from .adapter import load_adapter
-from .cache import ProjectionCache
+from . import __version__, config
 from .errors import SafeLoraError
-from .pipeline import Device, Precision, Report, Settings, project_adapter, project_adapters, source_info
-from .report import (
-    RunDisplay,
-    cache_json,
-    check_to_json,
-    dumps,
-    inspection_to_json,
-    render,
-    render_cache,
-    render_check,
-    render_inspection,
-    size,
-    to_json,
-)
-from .sources import Hub, QuietTransfer, Source, Transfer, open_local, open_source, parse_ref
+
+
+class _Deferred:
+    """A module, imported when one of its attributes is first used."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
+
+
+if TYPE_CHECKING:
+    from . import adapter as adapter_io
+    from . import audit, pipeline, sources
+    from . import cache as projection_cache
+    from . import demo as demo_data
+    from . import report as rendering
+else:
+    # torch takes ~2 s to import: the modules that need it load when a command first uses them, so
+    # --help, --version and shell completion answer at once.
+    adapter_io, audit, demo_data, pipeline, projection_cache, rendering, sources = (
+        _Deferred(f"{__package__}.{name}")
+        for name in ("adapter", "audit", "demo", "pipeline", "cache", "report", "sources")
+    )
 
 app = typer.Typer(
     help="Safe LoRA for PEFT adapters: project each LoRA update onto the alignment subspace of "
@@ -127,8 +135,8 @@ ForceOpt = Annotated[
     ),
 ]
 
-_PRECISIONS: dict[str, Precision] = {"float32": "float32", "float64": "float64"}
-_DEVICES: dict[str, Device] = {"auto": "auto", "cpu": "cpu", "cuda": "cuda"}
+_PRECISIONS: dict[str, pipeline.Precision] = {"float32": "float32", "float64": "float64"}
+_DEVICES: dict[str, pipeline.Device] = {"auto": "auto", "cpu": "cpu", "cuda": "cuda"}
 
 
 def _err_console() -> Console:
@@ -204,8 +212,8 @@ def _preset_callback(ctx: typer.Context, value: str | None) -> str | None:
 
 
 def _aligned_default(adapter: Path, notes: list[str]) -> str:
-    name = load_adapter(adapter).config.base_model_name_or_path
-    if name is None or not (Path(name).is_dir() or parse_ref(name) is not None):
+    name = adapter_io.load_adapter(adapter).config.base_model_name_or_path
+    if name is None or not (Path(name).is_dir() or sources.parse_ref(name) is not None):
         hint = f" (adapter_config.json names {name!r}, neither a local directory nor a Hub repo id)" if name else ""
         raise typer.BadParameter(f"required{hint}", param_hint="--aligned")
     notes.append(f"--aligned taken from adapter_config.json's base_model_name_or_path: {name}")
@@ -228,11 +236,11 @@ def _base_from_preset(aligned: str, notes: list[str]) -> str:
     return match.base
 
 
-def _emit(report: Report, as_json: bool, quiet: bool = False) -> None:
+def _emit(report: pipeline.Report, as_json: bool, quiet: bool = False) -> None:
     if as_json:
-        sys.stdout.write(dumps(report) + "\n")
+        sys.stdout.write(rendering.dumps(report) + "\n")
     if not quiet:
-        render(report, _err_console() if as_json else Console())
+        rendering.render(report, _err_console() if as_json else Console())
 
 
 ConfigOpt = Annotated[
@@ -294,7 +302,7 @@ def project(
             num_layers = None
         else:
             raise typer.BadParameter("give --threshold or --num-layers, not both", param_hint="--num-layers")
-    settings = Settings(
+    settings = pipeline.Settings(
         mode="number" if num_layers is not None else "threshold",
         threshold=0.5 if threshold is None else threshold,
         num_layers=num_layers,
@@ -306,9 +314,9 @@ def project(
         output=output,
     )
     notes: list[str] = []
-    with _errors(), RunDisplay(_err_console(), enabled=not quiet) as display, ExitStack() as open_files:
-        cache = None if no_cache else ProjectionCache()
-        hub = Hub.from_env(token, cache.refs if cache is not None else None)
+    with _errors(), rendering.RunDisplay(_err_console(), enabled=not quiet) as display, ExitStack() as open_files:
+        cache = None if no_cache else projection_cache.ProjectionCache()
+        hub = sources.Hub.from_env(token, cache.refs if cache is not None else None)
         adapters = _expand_adapters(adapter)
         aligned_spec = aligned if aligned is not None else _aligned_default(adapters[0], notes)
         base_spec = base if base is not None else _base_from_preset(aligned_spec, notes)
@@ -316,7 +324,7 @@ def project(
         open_files.callback(base_src.close)
         aligned_src = _open(aligned_spec, aligned_revision, "--aligned", hub, display, notes)
         open_files.callback(aligned_src.close)
-        outcomes = project_adapters(
+        outcomes = pipeline.project_adapters(
             adapters,
             base_src,
             aligned_src,
@@ -345,16 +353,18 @@ def _expand_adapters(patterns: list[str]) -> list[Path]:
     return list(dict.fromkeys(paths))
 
 
-def _emit_batch(adapters: list[Path], outcomes: list[Report | SafeLoraError], as_json: bool, quiet: bool) -> None:
+def _emit_batch(
+    adapters: list[Path], outcomes: list[pipeline.Report | SafeLoraError], as_json: bool, quiet: bool
+) -> None:
     """One report per adapter (a JSON array for several); each failure is one line; exit 1 if any failed."""
-    if len(adapters) == 1 and isinstance(outcomes[0], Report):
+    if len(adapters) == 1 and isinstance(outcomes[0], pipeline.Report):
         _emit(outcomes[0], as_json, quiet)
         return
     console = _err_console() if as_json else Console()
     for outcome in outcomes:
-        if isinstance(outcome, Report):
+        if isinstance(outcome, pipeline.Report):
             if not quiet:
-                render(outcome, console)
+                rendering.render(outcome, console)
         else:
             _err_console().print(f"[bold red]error:[/bold red] {outcome}", highlight=False, soft_wrap=True)
     failed = sum(isinstance(o, SafeLoraError) for o in outcomes)
@@ -362,7 +372,7 @@ def _emit_batch(adapters: list[Path], outcomes: list[Report | SafeLoraError], as
         console.print(f"{len(adapters) - failed} of {len(adapters)} adapters done, {failed} failed", highlight=False)
     if as_json:
         docs = [
-            to_json(o) if isinstance(o, Report) else {"adapter": str(p), "error": str(o)}
+            rendering.to_json(o) if isinstance(o, pipeline.Report) else {"adapter": str(p), "error": str(o)}
             for p, o in zip(adapters, outcomes, strict=True)
         ]
         sys.stdout.write(json.dumps(docs, indent=2, allow_nan=False) + "\n")
@@ -370,8 +380,10 @@ def _emit_batch(adapters: list[Path], outcomes: list[Report | SafeLoraError], as
         raise typer.Exit(1)
 
 
-def _open(spec: str, revision: str | None, flag: str, hub: Hub, transfer: Transfer, notes: list[str]) -> Source:
-    return open_source(spec, revision, flag=flag, hub=hub, transfer=transfer, notes=notes)
+def _open(
+    spec: str, revision: str | None, flag: str, hub: sources.Hub, transfer: sources.Transfer, notes: list[str]
+) -> sources.Source:
+    return sources.open_source(spec, revision, flag=flag, hub=hub, transfer=transfer, notes=notes)
 
 
 @app.command()
@@ -392,9 +404,9 @@ def demo(
             f"[dim]$ safelora project --base {base} --aligned {aligned} --adapter {adapter}[/dim]",
             highlight=False,
         )
-        base_src, aligned_src = open_local(base), open_local(aligned)
+        base_src, aligned_src = sources.open_local(base), sources.open_local(aligned)
         try:
-            report = project_adapter(adapter, base_src, aligned_src, Settings())
+            report = pipeline.project_adapter(adapter, base_src, aligned_src, pipeline.Settings())
         finally:
             base_src.close()
             aligned_src.close()
@@ -420,22 +432,22 @@ def check(
     with _errors():
         pair = None
         if base is not None and aligned is not None:
-            hub = Hub.from_env(None, ProjectionCache().refs)
+            hub = sources.Hub.from_env(None, projection_cache.ProjectionCache().refs)
             pair = (_identity(base, "--base", hub), _identity(aligned, "--aligned", hub))
         result = audit.check(adapter, pair)
     if as_json:
-        render_check(result, _err_console())
-        sys.stdout.write(json.dumps(check_to_json(result), indent=2) + "\n")
+        rendering.render_check(result, _err_console())
+        sys.stdout.write(json.dumps(rendering.check_to_json(result), indent=2) + "\n")
     else:
-        render_check(result, Console())
+        rendering.render_check(result, Console())
     if not result.ok:
         raise typer.Exit(3)
 
 
-def _identity(spec: str, flag: str, hub: Hub) -> str:
-    src = _open(spec, None, flag, hub, QuietTransfer(), [])
+def _identity(spec: str, flag: str, hub: sources.Hub) -> str:
+    src = _open(spec, None, flag, hub, sources.QuietTransfer(), [])
     try:
-        return source_info(src).identity
+        return pipeline.source_info(src).identity
     finally:
         src.close()
 
@@ -449,9 +461,9 @@ def inspect_(
     with _errors():
         info = audit.inspect(adapter)
     if as_json:
-        sys.stdout.write(json.dumps(inspection_to_json(info), indent=2) + "\n")
+        sys.stdout.write(json.dumps(rendering.inspection_to_json(info), indent=2) + "\n")
     else:
-        render_inspection(info, Console())
+        rendering.render_inspection(info, Console())
 
 
 cache_app = typer.Typer(
@@ -469,29 +481,29 @@ def cache_ls(
 ) -> None:
     """List cached pairs (key, base, aligned, modules, size); --json includes every module."""
     with _errors():
-        pairs = ProjectionCache().pairs()
+        pairs = projection_cache.ProjectionCache().pairs()
     if as_json:
-        sys.stdout.write(cache_json(pairs) + "\n")
+        sys.stdout.write(rendering.cache_json(pairs) + "\n")
     else:
-        render_cache(pairs, Console(), modules=modules)
+        rendering.render_cache(pairs, Console(), modules=modules)
 
 
 @cache_app.command("rm")
 def cache_rm(pair: Annotated[str, typer.Argument(help="The pair's key, or a unique prefix of it.")]) -> None:
     """Remove one pair's cached operators."""
     with _errors():
-        removed = ProjectionCache().remove(pair)
-    Console().print(f"removed pair {removed.key} ({len(removed.entries)} modules, {size(removed.nbytes)})")
+        removed = projection_cache.ProjectionCache().remove(pair)
+    Console().print(f"removed pair {removed.key} ({len(removed.entries)} modules, {rendering.size(removed.nbytes)})")
 
 
 @cache_app.command("clear")
 def cache_clear() -> None:
     """Remove every cached pair (a pair that a running safelora is computing is kept)."""
     with _errors():
-        cache = ProjectionCache()
+        cache = projection_cache.ProjectionCache()
         removed, kept = cache.clear()
     console = Console()
-    console.print(f"removed {len(removed)} pair(s), {size(sum(p.nbytes for p in removed))} from {cache.root}")
+    console.print(f"removed {len(removed)} pair(s), {rendering.size(sum(p.nbytes for p in removed))} from {cache.root}")
     for message in kept:
         _err_console().print(f"[yellow]kept:[/yellow] {message}", highlight=False)
 
