@@ -162,8 +162,7 @@ class Projector:
             return ModuleMath(None, None, None, "V = 0: aligned equals base for this module")
         b = lora_b.to(self.device, self.dtype)
         a = lora_a.to(self.device, self.dtype)
-        # (Bᵀ·V)ᵀ is Vᵀ·B, about 3× faster on CPU than the transposed-V product.
-        p = op.matrix @ (b.T @ op.matrix).T
+        p = _project(op.matrix, b)
         p.div_(op.norm)
         # Every scalar in one transfer: on a GPU each read of a value is a wait for the device.
         norms = torch.stack([torch.linalg.vector_norm(b), torch.linalg.vector_norm(p)]).double()
@@ -185,6 +184,26 @@ class Projector:
         """Similarity and C·B for one module. ``transpose``: weights are stored in×out (Conv1D)."""
         op = self.operator(w_base, w_aligned, transpose=transpose, names=(names[0], names[1]))
         return self.apply(op, lora_a, lora_b, (names[2], names[3]))
+
+
+def _project(v: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """V·(Vᵀ·B), over row blocks of V: Vᵀ·B from the last block to the first, then V·X from the first.
+
+    V was just built first row to last, so its last rows are still in cache (L3 holds ~40 MB of a
+    4096² V's 64 MB): reading them first, and then the first rows the backward pass left in cache,
+    halves what the two products read from memory.
+    """
+    rows = v.shape[0]
+    step = max(1, _BLOCK_BYTES // (v.shape[1] * v.element_size())) if v.device.type == "cpu" else rows
+    starts = range(0, rows, step)
+    xt = v.new_zeros(b.shape[1], v.shape[1])
+    for r0 in reversed(starts):
+        xt.addmm_(b[r0 : r0 + step].T, v[r0 : r0 + step])
+    x = xt.T.contiguous()
+    p = v.new_empty(rows, b.shape[1])
+    for r0 in starts:
+        torch.mm(v[r0 : r0 + step], x, out=p[r0 : r0 + step])
+    return p
 
 
 def _cosine_terms(a: torch.Tensor, b: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
