@@ -146,7 +146,7 @@ def test_failure_after_the_rename_does_not_claim_the_original_survived(
     llama_pair: Pair, adapter_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     before = (adapter_dir / ADAPTER_FILE).read_bytes()
-    monkeypatch.setattr(adapter_module.stfile, "fsync_dir", _raise(OSError(errno.EIO, "Input/output error")))
+    monkeypatch.setattr(adapter_module.stfile, "fsync", _raise(OSError(errno.EIO, "Input/output error")))
     with pytest.raises(AdapterError) as info:
         project(llama_pair, adapter_dir)
     assert "written" in str(info.value) and "unchanged" not in str(info.value)

@@ -412,7 +412,7 @@ def _write_output(src: Path, output: Path, chunks: list[bytes], mode: int, overw
             os.fchmod(f.fileno(), mode)
         for path in (*staging.rglob("*"), staging):
             if not path.is_symlink():
-                _fsync(path)
+                stfile.fsync(path)
         _test_pause()
         os.rename(staging, output)  # onto a missing or an empty directory, never a full one
     except OSError as e:
@@ -425,7 +425,7 @@ def _write_output(src: Path, output: Path, chunks: list[bytes], mode: int, overw
         shutil.rmtree(staging, ignore_errors=True)
         raise
     try:
-        stfile.fsync_dir(parent)
+        stfile.fsync(parent)
     except OSError as e:
         raise AdapterError(
             f"{output}: written, but syncing {parent} failed ({e.strerror}); a crash may still undo the write"
@@ -445,14 +445,6 @@ def _copy_files(src: Path, dst: Path, output: Path) -> None:
                 shutil.copy2(item, dst / item.name)
     except OSError as e:
         raise AdapterError(f"{output}: cannot write ({e.strerror}); choose a writable --output") from None
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextmanager
@@ -524,7 +516,7 @@ def atomic_write(target: Path, chunks: list[bytes], mode: int = 0o644) -> None:
         raise
     # After the rename the new file is in place: a failure now must not claim the old one survived.
     try:
-        stfile.fsync_dir(directory)
+        stfile.fsync(directory)
     except OSError as e:
         raise AdapterError(
             f"{target}: written, but syncing {directory} failed ({e.strerror}); a crash may still undo the write"

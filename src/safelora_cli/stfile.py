@@ -226,8 +226,8 @@ def serialize(blobs: Mapping[str, Blob], metadata: Mapping[str, str]) -> list[by
     return [struct.pack("<Q", len(raw)), raw, *(b.data for b in blobs.values())]
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable."""
+def fsync(path: Path) -> None:
+    """Flush a file, or a directory's entries (a rename inside it), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
