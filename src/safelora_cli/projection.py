@@ -40,6 +40,13 @@ class ModuleMath:
 _BLOCK_BYTES = 1 << 20
 
 
+def _block_rows(v: torch.Tensor) -> int:
+    """Rows of V per block: ``_BLOCK_BYTES`` worth on the CPU; all of V on accelerators, where a
+    loop would only add launches and syncs."""
+    rows, cols = v.shape
+    return max(1, _BLOCK_BYTES // (cols * v.element_size())) if v.device.type == "cpu" else rows
+
+
 def build_v(
     w_base: torch.Tensor,
     w_aligned: torch.Tensor,
@@ -53,11 +60,9 @@ def build_v(
     ~1e-3; per-block dots by a few 1e-6). NaN/Inf in either weight, or a ‖V‖ the dtype cannot hold,
     raises ``NumericError`` naming the tensor.
     """
-    rows, cols = w_base.shape
-    # On accelerators, one block: the loop would only add launches and syncs.
-    step = max(1, _BLOCK_BYTES // (cols * out.element_size())) if out.device.type == "cpu" else rows
+    step = _block_rows(out)
     norm2 = 0.0
-    for r0 in range(0, rows, step):
+    for r0 in range(0, out.shape[0], step):
         s = out[r0 : r0 + step]
         # In-place ops with a lower-precision operand promote to the workspace's dtype: V is
         # exact for fp16/bf16 weights, no fp16 subtraction ever happens.
@@ -189,18 +194,18 @@ class Projector:
 def _project(v: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """V·(Vᵀ·B), over row blocks of V: Vᵀ·B from the last block to the first, then V·X from the first.
 
-    V was just built first row to last, so its last rows are still in cache (L3 holds ~40 MB of a
-    4096² V's 64 MB): reading them first, and then the first rows the backward pass left in cache,
-    halves what the two products read from memory.
+    V was just built first row to last, so its last rows are still in cache (L3 holds ~40 of a
+    4096² V's 64 MB here): the backward pass reads them first and leaves the first rows in cache
+    for the forward one, so part of each pass reads cache instead of memory (one 4096² module is
+    ~12% faster on one thread here).
     """
-    rows = v.shape[0]
-    step = max(1, _BLOCK_BYTES // (v.shape[1] * v.element_size())) if v.device.type == "cpu" else rows
-    starts = range(0, rows, step)
+    step = _block_rows(v)
+    starts = range(0, v.shape[0], step)
     xt = v.new_zeros(b.shape[1], v.shape[1])
     for r0 in reversed(starts):
         xt.addmm_(b[r0 : r0 + step].T, v[r0 : r0 + step])
     x = xt.T.contiguous()
-    p = v.new_empty(rows, b.shape[1])
+    p = v.new_empty(v.shape[0], b.shape[1])
     for r0 in starts:
         torch.mm(v[r0 : r0 + step], x, out=p[r0 : r0 + step])
     return p
