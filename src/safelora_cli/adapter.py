@@ -22,6 +22,7 @@ import torch
 
 from . import stfile
 from .errors import AdapterError
+from .sources import parse_ref
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -208,14 +209,12 @@ def _str_list(x: object) -> bool:
     return isinstance(x, list) and all(isinstance(t, str) for t in x)
 
 
-# A Hub repo id (``org/name``) given where a directory is expected: say what to do instead.
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
 def _require_dir(path: Path) -> None:
     if path.is_dir():
         return
-    if not path.exists() and _REPO_ID.match(str(path)):
+    ref = None if path.exists() else parse_ref(str(path))
+    if ref is not None and ref.revision is None:
+        # A Hub repo id (``org/name``) given where a directory is expected: say what to do instead.
         raise AdapterError(
             f"{path}: no such directory, and adapters are local directories; download it first "
             f"(huggingface-cli download {path} --local-dir DIR) and pass --adapter DIR"
@@ -413,7 +412,6 @@ def _write_output(src: Path, output: Path, chunks: list[bytes], mode: int, overw
         for path in (*staging.rglob("*"), staging):
             if not path.is_symlink():
                 stfile.fsync(path)
-        _test_pause()
         os.rename(staging, output)  # onto a missing or an empty directory, never a full one
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True)
