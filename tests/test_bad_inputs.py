@@ -13,11 +13,10 @@ import json
 import os
 import shutil
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Any, BinaryIO
+from typing import Any
 
 import builders
 import pytest
@@ -26,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 from safelora_cli import adapter as adapter_module
-from safelora_cli.adapter import ADAPTER_FILE, CONFIG_FILE
+from safelora_cli.adapter import ADAPTER_FILE, CONFIG_FILE, TMP_MARK
 from safelora_cli.pipeline import Settings, project_adapter
 from safelora_cli.sources import open_local
 
@@ -346,7 +345,7 @@ def _(i: Inputs) -> tuple[str, ...]:
     (i.adapter / CONFIG_FILE).unlink()
     (i.adapter / CONFIG_FILE).mkdir()
     i.project()
-    return str(i.adapter / CONFIG_FILE), "not a file", "pass a PEFT adapter directory"
+    return str(i.adapter / CONFIG_FILE), "not a regular file", "pass a PEFT adapter directory"
 
 
 @case("adapter config not LoRA")
@@ -396,7 +395,7 @@ def _(i: Inputs) -> tuple[str, ...]:
 
     edit_tensors(i.adapter_file, quantize, {"format": "pt"})
     i.project()
-    return Q0_B, "not floating point", "save the adapter"
+    return Q0_B, "I8; Safe LoRA computes on float16", "save the adapter"
 
 
 @case("lora_A without lora_B")
@@ -421,7 +420,7 @@ def _(i: Inputs) -> tuple[str, ...]:
     i.adapter_file.unlink()
     i.adapter_file.mkdir()
     i.project()
-    return str(i.adapter_file), "not a file", "pass a PEFT adapter directory"
+    return str(i.adapter_file), "not a regular file", "pass a PEFT adapter directory"
 
 
 @case("adapter with only adapter_model.bin")
@@ -464,18 +463,29 @@ def _(i: Inputs) -> tuple[str, ...]:
     i.after.append(lambda: i.adapter.chmod(0o755))
     if os.geteuid() == 0:
         # root ignores directory permissions; fail the temp file as the kernel fails it for anyone else
-        def denied(*args: Any, **kwargs: Any) -> Any:
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        real_open = os.open
 
-        i.monkeypatch.setattr(adapter_module.tempfile, "mkstemp", denied)
+        def denied(path: Any, flags: int, *args: Any, **kwargs: Any) -> Any:
+            if TMP_MARK in str(path):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+            return real_open(path, flags, *args, **kwargs)
+
+        i.monkeypatch.setattr(adapter_module.os, "open", denied)
     i.project()
     return str(i.adapter), "cannot create a file", "--output"
 
 
 @case("disk full while writing")
 def _(i: Inputs) -> tuple[str, ...]:
-    real_fdopen = os.fdopen
-    i.monkeypatch.setattr(adapter_module.os, "fdopen", lambda fd, mode: _FullDisk(real_fdopen(fd, mode)))
+    real_write = adapter_module.stfile.write_chunks
+
+    def fills_up(fd: int, chunks: Iterable[Any]) -> None:
+        """The disk fills up after the first chunk, as ENOSPC surfaces mid-file."""
+        first, *_ = chunks
+        real_write(fd, [first])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    i.monkeypatch.setattr(adapter_module.stfile, "write_chunks", fills_up)
     i.project()
     return str(i.adapter_file), "No space left on device", "--output"
 
@@ -524,28 +534,6 @@ class _RunsCode:
 
     def __reduce__(self) -> tuple[object, tuple[str]]:
         return (os.system, (f"touch {self.marker}",))
-
-
-class _FullDisk:
-    """A file whose disk fills up after the first write, as ENOSPC surfaces mid-file."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        self.f, self.writes = f, 0
-
-    def write(self, chunk: bytes) -> int:
-        self.writes += 1
-        if self.writes > 1:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return self.f.write(chunk)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.f, name)
-
-    def __enter__(self) -> _FullDisk:
-        return self
-
-    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
-        self.f.close()
 
 
 # --- running the corpus ----------------------------------------------------------------------------------

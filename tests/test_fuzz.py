@@ -1,6 +1,6 @@
 """Fuzzing the parsers that read what users and other tools wrote: only the tool's own errors escape.
 
-The safetensors header parser, the adapter config and key parser (through ``load_adapter``) and the
+The safetensors header parser, the adapter config and key parser (through ``adapter.opened``) and the
 YAML option loader get arbitrary and almost-valid input from hypothesis. Whatever they are given,
 they return a result or raise a ``SafeLoraError``, which the CLI turns into one line and exit 1 or 2.
 """
@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from safelora_cli import config, stfile
-from safelora_cli.adapter import ADAPTER_FILE, CONFIG_FILE, load_adapter
+from safelora_cli.adapter import ADAPTER_FILE, CONFIG_FILE, opened
 from safelora_cli.errors import SafeLoraError, UsageError
 
 FUZZ = settings(max_examples=200, deadline=None)
@@ -162,8 +162,7 @@ def test_adapter_loader_raises_only_adapter_errors(
     scratch: Path, cfg: dict[str, Any], named: dict[str, tuple[str, list[int]]]
 ) -> None:
     write_adapter_dir(scratch, cfg, named)
-    with only_our_errors():
-        adapter = load_adapter(scratch)
+    with only_our_errors(), opened(scratch) as adapter:
         assert adapter.modules, "an adapter with nothing to project is refused"
 
 
@@ -173,8 +172,7 @@ def test_adapter_config_that_is_not_a_config_is_an_adapter_error(
     scratch: Path, raw: bytes, named: dict[str, tuple[str, list[int]]]
 ) -> None:
     write_adapter_dir(scratch, raw, named)
-    with only_our_errors():
-        load_adapter(scratch)
+    with only_our_errors(), opened(scratch):
         assert raw.startswith(b"{"), "only a JSON object can be a config"
 
 
@@ -183,7 +181,8 @@ def test_a_well_formed_adapter_loads(tmp_path: Path) -> None:
     key = "base_model.model.model.layers.0.self_attn.q_proj"
     named = {f"{key}.lora_A.weight": ("F32", [8, 4]), f"{key}.lora_B.weight": ("F32", [4, 8])}
     write_adapter_dir(tmp_path, {"r": 8, "target_modules": ["q_proj"]}, named)
-    assert [m.module for m in load_adapter(tmp_path).modules] == ["model.layers.0.self_attn.q_proj"]
+    with opened(tmp_path) as adapter:
+        assert [m.module for m in adapter.modules] == ["model.layers.0.self_attn.q_proj"]
 
 
 # --- the YAML option loader --------------------------------------------------------------------------------

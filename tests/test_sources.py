@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from safelora_cli.adapter import ADAPTER_FILE, load_adapter
+from safelora_cli.adapter import ADAPTER_FILE, opened
 from safelora_cli.cli import app
 from safelora_cli.errors import SourceError
 from safelora_cli.pipeline import Report, Settings, project_adapter
@@ -80,8 +80,10 @@ def test_safetensors_sources_read_only_the_targeted_weights(
     layouts: dict[str, tuple[Path, Path]], llama_adapter: Path, tmp_path: Path, layout: str
 ) -> None:
     base, aligned = (open_local(d) for d in layouts[layout])
+    with opened(llama_adapter) as adapter:
+        modules = adapter.modules
     for src in (base, aligned):
-        assert {src.resolve(m.module) for m in load_adapter(llama_adapter).modules} <= set(src.names())
+        assert {src.resolve(m.module) for m in modules} <= set(src.names())
         assert src.bytes_read == 0, "names, shapes and resolution come from headers and the index"
     report = run(llama_adapter, base, aligned, tmp_path / "out")
 

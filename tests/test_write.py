@@ -7,7 +7,6 @@ import fcntl
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Callable
 from contextlib import closing
@@ -21,6 +20,7 @@ from safelora_cli import adapter as adapter_module
 from safelora_cli.adapter import ADAPTER_FILE, TMP_MARK, clean_stale_temps, rewrite_lock
 from safelora_cli.errors import AdapterError
 from safelora_cli.pipeline import Report, Settings, project_adapter
+from safelora_cli.safefs import Directory
 from safelora_cli.sources import open_local
 
 Pair = tuple[Path, Path]
@@ -48,7 +48,7 @@ def dead_pid() -> int:
 
 
 def _raise(error: BaseException) -> Callable[..., None]:
-    def fail(*args: object) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
         raise error
 
     return fail
@@ -59,7 +59,7 @@ def test_failed_rename_leaves_the_original_and_no_temp_file(
 ) -> None:
     """The last step before the new file exists: a full disk there must change nothing."""
     before = snapshot(adapter_dir)
-    monkeypatch.setattr(adapter_module.os, "replace", _raise(OSError(errno.ENOSPC, "No space left on device")))
+    monkeypatch.setattr(adapter_module.os, "rename", _raise(OSError(errno.ENOSPC, "No space left on device")))
 
     with pytest.raises(AdapterError, match=r"No space left on device.*original file is unchanged"):
         project(llama_pair, adapter_dir)
@@ -136,7 +136,7 @@ def test_interrupt_before_the_rename_leaves_the_original_and_no_temp_file(
     llama_pair: Pair, adapter_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     before = snapshot(adapter_dir)
-    monkeypatch.setattr(adapter_module.os, "replace", _raise(KeyboardInterrupt()))
+    monkeypatch.setattr(adapter_module.os, "rename", _raise(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         project(llama_pair, adapter_dir)
     assert snapshot(adapter_dir) == before
@@ -178,14 +178,17 @@ def read_only_adapter(request: pytest.FixtureRequest, adapter_dir: Path, monkeyp
         adapter_dir.chmod(0o555)
         request.addfinalizer(lambda: adapter_dir.chmod(0o755))
     else:
-        real_mkstemp = tempfile.mkstemp
+        real_open = os.open
+        adapter_fd = os.open(adapter_dir, os.O_RDONLY)
+        request.addfinalizer(lambda: os.close(adapter_fd))
 
-        def mkstemp(*args: Any, dir: str, **kwargs: Any) -> tuple[int, str]:
-            if Path(dir) == adapter_dir:
+        def denied(path: Any, flags: int, *args: Any, dir_fd: int | None = None, **kwargs: Any) -> int:
+            """Creating a file through a descriptor of ``adapter_dir`` fails as a read-only directory fails it."""
+            if flags & os.O_CREAT and dir_fd is not None and os.path.samestat(os.fstat(dir_fd), os.fstat(adapter_fd)):
                 raise PermissionError(errno.EACCES, "Permission denied")
-            return real_mkstemp(*args, dir=dir, **kwargs)
+            return real_open(path, flags, *args, dir_fd=dir_fd, **kwargs)
 
-        monkeypatch.setattr(adapter_module.tempfile, "mkstemp", mkstemp)
+        monkeypatch.setattr(adapter_module.os, "open", denied)
     return adapter_dir
 
 
@@ -214,9 +217,10 @@ def test_clean_stale_temps_removes_only_files_of_dead_runs(tmp_path: Path) -> No
     for name in (dead, live, unparsable, ADAPTER_FILE, "notes.txt"):
         (tmp_path / name).write_bytes(b"")
 
-    removed = clean_stale_temps(tmp_path)
+    with Directory(tmp_path, AdapterError) as directory:
+        removed = clean_stale_temps(directory)
 
-    assert sorted(p.name for p in removed) == sorted([dead, unparsable])
+    assert sorted(removed) == sorted([dead, unparsable])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live, ADAPTER_FILE, "notes.txt"])
 
 
@@ -261,7 +265,7 @@ def test_a_run_that_waits_for_the_adapter_lock_says_so(adapter_dir: Path) -> Non
     waited, entered = threading.Event(), threading.Event()
 
     def second_run() -> None:
-        with rewrite_lock(adapter_dir, on_wait=waited.set):
+        with Directory(adapter_dir, AdapterError) as directory, rewrite_lock(directory, on_wait=waited.set):
             entered.set()
 
     thread = threading.Thread(target=second_run)

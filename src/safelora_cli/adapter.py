@@ -2,30 +2,31 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import glob
 import hashlib
-import json
 import os
 import re
 import secrets
-import shutil
-import tempfile
+import stat
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from io import BufferedReader
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import stfile
-from .errors import AdapterError
+from . import safefs, stfile, strict
+from .errors import AdapterError, UsageError
 from .sources import parse_ref
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
+CONFIG_LIMIT = 16 << 20  # adapter_config.json is kilobytes; a larger one is not a config
 PEFT_PREFIX = "base_model.model."
 PROVENANCE_PREFIX = "safelora."
 TMP_MARK = ".safelora-tmp-"
@@ -46,6 +47,7 @@ _SKIP_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
     ),
     (re.compile(r"modules_to_save"), MODULES_TO_SAVE),
 )
+COMPUTE_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})  # what the method's math reads, as stored
 _LAYER = re.compile(r"\.(\d+)\.")
 _CONVERTED_INITS = {"pissa", "olora", "loftq", "corda", "eva"}
 
@@ -99,12 +101,21 @@ class LoraModule:
 
 @dataclass(frozen=True)
 class Adapter:
-    """An adapter directory read into memory (adapters are megabytes, not gigabytes)."""
+    """An adapter as read: its config and header in memory, its weights file open.
+
+    Tensors are read from the open file when asked for (``tensor``), and a rewrite copies the
+    untouched ones from it range by range: memory follows the LoRA weights the run uses, not what
+    the file's size or header claims. Close it (``close``) when done.
+    """
 
     path: Path
+    dir: safefs.Directory = field(repr=False)
     config: LoraConfig
+    config_bytes: bytes = field(repr=False)
+    config_mode: int
     header: stfile.Header
-    data: bytearray = field(repr=False)
+    handle: BufferedReader = field(repr=False)
+    stat: os.stat_result = field(repr=False)  # of the weights file as opened: a rewrite checks it is still there
     modules: list[LoraModule]
     skipped: list[tuple[str, str]]
     dora: bool
@@ -115,8 +126,13 @@ class Adapter:
         return self.path / ADAPTER_FILE
 
     def tensor(self, key: str) -> torch.Tensor:
+        """One tensor, read from the weights file into memory of its own."""
         entry = self.header.tensors[key]
-        return stfile.tensor_from_bytes(entry, memoryview(self.data)[entry.start : entry.end])
+        try:
+            data = bytearray(b"".join(stfile.FileRange(self.handle.fileno(), entry.start, entry.end).chunks()))
+        except OSError as e:
+            raise AdapterError(safefs.os_error(self.file, e)) from None
+        return stfile.tensor_from_bytes(entry, data)
 
     def provenance(self) -> dict[str, str]:
         """The ``safelora.*`` metadata a previous run left, if any."""
@@ -126,34 +142,37 @@ class Adapter:
         """The JSON value a previous run recorded under ``safelora.<name>`` (``default`` if absent)."""
         key = PROVENANCE_PREFIX + name
         try:
-            value = json.loads(self.header.metadata.get(key, default))
-        except (json.JSONDecodeError, RecursionError):
+            value = strict.loads(self.header.metadata.get(key, default))
+        except strict.InvalidJSON:
             value = None
             types = ()
-        if not isinstance(value, types):
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             raise AdapterError(
                 f"{self.file}: provenance {key} is not what safelora writes; the metadata was edited by hand "
                 "or by another tool. Start from the original adapter"
             )
         return value
 
+    def close(self) -> None:
+        self.handle.close()
 
-def _load_config(path: Path) -> tuple[LoraConfig, dict[str, Any]]:
-    cfg_path = path / CONFIG_FILE
-    if not cfg_path.is_file():
-        what = "not a file" if cfg_path.exists() else "missing"
-        raise AdapterError(f"{cfg_path}: {what}; pass a PEFT adapter directory (adapter_config.json + {ADAPTER_FILE})")
+
+def _load_config(directory: safefs.Directory) -> tuple[LoraConfig, bytes, int]:
+    """The config, the bytes it was read from and their file's mode (an ``--output`` copy writes those)."""
+    cfg_path = directory.path / CONFIG_FILE
+    if directory.lstat(CONFIG_FILE) is None:
+        raise AdapterError(f"{cfg_path}: missing; pass a PEFT adapter directory (adapter_config.json + {ADAPTER_FILE})")
+    data, mode = directory.read_small(CONFIG_FILE, CONFIG_LIMIT, fix="pass a PEFT adapter directory")
     try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise AdapterError(
-            f"{cfg_path}: not valid JSON ({e.__class__.__name__}); restore it from your training run"
-        ) from None
+        raw = strict.loads(data)
+    except strict.InvalidJSON as e:
+        raise AdapterError(f"{cfg_path}: not valid JSON ({e}); restore it from your training run") from None
     if not isinstance(raw, dict):
         raise AdapterError(f"{cfg_path}: expected a JSON object")
     peft_type = raw.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise AdapterError(f"{cfg_path}: peft_type is {peft_type!r}; Safe LoRA applies to LoRA adapters only")
+    _check_types(cfg_path, raw)
     r = raw.get("r")
     rank_pattern = raw.get("rank_pattern") or {}
     target = raw.get("target_modules")
@@ -202,44 +221,92 @@ def _load_config(path: Path) -> tuple[LoraConfig, dict[str, Any]]:
         base_model_name_or_path=base if isinstance(base, str) and base else None,
         modules_to_save=to_save,
     )
-    return config, raw
+    return config, data, mode
+
+
+# The fields safelora reads whose type the checks above do not already pin: a wrong type is refused
+# (``"fan_in_fan_out": "false"`` would otherwise read as true); fields safelora does not read are
+# ignored, so configs from newer PEFT versions keep working.
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "peft_type": (str,),
+    "fan_in_fan_out": (bool,),
+    "use_dora": (bool,),
+    "init_lora_weights": (bool, str),
+    "base_model_name_or_path": (str,),
+}
+
+
+def _check_types(cfg_path: Path, raw: dict[str, Any]) -> None:
+    for key, types in _FIELD_TYPES.items():
+        value = raw.get(key)
+        if value is not None and not isinstance(value, types):
+            names = " or ".join("true/false" if t is bool else "a string" for t in types)
+            raise AdapterError(
+                f"{cfg_path}: {key} is {type(value).__name__} {_short(value)}, expected {names}; "
+                "restore it from your training run"
+            )
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _str_list(x: object) -> bool:
     return isinstance(x, list) and all(isinstance(t, str) for t in x)
 
 
-def _require_dir(path: Path) -> None:
-    if path.is_dir():
-        return
-    ref = None if path.exists() else parse_ref(str(path))
-    if ref is not None and ref.revision is None:
-        # A Hub repo id (``org/name``) given where a directory is expected: say what to do instead.
-        raise AdapterError(
-            f"{path}: no such directory, and adapters are local directories; download it first "
-            f"(huggingface-cli download {path} --local-dir DIR) and pass --adapter DIR"
-        )
-    what = "does not exist" if not path.exists() else "is not a directory"
-    raise AdapterError(f"{path}: {what}; pass a PEFT adapter directory")
-
-
-def load_adapter(path: Path) -> Adapter:
-    """Read and check an adapter directory; raises ``AdapterError`` naming the file or tensor."""
-    _require_dir(path)
-    config, _ = _load_config(path)
-    file = path / ADAPTER_FILE
-    if not file.is_file():
-        if (path / "adapter_model.bin").exists():
-            raise AdapterError(f"{path}: only adapter_model.bin; re-save the adapter with safe_serialization=True")
-        what = "not a file" if file.exists() else "missing"
-        raise AdapterError(f"{file}: {what}; pass a PEFT adapter directory")
+def open_dir(path: Path) -> safefs.Directory:
+    """Open an adapter directory once; every later read and the rewrite go through this descriptor."""
     try:
-        data = bytearray(file.read_bytes())
+        return safefs.Directory(path, AdapterError, fix="pass a PEFT adapter directory")
+    except AdapterError:
+        if not os.path.lexists(path):
+            ref = parse_ref(str(path))
+            if ref is not None and ref.revision is None:
+                # A Hub repo id (``org/name``) given where a directory is expected: say what to do instead.
+                raise AdapterError(
+                    f"{path}: no such directory, and adapters are local directories; download it first "
+                    f"(hf download {path} --local-dir DIR) and pass --adapter DIR"
+                ) from None
+        raise
+
+
+@contextmanager
+def opened(path: Path) -> Iterator[Adapter]:
+    """``load_adapter`` on a path, with the directory and the weights file closed afterwards."""
+    with open_dir(path) as directory:
+        adapter = load_adapter(directory)
+        try:
+            yield adapter
+        finally:
+            adapter.close()
+
+
+def load_adapter(directory: safefs.Directory) -> Adapter:
+    """Read and check an adapter directory; raises ``AdapterError`` naming the file or tensor.
+
+    Reads the config and the weights file's header; no tensor is read until asked for.
+    """
+    config, config_bytes, config_mode = _load_config(directory)
+    file = directory.path / ADAPTER_FILE
+    if directory.lstat(ADAPTER_FILE) is None:
+        if directory.lstat("adapter_model.bin") is not None:
+            raise AdapterError(
+                f"{directory.path}: only adapter_model.bin; re-save the adapter with safe_serialization=True"
+            )
+        raise AdapterError(f"{file}: missing; pass a PEFT adapter directory")
+    handle = directory.open(ADAPTER_FILE, fix="pass a PEFT adapter directory")
+    try:
+        st = os.fstat(handle.fileno())
+        header = stfile.header_of(handle, str(file), st.st_size)
+        modules, skipped, dora = _parse_keys(file, header, config)
     except OSError as e:
-        raise AdapterError(f"{file}: cannot read ({e.strerror})") from None
-    n = stfile.header_length(bytes(data[:8]), str(file), len(data))
-    header = stfile.parse_header(bytes(data[8 : 8 + n]), str(file), len(data))
-    modules, skipped, dora = _parse_keys(file, header, config)
+        handle.close()
+        raise AdapterError(safefs.os_error(file, e)) from None
+    except BaseException:
+        handle.close()
+        raise
     warnings = []
     init = config.init_lora_weights
     if isinstance(init, str) and init.split("_")[0].lower() in _CONVERTED_INITS:
@@ -247,7 +314,20 @@ def load_adapter(path: Path) -> Adapter:
             f"init_lora_weights={init!r}: B·A is the update only if the adapter was saved with PEFT's "
             "conversion (path_initial_model_for_weight_conversion)"
         )
-    return Adapter(path, config, header, data, modules, skipped, dora, warnings)
+    return Adapter(
+        directory.path,
+        directory,
+        config,
+        config_bytes,
+        config_mode,
+        header,
+        handle,
+        st,
+        modules,
+        skipped,
+        dora,
+        warnings,
+    )
 
 
 def _parse_keys(
@@ -269,12 +349,20 @@ def _parse_keys(
         if len(entry.shape) != 2:
             skipped.append((key, f"{len(entry.shape)}-D LoRA weight (convolution): not defined by Safe LoRA"))
             continue
-        if not entry.torch_dtype.is_floating_point:
+        if entry.dtype not in COMPUTE_DTYPES:
             raise AdapterError(
-                f"{file}: {key} is {entry.dtype}, not floating point; Safe LoRA needs the trained LoRA weights "
-                "(save the adapter from your training run in float32, float16 or bfloat16)"
+                f"{file}: {key} is {entry.dtype}; Safe LoRA computes on float16, bfloat16, float32 or float64 "
+                "LoRA weights (save the adapter from your training run in one of those)"
             )
-        pairs.setdefault(m["module"], {})[m["part"]] = key
+        part = pairs.setdefault(m["module"], {})
+        if m["part"] in part:
+            # ``….lora_B.weight`` and ``….lora_B.default.weight`` name one tensor twice: which one a
+            # loader takes is up to the loader, so neither is projected.
+            raise AdapterError(
+                f"{file}: {part[m['part']]} and {key} are both the {m['part']} of one module; "
+                "the adapter file is corrupt or crafted: save it again from your training run"
+            )
+        part[m["part"]] = key
     modules = []
     for raw_module, parts in pairs.items():
         if parts.keys() != {"lora_A", "lora_B"}:
@@ -293,6 +381,11 @@ def _module(
     module = raw_module.removeprefix(PEFT_PREFIX)
     a, b = header.tensors[a_key], header.tensors[b_key]
     rank = a.shape[0]
+    if 0 in a.shape or 0 in b.shape:
+        raise AdapterError(
+            f"{file}: {a_key} is {list(a.shape)} and {b_key} is {list(b.shape)}; a module with no rank, input or "
+            "output features is not a LoRA update: save the adapter again from your training run"
+        )
     if b.shape[1] != rank:
         raise AdapterError(
             f"{file}: {a_key} is {list(a.shape)} but {b_key} is {list(b.shape)}; ranks differ, the adapter file is "
@@ -324,22 +417,27 @@ def digest(blobs: Mapping[str, stfile.Blob]) -> str:
     for name in sorted(blobs):
         b = blobs[name]
         h.update(f"{name}\0{b.dtype}\0{list(b.shape)}\0{len(b.data)}\n".encode())
-        h.update(b.data)
+        for piece in stfile.pieces(b.data):
+            h.update(piece)
     return h.hexdigest()
 
 
 def file_digest(adapter: Adapter) -> str:
-    """``digest`` of the adapter file as it is on disk."""
-    return digest(_blobs(adapter, {}))
+    """``digest`` of the adapter file as it is on disk (read a chunk at a time)."""
+    try:
+        return digest(_blobs(adapter, {}))
+    except OSError as e:
+        raise AdapterError(safefs.os_error(adapter.file, e)) from None
 
 
 def _blobs(adapter: Adapter, replacements: Mapping[str, torch.Tensor]) -> dict[str, stfile.Blob]:
-    data = memoryview(adapter.data)
+    """Every tensor in file order: replacements as bytes, the others as ranges of the open file."""
+    fd = adapter.handle.fileno()
     blobs: dict[str, stfile.Blob] = {}
     for name, e in sorted(adapter.header.tensors.items(), key=lambda kv: kv[1].start):
         new = replacements.get(name)
-        raw = bytes(data[e.start : e.end]) if new is None else stfile.tensor_bytes(new)
-        blobs[name] = stfile.Blob(e.dtype, e.shape, raw)
+        data = stfile.FileRange(fd, e.start, e.end) if new is None else stfile.tensor_bytes(new)
+        blobs[name] = stfile.Blob(e.dtype, e.shape, data)
     return blobs
 
 
@@ -350,13 +448,15 @@ def write_adapter(
     output: Path | None,
     *,
     overwrite_output: bool = False,
+    notes: list[str] | None = None,
 ) -> Path:
     """Write the patched weights; returns the file written.
 
-    In place: a temp file in the adapter's own directory, fsync, ``os.replace``, fsync the directory,
-    so a crash leaves either the old file or the new one. With ``output``: a complete adapter
-    directory (every other file copied) and the source left untouched. Every tensor not in
-    ``replacements`` is copied byte for byte; replacements keep their original dtype.
+    In place: a temp file in the adapter's own directory, fsync, a rename through the directory's
+    descriptor (only if the weights file is still the one read), fsync the directory, so a crash
+    leaves either the old file or the new one. With ``output``: a complete adapter directory (see
+    ``_write_output``) and the source left untouched. Every tensor not in ``replacements`` is
+    copied byte for byte; replacements keep their original dtype. ``notes`` gets what was skipped.
     """
     for key, t in replacements.items():
         e = adapter.header.tensors[key]
@@ -365,178 +465,388 @@ def write_adapter(
     blobs = _blobs(adapter, replacements)
     metadata = {k: v for k, v in adapter.header.metadata.items() if not k.startswith(PROVENANCE_PREFIX)}
     metadata.update(provenance)
-    metadata[PROVENANCE_PREFIX + "digest"] = digest(blobs)
+    try:
+        metadata[PROVENANCE_PREFIX + "digest"] = digest(blobs)
+    except OSError as e:
+        raise AdapterError(safefs.os_error(adapter.file, e)) from None
     chunks = stfile.serialize(blobs, metadata)
-    mode = adapter.file.stat().st_mode & 0o777
+    mode = adapter.stat.st_mode & 0o777
     if output is not None:
-        return _write_output(adapter.path, output, chunks, mode, overwrite_output)
-    target = adapter.path / ADAPTER_FILE
-    atomic_write(target, chunks, mode=mode)
-    return target
+        return _write_output(adapter, output, chunks, mode, overwrite_output, [] if notes is None else notes)
+    atomic_replace(adapter.dir, ADAPTER_FILE, chunks, mode, expect=adapter.stat)
+    return adapter.file
 
 
-def _write_output(src: Path, output: Path, chunks: list[bytes], mode: int, overwrite: bool) -> Path:
-    """A complete adapter directory at ``output``: the new weights and a copy of every other file.
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _write_output(
+    adapter: Adapter, output: Path, chunks: list[stfile.Data], mode: int, overwrite: bool, notes: list[str]
+) -> Path:
+    """A complete adapter directory at ``output``: the new weights, the config as read, and a copy of
+    every other regular file of the adapter directory (``_copy_tree`` says which).
 
     A new or empty ``output`` appears whole or not at all: the directory is assembled beside it and
     renamed into place, so a failure or a crash leaves it as it was (a killed run's temp directory
-    is removed by the next run that writes there). Reusing a non-empty one (--force) copies the
-    files into it one by one, the weights atomically.
+    is removed by the next run that writes there). Reusing a non-empty one (--force) replaces its
+    files one by one, each by a rename, so a symlink found there is replaced, never followed.
     """
-    if output.resolve() == src.resolve():
-        raise AdapterError(f"{output}: is the adapter directory itself; drop --output to patch in place")
-    if output.exists() and not output.is_dir():
+    st = _lstat(output)
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        raise AdapterError(f"{output}: is a symbolic link; pass the directory it points to as --output")
+    if st is not None and not stat.S_ISDIR(st.st_mode):
         raise AdapterError(f"{output}: exists and is not a directory; choose another --output")
-    if output.is_dir() and any(output.iterdir()):
-        if not overwrite:
-            raise AdapterError(f"{output}: exists and is not empty; choose another --output or pass --force")
-        _copy_files(src, output, output)
-        atomic_write(output / ADAPTER_FILE, chunks, mode=mode)
-        return output / ADAPTER_FILE
-    parent = output.absolute().parent
+    if st is not None and (st.st_dev, st.st_ino) == adapter.dir.identity:
+        raise AdapterError(f"{output}: is the adapter directory itself; drop --output to patch in place")
+    parent_path = output.absolute().parent
+    try:
+        parent_path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AdapterError(f"{safefs.os_error(parent_path, e)}; choose a writable --output") from None
+    with safefs.Directory(parent_path, AdapterError, fix="choose another --output") as parent:
+        if st is not None:
+            with _open_subdir(parent.fd, output.name, output) as out:
+                if os.listdir(out.fd):
+                    if not overwrite:
+                        raise AdapterError(
+                            f"{output}: exists and is not empty; choose another --output or pass --force"
+                        )
+                    try:
+                        _fill(adapter, out, chunks, mode, notes)
+                    except OSError as e:
+                        raise AdapterError(
+                            f"{output}: write failed ({e.strerror}) while replacing its files; some may be new, "
+                            "some old. Free some space, then run again or choose another --output"
+                        ) from None
+                    return output / ADAPTER_FILE
+        return _assemble(adapter, parent, output, chunks, mode, notes)
+
+
+def _assemble(
+    adapter: Adapter,
+    parent: safefs.Directory,
+    output: Path,
+    chunks: list[stfile.Data],
+    mode: int,
+    notes: list[str],
+) -> Path:
+    """Build the output directory beside it, then rename it onto a missing or empty ``output``."""
     prefix = f".{output.name}{TMP_MARK}"
+    staging = f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
     try:
-        parent.mkdir(parents=True, exist_ok=True)
         clean_stale_temps(parent, prefix)
-        # Made by mkdir, not mkdtemp (0700), so it ends up with the mode any new directory would get.
-        staging = parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
-        staging.mkdir()
+        # mkdir, not mkdtemp (0700), so it ends up with the mode any new directory would get.
+        os.mkdir(staging, dir_fd=parent.fd)
     except OSError as e:
-        raise AdapterError(f"{output}: cannot write ({e.strerror}); choose a writable --output") from None
+        raise AdapterError(f"{safefs.os_error(output, e)}; choose a writable --output") from None
     try:
-        _copy_files(src, staging, output)
-        with (staging / ADAPTER_FILE).open("xb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            os.fchmod(f.fileno(), mode)
-        for path in (*staging.rglob("*"), staging):
-            if not path.is_symlink():
-                stfile.fsync(path)
-        os.rename(staging, output)  # onto a missing or an empty directory, never a full one
+        with _open_subdir(parent.fd, staging, parent.path / staging) as out:
+            _fill(adapter, out, chunks, mode, notes)
+        os.rename(staging, output.name, src_dir_fd=parent.fd, dst_dir_fd=parent.fd)
     except OSError as e:
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove_entry(parent.fd, staging)
         raise AdapterError(
             f"{output}: write failed ({e.strerror}); nothing was written there. Free some space or choose "
             "another --output"
         ) from None
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove_entry(parent.fd, staging)
         raise
     try:
-        stfile.fsync(parent)
+        os.fsync(parent.fd)
     except OSError as e:
         raise AdapterError(
-            f"{output}: written, but syncing {parent} failed ({e.strerror}); a crash may still undo the write"
+            f"{output}: written, but syncing {parent.path} failed ({e.strerror}); a crash may still undo the write"
         ) from None
     return output / ADAPTER_FILE
 
 
-def _copy_files(src: Path, dst: Path, output: Path) -> None:
-    """Every file of the adapter directory but its weights (and our temp files) into ``dst``."""
-    try:
-        for item in src.iterdir():
-            if item.name == ADAPTER_FILE or TMP_MARK in item.name:
+def _fill(adapter: Adapter, out: safefs.Directory, chunks: list[stfile.Data], mode: int, notes: list[str]) -> None:
+    """Write the adapter's files into ``out`` (the other files, the config as read, then the weights)
+    and sync it; raises ``OSError``."""
+    _copy_tree(adapter.dir, out, _allowed_roots(adapter.dir), notes, depth=0)
+    _write_file(out, CONFIG_FILE, [adapter.config_bytes], adapter.config_mode)
+    _write_file(out, ADAPTER_FILE, chunks, mode)
+    stfile.fsync(out.fd)
+
+
+_MAX_DEPTH = 16  # subdirectories copied into --output; deeper ones are skipped with a note
+
+
+def _copy_tree(src: safefs.Directory, dst: safefs.Directory, roots: list[Path], notes: list[str], depth: int) -> None:
+    """Copy what belongs to the adapter from ``src`` into ``dst``: regular files, subdirectories (not
+    links to them), and a symlink only when what it opens is a regular file inside one of ``roots``
+    (the adapter directory; for a Hugging Face cache snapshot, that repo's ``blobs/`` too). Anything
+    else — a link to outside, to a directory, a loop, a FIFO or device — is skipped with a note.
+    Raises ``OSError`` when writing fails.
+    """
+    for name in src.names():
+        if (depth == 0 and name in (ADAPTER_FILE, CONFIG_FILE)) or TMP_MARK in name:
+            continue
+        where = src.path / name
+        st = src.lstat(name)
+        if st is None:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            if depth + 1 >= _MAX_DEPTH:
+                notes.append(f"--output: skipped {where}: directories nested deeper than {_MAX_DEPTH}")
                 continue
-            if item.is_dir():
-                shutil.copytree(item, dst / item.name, dirs_exist_ok=True)
-            else:
-                shutil.copy2(item, dst / item.name)
+            _make_subdir(dst, name)
+            with _open_subdir(src.fd, name, where) as sub_src, _open_subdir(dst.fd, name, dst.path / name) as sub_dst:
+                _copy_tree(sub_src, sub_dst, roots, notes, depth + 1)
+            continue
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+            notes.append(f"--output: skipped {where}: {safefs.kind(st.st_mode)}, not a regular file")
+            continue
+        link = stat.S_ISLNK(st.st_mode)
+        try:
+            f = src.open(name, follow=link)
+        except AdapterError as e:
+            reason = str(e).removeprefix(f"{where}: ")
+            notes.append(f"--output: skipped {where}: {'a symbolic link: ' if link else ''}{reason}")
+            continue
+        with f:
+            opened = os.fstat(f.fileno())
+            why = _outside(where, opened, roots) if link else None
+            if why is not None:
+                notes.append(f"--output: skipped {where}: {why}")
+                continue
+            _write_file(dst, name, [stfile.FileRange(f.fileno(), 0, opened.st_size)], opened.st_mode & 0o777)
+    stfile.fsync(dst.fd)
+
+
+def _outside(link: Path, opened: os.stat_result, roots: list[Path]) -> str | None:
+    """Why the file opened through the symlink ``link`` must not be copied (None when it lies in ``roots``).
+
+    The link's resolved path must lie under a root, and the file at that path must be the very file
+    that was opened (same device and inode): a link re-pointed after the open is refused.
+    """
+    try:
+        target = Path(os.path.realpath(link, strict=True))
+        at_target = os.stat(target)
     except OSError as e:
-        raise AdapterError(f"{output}: cannot write ({e.strerror}); choose a writable --output") from None
+        return f"a symbolic link that does not resolve ({e.strerror})"
+    same = (at_target.st_dev, at_target.st_ino) == (opened.st_dev, opened.st_ino)
+    if not same or not any(target.is_relative_to(root) for root in roots):
+        return "a symbolic link to a file outside the adapter directory"
+    return None
+
+
+def _allowed_roots(directory: safefs.Directory) -> list[Path]:
+    """Where a symlink in the adapter directory may point: the directory itself and, for a Hugging
+    Face cache snapshot (``models--org--name/snapshots/<sha>/…``), that repo's ``blobs/``."""
+    real = Path(os.path.realpath(directory.path))
+    try:
+        if (os.stat(real).st_dev, os.stat(real).st_ino) != directory.identity:
+            return []  # the path now names another directory: follow no link at all
+    except OSError:
+        return []
+    roots = [real]
+    parts = real.parts
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i] == "snapshots" and "--" in parts[i - 1]:
+            roots.append(Path(*parts[:i]) / "blobs")
+            break
+    return roots
+
+
+def _make_subdir(dst: safefs.Directory, name: str) -> None:
+    st = dst.lstat(name)
+    if st is None:
+        os.mkdir(name, dir_fd=dst.fd)
+    elif not stat.S_ISDIR(st.st_mode):
+        raise AdapterError(f"{dst.path / name}: exists and is not a directory; choose another --output")
 
 
 @contextmanager
-def rewrite_lock(path: Path, on_wait: Callable[[], None] = lambda: None) -> Iterator[None]:
+def _open_subdir(dir_fd: int, name: str, where: Path) -> Iterator[safefs.Directory]:
+    """A subdirectory through its parent's descriptor, never through a symlink."""
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise AdapterError(f"{where}: is a symbolic link; choose another --output") from None
+        raise AdapterError(safefs.os_error(where, e)) from None
+    with safefs.Directory(where, AdapterError, fd=fd) as directory:
+        yield directory
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise AdapterError(safefs.os_error(path, e)) from None
+
+
+@contextmanager
+def rewrite_lock(directory: safefs.Directory, on_wait: Callable[[], None] = lambda: None) -> Iterator[None]:
     """Hold an exclusive lock on the adapter directory from reading the adapter to replacing it.
 
     A second run on the same adapter waits here, then reads what the first one wrote and sees its
     provenance: it reports the no-op or refuses, and never projects the original a second time. It
-    is flock(2) on the directory itself: no lock file to create (read-only directories still give
-    their own error) or leave behind, and the kernel releases it when the holder dies, even by SIGKILL.
-    ``on_wait`` is called once if another run holds the lock.
+    is flock(2) on the directory's descriptor: no lock file to create (read-only directories still
+    give their own error) or leave behind, and the kernel releases it when the holder dies, even by
+    SIGKILL. ``on_wait`` is called once if another run holds the lock.
     """
-    _require_dir(path)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as e:
-        raise AdapterError(f"{path}: cannot open the adapter directory ({e.strerror})") from None
     try:
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                on_wait()
-                fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as e:
-            raise AdapterError(
-                f"{path}: cannot lock the adapter directory ({e.strerror}); pass --output DIR on a local disk"
-            ) from None
+            fcntl.flock(directory.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            on_wait()
+            fcntl.flock(directory.fd, fcntl.LOCK_EX)
+    except OSError as e:
+        raise AdapterError(
+            f"{directory.path}: cannot lock the adapter directory ({e.strerror}); pass --output DIR on a local disk"
+        ) from None
+    try:
         yield
     finally:
-        os.close(fd)  # releases the lock
+        fcntl.flock(directory.fd, fcntl.LOCK_UN)
 
 
 def _test_pause() -> None:
-    """Test-only: SAFELORA_TEST_WRITE_DELAY (seconds) stretches each step of ``atomic_write`` so that
+    """Test-only: SAFELORA_TEST_WRITE_DELAY (seconds) stretches each step of ``atomic_replace`` so that
     tests/test_processes.py can land SIGKILL between the steps. Unset, as outside the tests, it does nothing."""
     delay = os.environ.get("SAFELORA_TEST_WRITE_DELAY")
     if delay:
         time.sleep(float(delay))
 
 
-def atomic_write(target: Path, chunks: list[bytes], mode: int = 0o644) -> None:
-    """Replace ``target`` with ``chunks`` so that readers and crashes see old or new, never a mix."""
-    directory = target.parent
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino, a.st_size, a.st_mtime_ns, a.st_ctime_ns) == (
+        b.st_dev,
+        b.st_ino,
+        b.st_size,
+        b.st_mtime_ns,
+        b.st_ctime_ns,
+    )
+
+
+def atomic_replace(
+    directory: safefs.Directory,
+    name: str,
+    chunks: Sequence[stfile.Data],
+    mode: int = 0o644,
+    *,
+    expect: os.stat_result | None = None,
+) -> None:
+    """Replace ``name`` in ``directory`` in place, so that readers and crashes see old or new, never a mix.
+
+    ``_write_file``, then the directory is fsync'd. With ``expect``, the rename happens only if
+    ``name`` is still that very file (same inode, size, mtime and ctime): a file swapped or edited
+    since it was read is never overwritten.
+    """
+    target = directory.path / name
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}{TMP_MARK}{os.getpid()}-", dir=directory)
+        fd, tmp = _create_temp(directory, name)
     except OSError as e:
-        raise AdapterError(f"{directory}: cannot create a file here ({e.strerror}); use --output DIR") from None
-    tmp = Path(tmp_name)
+        raise AdapterError(f"{directory.path}: cannot create a file here ({e.strerror}); use --output DIR") from None
     try:
-        _test_pause()
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-                _test_pause()
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        _test_pause()
-        os.replace(tmp, target)
+        _fill_and_rename(directory, fd, tmp, name, chunks, mode, expect)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise AdapterError(
             f"{target}: write failed ({e.strerror}); the original file is unchanged. Free some space or pass "
             "--output DIR"
         ) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     # After the rename the new file is in place: a failure now must not claim the old one survived.
     try:
-        stfile.fsync(directory)
+        stfile.fsync(directory.fd)
     except OSError as e:
         raise AdapterError(
-            f"{target}: written, but syncing {directory} failed ({e.strerror}); a crash may still undo the write"
+            f"{target}: written, but syncing {directory.path} failed ({e.strerror}); a crash may still undo the write"
         ) from None
 
 
-def clean_stale_temps(directory: Path, prefix: str = f".{ADAPTER_FILE}{TMP_MARK}") -> list[Path]:
-    """Remove the temp files (or directories) that killed runs left in ``directory``; returns them.
+def _write_file(directory: safefs.Directory, name: str, chunks: Sequence[stfile.Data], mode: int) -> None:
+    """Replace (or create) ``name`` in ``directory`` by a whole, fsync'd file; raises ``OSError``.
+
+    The directory itself is not fsync'd: the caller syncs it once after all its files.
+    """
+    fd, tmp = _create_temp(directory, name)
+    _fill_and_rename(directory, fd, tmp, name, chunks, mode, None)
+
+
+def _create_temp(directory: safefs.Directory, name: str) -> tuple[int, str]:
+    """A new temp file beside ``name``, created through the directory's descriptor (never through a link)."""
+    tmp = f".{name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(tmp, flags, 0o600, dir_fd=directory.fd), tmp
+
+
+def _fill_and_rename(
+    directory: safefs.Directory,
+    fd: int,
+    tmp: str,
+    name: str,
+    chunks: Sequence[stfile.Data],
+    mode: int,
+    expect: os.stat_result | None,
+) -> None:
+    """Write, chmod and fsync the temp file, then rename it over ``name`` (renameat: a link there is
+    replaced, not followed). Any failure removes the temp file."""
+    try:
+        try:
+            _test_pause()
+            stfile.write_chunks(fd, _paused(chunks))
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _test_pause()
+        if expect is not None:
+            now = directory.lstat(name)
+            if now is None or not _same_file(now, expect):
+                raise AdapterError(
+                    f"{directory.path / name}: changed on disk while safelora was running; nothing was written. "
+                    "Run again"
+                )
+        os.rename(tmp, name, src_dir_fd=directory.fd, dst_dir_fd=directory.fd)
+    except BaseException:
+        _remove_entry(directory.fd, tmp)
+        raise
+
+
+def _paused(chunks: Sequence[stfile.Data]) -> Iterator[stfile.Data]:
+    for chunk in chunks:
+        yield chunk
+        _test_pause()
+
+
+def _remove_entry(dir_fd: int, name: str) -> None:
+    """Remove ``name`` (a file, or a directory tree, never following a link) if it exists; best effort."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+            try:
+                for child in os.listdir(fd):
+                    _remove_entry(fd, child)
+            finally:
+                os.close(fd)
+            os.rmdir(name, dir_fd=dir_fd)
+        else:
+            os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        pass
+
+
+def clean_stale_temps(directory: safefs.Directory, prefix: str = f".{ADAPTER_FILE}{TMP_MARK}") -> list[str]:
+    """Remove the temp files (or directories) that killed runs left in ``directory``; returns their names.
 
     A temp name is ``prefix`` then the pid that made it; those of live processes (a concurrent
     run) are kept.
     """
     removed = []
-    for p in directory.glob(f"{glob.escape(prefix)}*"):
-        pid = p.name.removeprefix(prefix).split("-", 1)[0]
+    for name in directory.names():
+        if not name.startswith(prefix):
+            continue
+        pid = name.removeprefix(prefix).split("-", 1)[0]
         if pid.isdigit() and _alive(int(pid)):
             continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-        removed.append(p)
+        _remove_entry(directory.fd, name)
+        removed.append(name)
     return removed
 
 
@@ -548,3 +858,69 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@dataclass
+class Named:
+    """An adapter directory as the user named it, opened once (or why it could not be)."""
+
+    path: Path
+    dir: safefs.Directory | None
+    error: AdapterError | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def expand(specs: Sequence[str | Path]) -> list[tuple[Path, str | None]]:
+    """Adapter paths from what the user gave, each with a note when it came from a pattern.
+
+    A path that exists is taken literally, even if it holds ``*``, ``?`` or ``[``; a pattern is
+    expanded (sorted, directories only) only when no such path exists; one that matches no directory
+    is a usage error.
+    """
+    out: list[tuple[Path, str | None]] = []
+    for spec in specs:
+        text = os.fspath(spec)
+        if os.path.lexists(text) or not glob.has_magic(text):
+            out.append((Path(text), None))
+            continue
+        matches = [m for m in sorted(glob.glob(text)) if os.path.isdir(m)]
+        if not matches:
+            raise UsageError(f"--adapter {text!r}: no such directory, and as a pattern it matches no adapter directory")
+        note = f"--adapter {text!r} matched {len(matches)} director{'y' if len(matches) == 1 else 'ies'}: " + ", ".join(
+            matches
+        )
+        out.extend((Path(m), note) for m in matches)
+    return out
+
+
+@contextmanager
+def open_all(specs: Sequence[str | Path]) -> Iterator[list[Named]]:
+    """Expand and open every adapter once; closed on exit.
+
+    The same directory named twice (directly, via ``..`` or a symlink alias, or by two patterns)
+    is processed once, with a note: a batch never waits on its own lock.
+    """
+    with ExitStack() as stack:
+        named: list[Named] = []
+        seen: dict[tuple[int, int], Named] = {}
+        for path, note in expand(specs):
+            notes = [note] if note else []
+            try:
+                directory = stack.enter_context(open_dir(path))
+            except AdapterError as e:
+                if not any(n.path == path and n.error is not None for n in named):
+                    named.append(Named(path, None, e, notes))
+                continue
+            first = seen.get(directory.identity)
+            if first is not None:
+                if path != first.path:
+                    first.notes.append(f"{path} is the same adapter directory as {first.path}: processed once")
+                continue
+            seen[directory.identity] = item = Named(path, directory, None, notes)
+            named.append(item)
+        yield named
+
+
+def read_config(directory: safefs.Directory) -> LoraConfig:
+    """Only the adapter's config (for defaults taken from it)."""
+    return _load_config(directory)[0]

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .adapter import MODULES_TO_SAVE, PROVENANCE_PREFIX, Adapter, file_digest, load_adapter
+from .adapter import MODULES_TO_SAVE, PROVENANCE_PREFIX, Adapter, file_digest, load_adapter, opened
+from .safefs import Directory
 
 CheckStatus = Literal["sanitized", "never_sanitized", "modified", "other_pair"]
 
@@ -26,12 +29,30 @@ class CheckResult:
         return self.status == "sanitized"
 
 
-def check(adapter_path: Path, pair: tuple[str, str] | None = None) -> CheckResult:
+@contextmanager
+def _adapter(target: Path | Directory) -> Iterator[Adapter]:
+    if isinstance(target, Path):
+        with opened(target) as adapter:
+            yield adapter
+        return
+    adapter = load_adapter(target)
+    try:
+        yield adapter
+    finally:
+        adapter.close()
+
+
+def check(target: Path | Directory, pair: tuple[str, str] | None = None) -> CheckResult:
     """Whether the adapter carries valid provenance, is unmodified since, and (optionally) used ``pair``.
 
     ``pair`` is the (base, aligned) identity as provenance records it (``source@revision-or-fingerprint``).
     """
-    adapter = load_adapter(adapter_path)
+    with _adapter(target) as adapter:
+        return _check(adapter, pair)
+
+
+def _check(adapter: Adapter, pair: tuple[str, str] | None) -> CheckResult:
+    adapter_path = adapter.path
     prov = adapter.provenance()
     if not prov:
         return CheckResult(adapter_path, "never_sanitized", "no safelora provenance: never sanitized", prov)
@@ -83,16 +104,20 @@ class Inspection:
     provenance: dict[str, str]
 
 
-def inspect(adapter_path: Path) -> Inspection:
-    """Describe an adapter without reading any checkpoint."""
-    adapter = load_adapter(adapter_path)
+def inspect(target: Path | Directory) -> Inspection:
+    """Describe an adapter without reading any checkpoint (or any tensor)."""
+    with _adapter(target) as adapter:
+        return _inspection(adapter)
+
+
+def _inspection(adapter: Adapter) -> Inspection:
     keys = list(adapter.header.tensors)
     return Inspection(
-        adapter=adapter_path,
+        adapter=adapter.path,
         modules=len(adapter.modules),
         ranks=dict(sorted(Counter(m.rank for m in adapter.modules).items())),
         dtypes=dict(Counter(e.dtype for e in adapter.header.tensors.values())),
-        size_bytes=adapter.file.stat().st_size,
+        size_bytes=adapter.stat.st_size,
         target_modules=adapter.config.target_modules,
         base_model=adapter.config.base_model_name_or_path,
         dora=adapter.dora,

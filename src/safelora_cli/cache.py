@@ -300,13 +300,14 @@ def _check_meta(header: stfile.Header, module: str, transpose: bool) -> tuple[Op
     return kind, norm, out, inp, crc
 
 
-def _write_atomic(target: Path, chunks: list[bytes]) -> None:
+def _write_atomic(target: Path, chunks: Sequence[stfile.Data]) -> None:
     """Temp file beside ``target``, then rename: readers see all or nothing (no fsync, see above)."""
     fd, tmp = tempfile.mkstemp(prefix=_TMP, dir=target.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
+        try:
+            stfile.write_chunks(fd, chunks)
+        finally:
+            os.close(fd)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

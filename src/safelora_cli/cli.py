@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import glob
 import importlib
 import json
 import os
 import sys
 import tempfile
 import traceback
-from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -19,6 +18,7 @@ from rich.console import Console
 
 from . import __version__, config
 from .errors import SafeLoraError
+from .text import line
 
 
 class _Deferred:
@@ -88,13 +88,22 @@ NoCacheOpt = Annotated[
     bool,
     typer.Option("--no-cache/--cache", help="Neither read nor write the projection cache (SAFELORA_CACHE)."),
 ]
-AdapterOpt = Annotated[Path, typer.Option(help="The PEFT LoRA adapter directory.")]
 AdaptersOpt = Annotated[
     list[str],
     typer.Option(
         "--adapter",
         help="The PEFT LoRA adapter directory to patch. Repeat it, or give a quoted glob ('adapters/*'), "
-        "to patch several against one pair: each projection operator is read or computed once for all.",
+        "to patch several against one pair: each projection operator is read or computed once for all. "
+        "A path that exists is taken as it is, never as a glob.",
+        show_default=False,
+    ),
+]
+CheckAdaptersOpt = Annotated[
+    list[str],
+    typer.Option(
+        "--adapter",
+        help="The PEFT LoRA adapter directory to check. Repeat it, or give a quoted glob ('adapters/*'): "
+        "every one is judged.",
         show_default=False,
     ),
 ]
@@ -143,16 +152,60 @@ def _err_console() -> Console:
     return Console(stderr=True)
 
 
+def _print_error(message: object) -> None:
+    _err_console().print(line(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
+
+
 @contextmanager
 def _errors() -> Iterator[None]:
-    """The one place errors become a one-line message and an exit code."""
+    """The one place errors become a one-line message and an exit code.
+
+    An OS error that escaped the path-specific handling, or any other unexpected exception, is
+    still one line and exit 1 (SAFELORA_DEBUG=1 shows the traceback): hostile input must never
+    end in a traceback.
+    """
     try:
         yield
     except SafeLoraError as e:
         if os.environ.get("SAFELORA_DEBUG"):
             traceback.print_exc()
-        _err_console().print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+        _print_error(e)
         raise typer.Exit(e.exit_code) from None
+    except OSError as e:
+        if os.environ.get("SAFELORA_DEBUG"):
+            traceback.print_exc()
+        where = e.filename if e.filename is not None else "I/O"
+        _print_error(f"{where}: {e.strerror or e.__class__.__name__}")
+        raise typer.Exit(1) from None
+    except Exception as e:
+        if type(e).__module__.split(".")[0] in ("typer", "click"):
+            raise  # usage errors and exits: Typer prints them and exits 2 (or as asked)
+        if os.environ.get("SAFELORA_DEBUG"):
+            traceback.print_exc()
+        _print_error(f"unexpected {e.__class__.__name__}: {str(e)[:200]}; set SAFELORA_DEBUG=1 for the traceback")
+        raise typer.Exit(1) from None
+
+
+def _after_write(what: str, render: Callable[[], None]) -> None:
+    """Output after the adapters are written: a failure here is a warning, never the run's exit code."""
+    try:
+        render()
+    except BrokenPipeError:
+        # The reader went away (``| head``): say nothing more on stdout, and exit as the run ended.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except Exception as e:
+        with suppress(Exception):
+            _err_console().print(
+                line(
+                    ("warning:", "yellow"),
+                    f" {what} failed ({e.__class__.__name__}: {str(e)[:200]}); "
+                    "the adapters were processed as reported by the exit code",
+                ),
+                highlight=False,
+                soft_wrap=True,
+            )
 
 
 def _choice(value: str, choices: Mapping[str, str], flag: str) -> str:
@@ -211,9 +264,13 @@ def _preset_callback(ctx: typer.Context, value: str | None) -> str | None:
     return value
 
 
-def _aligned_default(adapter: Path, notes: list[str]) -> str:
-    name = adapter_io.load_adapter(adapter).config.base_model_name_or_path
-    if name is None or not (Path(name).is_dir() or sources.parse_ref(name) is not None):
+def _aligned_default(adapters: list[adapter_io.Named], notes: list[str]) -> str:
+    """--aligned left out: the first adapter's base_model_name_or_path, read through its open directory."""
+    first = adapters[0]
+    if first.dir is None:
+        raise first.error or SafeLoraError(f"{first.path}: cannot be read")
+    name = adapter_io.read_config(first.dir).base_model_name_or_path
+    if name is None or not (os.path.isdir(name) or sources.parse_ref(name) is not None):
         hint = f" (adapter_config.json names {name!r}, neither a local directory nor a Hub repo id)" if name else ""
         raise typer.BadParameter(f"required{hint}", param_hint="--aligned")
     notes.append(f"--aligned taken from adapter_config.json's base_model_name_or_path: {name}")
@@ -317,8 +374,8 @@ def project(
     with _errors(), rendering.RunDisplay(_err_console(), enabled=not quiet) as display, ExitStack() as open_files:
         cache = None if no_cache else projection_cache.ProjectionCache()
         hub = sources.Hub.from_env(token, cache.refs if cache is not None else None)
-        adapters = _expand_adapters(adapter)
-        aligned_spec = aligned if aligned is not None else _aligned_default(adapters[0], notes)
+        adapters = open_files.enter_context(adapter_io.open_all(adapter))
+        aligned_spec = aligned if aligned is not None else _aligned_default(adapters, notes)
         base_spec = base if base is not None else _base_from_preset(aligned_spec, notes)
         base_src = _open(base_spec, base_revision, "--base", hub, display, notes)
         open_files.callback(base_src.close)
@@ -334,29 +391,19 @@ def project(
             cache=cache.pair(base_src.cache_identity(), aligned_src.cache_identity()) if cache else None,
             on_wait=display.say,
         )
-        if len(adapters) == 1 and isinstance(outcomes[0], SafeLoraError):
+        paths = [named.path for named in adapters]
+        if len(outcomes) == 1 and isinstance(outcomes[0], SafeLoraError):
             raise outcomes[0]
-    _emit_batch(adapters, outcomes, as_json, quiet)
-
-
-def _expand_adapters(patterns: list[str]) -> list[Path]:
-    """--adapter values, globs expanded (sorted), duplicates dropped, order kept."""
-    paths: list[Path] = []
-    for pattern in patterns:
-        if any(c in pattern for c in "*?["):
-            matches = sorted(glob.glob(pattern))
-            if not matches:
-                raise typer.BadParameter(f"{pattern!r} matches no adapter directory", param_hint="--adapter")
-            paths.extend(Path(m) for m in matches)
-        else:
-            paths.append(Path(pattern))
-    return list(dict.fromkeys(paths))
+    failed = sum(isinstance(o, SafeLoraError) for o in outcomes)
+    _after_write("printing the report", lambda: _emit_batch(paths, outcomes, as_json, quiet))
+    if failed:
+        raise typer.Exit(1)
 
 
 def _emit_batch(
     adapters: list[Path], outcomes: list[pipeline.Report | SafeLoraError], as_json: bool, quiet: bool
 ) -> None:
-    """One report per adapter (a JSON array for several); each failure is one line; exit 1 if any failed."""
+    """One report per adapter (a JSON array for several); each failure is one line."""
     if len(adapters) == 1 and isinstance(outcomes[0], pipeline.Report):
         _emit(outcomes[0], as_json, quiet)
         return
@@ -366,7 +413,7 @@ def _emit_batch(
             if not quiet:
                 rendering.render(outcome, console)
         else:
-            _err_console().print(f"[bold red]error:[/bold red] {outcome}", highlight=False, soft_wrap=True)
+            _print_error(outcome)
     failed = sum(isinstance(o, SafeLoraError) for o in outcomes)
     if not quiet:
         console.print(f"{len(adapters) - failed} of {len(adapters)} adapters done, {failed} failed", highlight=False)
@@ -376,8 +423,6 @@ def _emit_batch(
             for p, o in zip(adapters, outcomes, strict=True)
         ]
         sys.stdout.write(json.dumps(docs, indent=2, allow_nan=False) + "\n")
-    if failed:
-        raise typer.Exit(1)
 
 
 def _open(
@@ -391,19 +436,19 @@ def demo(
     as_json: JsonOpt = False,
     keep: Annotated[
         Path | None,
-        typer.Option(help="Build the example in this directory and keep it (default: a temp dir)."),
+        typer.Option(help="Build the example in this directory (new or empty) and keep it (default: a temp dir)."),
     ] = None,
 ) -> None:
     """Build a tiny base/aligned/adapter set (no downloads) and run `project` on it."""
     with _errors(), tempfile.TemporaryDirectory(prefix="safelora-demo-") as tmp:
+        if keep is not None:
+            _require_empty(keep)
         root = keep or Path(tmp)
         base, aligned, adapter = demo_data.build(root)
         console = _err_console() if as_json else Console()
-        console.print(f"[dim]tiny example in {root}: base (sharded), aligned, adapter (q_proj/v_proj, r=8)[/dim]")
-        console.print(
-            f"[dim]$ safelora project --base {base} --aligned {aligned} --adapter {adapter}[/dim]",
-            highlight=False,
-        )
+        dim = "dim"
+        console.print(line((f"tiny example in {root}: base (sharded), aligned, adapter (q_proj/v_proj, r=8)", dim)))
+        console.print(line((f"$ safelora project --base {base} --aligned {aligned} --adapter {adapter}", dim)))
         base_src, aligned_src = sources.open_local(base), sources.open_local(aligned)
         try:
             report = pipeline.project_adapter(adapter, base_src, aligned_src, pipeline.Settings())
@@ -413,34 +458,66 @@ def demo(
         _emit(report, as_json)
 
 
+def _require_empty(path: Path) -> None:
+    """``demo --keep``: a new directory, or an empty one; never one that holds anything."""
+    try:
+        if not os.path.lexists(path):
+            return
+        if path.is_symlink() or not path.is_dir():
+            raise SafeLoraError(f"{path}: exists and is not a directory; pass a new or empty directory to --keep")
+        if any(path.iterdir()):
+            raise SafeLoraError(f"{path}: exists and is not empty; pass a new or empty directory to --keep")
+    except OSError as e:
+        raise SafeLoraError(f"{path}: {e.strerror}") from None
+
+
 @app.command()
 def check(
-    adapter: AdapterOpt,
+    adapter: CheckAdaptersOpt,
     base: Annotated[str | None, typer.Option(help="Also require this base model (a directory or a Hub repo).")] = None,
     aligned: Annotated[
         str | None, typer.Option(help="Also require this aligned model (a directory or a Hub repo).")
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Gate: is this adapter sanitized by safelora, unmodified since, and (optionally) against this pair?
+    """Gate: is each adapter sanitized by safelora, unmodified since, and (optionally) against this pair?
 
-    Exit codes: 0 sanitized; 3 never sanitized, sanitized against another pair, or modified since;
-    1 error (unreadable adapter or checkpoint); 2 usage.
+    Every adapter given is judged. Exit codes: 0 all sanitized; 3 any never sanitized, sanitized
+    against another pair, or modified since (and none errored); 1 any error (unreadable adapter or
+    checkpoint); 2 usage.
     """
     if (base is None) != (aligned is None):
         raise typer.BadParameter("give both --base and --aligned, or neither", param_hint="--base/--aligned")
-    with _errors():
+    results: list[tuple[Path, audit.CheckResult | SafeLoraError]] = []
+    with _errors(), ExitStack() as stack:
         pair = None
         if base is not None and aligned is not None:
             hub = sources.Hub.from_env(None, projection_cache.ProjectionCache().refs)
             pair = (_identity(base, "--base", hub), _identity(aligned, "--aligned", hub))
-        result = audit.check(adapter, pair)
+        for named in stack.enter_context(adapter_io.open_all(adapter)):
+            try:
+                if named.dir is None:
+                    raise named.error or SafeLoraError(f"{named.path}: cannot be read")
+                results.append((named.path, audit.check(named.dir, pair)))
+            except SafeLoraError as e:
+                results.append((named.path, e))
+        if len(results) == 1 and isinstance(results[0][1], SafeLoraError):
+            raise results[0][1]
+    console = _err_console() if as_json else Console()
+    for _, result in results:
+        if isinstance(result, SafeLoraError):
+            _print_error(result)
+        else:
+            rendering.render_check(result, console)
     if as_json:
-        rendering.render_check(result, _err_console())
-        sys.stdout.write(json.dumps(rendering.check_to_json(result), indent=2) + "\n")
-    else:
-        rendering.render_check(result, Console())
-    if not result.ok:
+        docs = [
+            rendering.check_to_json(r) if isinstance(r, audit.CheckResult) else {"adapter": str(p), "error": str(r)}
+            for p, r in results
+        ]
+        sys.stdout.write(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2) + "\n")
+    if any(isinstance(r, SafeLoraError) for _, r in results):
+        raise typer.Exit(1)
+    if not all(isinstance(r, audit.CheckResult) and r.ok for _, r in results):
         raise typer.Exit(3)
 
 
@@ -493,7 +570,10 @@ def cache_rm(pair: Annotated[str, typer.Argument(help="The pair's key, or a uniq
     """Remove one pair's cached operators."""
     with _errors():
         removed = projection_cache.ProjectionCache().remove(pair)
-    Console().print(f"removed pair {removed.key} ({len(removed.entries)} modules, {rendering.size(removed.nbytes)})")
+    Console().print(
+        line(f"removed pair {removed.key} ({len(removed.entries)} modules, {rendering.size(removed.nbytes)})"),
+        highlight=False,
+    )
 
 
 @cache_app.command("clear")
@@ -503,9 +583,12 @@ def cache_clear() -> None:
         cache = projection_cache.ProjectionCache()
         removed, kept = cache.clear()
     console = Console()
-    console.print(f"removed {len(removed)} pair(s), {rendering.size(sum(p.nbytes for p in removed))} from {cache.root}")
+    console.print(
+        line(f"removed {len(removed)} pair(s), {rendering.size(sum(p.nbytes for p in removed))} from {cache.root}"),
+        highlight=False,
+    )
     for message in kept:
-        _err_console().print(f"[yellow]kept:[/yellow] {message}", highlight=False)
+        _err_console().print(line(("kept:", "yellow"), " ", message), highlight=False)
 
 
 def _version(value: bool) -> None:

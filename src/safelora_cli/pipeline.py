@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import math
 import queue
+import stat
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,8 +23,10 @@ from .adapter import (
     PROVENANCE_PREFIX,
     Adapter,
     LoraModule,
+    Named,
     clean_stale_temps,
     load_adapter,
+    open_all,
     rewrite_lock,
     write_adapter,
 )
@@ -243,7 +246,8 @@ def _prefetch(
     numel = max(math.prod(base.shape(j.base_key)) for j in jobs)
 
     def read(job: _Job, slot: tuple[bytearray, bytearray]) -> tuple[_Job, torch.Tensor, torch.Tensor]:
-        return job, base.read(job.base_key, slot[0]), aligned.read(job.aligned_key, slot[1])
+        w_base = _weight(base, job.base_key, base.read(job.base_key, slot[0]))
+        return job, w_base, _weight(aligned, job.aligned_key, aligned.read(job.aligned_key, slot[1]))
 
     def build(
         item: tuple[tuple[_Job, torch.Tensor, torch.Tensor], Callable[[], None]], v_slot: torch.Tensor
@@ -264,6 +268,23 @@ def _prefetch(
             release()
     finally:
         built.close()  # stops both threads when the caller stops early
+
+
+_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _weight(source: Source, name: str, t: torch.Tensor) -> torch.Tensor:
+    """A checkpoint weight as the method defines it: a float16, bfloat16, float32 or float64 matrix.
+
+    float8 would need a scale the file does not carry, complex numbers have no place in the method,
+    and integer weights are quantized: none is silently cast.
+    """
+    if t.dtype not in _WEIGHT_DTYPES:
+        raise SourceError(
+            f"{source.label}: {name} is {str(t.dtype).removeprefix('torch.')}; Safe LoRA computes on float16, "
+            "bfloat16, float32 or float64 weights: pass an unquantized checkpoint"
+        )
+    return t
 
 
 @contextmanager
@@ -287,11 +308,15 @@ def _share_cores() -> Iterator[None]:
 class _Run:
     """One adapter of a batch: where it is, what was found for it, and how it ended."""
 
-    path: Path
+    named: Named
     notes: list[str]
     adapter: Adapter | None = None
     found: dict[str, tuple[ModuleMath, bool]] = field(default_factory=dict)
     outcome: Report | SafeLoraError | None = None  # set once the run is over (a no-op or an error)
+
+    @property
+    def path(self) -> Path:
+        return self.named.path
 
     @property
     def loaded(self) -> Adapter:
@@ -434,24 +459,25 @@ def project_adapter(
     cache: PairCache | None = None,
     on_wait: Callable[[str], None] = lambda message: None,
 ) -> Report:
-    """Run Safe LoRA on one adapter against one (base, aligned) pair; see SPEC.md. Raises its error."""
-    [outcome] = project_adapters(
-        [adapter_path],
-        base,
-        aligned,
-        settings,
-        notes=notes,
-        on_module=on_module,
-        cache=cache,
-        on_wait=on_wait,
-    )
+    """Run Safe LoRA on one adapter against one (base, aligned) pair. Raises its error."""
+    with open_all([adapter_path]) as named:
+        [outcome] = project_adapters(
+            named,
+            base,
+            aligned,
+            settings,
+            notes=notes,
+            on_module=on_module,
+            cache=cache,
+            on_wait=on_wait,
+        )
     if isinstance(outcome, SafeLoraError):
         raise outcome
     return outcome
 
 
 def project_adapters(
-    adapter_paths: list[Path],
+    adapters: Sequence[Named],
     base: Source,
     aligned: Source,
     settings: Settings,
@@ -461,15 +487,16 @@ def project_adapters(
     cache: PairCache | None = None,
     on_wait: Callable[[str], None] = lambda message: None,
 ) -> list[Report | SafeLoraError]:
-    """Run Safe LoRA on several adapters against one pair: a report or an error per adapter, in order.
+    """Run Safe LoRA on several adapters (opened by ``adapter.open_all``) against one pair: a report
+    or an error per adapter, in order.
 
     Each module's operator is read or computed once for every adapter that targets it. A bad adapter
     ends its own run only; a bad checkpoint (or the network) ends them all, by raising.
     In-place runs hold their adapter's ``rewrite_lock`` from reading the adapter to replacing it
-    (taken in path order, so two batches never wait on each other). With ``cache`` (float32 runs
-    only), operators are read from and stored in the projection cache: cached modules read nothing
-    from either checkpoint, and the bytes written are identical to an uncached run's, since P is
-    always computed from the same float32 operator.
+    (taken in the order of the directories' identities, so two batches never wait on each other).
+    With ``cache`` (float32 runs only), operators are read from and stored in the projection cache:
+    cached modules read nothing from either checkpoint, and the bytes written are identical to an
+    uncached run's, since P is always computed from the same float32 operator.
     """
     started = time.perf_counter()
     shared_notes = list(notes or [])
@@ -478,7 +505,10 @@ def project_adapters(
         cache = None
     device = _device(settings.device)
     base_info, aligned_info = source_info(base), source_info(aligned)
-    runs = [_Run(path, list(shared_notes)) for path in adapter_paths]
+    runs = [_Run(named, [*shared_notes, *named.notes]) for named in adapters]
+    for run in runs:
+        if run.named.error is not None:
+            run.outcome = run.named.error
     in_place = not settings.dry_run and settings.output is None
 
     def report(run: _Run, layers: list[LayerResult], tau: float | None, written: bool) -> Report:
@@ -503,10 +533,12 @@ def project_adapters(
             bytes_downloaded=base.bytes_downloaded + aligned.bytes_downloaded,
         )
 
-    with ExitStack() as locks:
-        for run in sorted(runs, key=lambda r: str(r.path.resolve())) if in_place else []:
+    with ExitStack() as held:
+        for run in sorted(runs, key=lambda r: r.named.dir.identity if r.named.dir else (0, 0)) if in_place else []:
+            if run.named.dir is None or run.outcome is not None:
+                continue
             try:
-                locks.enter_context(rewrite_lock(run.path, partial(on_wait, _adapter_wait(run.path))))
+                held.enter_context(rewrite_lock(run.named.dir, partial(on_wait, _adapter_wait(run.path))))
             except SafeLoraError as e:
                 run.outcome = e
         for run in runs:
@@ -515,6 +547,8 @@ def project_adapters(
                     _prepare(run, settings, base_info, aligned_info, in_place, report)
                 except SafeLoraError as e:
                     run.outcome = e
+                if run.adapter is not None:
+                    held.callback(run.adapter.close)
         live = [run for run in runs if run.outcome is None]
         projector = Projector(torch.float64 if settings.precision == "float64" else torch.float32, device)
         total = sum(len(run.loaded.modules) for run in live)
@@ -547,7 +581,9 @@ def _prepare(
     report: Callable[[_Run, list[LayerResult], float | None, bool], Report],
 ) -> None:
     """Load the adapter and decide whether it may be projected; a no-op ends the run with its report."""
-    run.adapter = adapter = load_adapter(run.path)
+    if run.named.dir is None:
+        raise RuntimeError(f"{run.path}: prepared without an open directory")
+    run.adapter = adapter = load_adapter(run.named.dir)
     run.notes.extend(adapter.warnings)
     previous = adapter.provenance()
     if previous and not settings.force:
@@ -569,14 +605,15 @@ def _prepare(
             )
         run.notes.append("DoRA: lora_B projected, magnitude vectors left unchanged")
     if in_place:
-        if adapter.file.is_symlink():
+        st = adapter.dir.lstat(ADAPTER_FILE)
+        if st is not None and stat.S_ISLNK(st.st_mode):
             # os.replace would swap the link for a regular file and leave its target (often a shared
             # blob, as in the Hugging Face cache) as it was: rarely what anyone meant.
             raise AdapterError(
                 f"{adapter.file}: is a symbolic link, and rewriting it in place would replace the link, not "
                 f"its target; pass --output DIR for a patched copy, or replace the link with a copy of {ADAPTER_FILE}"
             )
-        clean_stale_temps(adapter.path)
+        clean_stale_temps(adapter.dir)
 
 
 def _apply(
@@ -633,5 +670,5 @@ def _finish(
     }
     if adapter.dora:
         provenance[PROVENANCE_PREFIX + "dora"] = "lora_B projected; magnitude vectors unchanged"
-    write_adapter(adapter, replacements, provenance, settings.output, overwrite_output=settings.force)
+    write_adapter(adapter, replacements, provenance, settings.output, overwrite_output=settings.force, notes=run.notes)
     return report(run, layers, tau, True)

@@ -11,6 +11,7 @@ from typing import Any
 from rich import box
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -28,6 +29,7 @@ from . import __version__
 from .audit import CheckResult, Inspection
 from .cache import PairSummary
 from .pipeline import LayerResult, OnModule, Report, SourceInfo
+from .text import line, printable
 
 
 def _finite(x: float | None) -> float | None:
@@ -90,19 +92,22 @@ def _fmt(x: float | None, spec: str) -> str:
 def render(report: Report, console: Console) -> None:
     """The per-module table, the skipped tensors, notes and a one-line summary."""
     if report.layers:
-        table = Table(title=f"Safe LoRA · {report.adapter}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-        table.add_column("module", no_wrap=True, min_width=max(len(layer.module) for layer in report.layers))
+        table = Table(
+            title=line("Safe LoRA · ", report.adapter), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False
+        )
+        modules = [printable(layer.module) for layer in report.layers]
+        table.add_column("module", no_wrap=True, min_width=max(len(m) for m in modules))
         table.add_column("layer", justify="right")
         table.add_column("similarity", justify="right", no_wrap=True)
         table.add_column("proj.", justify="center")
         table.add_column("‖CB‖/‖B‖", justify="right")
-        for layer in report.layers:
+        for layer, module in zip(report.layers, modules, strict=True):
             projected = Text("yes", style="bold red") if layer.projected else Text("no", style="dim")
             sim = _similarity_cell(layer)
             if layer.reason:
-                sim = Text(f"— ({layer.reason})", style="yellow")
+                sim = line((f"— ({layer.reason})", "yellow"))
             table.add_row(
-                layer.module,
+                Text(module),
                 "" if layer.layer is None else str(layer.layer),
                 sim,
                 projected,
@@ -110,19 +115,17 @@ def render(report: Report, console: Console) -> None:
             )
         console.print(table)
     if report.skipped:
-        console.print(f"[dim]{len(report.skipped)} tensor(s) passed through unchanged:[/dim]")
+        console.print(line((f"{len(report.skipped)} tensor(s) passed through unchanged:", "dim")))
         for key, reason in report.skipped:
-            console.print(f"[dim]  {key}: {reason}[/dim]", highlight=False)
+            console.print(line((f"  {key}: {reason}", "dim")), highlight=False)
     for note in report.notes:
-        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+        console.print(line(("note:", "yellow"), " ", note), highlight=False)
     if report.cache is not None:
         c = report.cache
-        console.print(
-            f"[dim]projection cache {c.pair}: {c.served} served, {c.computed} computed[/dim]", highlight=False
-        )
+        console.print(line((f"projection cache {c.pair}: {c.served} served, {c.computed} computed", "dim")))
     if report.bytes_downloaded:
-        console.print(f"[dim]downloaded {size(report.bytes_downloaded)}[/dim]", highlight=False)
-    console.print(summary(report), highlight=False)
+        console.print(line((f"downloaded {size(report.bytes_downloaded)}", "dim")))
+    console.print(line(summary(report)), highlight=False)
 
 
 _BAR_WIDTH = 8
@@ -209,20 +212,21 @@ class RunDisplay:
         return self._advance if self._live is not None else None
 
     def _advance(self, layer: LayerResult, count: int) -> None:
-        self._modules.update(self._module_task, advance=1, total=count, description=layer.module)
+        # Progress descriptions are markup templates: the name goes in escaped.
+        self._modules.update(self._module_task, advance=1, total=count, description=escape(printable(layer.module)))
 
     def task(self, label: str, total: int) -> Callable[[int], None]:
-        task_id = self._downloads.add_task(label, total=total)
+        task_id = self._downloads.add_task(escape(printable(label)), total=total)
         return lambda n: self._downloads.advance(task_id, n)
 
     def warn(self, message: str) -> None:
         if self.enabled:
-            self.console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+            self.console.print(line(("warning:", "yellow"), " ", message), highlight=False, soft_wrap=True)
 
     def say(self, message: str) -> None:
         """A dim line now, above the bars (unless --quiet)."""
         if self.enabled:
-            self.console.print(f"[dim]{message}[/dim]", highlight=False, soft_wrap=True)
+            self.console.print(line((message, "dim")), highlight=False, soft_wrap=True)
 
 
 def _pair_json(pair: PairSummary) -> dict[str, Any]:
@@ -256,16 +260,16 @@ def render_cache(pairs: list[PairSummary], console: Console, *, modules: bool) -
     table.add_column("modules", justify="right")
     table.add_column("size", justify="right", no_wrap=True)
     for p in pairs:
-        table.add_row(p.key, p.base, p.aligned, str(len(p.entries)), size(p.nbytes))
+        table.add_row(line(p.key), line(p.base), line(p.aligned), str(len(p.entries)), size(p.nbytes))
     console.print(table)
     if modules:
         for p in pairs:
-            t = Table(title=f"pair {p.key}", title_justify="left")
+            t = Table(title=line("pair ", p.key), title_justify="left")
             for col in ("module", "operator", "shape", "size"):
                 t.add_column(col, justify="right" if col == "size" else "left")
             for e in p.entries:
-                label = e.module if e.problem is None else Text(f"? ({e.problem})", style="yellow")
-                t.add_row(label, e.kind, "×".join(map(str, e.shape)), size(e.nbytes))
+                label = line(e.module) if e.problem is None else line((f"? ({e.problem})", "yellow"))
+                t.add_row(label, line(e.kind), "×".join(map(str, e.shape)), size(e.nbytes))
             console.print(t)
     total = sum(p.nbytes for p in pairs)
     console.print(f"{len(pairs)} pair(s), {size(total)}", highlight=False)
@@ -284,7 +288,7 @@ def check_to_json(result: CheckResult) -> dict[str, Any]:
 
 def render_check(result: CheckResult, console: Console) -> None:
     style = "bold green" if result.ok else "bold red"
-    console.print(f"[{style}]{result.status}[/{style}] {result.adapter}: {result.message}", highlight=False)
+    console.print(line((result.status, style), " ", result.adapter, ": ", result.message), highlight=False)
 
 
 def inspection_to_json(info: Inspection) -> dict[str, Any]:
@@ -306,22 +310,25 @@ def inspection_to_json(info: Inspection) -> dict[str, Any]:
 
 
 def render_inspection(info: Inspection, console: Console) -> None:
-    table = Table(title=f"adapter · {info.adapter}", title_justify="left", show_header=False)
+    table = Table(title=line("adapter · ", info.adapter), title_justify="left", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
     ranks = ", ".join(f"r={r} ×{n}" for r, n in info.ranks.items())
     table.add_row("LoRA modules", f"{info.modules} ({ranks})")
     table.add_row("dtypes", ", ".join(f"{d} ×{n}" for d, n in info.dtypes.items()))
     table.add_row("size", f"{info.size_bytes:,} bytes")
-    table.add_row("target_modules", str(info.target_modules))
-    table.add_row("base_model_name_or_path", str(info.base_model))
+    table.add_row(
+        "target_modules",
+        line(info.target_modules if isinstance(info.target_modules, str) else repr(info.target_modules)),
+    )
+    table.add_row("base_model_name_or_path", line(str(info.base_model)))
     table.add_row("DoRA", "yes" if info.dora else "no")
     table.add_row("embedding LoRA", "yes" if info.embeddings else "no")
     table.add_row("modules_to_save", "yes" if info.modules_to_save else "no")
     table.add_row("passed-through tensors", str(len(info.skipped)))
     if info.provenance:
         for key, value in sorted(info.provenance.items()):
-            table.add_row(key, value)
+            table.add_row(line(key), line(value))
     else:
         table.add_row("provenance", "none (never sanitized by safelora)")
     console.print(table)

@@ -89,43 +89,52 @@ def read_small(
     dir_fd: int | None = None,
     where: object = None,
     fix: str = "replace it with a regular file",
-) -> bytes:
-    """The whole content of a small regular file (a JSON config or index); larger than ``limit`` is refused."""
+) -> tuple[bytes, int]:
+    """The whole content of a small regular file (a JSON config or index) and its mode bits.
+
+    A file larger than ``limit`` is refused before it is read.
+    """
     where = path if where is None else where
     with open_file(path, error, dir_fd=dir_fd, where=where, fix=fix) as f:
         try:
-            size = os.fstat(f.fileno()).st_size
-            if size > limit:
-                raise error(f"{where}: {size} bytes, more than the {limit} such a file may have; {fix}")
+            st = os.fstat(f.fileno())
+            if st.st_size > limit:
+                raise error(f"{where}: {st.st_size} bytes, more than the {limit} such a file may have; {fix}")
             data = f.read(limit + 1)
         except OSError as e:
             raise error(os_error(where, e)) from None
     if len(data) > limit:
         raise error(f"{where}: more than the {limit} bytes such a file may have; {fix}")
-    return data
+    return data, stat.S_IMODE(st.st_mode)
 
 
 class Directory:
     """A directory opened once; its files are opened, listed and renamed through the descriptor."""
 
-    def __init__(self, path: Path, error: type[SafeLoraError], *, fix: str = "pass a directory") -> None:
+    def __init__(
+        self, path: Path, error: type[SafeLoraError], *, fix: str = "pass a directory", fd: int | None = None
+    ) -> None:
+        """Open ``path`` (following links once, as the user named it), or adopt an open ``fd``."""
+        self.fd = -1
         self.path = path
         self.error = error
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except NotADirectoryError:
-            raise error(f"{path}: is not a directory; {fix}") from None
-        except FileNotFoundError:
-            raise error(f"{path}: does not exist; {fix}") from None
-        except OSError as e:
-            raise error(os_error(path, e)) from None
-        st = os.fstat(self.fd)
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except NotADirectoryError:
+                raise error(f"{path}: is not a directory; {fix}") from None
+            except FileNotFoundError:
+                raise error(f"{path}: does not exist; {fix}") from None
+            except OSError as e:
+                raise error(os_error(path, e)) from None
+        self.fd = fd
+        st = os.fstat(fd)
         self.identity = (st.st_dev, st.st_ino)
 
     def open(self, name: str, *, fix: str = "replace it with a regular file", follow: bool = True) -> BufferedReader:
         return open_file(name, self.error, dir_fd=self.fd, where=self.path / name, fix=fix, follow=follow)
 
-    def read_small(self, name: str, limit: int, *, fix: str = "replace it with a regular file") -> bytes:
+    def read_small(self, name: str, limit: int, *, fix: str = "replace it with a regular file") -> tuple[bytes, int]:
         return read_small(name, self.error, limit, dir_fd=self.fd, where=self.path / name, fix=fix)
 
     def lstat(self, name: str) -> os.stat_result | None:
@@ -147,6 +156,9 @@ class Directory:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def __del__(self) -> None:
+        self.close()
 
     def __enter__(self) -> Directory:
         return self

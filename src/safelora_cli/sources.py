@@ -7,11 +7,10 @@ is imported only by runs that use the Hub.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import pickle
 import re
-import zipfile
+import stat
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from typing import Protocol
 
 import torch
 
-from . import stfile
+from . import safefs, stfile, strict
 from .cache import RefMemo
 from .errors import SourceError, UsageError
 
@@ -33,6 +32,9 @@ SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
+INDEX_LIMIT = 64 << 20  # a 405B checkpoint's index is ~100 kB; a larger "index" is not one
+_REDOWNLOAD = "download the checkpoint again"
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
 # transformers 4.52 renamed the language model of multimodal models (Llava, Gemma 3, Qwen2-VL…)
@@ -146,7 +148,7 @@ class SafetensorsSource(Source):
         path = self._weight_map[name]
         header = self._headers.get(path)
         if header is None:
-            header = self._headers[path] = stfile.read_header(path)
+            header = self._headers[path] = stfile.read_header(path, fix=_REDOWNLOAD)
         entry = header.tensors.get(name)
         if entry is None:
             raise SourceError(
@@ -198,16 +200,25 @@ class TorchBinSource(Source):
         state = self._loaded.get(path)
         if state is not None:
             return state
-        try:
-            # Only the zip format (torch >= 1.6) can be memory-mapped; older files are read whole.
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-        except pickle.UnpicklingError as e:
-            raise SourceError(
-                f"{path}: refused to unpickle ({str(e).splitlines()[0][:160]}); only plain tensor "
-                "checkpoints are loaded, convert it to safetensors"
-            ) from None
-        except (RuntimeError, OSError, EOFError, ValueError) as e:
-            raise SourceError(f"{path}: not a readable PyTorch checkpoint ({e.__class__.__name__})") from None
+        with safefs.open_file(path, SourceError, fix=_REDOWNLOAD) as f:
+            try:
+                # Only the zip format (torch >= 1.6) can be memory-mapped; older files are read whole.
+                # torch.load opens the path again: the descriptor's own path names the very file
+                # checked above, whatever happens to ``path`` meanwhile.
+                zipped = os.pread(f.fileno(), 4, 0) == _ZIP_MAGIC
+                obj = torch.load(
+                    f"/proc/self/fd/{f.fileno()}" if os.path.isdir("/proc/self/fd") else path,
+                    map_location="cpu",
+                    weights_only=True,
+                    mmap=zipped,
+                )
+            except pickle.UnpicklingError as e:
+                raise SourceError(
+                    f"{path}: refused to unpickle ({str(e).splitlines()[0][:160]}); only plain tensor "
+                    "checkpoints are loaded, convert it to safetensors"
+                ) from None
+            except (RuntimeError, OSError, EOFError, ValueError) as e:
+                raise SourceError(f"{path}: not a readable PyTorch checkpoint ({e.__class__.__name__})") from None
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise SourceError(f"{path}: expected a dict of tensors (a state dict)")
         self._loaded[path] = obj
@@ -221,7 +232,13 @@ class TorchBinSource(Source):
         state = self._load(path)
         if name not in state:
             raise SourceError(f"{path}: the index maps {name!r} to this file but it does not hold it")
-        return state[name]
+        t = state[name]
+        if t.layout != torch.strided or t.device.type != "cpu":
+            where = f"a {t.device.type} tensor" if t.device.type != "cpu" else f"a {t.layout} tensor"
+            raise SourceError(
+                f"{path}: {name} is {where}, not a dense one; Safe LoRA reads dense weights, re-save the checkpoint"
+            )
+        return t
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._tensor(name).shape)
@@ -243,8 +260,8 @@ class TorchBinSource(Source):
 
 
 def open_shard(path: Path) -> BufferedReader:
-    """A shard opened for tensor reads, each one long run of bytes."""
-    f = path.open("rb")
+    """A shard opened for tensor reads, each one long run of bytes (a regular file; see ``safefs``)."""
+    f = safefs.open_file(path, SourceError, fix=_REDOWNLOAD)
     if hasattr(os, "posix_fadvise"):
         # A doubled readahead window read the 7B benchmark's tensors ~1.5× faster from a cold page cache.
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
@@ -260,7 +277,10 @@ def _stat_fingerprint(files: list[Path]) -> str:
     """
     h = hashlib.sha256()
     for p in sorted(files):
-        st = p.stat()
+        try:
+            st = p.stat()
+        except OSError as e:
+            raise SourceError(safefs.os_error(p, e)) from None
         h.update(f"{p.name}\0{st.st_size}\0{st.st_ino}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
     return h.hexdigest()[:16]
 
@@ -268,30 +288,36 @@ def _stat_fingerprint(files: list[Path]) -> str:
 def parse_index(raw: bytes | str, where: str) -> dict[str, str]:
     """The ``weight_map`` of a sharded checkpoint's index: tensor name → shard file name."""
     try:
-        doc = json.loads(raw)
-        weight_map = doc["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError):
-        raise SourceError(
-            f"{where}: not a valid index (expected JSON with a 'weight_map' object); download the checkpoint again"
-        ) from None
+        doc = strict.loads(raw)
+    except strict.InvalidJSON as e:
+        raise SourceError(f"{where}: not a valid index ({e}); {_REDOWNLOAD}") from None
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict):
+        raise SourceError(f"{where}: not a valid index (expected JSON with a 'weight_map' object); {_REDOWNLOAD}")
     for name, shard in weight_map.items():
-        if not isinstance(shard, str) or Path(shard).name != shard:
+        if not isinstance(shard, str) or not shard or "/" in shard or shard in (".", "..") or "\0" in shard:
             raise SourceError(f"{where}: weight_map entry {name!r} names {shard!r}, not a file beside the index")
     return weight_map
 
 
 def _read_index(path: Path) -> dict[str, Path]:
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise SourceError(f"{path}: cannot read ({e.strerror})") from None
+    raw, _ = safefs.read_small(path, SourceError, INDEX_LIMIT, fix=_REDOWNLOAD)
     out: dict[str, Path] = {}
+    checked: set[str] = set()
     for name, shard in parse_index(raw, str(path)).items():
         shard_path = path.parent / shard
-        if not shard_path.is_file():
-            raise SourceError(f"{shard_path}: listed in {path.name} but missing; download the complete checkpoint")
+        if shard not in checked:
+            try:
+                st = os.stat(shard_path)
+            except FileNotFoundError:
+                raise SourceError(
+                    f"{shard_path}: listed in {path.name} but missing; download the complete checkpoint"
+                ) from None
+            except OSError as e:
+                raise SourceError(safefs.os_error(shard_path, e)) from None
+            if not stat.S_ISREG(st.st_mode):
+                raise SourceError(f"{shard_path}: is {safefs.kind(st.st_mode)}, not a regular file; {_REDOWNLOAD}")
+            checked.add(shard)
         out[name] = shard_path
     return out
 
@@ -302,29 +328,44 @@ def open_local(path: Path) -> Source:
     Its label is the absolute path, so provenance names the same checkpoint from any working directory.
     """
     label = str(path.absolute())
-    if path.is_file() and path.suffix == ".safetensors":
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise SourceError(f"{path}: no such directory; pass a model directory or a Hub repo id (org/name)") from None
+    except OSError as e:
+        raise SourceError(safefs.os_error(path, e)) from None
+    if stat.S_ISREG(st.st_mode) and path.suffix == ".safetensors":
         return _single_safetensors(label, path)
-    if not path.exists():
-        raise SourceError(f"{path}: no such directory; pass a model directory or a Hub repo id (org/name)")
-    if not path.is_dir():
+    if not stat.S_ISDIR(st.st_mode):
         raise SourceError(f"{path}: not a directory; pass a model directory or a .safetensors file")
-    if (path / SAFETENSORS_INDEX).is_file():
+    if _lexists(path / SAFETENSORS_INDEX):
         weight_map = _read_index(path / SAFETENSORS_INDEX)
         return SafetensorsSource(label, weight_map, sorted(set(weight_map.values())))
-    if (path / SAFETENSORS_SINGLE).exists():
+    if _lexists(path / SAFETENSORS_SINGLE):
         return _single_safetensors(label, path / SAFETENSORS_SINGLE)
-    if (path / BIN_INDEX).is_file():
+    if _lexists(path / BIN_INDEX):
         weight_map = _read_index(path / BIN_INDEX)
         return TorchBinSource(label, weight_map, sorted(set(weight_map.values())))
-    if (path / BIN_SINGLE).exists():
+    if _lexists(path / BIN_SINGLE):
         return TorchBinSource(label, None, [path / BIN_SINGLE])
     raise SourceError(
         f"{path}: no {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, {BIN_SINGLE} or {BIN_INDEX}; pass a model directory"
     )
 
 
+def _lexists(path: Path) -> bool:
+    """Whether a directory entry exists (a dangling link too: opening it then says what is wrong)."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise SourceError(safefs.os_error(path, e)) from None
+    return True
+
+
 def _single_safetensors(label: str, path: Path) -> SafetensorsSource:
-    header = stfile.read_header(path)
+    header = stfile.read_header(path, fix=_REDOWNLOAD)
     return SafetensorsSource(label, dict.fromkeys(header.tensors, path), [path], {path: header})
 
 
@@ -415,7 +456,7 @@ def open_source(
     """
     forced = spec.startswith(HF_PREFIX)
     ref = parse_ref(spec.removeprefix(HF_PREFIX))
-    if not forced and (ref is None or Path(spec).exists()):
+    if not forced and (ref is None or os.path.lexists(spec)):
         if revision is not None:
             raise UsageError(f"{flag}-revision: {spec} is a local path; revisions apply to Hub repos")
         return open_local(Path(spec))

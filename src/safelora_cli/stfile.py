@@ -7,17 +7,19 @@ avoids a fresh allocation per tensor, and the writer can copy untouched tensors 
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
 import torch
 
+from . import safefs
 from .errors import FormatError
 
 # Large enough for any real checkpoint header (a 405B index has ~100 kB per shard), small enough
@@ -148,19 +150,13 @@ def header_of(f: BinaryIO, where: str, size: int) -> Header:
     return parse_header(f.read(header_length(f.read(8), where, size)), where, size)
 
 
-def read_header(path: Path) -> Header:
-    """Read and validate the header of a local safetensors file."""
-    where = str(path)
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            return header_of(f, where, size)
-    except IsADirectoryError:
-        raise FormatError(
-            f"{where}: is a directory, expected a safetensors file; download the checkpoint again"
-        ) from None
-    except OSError as e:
-        raise FormatError(f"{where}: cannot read ({e.strerror})") from None
+def read_header(path: Path, fix: str = "pass a safetensors file") -> Header:
+    """Read and validate the header of a local safetensors file (a regular file; see ``safefs``)."""
+    with safefs.open_file(path, FormatError, fix=fix) as f:
+        try:
+            return header_of(f, str(path), os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            raise FormatError(safefs.os_error(path, e)) from None
 
 
 def tensor_from_bytes(entry: TensorEntry, buf: bytearray | memoryview) -> torch.Tensor:
@@ -201,17 +197,45 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return bytes(out)
 
 
+_COPY_CHUNK = 8 << 20
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """Bytes ``start:end`` of an open file: copied or hashed a chunk at a time, never held whole."""
+
+    fd: int
+    start: int
+    end: int
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def chunks(self) -> Iterator[bytes]:
+        """The range in chunks of at most 8 MiB (``os.pread``: the file position is not used)."""
+        pos = self.start
+        while pos < self.end:
+            chunk = os.pread(self.fd, min(_COPY_CHUNK, self.end - pos), pos)
+            if not chunk:
+                raise OSError(errno.EIO, "the file is shorter than its header says")
+            pos += len(chunk)
+            yield chunk
+
+
+Data = bytes | memoryview | FileRange
+
+
 @dataclass(frozen=True)
 class Blob:
-    """One tensor to write: its dtype name, shape and raw bytes."""
+    """One tensor to write: its dtype name, shape and raw bytes (in memory, or a range of an open file)."""
 
     dtype: str
     shape: tuple[int, ...]
-    data: bytes
+    data: Data
 
 
-def serialize(blobs: Mapping[str, Blob], metadata: Mapping[str, str]) -> list[bytes]:
-    """Lay out a safetensors file (header padded to 8 bytes, tensors contiguous) as byte chunks."""
+def serialize(blobs: Mapping[str, Blob], metadata: Mapping[str, str]) -> list[Data]:
+    """Lay out a safetensors file (header padded to 8 bytes, tensors contiguous) as chunks to write."""
     header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for name, b in blobs.items():
@@ -226,9 +250,48 @@ def serialize(blobs: Mapping[str, Blob], metadata: Mapping[str, str]) -> list[by
     return [struct.pack("<Q", len(raw)), raw, *(b.data for b in blobs.values())]
 
 
-def fsync(path: Path) -> None:
-    """Flush a file, or a directory's entries (a rename inside it), to disk."""
-    fd = os.open(path, os.O_RDONLY)
+def pieces(data: Data) -> Iterator[bytes | memoryview]:
+    """``data`` as buffers: itself, or a file range's chunks."""
+    if isinstance(data, FileRange):
+        yield from data.chunks()
+    else:
+        yield data
+
+
+def write_chunks(fd: int, chunks: Iterable[Data]) -> None:
+    """Write every chunk at the file position of ``fd``; file ranges are copied in the kernel where it can."""
+    for chunk in chunks:
+        if isinstance(chunk, FileRange) and _copy_range(chunk, fd):
+            continue
+        for piece in pieces(chunk):
+            view = memoryview(piece)
+            while view:
+                view = view[os.write(fd, view) :]
+
+
+def _copy_range(src: FileRange, fd: int) -> bool:
+    """``copy_file_range``: no trip through user space. False (nothing copied) where the kernel or
+    the filesystems cannot, so the caller copies through a buffer instead."""
+    pos = src.start
+    try:
+        while pos < src.end:
+            n = os.copy_file_range(src.fd, fd, src.end - pos, pos)
+            if n == 0:
+                raise OSError(errno.EIO, "the file is shorter than its header says")
+            pos += n
+    except OSError as e:
+        if pos == src.start and e.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
+            return False
+        raise
+    return True
+
+
+def fsync(target: Path | int) -> None:
+    """Flush a file, or a directory's entries (a rename inside it), to disk: by path, or an open descriptor."""
+    if isinstance(target, int):
+        os.fsync(target)
+        return
+    fd = os.open(target, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
