@@ -215,11 +215,28 @@ def _cosine_terms(a: torch.Tensor, b: torch.Tensor, p: torch.Tensor) -> torch.Te
     """⟨B·A, B·A⟩, ⟨P·A, P·A⟩ and ⟨B·A, P·A⟩ from r×r products: ⟨X·A, Y·A⟩ = Σ (Xᵀ·Y) ∘ G, G = A·Aᵀ.
 
     Taken in float64: they cost out·r² flops, and float64 keeps the rounded similarity, hence the
-    decision, identical on CPU and GPU.
+    decision, identical on CPU and GPU. A rank above min(in, out) (which PEFT allows) would make
+    the r×r matrices larger than the update itself (r = 60000 on a 64×64 module: 28.8 GB), so then
+    the products of the smaller side are taken instead: B·A and P·A (out×in) a block of rows at a time.
     """
+    rank, inp = a.shape
+    if rank > min(inp, b.shape[0]):
+        return _cosine_terms_by_rows(a, b, p)
     a64, b64, p64 = a.double(), b.double(), p.double()
     g = a64 @ a64.T
     return torch.stack([((x.T @ y) * g).sum() for x, y in ((b64, b64), (p64, p64), (b64, p64))])
+
+
+def _cosine_terms_by_rows(a: torch.Tensor, b: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``_cosine_terms`` from the out×in products themselves, over blocks of rows of ~16 MB each."""
+    a64 = a.double()
+    rows = max(1, (16 << 20) // (8 * max(a.shape)))
+    terms = torch.zeros(3, dtype=torch.float64, device=a.device)
+    for r0 in range(0, b.shape[0], rows):
+        x = b[r0 : r0 + rows].double() @ a64
+        y = p[r0 : r0 + rows].double() @ a64
+        terms += torch.stack([(x * x).sum(), (y * y).sum(), (x * y).sum()])
+    return terms
 
 
 def _cosine(ba: float, pa: float, cross: float) -> tuple[float | None, str | None]:

@@ -28,6 +28,8 @@ from .errors import SourceError, UsageError
 HF_PREFIX = "hf://"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _TRUE = {"1", "ON", "YES", "TRUE"}
+_TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]*")  # visible ASCII; surrounding whitespace is stripped, as the Hub client does
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_SINGLE = "pytorch_model.bin"
@@ -409,7 +411,17 @@ class Hub:
 
     @classmethod
     def from_env(cls, token: str | None, refs: RefMemo | None) -> Hub:
-        """HF_ENDPOINT, HF_HUB_OFFLINE and the Hugging Face cache, and the --token given (if any)."""
+        """HF_ENDPOINT, HF_HUB_OFFLINE and the Hugging Face cache, and the --token given (if any).
+
+        A token (--token, HF_TOKEN) that cannot go into an HTTP header is refused here, at the start
+        of every run that may use it, with a message that never shows it.
+        """
+        for where, value in (("--token", token), *((name, os.environ.get(name)) for name in _TOKEN_VARIABLES)):
+            if value is not None and not _HEADER_SAFE.fullmatch(value.strip()):
+                raise SourceError(
+                    f"{where}: the token holds characters an HTTP header cannot carry (control characters, "
+                    "spaces or non-ASCII); pass the token exactly as the Hub shows it"
+                )
         return cls(
             endpoint=(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/"),
             token=token,

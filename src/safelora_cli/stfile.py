@@ -198,11 +198,24 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
 
 
 _COPY_CHUNK = 8 << 20
+_zeros: memoryview | None = None
+
+
+def _zero_chunk(n: int) -> memoryview:
+    """``n`` (≤ 8 MiB) zero bytes from one shared buffer: holes of sparse files are hashed from it."""
+    global _zeros
+    if _zeros is None:
+        _zeros = memoryview(bytes(_COPY_CHUNK))
+    return _zeros[:n]
 
 
 @dataclass(frozen=True)
 class FileRange:
-    """Bytes ``start:end`` of an open file: copied or hashed a chunk at a time, never held whole."""
+    """Bytes ``start:end`` of an open file: copied or hashed a chunk at a time, never held whole.
+
+    Holes of a sparse file are found with SEEK_DATA/SEEK_HOLE: they are hashed from a buffer of
+    zeros and copied as holes, so a file whose size is mostly holes costs neither reads nor disk.
+    """
 
     fd: int
     start: int
@@ -211,15 +224,36 @@ class FileRange:
     def __len__(self) -> int:
         return self.end - self.start
 
-    def chunks(self) -> Iterator[bytes]:
-        """The range in chunks of at most 8 MiB (``os.pread``: the file position is not used)."""
+    def segments(self) -> Iterator[tuple[int, int, bool]]:
+        """``(start, end, is_hole)`` runs covering the range (one data run where holes are unknown)."""
         pos = self.start
         while pos < self.end:
-            chunk = os.pread(self.fd, min(_COPY_CHUNK, self.end - pos), pos)
-            if not chunk:
-                raise OSError(errno.EIO, "the file is shorter than its header says")
-            pos += len(chunk)
-            yield chunk
+            try:
+                data = min(os.lseek(self.fd, pos, os.SEEK_DATA), self.end)
+            except OSError as e:
+                if e.errno != errno.ENXIO:  # ENXIO: no data after pos, the rest is a hole
+                    yield pos, self.end, False
+                    return
+                data = self.end
+            if data > pos:
+                yield pos, data, True
+                pos = data
+                continue
+            hole = min(os.lseek(self.fd, pos, os.SEEK_HOLE), self.end)
+            yield pos, hole, False
+            pos = hole
+
+    def chunks(self) -> Iterator[bytes | memoryview]:
+        """The range in chunks of at most 8 MiB (``os.pread``: the file position does not matter)."""
+        for start, end, hole in self.segments():
+            pos = start
+            while pos < end:
+                n = min(_COPY_CHUNK, end - pos)
+                chunk: bytes | memoryview = _zero_chunk(n) if hole else os.pread(self.fd, n, pos)
+                if not chunk:
+                    raise OSError(errno.EIO, "the file is shorter than its header says")
+                pos += len(chunk)
+                yield chunk
 
 
 Data = bytes | memoryview | FileRange
@@ -259,28 +293,42 @@ def pieces(data: Data) -> Iterator[bytes | memoryview]:
 
 
 def write_chunks(fd: int, chunks: Iterable[Data]) -> None:
-    """Write every chunk at the file position of ``fd``; file ranges are copied in the kernel where it can."""
+    """Write every chunk at the file position of ``fd`` (a new, empty file).
+
+    A file range's data is copied in the kernel where it can be, and its holes stay holes.
+    """
     for chunk in chunks:
-        if isinstance(chunk, FileRange) and _copy_range(chunk, fd):
+        if not isinstance(chunk, FileRange):
+            _write_all(fd, chunk)
             continue
-        for piece in pieces(chunk):
-            view = memoryview(piece)
-            while view:
-                view = view[os.write(fd, view) :]
+        for start, end, hole in chunk.segments():
+            if hole:
+                os.lseek(fd, end - start, os.SEEK_CUR)
+            elif not _copy_range(chunk.fd, start, end, fd):
+                for piece in FileRange(chunk.fd, start, end).chunks():
+                    _write_all(fd, piece)
+    # A file that ends in a hole has its size set by the last seek, which writes nothing.
+    os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR))
 
 
-def _copy_range(src: FileRange, fd: int) -> bool:
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _copy_range(src: int, start: int, end: int, fd: int) -> bool:
     """``copy_file_range``: no trip through user space. False (nothing copied) where the kernel or
     the filesystems cannot, so the caller copies through a buffer instead."""
-    pos = src.start
+    pos = start
     try:
-        while pos < src.end:
-            n = os.copy_file_range(src.fd, fd, src.end - pos, pos)
+        while pos < end:
+            n = os.copy_file_range(src, fd, end - pos, pos)
             if n == 0:
                 raise OSError(errno.EIO, "the file is shorter than its header says")
             pos += n
     except OSError as e:
-        if pos == src.start and e.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
+        if pos == start and e.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
             return False
         raise
     return True
