@@ -9,7 +9,10 @@ server once and ask it for them. One JSON document per line; the test writes
 and the server forks every run at once (``env`` added to each child's environment), sends SIGKILL
 to each child still running ``kill_at`` seconds after the fork, and answers
 
-    {"status": [exit code or -signal, ...], "seconds": [time from fork to exit, ...]}
+    {"status": [exit code or -signal, ...], "seconds": [time from fork to exit, ...],
+     "maxrss": [peak resident set size in bytes, ...]}
+
+An ``out`` of null runs the child with a stdout that every write fails on.
 
 The server does the killing because it alone knows whether a child is still unreaped, so a signal
 can never reach an unrelated process that inherited a recycled pid.
@@ -21,11 +24,17 @@ import contextlib
 import io
 import json
 import os
+import select
 import signal
+import subprocess
 import sys
 import time
 import traceback
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from safelora_cli import cli
 
@@ -33,6 +42,13 @@ from safelora_cli import cli
 def _child(run: dict[str, Any], env: dict[str, str]) -> None:
     os.environ.update(env)
     for fd, path in ((1, run["out"]), (2, run["err"])):
+        if path is None:
+            # Opened for reading, so every write fails; the descriptor stays taken, so no file the
+            # run opens can land on it.
+            closed = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(closed, fd)
+            os.close(closed)
+            continue
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(f, fd)
         os.close(f)
@@ -62,11 +78,13 @@ def _serve(request: dict[str, Any]) -> dict[str, list[Any]]:
         pids.append(pid)
     status: list[int | None] = [None] * len(runs)
     ended = [0.0] * len(runs)
+    maxrss = [0] * len(runs)
 
     def reap(i: int, flags: int) -> None:
-        pid, wait_status = os.waitpid(pids[i], flags)
+        pid, wait_status, usage = os.wait4(pids[i], flags)
         if pid:
             status[i], ended[i] = os.waitstatus_to_exitcode(wait_status), time.monotonic()
+            maxrss[i] = usage.ru_maxrss * 1024  # kilobytes on Linux
 
     kills = sorted((run["kill_at"], i) for i, run in enumerate(runs) if run.get("kill_at") is not None)
     for at, i in kills:
@@ -77,7 +95,7 @@ def _serve(request: dict[str, Any]) -> dict[str, list[Any]]:
     for i in range(len(runs)):
         if status[i] is None:
             reap(i, 0)
-    return {"status": status, "seconds": [e - s for s, e in zip(started, ended, strict=True)]}
+    return {"status": status, "seconds": [e - s for s, e in zip(started, ended, strict=True)], "maxrss": maxrss}
 
 
 def _warm_up() -> None:
@@ -96,6 +114,70 @@ def main() -> None:
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         print(json.dumps(_serve(json.loads(line))), flush=True)
+
+
+# --- the client: what tests use ------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One ``safelora`` invocation for the fork server; ``out``/``err`` receive its stdout/stderr."""
+
+    argv: list[str]
+    out: Path | None  # None: stdout closed
+    err: Path
+    kill_at: float | None = None
+
+    def report(self) -> Any:
+        assert self.out is not None
+        return json.loads(self.out.read_text())
+
+
+@dataclass
+class Outcome:
+    status: list[int]
+    seconds: list[float]
+    maxrss: list[int]
+
+
+class ForkServer:
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._answer(120) == {"ready": True}
+
+    def _answer(self, timeout: float) -> Any:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            self.proc.kill()
+            pytest.fail(f"the fork server gave no answer in {timeout} s (a run hangs?)")
+        return json.loads(self.proc.stdout.readline())
+
+    def run(self, runs: list[Run], env: dict[str, str] | None = None) -> Outcome:
+        """Fork every run at once and wait for all of them."""
+        assert self.proc.stdin is not None
+        # The server started before this test's fixtures: hand the children this test's caches.
+        caches = {k: os.environ[k] for k in ("SAFELORA_CACHE", "HF_HOME", "HF_HUB_CACHE") if k in os.environ}
+        request = {
+            "runs": [
+                {"argv": r.argv, "out": r.out and str(r.out), "err": str(r.err), "kill_at": r.kill_at} for r in runs
+            ],
+            "env": {**caches, **(env or {})},
+        }
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        answer = self._answer(60)
+        return Outcome(answer["status"], answer["seconds"], answer["maxrss"])
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
 
 
 if __name__ == "__main__":

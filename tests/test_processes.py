@@ -7,21 +7,15 @@ created, each tensor written, before the rename) so that kills and races land in
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import select
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
+from forkserver import ForkServer, Run
 from safetensors.torch import load_file, save_file
 
 from safelora_cli.adapter import ADAPTER_FILE, TMP_MARK
@@ -29,63 +23,6 @@ from safelora_cli.adapter import ADAPTER_FILE, TMP_MARK
 KILLS = 50
 PARALLEL = 10  # kills per round: the runs are short and mostly wait, so they overlap well on 2 cores
 STEP_DELAY = "0.005"
-
-
-@dataclass
-class Run:
-    """One ``safelora`` invocation for the fork server; ``out``/``err`` receive its stdout/stderr."""
-
-    argv: list[str]
-    out: Path
-    err: Path
-    kill_at: float | None = None
-
-    def report(self) -> dict[str, Any]:
-        return json.loads(self.out.read_text())
-
-
-@dataclass
-class Outcome:
-    status: list[int]
-    seconds: list[float]
-
-
-class ForkServer:
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("forkserver.py"))],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self._answer(120) == {"ready": True}
-
-    def _answer(self, timeout: float) -> Any:
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
-            self.proc.kill()
-            pytest.fail(f"the fork server gave no answer in {timeout} s (a run hangs?)")
-        return json.loads(self.proc.stdout.readline())
-
-    def run(self, runs: list[Run], env: dict[str, str] | None = None) -> Outcome:
-        """Fork every run at once and wait for all of them."""
-        assert self.proc.stdin is not None
-        # The server started before this test's fixtures: hand the children this test's caches.
-        caches = {k: os.environ[k] for k in ("SAFELORA_CACHE", "HF_HOME", "HF_HUB_CACHE") if k in os.environ}
-        request = {
-            "runs": [{"argv": r.argv, "out": str(r.out), "err": str(r.err), "kill_at": r.kill_at} for r in runs],
-            "env": {**caches, **(env or {})},
-        }
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
-        answer = self._answer(60)
-        return Outcome(answer["status"], answer["seconds"])
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        self.proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
