@@ -1,8 +1,9 @@
 """Fuzzing the parsers that read what users and other tools wrote: only the tool's own errors escape.
 
-The safetensors header parser, the adapter config and key parser (through ``adapter.opened``) and the
-YAML option loader get arbitrary and almost-valid input from hypothesis. Whatever they are given,
-they return a result or raise a ``SafeLoraError``, which the CLI turns into one line and exit 1 or 2.
+Strict JSON, the safetensors header parser, the adapter config and key parser (through
+``adapter.opened``) and the YAML option loader get arbitrary and almost-valid input from hypothesis.
+Whatever they are given, they return a result or raise a ``SafeLoraError`` (``InvalidJSON`` for
+strict JSON), which the CLI turns into one line and exit 1 or 2.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safelora_cli import config, stfile
+from safelora_cli import config, stfile, strict
 from safelora_cli.adapter import ADAPTER_FILE, CONFIG_FILE, opened
 from safelora_cli.errors import SafeLoraError, UsageError
 
@@ -37,6 +38,44 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
+
+# --- strict JSON -------------------------------------------------------------------------------------------
+
+json_tokens = st.sampled_from(
+    [
+        "{", "}", "[", "]", ",", ":", " ", "\n", '"', "\\", '"a"', '"a"', '"\\ud800"', '"\\ud83d\\ude00"', "\\u00",
+        "0", "1", "-", "-0", "1.5", "1e999", "-1e999", "1e-999", ".", "e", "9" * 25, "18446744073709551616",
+        "NaN", "Infinity", "-Infinity", "true", "false", "null", "\ufeff", "\x00", "\udcff",
+    ]
+)  # fmt: skip
+json_soup = st.lists(json_tokens, max_size=24).map("".join)
+
+
+@FUZZ
+@given(raw=json_soup | json_soup.map(lambda s: s.encode("utf-8", "surrogatepass")) | st.binary(max_size=60) | st.text())
+def test_strict_json_raises_only_invalid_json(raw: str | bytes) -> None:
+    with suppress(strict.InvalidJSON):
+        strict.loads(raw)
+
+
+plain_text = st.text(st.characters(exclude_categories=["Cs"]), max_size=8)  # no lone surrogates
+plain_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | plain_text,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(plain_text, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@FUZZ
+@given(value=plain_values, indent=st.none() | st.integers(0, 2), ascii_only=st.booleans())
+def test_strict_json_reads_what_json_writes(value: Any, indent: int | None, ascii_only: bool) -> None:
+    text = json.dumps(value, indent=indent, ensure_ascii=ascii_only)
+    assert strict.loads(text) == json.loads(text) == value
+
 
 # --- safetensors headers -----------------------------------------------------------------------------------
 
