@@ -3,25 +3,30 @@
 Strict JSON, the safetensors header parser, the adapter config and key parser (through
 ``adapter.opened``) and the YAML option loader get arbitrary and almost-valid input from hypothesis.
 Whatever they are given, they return a result or raise a ``SafeLoraError`` (``InvalidJSON`` for
-strict JSON), which the CLI turns into one line and exit 1 or 2.
+strict JSON), which the CLI turns into one line and exit 1 or 2. Almost-valid safetensors files
+are also read by the safetensors library: both refuse the same ones and read the rest alike.
 """
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
+import math
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import pytest
+import safetensors
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from safelora_cli import config, stfile, strict
 from safelora_cli.adapter import ADAPTER_FILE, CONFIG_FILE, opened
-from safelora_cli.errors import SafeLoraError, UsageError
+from safelora_cli.errors import FormatError, SafeLoraError, UsageError
 
 FUZZ = settings(max_examples=200, deadline=None)
 
@@ -83,7 +88,7 @@ small_ints = st.integers(-3, 300) | st.sampled_from([0, 1, 2**31, 2**63, -(2**63
 entries = st.fixed_dictionaries(
     {},
     optional={
-        "dtype": st.sampled_from([*stfile.DTYPES, "Q4", "f32", ""]) | json_values,
+        "dtype": st.sampled_from([*stfile.DTYPE_BITS, "Q4", "f32", ""]) | json_values,
         "shape": st.lists(small_ints | json_scalars, max_size=3) | json_values,
         "data_offsets": st.lists(small_ints, min_size=0, max_size=3) | json_values,
     },
@@ -113,6 +118,43 @@ def test_header_length_raises_only_format_errors(prefix: bytes, file_size: int |
     with only_our_errors():
         n = stfile.header_length(prefix, "fuzz.safetensors", file_size)
         assert 0 <= n <= stfile.MAX_HEADER_BYTES
+
+
+@st.composite
+def almost_valid_files(draw: st.DrawFn) -> bytes:
+    """A safetensors file as a writer would lay it out, now and then a byte off: a gap, an overlap, a
+    wrong size, an unknown dtype, a metadata value that is no string, bytes missing or left over."""
+    off = st.sampled_from([0, 0, 0, 0, 0, 0, 1, -1])
+    entries, end = [], 0
+    for name in draw(st.lists(st.text(max_size=5), max_size=4, unique=True)):
+        dtype = draw(st.sampled_from([*stfile.DTYPE_BITS, "Q4"]))
+        shape = draw(st.lists(st.integers(0, 5), max_size=3))
+        start = max(0, end + draw(off))
+        size = math.prod(shape) * stfile.DTYPE_BITS.get(dtype, 8) // 8
+        end = start + size + draw(off)
+        entries.append((name, {"dtype": dtype, "shape": shape, "data_offsets": [start, end]}))
+    header = dict(draw(st.permutations(entries)))
+    metadata = draw(st.none() | st.dictionaries(st.text(max_size=4), st.text(max_size=4) | st.integers(), max_size=2))
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    raw = json.dumps(header, ensure_ascii=draw(st.booleans())).encode("utf-8", "surrogatepass")
+    raw += b" " * draw(st.integers(0, 7))
+    return struct.pack("<Q", len(raw)) + raw + bytes(max(0, end + draw(off)))
+
+
+@FUZZ
+@given(blob=almost_valid_files())
+def test_header_parser_refuses_what_the_safetensors_library_refuses(blob: bytes) -> None:
+    try:
+        expected = {k: (v["dtype"], list(v["shape"]), bytes(v["data"])) for k, v in safetensors.deserialize(blob)}
+    except safetensors.SafetensorError:
+        expected = None
+    try:
+        header = stfile.header_of(io.BytesIO(blob), "fuzz.safetensors", len(blob))
+    except FormatError:
+        assert expected is None, "refused a file the library reads (no duplicates here, no null metadata)"
+        return
+    assert expected == {n: (e.dtype, list(e.shape), blob[e.start : e.end]) for n, e in header.tensors.items()}
 
 
 # --- adapter config and keys -------------------------------------------------------------------------------
@@ -185,7 +227,7 @@ def write_adapter_dir(path: Path, cfg: dict[str, Any] | bytes, named: dict[str, 
         n = 1
         for d in shape:
             n *= d
-        blobs[name] = stfile.Blob(dtype, tuple(shape), bytes(n * stfile.DTYPES[dtype].itemsize))
+        blobs[name] = stfile.Blob(dtype, tuple(shape), bytes(n * stfile.DTYPE_BITS[dtype] // 8))
     (path / ADAPTER_FILE).write_bytes(b"".join(stfile.serialize(blobs, {"format": "pt"})))
 
 
