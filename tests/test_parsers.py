@@ -1,9 +1,9 @@
-"""The strict parsers: JSON, and safetensors headers against the safetensors library.
+"""The strict parsers: JSON, safetensors headers against the safetensors library, YAML configs.
 
 Every file safelora reads may be an attacker's, and its parsers are the first thing such a file
 meets. The safetensors header parser must refuse everything the pinned ``safetensors`` library
 refuses (each case below runs both on the same bytes) and a little more: duplicate names, where the
-library silently keeps the last entry.
+library silently keeps the last entry. The YAML reader refuses what a config never needs.
 """
 
 from __future__ import annotations
@@ -11,8 +11,11 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
 import struct
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,13 +23,15 @@ from typing import Any
 import pytest
 import safetensors
 import torch
+import typer
 from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import Result
 
-from safelora_cli import stfile, strict
+from safelora_cli import config, stfile, strict
 from safelora_cli.adapter import ADAPTER_FILE
-from safelora_cli.errors import FormatError
+from safelora_cli.cli import app
+from safelora_cli.errors import FormatError, UsageError
 
 Cli = Callable[..., Result]
 U64_MAX = 2**64 - 1
@@ -450,3 +455,213 @@ def test_what_peft_and_transformers_write_reads_as_the_library_reads_it(
     for path in files:
         blob = path.read_bytes()
         assert reference(blob, tmp_path / "copy.safetensors") == as_read(ours(blob), blob)
+
+
+# --- YAML configs ------------------------------------------------------------------------------------------
+
+KNOWN = ["adapter", "base", "aligned", "threshold", "num_layers", "force", "as_json", "json", "dry_run"]
+
+
+def load(text: str) -> dict[str, Any]:
+    return config.load_options(text, "sanitize.yaml", KNOWN)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("threshold: 0.3\nbase: x\nthreshold: 0.4\n", "sanitize.yaml:3: duplicate key 'threshold' (first on line 1)"),
+        ("num-layers: 1\nnum_layers: 2\n", "sanitize.yaml:2: num_layers repeats an option given above"),
+        ("base: {a: 1, a: 2}\n", "sanitize.yaml:1: duplicate key 'a'"),
+        ("base: &b x\naligned: *b\n", "sanitize.yaml:1: anchor &b: a config holds no anchors or aliases"),
+        ("base: *b\n", "sanitize.yaml:1: alias *b"),
+        ("threshold: !!float 0.5\n", "sanitize.yaml:1: tag !!float: a config holds plain values"),
+        ("base: !!binary aGVsbG8=\n", "tag !!binary"),
+        ("base: !!python/object:os.system x\n", "tag !!python/object:os.system"),
+        ("adapter: !!set {a, b}\n", "tag !!set"),
+        ("base: ! x\n", "tag !"),
+        ("\n\n<<: {threshold: 0.5}\n", "sanitize.yaml:3: merge key <<"),
+        ("base: " + "[" * 9 + "]" * 9, "sanitize.yaml:1: nested deeper than 8 levels"),
+        ("base: " + "[" * 100_000, "nested deeper than 8 levels"),
+        ("num_layers: " + "9" * 4300, "sanitize.yaml:1: integer of 4300 characters"),
+        ("num_layers: 18446744073709551616\n", "integer 18446744073709551616 out of range"),
+        ("num_layers: -9223372036854775809\n", "out of range"),
+        ("num_layers: 0x1_0000_0000_0000_0000\n", "out of range"),
+        ("num_layers: 0b_\n", "sanitize.yaml:1: 0b_ is not an integer"),
+        ("threshold: .nan\n", "sanitize.yaml:1: .nan: an option value must be a finite number"),
+        ("threshold: .inf\n", ".inf: an option value must be a finite number"),
+        ("threshold: -.Inf\n", "-.Inf: an option value must be a finite number"),
+        ("threshold: 1.0e+999\n", "1.0e+999: an option value must be a finite number"),
+        ("threshold: 0.5\n\nbase: [unclosed\n", "sanitize.yaml:4: not valid YAML"),
+        ("threshold: 0.5\nbase: 'x\n", "sanitize.yaml:3: not valid YAML"),
+        ("threshold: 0.5\nbase: a\x00b\n", "sanitize.yaml:2: not valid YAML (unacceptable character #x0000"),
+        ("threshold: 0.5\n---\nbase: x\n", "sanitize.yaml:2: not valid YAML (but found another document)"),
+        ("? [a]\n: 1\n", "sanitize.yaml:1: a key must be an option name"),
+        ("- threshold\n", "sanitize.yaml: expected a mapping of option names to values"),
+        ("1: 2\n", "expected a mapping of option names to values"),
+        ("num_layer: 3\n", "sanitize.yaml:1: unknown key num_layer (did you mean num_layers?)"),
+        ("num-layer: 3\n", "unknown key num-layer (did you mean num-layers?)"),
+        ("threshold: 1\nthresold: 1\nzzz: 2\n", "sanitize.yaml:2: unknown key thresold (did you mean threshold?); "
+         "sanitize.yaml:3: unknown key zzz; known keys: adapter, aligned"),
+    ],
+)  # fmt: skip
+def test_config_refusals_name_the_file_and_line(text: str, message: str) -> None:
+    with pytest.raises(UsageError, match=re.escape(message)) as refused:
+        load(text)
+    assert "\n" not in str(refused.value)
+
+
+def test_an_alias_bomb_is_refused_at_its_first_anchor() -> None:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    with pytest.raises(UsageError, match=r"sanitize\.yaml:1: anchor &a0"):
+        load("\n".join(lines))
+
+
+def test_config_values_are_plain_values() -> None:
+    assert load("") == {} and load("# only a comment\n") == {}
+    assert load("base: 2024-01-31\naligned: 2001-13-45 25:61:00\n") == {
+        "base": "2024-01-31",
+        "aligned": "2001-13-45 25:61:00",
+    }
+    assert load("num_layers: 18446744073709551615\nthreshold: -1.0e-3\n") == {
+        "num_layers": 2**64 - 1,
+        "threshold": -0.001,
+    }
+    assert load("num-layers: 0x10\nforce: yes\ndry_run: ~\n") == {"num_layers": 16, "force": True, "dry_run": None}
+    assert load("adapter: [a, 'b c']\nbase: '=' \naligned: <<\n") == {
+        "adapter": ["a", "b c"],
+        "base": "=",
+        "aligned": "<<",
+    }
+    assert load("\ufeffbase: x\n") == {"base": "x"}
+    assert load("adapter: [[[[[[x]]]]]]\n") == {"adapter": [[[[[["x"]]]]]]}  # 8 levels with the mapping
+    # a wrong type is no parse error: the option's own parsing refuses it
+    assert load("threshold: [1, 2]\nbase: {a: 1}\n") == {"threshold": [1, 2], "base": {"a": 1}}
+
+
+def test_unknown_keys_far_from_any_known_one_get_no_suggestion() -> None:
+    with pytest.raises(UsageError) as refused:
+        load("zzz: 1\n")
+    assert "did you mean" not in str(refused.value)
+
+
+def test_a_config_file_is_read_as_a_small_regular_utf8_file(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text("num-layers: 3\n")
+    assert config.load_file(good, KNOWN) == {"num_layers": 3}
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(b"threshold: 0.5\nbase: caf\xe9\n")
+    with pytest.raises(UsageError, match=re.escape(f"{bad}:2: not UTF-8 (byte 24)")):
+        config.load_file(bad, KNOWN)
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"# " + b"x" * config.MAX_BYTES + b"\n")
+    with pytest.raises(UsageError, match="more than the 1048576"):
+        config.load_file(big, KNOWN)
+    with pytest.raises(UsageError, match="is a directory"):
+        config.load_file(tmp_path, KNOWN)
+    with pytest.raises(UsageError, match="No such file"):
+        config.load_file(tmp_path / "missing.yaml", KNOWN)
+
+
+# --- a bad value names the file, the line and the key ------------------------------------------------------
+
+
+def project_value_check() -> config.ValueCheck:
+    """What ``--config`` can pass as ``check``: each value through the option's own parsing."""
+    project = typer.main.get_command(app).commands["project"]  # type: ignore[attr-defined]
+    ctx = typer.Context(project)
+    params = {opt[2:].replace("-", "_"): p for p in project.params for opt in p.opts if opt.startswith("--")}
+
+    def check(key: str, value: Any) -> str | None:
+        param = params[key]
+        try:
+            param.process_value(ctx, [value] if param.multiple and not isinstance(value, list) else value)
+        except typer.BadParameter as e:
+            return str(e.message)
+        return None
+
+    return check
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("base: x\nnum_layers: abc\n", "sanitize.yaml:2: num_layers: Input should be a valid integer"),
+        ("threshold: 3\n", "sanitize.yaml:1: threshold: Input should be less than or equal to 1"),
+        ("base: x\n\nnum-layers: [1, 2]\n", "sanitize.yaml:3: num_layers: Input should be a valid integer"),
+        ("dry-run: maybe\n", "sanitize.yaml:1: dry_run: Input should be a valid boolean"),
+    ],
+)
+def test_a_bad_value_names_the_file_line_and_key(text: str, message: str) -> None:
+    with pytest.raises(UsageError, match="^" + re.escape(message)):
+        config.load_options(text, "sanitize.yaml", KNOWN, project_value_check())
+    assert config.load_options("num_layers: 3\nthreshold: 0.5\n", "c.yaml", KNOWN, project_value_check())
+
+
+# --- the CLI: exit 2, one line, no traceback ---------------------------------------------------------------
+
+
+def refused_config(cli: Cli, tmp_path: Path, text: str) -> str:
+    path = tmp_path / "sanitize.yaml"
+    path.write_text(text)
+    result = cli("project", "--config", path, "--adapter", tmp_path / "none")
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    return result.stderr.strip()
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("num_layer: 3\n", ":1: unknown key num_layer (did you mean num_layers?)"),
+        ("threshold: 0.5\nthreshold: 0.6\n", ":2: duplicate key 'threshold'"),
+        ("base: &x a\naligned: *x\n", ":1: anchor &x"),
+        ("threshold: .nan\n", ":1: .nan"),
+        ("num_layers: " + "1" * 4300 + "\n", ":1: integer of 4300 characters"),
+        ("base: x\nthreshold: [unclosed\n", ":3: not valid YAML"),
+    ],
+)
+def test_config_errors_are_one_line_usage_errors(cli: Cli, tmp_path: Path, text: str, needle: str) -> None:
+    assert f"sanitize.yaml{needle}" in refused_config(cli, tmp_path, text)
+
+
+WEIRD = ["[1, 2]", "{a: 1}", "~", "yes", "1.5", "-3", "''", "[[1]]", "[{a: 1}]", "2024-01-31", "abc", "0x10"]
+
+
+@pytest.mark.parametrize("value", WEIRD)
+def test_a_wrong_type_for_any_option_never_crashes(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # "" and relative names resolve here
+    keys = {opt[2:].replace("-", "_") for opt in _project_options()}
+    for key in sorted(keys - {"config", "preset"}):
+        path = tmp_path / "c.yaml"
+        path.write_text(f"{key}: {value}\n")
+        given = {"adapter": tmp_path / "none", "base": tmp_path / "base", "aligned": tmp_path / "aligned"}
+        args = [a for k, v in given.items() if k != key for a in (f"--{k}", v)]
+        result = cli("project", "--config", path, *args, "--dry-run")  # an exception here fails the test
+        assert result.exit_code in (1, 2), (key, value, result.output)
+        assert "Traceback" not in result.output
+
+
+def _project_options() -> list[str]:
+    project = typer.main.get_command(app).commands["project"]  # type: ignore[attr-defined]
+    return [opt for p in project.params for opt in p.opts if opt.startswith("--")]
+
+
+def test_a_fifo_as_config_is_one_line_and_no_hang(tmp_path: Path) -> None:
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    done = subprocess.run(
+        [sys.executable, "-m", "safelora_cli", "project", "--config", str(fifo), "--adapter", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "COLUMNS": "300"},
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"error: {fifo}: is a FIFO, not a regular file; give --config a YAML file of option names and values"
+    ]
