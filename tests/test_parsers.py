@@ -457,6 +457,37 @@ def test_what_peft_and_transformers_write_reads_as_the_library_reads_it(
         assert reference(blob, tmp_path / "copy.safetensors") == as_read(ours(blob), blob)
 
 
+def test_tensors_of_every_other_dtype_pass_through_a_projection_bit_for_bit(
+    cli: Cli, adapter_dir: Path, llama_pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """An adapter may carry tensors Safe LoRA does not compute on (a uint32 index, packed F4/F6
+    weights, complex buffers): they parse, and are copied through byte for byte."""
+    file = adapter_dir / ADAPTER_FILE
+    data = file.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header, body = json.loads(data[8 : 8 + n]), data[8 + n :]
+    extra = {
+        "extra.u32": ("U32", [3], bytes(range(12))),
+        "extra.f6": ("F6_E2M3", [4], b"\xaa\xbb\xcc"),
+        "extra.f4": ("F4", [2], b"\x5a"),
+        "extra.c64": ("C64", [1], bytes(range(8))),
+        "extra.e8m0": ("F8_E8M0", [2], b"\x7f\x80"),
+    }
+    for name, (dtype, shape, raw) in extra.items():
+        header[name] = t(dtype, shape, len(body), len(body) + len(raw))
+        body += raw
+    file.write_bytes(st(header, body))
+    base, aligned = llama_pair
+    out = tmp_path / "out"
+    result = cli("project", "--adapter", adapter_dir, "--base", base, "--aligned", aligned, "--output", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    written = (out / ADAPTER_FILE).read_bytes()
+    entries = ours(written).tensors
+    assert {k: (entries[k].dtype, written[entries[k].start : entries[k].end]) for k in extra} == {
+        k: (dtype, raw) for k, (dtype, _, raw) in extra.items()
+    }
+
+
 # --- YAML configs ------------------------------------------------------------------------------------------
 
 KNOWN = ["adapter", "base", "aligned", "threshold", "num_layers", "force", "as_json", "json", "dry_run"]
