@@ -19,32 +19,77 @@ from typing import BinaryIO, Protocol
 
 import torch
 
-from . import safefs
+from . import safefs, strict
 from .errors import FormatError
 
-# Large enough for any real checkpoint header (a 405B index has ~100 kB per shard), small enough
-# that a corrupt length cannot make us allocate gigabytes.
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+# What the safetensors library itself accepts (its MAX_HEADER_SIZE): a longer header is refused, so
+# a corrupt length can never make us allocate more.
+MAX_HEADER_BYTES = 100_000_000
 
+# Every dtype safetensors defines, with its size in bits: a file may hold any of them, and tensors
+# safelora does not compute on are copied through byte for byte.
+DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "C64": 64,
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
+}
+# The torch dtype of each safetensors dtype that torch holds one element per element. F4 and the F6
+# types have none (torch packs F4 two to a byte, with another shape); a newer type is missing where
+# the installed torch predates it.
+_TORCH_NAMES = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E8M0": "float8_e8m0fnu",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "I16": "int16",
+    "U16": "uint16",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I32": "int32",
+    "U32": "uint32",
+    "F32": "float32",
+    "C64": "complex64",
+    "F64": "float64",
+    "I64": "int64",
+    "U64": "uint64",
+}
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+    name: getattr(torch, attr)
+    for name, attr in _TORCH_NAMES.items()
+    if isinstance(getattr(torch, attr, None), torch.dtype)
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# The dtypes Safe LoRA computes on; every other one (float8, complex, integer, sub-byte) only passes through.
+COMPUTE_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 
 # What every format error ends with: the same parser reads adapters, checkpoints and cache entries.
 CORRUPT = "the file is corrupt; download, copy or save it again"
 TRUNCATED = "the file is truncated; download, copy or save it again"
+
+_U64 = 2**64  # offsets, dimensions, element and bit counts are u64 in the reference reader
 
 
 @dataclass(frozen=True)
@@ -63,6 +108,12 @@ class TensorEntry:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """The torch dtype; a ``FormatError`` for a dtype torch cannot hold element for element (F4, F6_*)."""
+        if self.dtype not in DTYPES:
+            raise FormatError(
+                f"tensor {self.name!r} is {self.dtype}, which torch {torch.__version__} cannot read; safelora "
+                f"computes on {', '.join(sorted(COMPUTE_DTYPES))} tensors and copies the others unread"
+            )
         return DTYPES[self.dtype]
 
 
@@ -80,69 +131,109 @@ def header_length(prefix: bytes, where: str, file_size: int | None) -> int:
     if len(prefix) < 8:
         raise FormatError(f"{where}: file is {len(prefix)} bytes, too short for a safetensors header; {TRUNCATED}")
     (n,) = struct.unpack("<Q", prefix[:8])
-    if n > MAX_HEADER_BYTES or (file_size is not None and 8 + n > file_size):
+    if n > MAX_HEADER_BYTES:
+        raise FormatError(
+            f"{where}: header length {n} is over the {MAX_HEADER_BYTES} bytes safetensors allows; not safetensors, "
+            f"or {CORRUPT}"
+        )
+    if file_size is not None and 8 + n > file_size:
         raise FormatError(f"{where}: header length {n} is larger than the file; not safetensors, or {TRUNCATED}")
     return int(n)
 
 
 def parse_header(raw: bytes, where: str, file_size: int | None) -> Header:
-    """Validate a header's JSON (``raw`` excludes the 8-byte length) against the file's size."""
+    """Validate a header's JSON (``raw`` excludes the 8-byte length) against the file's size.
+
+    Everything the safetensors library refuses is refused (``FormatError``), and more: duplicate
+    tensor names or metadata keys, ``__metadata__: null``, and what ``strict.loads`` refuses.
+    """
     data_start = 8 + len(raw)
     try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise FormatError(f"{where}: header is not valid JSON ({e.__class__.__name__}); {CORRUPT}") from None
+        doc = strict.loads(raw)
+    except strict.InvalidJSON as e:
+        raise FormatError(f"{where}: header is not valid JSON ({e}); {CORRUPT}") from None
     if not isinstance(doc, dict):
         raise FormatError(f"{where}: header is not a JSON object; {CORRUPT}")
-    metadata = doc.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
+    metadata = doc.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise FormatError(f"{where}: __metadata__ must map strings to strings; {CORRUPT}")
-    tensors: dict[str, TensorEntry] = {}
-    for name, info in doc.items():
-        tensors[name] = _entry(name, info, where, data_start)
+    tensors = {name: _entry(name, info, where, data_start) for name, info in doc.items()}
     data_size = None if file_size is None else file_size - data_start
     _check_layout(tensors.values(), where, data_size, data_start)
     return Header(tensors=tensors, metadata=metadata, data_start=data_start)
 
 
 def _entry(name: str, info: object, where: str, data_start: int) -> TensorEntry:
+    # Fields other than these three are ignored, as the reference reader ignores them.
+    tensor = _tensor(where, name)
     if not isinstance(info, dict):
-        raise FormatError(f"{where}: tensor {name!r} has no dtype/shape/data_offsets entry; {CORRUPT}")
+        raise FormatError(f"{tensor} has no dtype/shape/data_offsets entry; {CORRUPT}")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if not (isinstance(dtype, str) and dtype in DTYPES):
-        raise FormatError(f"{where}: tensor {name!r} has unsupported dtype {dtype!r}; save it as {', '.join(DTYPES)}")
+    if not (isinstance(dtype, str) and dtype in DTYPE_BITS):
+        raise FormatError(f"{tensor} has unsupported dtype {_brief(dtype)}, not one safetensors defines; {CORRUPT}")
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-        raise FormatError(f"{where}: tensor {name!r} has an invalid shape {shape!r}; {CORRUPT}")
+        raise FormatError(f"{tensor} has an invalid shape {_brief(shape)}; {CORRUPT}")
     if not (
         isinstance(offsets, list)
         and len(offsets) == 2
         and all(type(o) is int and o >= 0 for o in offsets)
         and offsets[0] <= offsets[1]
     ):
-        raise FormatError(f"{where}: tensor {name!r} has invalid data_offsets {offsets!r}; {CORRUPT}")
-    itemsize = DTYPES[dtype].itemsize
-    expected = math.prod(shape) * itemsize
-    if offsets[1] - offsets[0] != expected:
+        raise FormatError(f"{tensor} has invalid data_offsets {_brief(offsets)}; {CORRUPT}")
+    # The element count is folded left to right and refused once it reaches 2**64, exactly as the
+    # reference computes it: [2**32, 2**32, 0] overflows there, though its product is 0.
+    elements = 1
+    for d in shape:
+        elements *= d
+        if elements >= _U64:
+            raise FormatError(f"{tensor} has a shape {_brief(shape)} whose element count overflows; {CORRUPT}")
+    bits = elements * DTYPE_BITS[dtype]
+    if bits >= _U64:
+        raise FormatError(f"{tensor} has a shape {_brief(shape)} whose size overflows; {CORRUPT}")
+    if bits % 8:
+        raise FormatError(f"{tensor} is {dtype}{_brief(shape)}, {bits} bits, not a whole number of bytes; {CORRUPT}")
+    if offsets[1] - offsets[0] != bits // 8:
         raise FormatError(
-            f"{where}: tensor {name!r} is {dtype}{shape} ({expected} bytes) but its data_offsets "
+            f"{tensor} is {dtype}{_brief(shape)} ({bits // 8} bytes) but its data_offsets "
             f"span {offsets[1] - offsets[0]} bytes; {CORRUPT}"
         )
     return TensorEntry(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
 
 
+def _brief(value: object, limit: int = 80) -> str:
+    """A header value for a message: its repr, cut short (a hostile shape may hold millions of entries)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def _tensor(where: str, name: str) -> str:
+    """How messages name a tensor: the file, then the name (cut short only when absurdly long)."""
+    return f"{where}: tensor {_brief(name, 300)}"
+
+
 def _check_layout(entries: Iterable[TensorEntry], where: str, data_size: int | None, data_start: int) -> None:
-    end = 0
-    for e in sorted(entries, key=lambda e: (e.start, e.end)):
-        rel_start, rel_end = e.start - data_start, e.end - data_start
-        if rel_start < end:
-            raise FormatError(f"{where}: tensor {e.name!r} overlaps another tensor; {CORRUPT}")
-        if data_size is not None and rel_end > data_size:
+    """Tensors tile the data section: from its first byte, in offset order, no gap, no overlap, no
+    byte after the last one. Bytes no tensor claims could hide a second copy of a tensor."""
+    ordered = sorted(entries, key=lambda e: (e.start, e.end))
+    if data_size is not None:
+        cut = next((e for e in ordered if e.end - data_start > data_size), None)
+        if cut is not None:
             raise FormatError(
-                f"{where}: tensor {e.name!r} ends at byte {e.end} beyond the end of the file; {TRUNCATED}"
+                f"{_tensor(where, cut.name)} ends at byte {cut.end} beyond the end of the file; {TRUNCATED}"
             )
-        end = max(end, rel_end)
+    end = 0
+    for e in ordered:
+        rel_start = e.start - data_start
+        if rel_start < end:
+            raise FormatError(f"{_tensor(where, e.name)} overlaps another tensor; {CORRUPT}")
+        if rel_start > end:
+            raise FormatError(
+                f"{_tensor(where, e.name)} starts at byte {e.start}, leaving {rel_start - end} bytes before it "
+                f"that no tensor holds; {CORRUPT}"
+            )
+        end = e.end - data_start
+    if data_size is not None and data_size > end:
+        raise FormatError(f"{where}: {data_size - end} bytes after the last tensor that no tensor holds; {CORRUPT}")
 
 
 def header_of(f: BinaryIO, where: str, size: int) -> Header:

@@ -1,19 +1,28 @@
 """Strict JSON: what safelora accepts from files it did not write.
 
 Python's ``json`` takes the last of duplicate keys (so a second ``lora_B`` entry silently replaces
-the first), parses 4300-digit integers until its own ValueError, accepts ``NaN`` and ``Infinity``
-and recurses as deep as the stack allows. Here duplicate keys, integers outside
-[-2**63, 2**64), non-finite numbers and nesting deeper than ``MAX_DEPTH`` are refused.
+the first), parses 4300-digit integers until its own ValueError, accepts ``NaN`` and ``Infinity``,
+returns lone UTF-16 surrogates (``"\\ud800"``) as strings that cannot be written back as UTF-8, and
+recurses as deep as the stack allows. Here duplicate keys, integers outside [-2**63, 2**64),
+non-finite numbers, lone surrogates and nesting deeper than ``MAX_DEPTH`` are refused.
+
+``-0`` is read as the float ``-0.0``, as serde_json (the parser behind the safetensors library)
+reads it, so that a field that must hold a non-negative integer refuses it the same way.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterator
 from typing import Any
 
 MAX_DEPTH = 64
 _INT_MIN, _INT_MAX = -(2**63), 2**64
 _MAX_INT_DIGITS = 20  # 2**64 has 20 digits: longer literals are refused before int() sees them
+_MAX_FLOAT_CHARS = 64  # every writer's shortest round-trip form of a double is under 30
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 class InvalidJSON(ValueError):
@@ -21,17 +30,23 @@ class InvalidJSON(ValueError):
 
 
 def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise InvalidJSON(f"duplicate key {key!r}")
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise InvalidJSON(f"duplicate key {_short(key)}")
+            seen.add(key)
     return out
 
 
-def _int(text: str) -> int:
+def _int(text: str) -> int | float:
+    if len(text) < 19 and text != "-0":  # the common case, always in range
+        return int(text)
+    if text == "-0":
+        return -0.0
     if len(text.lstrip("-")) > _MAX_INT_DIGITS:
-        raise InvalidJSON(f"integer of {len(text)} digits")
+        raise InvalidJSON(f"integer of {len(text.lstrip('-'))} digits")
     value = int(text)
     if not _INT_MIN <= value < _INT_MAX:
         raise InvalidJSON(f"integer {value} out of range")
@@ -39,7 +54,7 @@ def _int(text: str) -> int:
 
 
 def _float(text: str) -> float:
-    if len(text) > 64:
+    if len(text) > _MAX_FLOAT_CHARS:
         raise InvalidJSON(f"number literal of {len(text)} characters")
     value = float(text)
     if value in (float("inf"), float("-inf")):
@@ -51,18 +66,38 @@ def _constant(name: str) -> Any:
     raise InvalidJSON(f"{name} is not JSON")
 
 
-def _depth(doc: Any) -> int:
-    deepest, stack = 0, [(doc, 1)]
+def _short(text: str) -> str:
+    """A string for a message: quoted, escaped, and cut to a readable length."""
+    return repr(text) if len(text) <= 80 else f"{text[:77]!r}…"
+
+
+def _too_deep(doc: Any) -> bool:
+    """Whether containers nest deeper than ``MAX_DEPTH``, level by level, without recursion."""
+    level = [doc] if isinstance(doc, (dict, list)) else []
+    for _ in range(MAX_DEPTH):
+        level = [
+            c
+            for node in level
+            for c in (node.values() if isinstance(node, dict) else node)
+            if isinstance(c, (dict, list))
+        ]
+        if not level:
+            return False
+    return True
+
+
+def _strings(doc: Any) -> Iterator[str]:
+    """Every key and string value in the document."""
+    stack = [doc]
     while stack:
-        node, depth = stack.pop()
-        if isinstance(node, dict):
-            node = list(node.values())
-        if isinstance(node, list):
-            deepest = max(deepest, depth)
-            if depth > MAX_DEPTH:
-                return depth
-            stack.extend((child, depth + 1) for child in node if isinstance(child, (dict, list)))
-    return deepest
+        node = stack.pop()
+        if isinstance(node, str):
+            yield node
+        elif isinstance(node, dict):
+            stack.extend(node)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def loads(raw: bytes | str) -> Any:
@@ -72,14 +107,19 @@ def loads(raw: bytes | str) -> Any:
         doc = json.loads(text, object_pairs_hook=_pairs, parse_int=_int, parse_float=_float, parse_constant=_constant)
     except InvalidJSON:
         raise
-    except UnicodeDecodeError:
-        raise InvalidJSON("not UTF-8") from None
+    except UnicodeDecodeError as e:
+        raise InvalidJSON(f"not UTF-8 (byte {e.start})") from None
     except RecursionError:
         raise InvalidJSON(f"nested deeper than {MAX_DEPTH} levels") from None
     except json.JSONDecodeError as e:
         raise InvalidJSON(f"{e.msg} at line {e.lineno} column {e.colno}") from None
-    except ValueError as e:
-        raise InvalidJSON(str(e).splitlines()[0][:120]) from None
-    if _depth(doc) > MAX_DEPTH:
+    if _too_deep(doc):
         raise InvalidJSON(f"nested deeper than {MAX_DEPTH} levels")
+    # A pair of surrogate escapes is one character by now, so any surrogate left is a lone one. It
+    # comes from a \uXXXX escape (UTF-8 cannot carry one) or from ``raw`` given as str: strings are
+    # searched only when the text holds either.
+    if _SURROGATE_ESCAPE.search(text) or _SURROGATE.search(text):
+        lone = next((s for s in _strings(doc) if _SURROGATE.search(s)), None)
+        if lone is not None:
+            raise InvalidJSON(f"lone UTF-16 surrogate in string {_short(lone)}")
     return doc
