@@ -228,6 +228,10 @@ def _load_config(path: Path) -> tuple[LoraConfig, dict[str, Any]]:
         init_lora_weights=raw.get("init_lora_weights", True),
         base_model_name_or_path=base if isinstance(base, str) and base else None,
         modules_to_save=to_save,
+        alpha_pattern=alpha_pattern,
+        layers_pattern=layers_pattern,
+        exclude_modules=exclude,
+        source=str(cfg_path),
     )
     return config, raw
 
