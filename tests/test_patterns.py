@@ -29,7 +29,7 @@ from peft.utils.other import get_pattern_key
 from safelora_cli import patterns
 from safelora_cli.adapter import CONFIG_FILE, PEFT_PREFIX, LoraConfig
 from safelora_cli.errors import AdapterError
-from safelora_cli.patterns import BUDGET_S, MAX_UNITS, Budget, ConfigPatterns
+from safelora_cli.patterns import BUDGET_S, MAX_UNITS, ConfigPatterns
 
 MODULES = [
     # Llama, Qwen, Mistral
@@ -378,8 +378,6 @@ def test_many_slow_but_finishing_patterns_share_one_budget() -> None:
 def test_each_config_has_its_own_budget() -> None:
     first, second = ConfigPatterns("a", **_NONE), ConfigPatterns("b", **_NONE)
     assert first.budget is not second.budget
-    shared = Budget()
-    assert ConfigPatterns("c", budget=shared, **_NONE).budget is shared
 
 
 _NONE: dict[str, Any] = {

@@ -142,10 +142,9 @@ class ConfigPatterns:
         alpha_pattern: Iterable[str],
         layers_pattern: Sequence[str] | str | None,
         layers_to_transform: Sequence[int] | None,
-        budget: Budget | None = None,
     ) -> None:
         self.source = source
-        self.budget = budget if budget is not None else Budget()
+        self.budget = Budget()
         self._target = target_modules
         self._exclude = exclude_modules
         self._to_save = list(modules_to_save)
