@@ -22,6 +22,7 @@ import torch
 
 from . import safefs, stfile, strict
 from .errors import AdapterError, UsageError
+from .patterns import ConfigPatterns, saved, show
 from .sources import parse_ref
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -47,14 +48,17 @@ _SKIP_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
     ),
     (re.compile(r"modules_to_save"), MODULES_TO_SAVE),
 )
-COMPUTE_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})  # what the method's math reads, as stored
-_LAYER = re.compile(r"\.(\d+)\.")
 _CONVERTED_INITS = {"pissa", "olora", "loftq", "corda", "eva"}
 
 
 @dataclass(frozen=True)
 class LoraConfig:
-    """The parts of ``adapter_config.json`` that interpret the adapter's keys."""
+    """The parts of ``adapter_config.json`` that interpret the adapter's keys.
+
+    Its patterns are matched as PEFT matches them, within one time budget for the config
+    (``patterns``); building a ``LoraConfig`` compiles them all, and raises ``AdapterError`` for one
+    that is invalid or cannot be bounded. ``source`` names the config file in messages.
+    """
 
     r: int
     target_modules: list[str] | str | None
@@ -65,27 +69,47 @@ class LoraConfig:
     init_lora_weights: object
     base_model_name_or_path: str | None
     modules_to_save: list[str] = field(default_factory=list)
+    alpha_pattern: dict[str, object] = field(default_factory=dict)
+    layers_pattern: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    source: str = CONFIG_FILE
+    patterns: ConfigPatterns = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # A frozen dataclass sets derived fields through object.__setattr__.
+        object.__setattr__(
+            self,
+            "patterns",
+            ConfigPatterns(
+                self.source,
+                target_modules=self.target_modules,
+                exclude_modules=self.exclude_modules,
+                modules_to_save=self.modules_to_save,
+                rank_pattern=self.rank_pattern,
+                alpha_pattern=self.alpha_pattern,
+                layers_pattern=self.layers_pattern,
+                layers_to_transform=self.layers_to_transform,
+            ),
+        )
 
     def expected_rank(self, module: str) -> int:
         """r for ``module``: the first matching ``rank_pattern`` key (as PEFT matches it), else r."""
-        for key, r in self.rank_pattern.items():
-            if re.match(rf"(.*\.)?({key})$", module):
-                return int(r)
-        return self.r
+        # PEFT resolves both patterns for every module it adapts. Safe LoRA's similarity does not
+        # depend on alpha, but a key PEFT could not match in bounded time is refused all the same.
+        self.patterns.alpha_key(module)
+        return int(self.rank_pattern.get(self.patterns.rank_key(module), self.r))
 
     def targets(self, module: str) -> bool:
-        """Whether ``target_modules`` names ``module`` (list: by suffix; string: full regex)."""
-        t = self.target_modules
-        if t is None or t == "all-linear":
-            return True
-        if isinstance(t, str):
-            return re.fullmatch(t, module) is not None
-        return any(module == name or module.endswith("." + name) for name in t)
+        """Whether PEFT puts a LoRA layer on ``module`` with this config (``layers_to_transform`` included)."""
+        return self.patterns.targets(module)
+
+    def layer(self, module: str) -> int | None:
+        """``module``'s layer index as PEFT finds it for ``layers_to_transform`` (``layers_pattern`` honoured)."""
+        return self.patterns.layer(module)
 
     def saves(self, key: str) -> bool:
         """Whether ``key`` is a full weight PEFT saved for a ``modules_to_save`` module."""
-        module = key.rsplit(".", 1)[0]
-        return any(module == name or module.endswith("." + name) for name in self.modules_to_save)
+        return saved(self.modules_to_save, key.removeprefix(PEFT_PREFIX))
 
 
 @dataclass(frozen=True)
@@ -198,17 +222,19 @@ def _load_config(directory: safefs.Directory) -> tuple[LoraConfig, bytes, int]:
             "modules_to_save); "
             "restore it from your training run"
         )
-    patterns = [("rank_pattern key", key) for key in rank_pattern]
-    if isinstance(target, str):
-        patterns.append(("target_modules", target))
-    for what, pattern in patterns:
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise AdapterError(
-                f"{cfg_path}: {what} {pattern!r} is not a valid regular expression ({e}); restore it from your "
-                "training run"
-            ) from None
+    # The patterns themselves are compiled and bounded by LoraConfig; these are the types PEFT takes.
+    alpha_pattern = raw.get("alpha_pattern") or {}
+    layers_pattern = raw.get("layers_pattern")
+    exclude = raw.get("exclude_modules")
+    if not (
+        isinstance(alpha_pattern, dict)
+        and (layers_pattern is None or isinstance(layers_pattern, str) or _str_list(layers_pattern))
+        and (exclude is None or isinstance(exclude, str) or _str_list(exclude))
+    ):
+        raise AdapterError(
+            f"{cfg_path}: invalid LoRA config (alpha_pattern, layers_pattern or exclude_modules); "
+            "restore it from your training run"
+        )
     base = raw.get("base_model_name_or_path")
     config = LoraConfig(
         r=r,
@@ -220,6 +246,10 @@ def _load_config(directory: safefs.Directory) -> tuple[LoraConfig, bytes, int]:
         init_lora_weights=raw.get("init_lora_weights", True),
         base_model_name_or_path=base if isinstance(base, str) and base else None,
         modules_to_save=to_save,
+        alpha_pattern=alpha_pattern,
+        layers_pattern=layers_pattern,
+        exclude_modules=exclude,
+        source=str(cfg_path),
     )
     return config, data, mode
 
@@ -349,7 +379,7 @@ def _parse_keys(
         if len(entry.shape) != 2:
             skipped.append((key, f"{len(entry.shape)}-D LoRA weight (convolution): not defined by Safe LoRA"))
             continue
-        if entry.dtype not in COMPUTE_DTYPES:
+        if entry.dtype not in stfile.COMPUTE_DTYPES:
             raise AdapterError(
                 f"{file}: {key} is {entry.dtype}; Safe LoRA computes on float16, bfloat16, float32 or float64 "
                 "LoRA weights (save the adapter from your training run in one of those)"
@@ -396,17 +426,15 @@ def _module(
             f"{file}: {a_key} has rank {rank} but adapter_config.json says r={config.expected_rank(module)} "
             "for this module; config and weights do not belong together"
         )
+    layer = config.layer(module)
     if not config.targets(module):
+        targets = config.target_modules
+        named = f"target_modules={show(targets) if isinstance(targets, str) else show(repr(targets))}"
+        if config.layers_to_transform:
+            named += f" with layers_to_transform={show(repr(config.layers_to_transform))} (its layer: {layer})"
         raise AdapterError(
-            f"{file}: holds LoRA weights for {module!r} but target_modules={config.target_modules!r} "
-            "does not name it; config and weights do not belong together"
-        )
-    layer_match = _LAYER.search(f".{module}.")
-    layer = int(layer_match[1]) if layer_match else None
-    if config.layers_to_transform is not None and layer not in config.layers_to_transform:
-        raise AdapterError(
-            f"{file}: holds LoRA weights for {module!r} but layers_to_transform="
-            f"{config.layers_to_transform} excludes layer {layer}"
+            f"{file}: holds LoRA weights for {show(module)} but {named} does not name it; config and weights do "
+            "not belong together"
         )
     return LoraModule(module, a_key, b_key, rank, layer)
 
