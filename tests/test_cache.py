@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import Result
 
 from safelora_cli.adapter import ADAPTER_FILE
-from safelora_cli.cache import ProjectionCache
+from safelora_cli.cache import ProjectionCache, _checksum
 from safelora_cli.projection import Projector
 from safelora_cli.stfile import read_header
 
@@ -220,3 +221,89 @@ def test_float64_runs_do_not_use_the_float32_cache(
     report = run(cli, llama_adapter, tmp_path / "out", *llama_pair, "--precision", "float64")
     assert report["cache"] is None and any("float64" in note for note in report["notes"])
     assert entries() == []
+
+
+# A cache that cannot be turned against a run.
+
+MODULE = "model.layers.0.self_attn.q_proj"  # 64×64
+
+
+def entry_for(module: str) -> Path:
+    return next(e for e in entries() if read_header(e).metadata["safelora.cache.module"] == module)
+
+
+def edit_entry(path: Path, meta: dict[str, str], shape: list[int] | None = None, *, forge: bool = False) -> None:
+    """Rewrite an entry's header (metadata fields, optionally the tensor's shape), its data kept. With
+    ``forge`` the checksum is made to match, as anyone who can write the cache could."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    header["__metadata__"].update({f"safelora.cache.{k}": v for k, v in meta.items()})
+    if shape is not None:
+        header["operator"]["shape"] = shape
+    data = raw[8 + n :]
+    if forge:
+        header["__metadata__"]["safelora.cache.crc32"] = _checksum(
+            header["__metadata__"], "F32", header["operator"]["shape"], memoryview(data)
+        )
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+def doubled_norm(entry: Path) -> dict[str, str]:
+    return {"norm": repr(float(read_header(entry).metadata["safelora.cache.norm"]) * 2)}
+
+
+def output(out: Path) -> bytes:
+    return (out / ADAPTER_FILE).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("field", "edit"),
+    [
+        ("norm", lambda e: edit_entry(e, doubled_norm(e))),
+        ("kind", lambda e: edit_entry(e, {"kind": "zero"})),
+        ("out", lambda e: edit_entry(e, {"out": "32"})),
+        ("in", lambda e: edit_entry(e, {"in": "32"})),
+        ("module", lambda e: edit_entry(e, {"module": "model.layers.1.self_attn.q_proj"})),
+        ("transpose", lambda e: edit_entry(e, {"transpose": "1"})),
+        ("base_key", lambda e: edit_entry(e, {"base_key": "model.layers.1.self_attn.q_proj.weight"})),
+        ("format", lambda e: edit_entry(e, {"format": "0"})),
+        ("out, in and shape together", lambda e: edit_entry(e, {"out": "32", "in": "128"}, [32, 128])),
+    ],
+)
+def test_an_edited_metadata_field_is_reported_and_recomputed(
+    field: str,
+    edit: Callable[[Path], None],
+    cli: Cli,
+    llama_pair: tuple[Path, Path],
+    llama_adapter: Path,
+    tmp_path: Path,
+) -> None:
+    first = run(cli, llama_adapter, tmp_path / "first", *llama_pair)
+    edit(entry_for(MODULE))
+
+    second = run(cli, llama_adapter, tmp_path / "second", *llama_pair)
+    third = run(cli, llama_adapter, tmp_path / "third", *llama_pair)
+    run(cli, llama_adapter, tmp_path / "uncached", *llama_pair, "--no-cache")
+
+    n = first["layer_count"]
+    assert (second["cache"]["served"], second["cache"]["computed"]) == (n - 1, 1)
+    [note] = [note for note in second["notes"] if "was corrupt" in note]
+    assert MODULE in note
+    assert output(tmp_path / "second") == output(tmp_path / "uncached")
+    assert third["cache"]["served"] == n  # the entry was rewritten whole
+
+
+def test_the_checksum_does_not_stop_someone_who_can_write_the_cache(
+    cli: Cli, llama_pair: tuple[Path, Path], llama_adapter: Path, tmp_path: Path
+) -> None:
+    """The limit the README states: a forged entry with a matching checksum is served. Only the
+    ownership rule keeps others from writing one."""
+    first = run(cli, llama_adapter, tmp_path / "first", *llama_pair)
+    entry = entry_for(MODULE)
+    edit_entry(entry, doubled_norm(entry), forge=True)
+    forged = run(cli, llama_adapter, tmp_path / "forged", *llama_pair)
+    assert forged["cache"]["served"] == first["layer_count"]
+    assert output(tmp_path / "forged") != output(tmp_path / "first")

@@ -9,9 +9,10 @@ Layout under the root (``SAFELORA_CACHE``, else ``$XDG_CACHE_HOME/safelora``, el
 
 Every file name is a hash, so no repo id or path can make a name that leaves the root. Entries are
 written to a temp file and renamed into place, so a reader sees a whole entry or none, and each
-carries a CRC-32 of its data, so a corrupt one is detected and recomputed instead of served. That
-check is also why entries are not fsync'd: an entry torn by a power loss fails it and is recomputed,
-while an fsync per entry would make a first run wait for gigabytes to reach the disk.
+carries a CRC-32 of everything a run takes from it (its metadata, shape and data), so a corrupt one
+is detected and recomputed instead of served. That check is also why entries are not fsync'd: an
+entry torn by a power loss fails it and is recomputed, while an fsync per entry would make a first
+run wait for gigabytes to reach the disk.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import shutil
 import tempfile
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,8 +40,9 @@ from . import stfile
 from .errors import CacheError, FormatError
 from .projection import Operator, OperatorKind
 
-FORMAT = "2"  # bump when what an entry means changes; old pairs then simply stop matching
+FORMAT = "3"  # bump when what an entry means changes; old pairs then simply stop matching
 _META = "safelora.cache."
+_CHECKSUM = _META + "crc32"
 _TENSOR = "operator"
 _TMP = ".tmp-"
 _KINDS: dict[str, OperatorKind] = {"V": "V", "zero": "zero"}
@@ -149,7 +151,7 @@ class PairCache:
             try:
                 size = os.fstat(f.fileno()).st_size
                 header = stfile.header_of(f, str(path), size)
-                kind, norm, out, inp, crc = _check_meta(header, module, transpose)
+                kind, norm, out, inp = _check_meta(header, module, transpose)
                 entry = header.tensors[_TENSOR]
                 if len(buffers[slot]) < entry.nbytes:
                     buffers[slot] = bytearray(entry.nbytes)
@@ -158,8 +160,9 @@ class PairCache:
                 raise CorruptEntry(str(e).removeprefix(f"{path}: ")) from None
             except OSError as e:
                 raise CorruptEntry(f"cannot read ({e.strerror})") from None
-        if f"{zlib.crc32(memoryview(buffers[slot])[: entry.nbytes]):08x}" != crc:
-            raise CorruptEntry("its data does not match its CRC-32")
+        checksum = _checksum(header.metadata, entry.dtype, entry.shape, memoryview(buffers[slot])[: entry.nbytes])
+        if checksum != header.metadata[_CHECKSUM]:
+            raise CorruptEntry("its metadata or data do not match its CRC-32")
         return Stored(kind, data, norm, out, inp)
 
     def store(self, module: str, transpose: bool, base_key: str, aligned_key: str, op: Operator) -> None:
@@ -199,7 +202,7 @@ class PairCache:
 
     def _write(self, path: Path, matrix: torch.Tensor, meta: dict[str, str]) -> None:
         data = _memory(matrix)
-        meta[_META + "crc32"] = f"{zlib.crc32(data):08x}"
+        meta[_CHECKSUM] = _checksum(meta, "F32", tuple(matrix.shape), data)
         # serialize only takes the data's length and hands the data itself to the writer.
         blob = stfile.Blob("F32", tuple(matrix.shape), cast(bytes, data))
         try:
@@ -279,17 +282,29 @@ def _memory(t: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_ubyte * n).from_address(t.data_ptr())).cast("B") if n else memoryview(b"")
 
 
-def _check_meta(header: stfile.Header, module: str, transpose: bool) -> tuple[OperatorKind, float, int, int, str]:
-    """An entry's kind, ‖V‖, out, in and CRC, after checking they describe ``module``'s tensor."""
+def _checksum(meta: Mapping[str, str], dtype: str, shape: Sequence[int], data: memoryview) -> str:
+    """CRC-32 of an entry's metadata (all of it but this checksum), dtype, shape and data.
+
+    The threat is corruption, not forgery (the ownership rule's job), and an entry of hundreds of MB
+    is checked on every warm run: zlib's CRC-32 runs at about twice SHA-256's speed.
+    """
+    fields = sorted((k, v) for k, v in meta.items() if k != _CHECKSUM)
+    described = json.dumps([fields, dtype, list(shape)], separators=(",", ":"), ensure_ascii=True)
+    return f"{zlib.crc32(data, zlib.crc32(described.encode('ascii'))):08x}"
+
+
+def _check_meta(header: stfile.Header, module: str, transpose: bool) -> tuple[OperatorKind, float, int, int]:
+    """An entry's kind, ‖V‖, out and in, after checking they describe ``module``'s tensor."""
     meta = header.metadata
     entry = header.tensors.get(_TENSOR)
     try:
         kind = _KINDS[meta[_META + "kind"]]
         norm, out, inp = float(meta[_META + "norm"]), int(meta[_META + "out"]), int(meta[_META + "in"])
-        crc = meta[_META + "crc32"]
         same = (meta[_META + "module"], meta[_META + "transpose"]) == (module, str(int(transpose)))
     except (KeyError, ValueError):
         raise FormatError("metadata is missing or malformed") from None
+    if _CHECKSUM not in meta:
+        raise FormatError("metadata is missing or malformed")
     if meta.get(_META + "format") != FORMAT or not same:
         raise FormatError("it belongs to another module or format")
     shape = {"V": (out, inp), "zero": (0, 0)}[kind]
@@ -297,7 +312,7 @@ def _check_meta(header: stfile.Header, module: str, transpose: bool) -> tuple[Op
         raise FormatError(f"expected one F32 tensor of shape {list(shape)}")
     if not (norm > 0 if kind != "zero" else norm == 0) or norm == float("inf"):
         raise FormatError(f"invalid norm {norm!r}")
-    return kind, norm, out, inp, crc
+    return kind, norm, out, inp
 
 
 def _write_atomic(target: Path, chunks: Sequence[stfile.Data]) -> None:
