@@ -9,9 +9,16 @@ Layout under the root (``SAFELORA_CACHE``, else ``$XDG_CACHE_HOME/safelora``, el
 
 Every file name is a hash, so no repo id or path can make a name that leaves the root. Entries are
 written to a temp file and renamed into place, so a reader sees a whole entry or none, and each
-carries a CRC-32 of its data, so a corrupt one is detected and recomputed instead of served. That
-check is also why entries are not fsync'd: an entry torn by a power loss fails it and is recomputed,
-while an fsync per entry would make a first run wait for gigabytes to reach the disk.
+carries a CRC-32 of everything a run takes from it (its metadata, shape and data), so a corrupt one
+is detected and recomputed instead of served. That check is also why entries are not fsync'd: an
+entry torn by a power loss fails it and is recomputed, while an fsync per entry would make a first
+run wait for gigabytes to reach the disk.
+
+A checksum stops corruption, not someone who writes a matching one. That is the ownership rule's
+job, the rule ssh applies to its keys: the cache is used only when the root and everything in it
+that a run uses belong to the effective user and no one else may write them, and when no one else
+may replace a directory on the way to the root (see ``ProjectionCache.problem``). Everything the
+cache creates is created mode 0700 (directories) or 0600 (files), whatever the umask.
 """
 
 from __future__ import annotations
@@ -22,28 +29,36 @@ import fcntl
 import hashlib
 import json
 import os
+import shlex
 import shutil
+import stat
 import tempfile
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 
-from . import stfile
-from .errors import CacheError, FormatError
+from . import safefs, stfile, strict
+from .errors import CacheError, FormatError, SafeLoraError
 from .projection import Operator, OperatorKind
 
-FORMAT = "2"  # bump when what an entry means changes; old pairs then simply stop matching
+FORMAT = "3"  # bump when what an entry means changes; old pairs then simply stop matching
 _META = "safelora.cache."
+_CHECKSUM = _META + "crc32"
 _TENSOR = "operator"
 _TMP = ".tmp-"
 _KINDS: dict[str, OperatorKind] = {"V": "V", "zero": "zero"}
+_DIR_MODE, _FILE_MODE = 0o700, 0o600
+_MAX_JSON = 1 << 20  # pair.json and refs/*.json hold a few hundred bytes when safelora wrote them
+_MAX_LINKS = 40  # as the kernel's limit on symbolic links followed in one path
+_NOT_HERE = (errno.ENOENT, errno.ENOTDIR)  # the path, or a directory on it, does not exist
 
 
 def cache_root() -> Path:
@@ -96,34 +111,250 @@ class PairSummary:
         return sum(e.nbytes for e in self.entries)
 
 
-class PairCache:
-    """The entries of one (base, aligned) pair; ``load_all`` needs no lock, ``store`` runs under ``locked``."""
+# The ownership rule. Messages are whole notes: the path, what is wrong, and what to do.
 
-    def __init__(self, root: Path, base: str, aligned: str) -> None:
+_UNUSED = "projection cache not used: "
+_ELSEWHERE = "or point SAFELORA_CACHE elsewhere"
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    """``path`` itself (a link is not followed); None when it, or a directory on its way, is missing."""
+    try:
+        return os.lstat(path)
+    except OSError as e:
+        if e.errno in _NOT_HERE:
+            return None
+        raise
+
+
+def _writers(mode: int) -> str:
+    return {0o020: "its group", 0o002: "other users", 0o022: "its group and other users"}[mode & 0o022]
+
+
+def _owned(path: Path, st: os.stat_result, *, directory: bool) -> str | None:
+    """Why ``path`` (inside the cache, or the root) breaks the rule, or None: it must be a directory
+    or a regular file as asked, belong to the effective user, and be writable by no one else."""
+    euid = os.geteuid()
+    want = "a directory" if directory else "a regular file"
+    if not (stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)):
+        return f"{_UNUSED}{path} is {safefs.kind(st.st_mode)}, not {want}; remove it, {_ELSEWHERE}"
+    if st.st_uid != euid:
+        return (
+            f"{_UNUSED}{path} belongs to uid {st.st_uid}, not to you (uid {euid}), so that user could change "
+            f"what the cache serves; point SAFELORA_CACHE at a directory of your own"
+        )
+    if st.st_mode & 0o022:
+        return (
+            f"{_UNUSED}{path} is writable by {_writers(st.st_mode)}, who could change what the cache serves; "
+            f"run `chmod go-w {shlex.quote(str(path))}`, {_ELSEWHERE}"
+        )
+    return None
+
+
+def _on_the_way(path: Path, st: os.stat_result) -> str | None:
+    """Why a directory or link on the way to the root lets another user replace the cache, or None.
+
+    It must belong to the effective user or to root, and a directory must be writable by no one
+    else unless it has the sticky bit (as /tmp has: there no one can rename or delete what is not
+    theirs). A link's own mode means nothing; who owns it decides where it points.
+    """
+    euid = os.geteuid()
+    if st.st_uid not in (euid, 0):
+        what = "a link" if stat.S_ISLNK(st.st_mode) else "a directory"
+        return (
+            f"{_UNUSED}{path} ({what} on the way to the cache) belongs to uid {st.st_uid}, who could "
+            "replace the cache; point SAFELORA_CACHE elsewhere"
+        )
+    if stat.S_ISDIR(st.st_mode) and st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        return (
+            f"{_UNUSED}{path} (a directory on the way to the cache) is writable by {_writers(st.st_mode)}, "
+            f"who could replace the cache; run `chmod go-w {shlex.quote(str(path))}`, {_ELSEWHERE}"
+        )
+    return None
+
+
+def _root_problem(root: Path) -> str | None:
+    """The rule for the root: walk its path as the kernel resolves it, link by link.
+
+    Every directory passed through and every link on the way is checked with ``_on_the_way``, the
+    directory reached with ``_owned``. A missing part ends the walk (safelora creates it, mode
+    0700); a part that is not a directory, or a loop of links, too (writing then fails, and the run
+    says so).
+    """
+    parts = (Path.cwd() / root).parts
+    current, todo, links = Path(parts[0]), list(reversed(parts[1:])), 0
+    st = os.lstat(current)
+    while todo:
+        name = todo.pop()
+        if name in ("", "."):
+            continue
+        if name == "..":
+            current = current.parent  # passed through on the way here
+            st = os.lstat(current)
+            continue
+        if problem := _on_the_way(current, st):
+            return problem
+        path = current / name
+        found = _lstat(path)
+        if found is None or (not stat.S_ISDIR(found.st_mode) and not stat.S_ISLNK(found.st_mode)):
+            return None
+        if stat.S_ISLNK(found.st_mode):
+            if problem := _on_the_way(path, found):
+                return problem
+            links += 1
+            if links > _MAX_LINKS:
+                return None
+            target = Path(os.readlink(path))
+            if target.is_absolute():
+                current, st = Path(target.parts[0]), os.lstat(target.parts[0])
+                todo.extend(reversed(target.parts[1:]))
+            else:
+                todo.extend(reversed(target.parts))
+            continue
+        current, st = path, found
+    return _owned(current, st, directory=True)
+
+
+def _contents_problem(directory: Path, used: Callable[[str], bool | None] | None = None) -> str | None:
+    """The rule for a directory inside the cache and the files in it that a run uses.
+
+    ``used(name)`` is True for a file that must be a regular one, False for an entry (checked when
+    it is a regular file: anything else is never opened, and counts as corrupt), None otherwise.
+    """
+    st = _lstat(directory)
+    if st is None:
+        return None
+    if (problem := _owned(directory, st, directory=True)) or used is None:
+        return problem
+    for name in sorted(os.listdir(directory)):
+        must = used(name)
+        found = _lstat(directory / name) if must is not None else None
+        if found is None or (not must and not stat.S_ISREG(found.st_mode)):
+            continue
+        if problem := _owned(directory / name, found, directory=False):
+            return problem
+    return None
+
+
+def _pair_file(name: str) -> bool | None:
+    """How a run uses ``name`` in a pair's directory (see ``_contents_problem``)."""
+    if name in ("pair.json", ".lock"):
+        return True
+    return False if name.endswith(".safetensors") else None
+
+
+def _refs_file(name: str) -> bool | None:
+    """How a run uses ``name`` in ``refs/`` (see ``_contents_problem``)."""
+    return True if name.endswith(".json") else None
+
+
+def _checked(check: Callable[[], str | None], where: Path) -> str | None:
+    try:
+        return check()
+    except OSError as e:
+        return f"{_UNUSED}{safefs.os_error(where, e)}; fix its permissions, {_ELSEWHERE}"
+
+
+def _mkdirs(path: Path) -> None:
+    """Create ``path`` and its missing parents, each mode 0700 whatever the umask."""
+    missing = []
+    for p in (path, *path.parents):
+        if os.path.lexists(p):
+            break
+        missing.append(p)
+    for p in reversed(missing):
+        try:
+            os.mkdir(p, _DIR_MODE)
+        except FileExistsError:
+            continue  # a concurrent run made it
+        os.chmod(p, _DIR_MODE)  # the umask may have taken bits the owner needs
+
+
+def _read_small(path: Path, error: type[SafeLoraError]) -> bytes:
+    """A small JSON file of the cache, never through a link, never blocking; ``error`` if it cannot be."""
+    with safefs.open_file(path, error, follow=False) as f:
+        try:
+            data = f.read(_MAX_JSON + 1)
+        except OSError as e:
+            raise error(safefs.os_error(path, e)) from None
+    if len(data) > _MAX_JSON:
+        raise error(f"{path}: more than {_MAX_JSON} bytes")
+    return data
+
+
+def _checksum(meta: Mapping[str, str], dtype: str, shape: Sequence[int], data: memoryview) -> str:
+    """CRC-32 of an entry's metadata (all of it but this checksum), dtype, shape and data.
+
+    The threat is corruption, not forgery (the ownership rule's job), and an entry of hundreds of MB
+    is checked on every warm run: zlib's CRC-32 runs at about twice SHA-256's speed.
+    """
+    fields = sorted((k, v) for k, v in meta.items() if k != _CHECKSUM)
+    described = json.dumps([fields, dtype, list(shape)], separators=(",", ":"), ensure_ascii=True)
+    return f"{zlib.crc32(data, zlib.crc32(described.encode('ascii'))):08x}"
+
+
+class PairCache:
+    """The entries of one (base, aligned) pair; ``load_all`` needs no lock, ``store`` runs under ``locked``.
+
+    A pair that breaks the ownership rule (``problem``) is not used: nothing is read, locked or
+    written, and the reason is the first of ``warnings``.
+    """
+
+    def __init__(self, cache: ProjectionCache, base: str, aligned: str) -> None:
         self.base, self.aligned = base, aligned
         self.key = _hash(FORMAT, base, aligned, length=16)
-        self.dir = root / "pairs" / self.key
+        self.dir = cache.root / "pairs" / self.key
         self.warnings: list[str] = []
+        self._cache = cache
         self._writable = True
         self._writer: ThreadPoolExecutor | None = None  # set while ``locked``
         self._staging: list[torch.Tensor] = [torch.empty(0), torch.empty(0)]
         self._pending: list[Future[None] | None] = [None, None]
         self._stored = 0
 
+    def problem(self) -> str | None:
+        """Why this pair must not be used (the cache's ``problem``, or its own directory's), or None.
+
+        The pair's directory, ``pair.json``, ``.lock`` and every entry that is a regular file must
+        belong to the effective user and be writable by no one else. An entry that is a link or not
+        a regular file is not a reason: it is never opened, and counts as corrupt.
+        """
+        return self._rule
+
+    @cached_property
+    def _rule(self) -> str | None:  # checked once, on first use
+        return self._cache.problem() or _checked(lambda: _contents_problem(self.dir, _pair_file), self.dir)
+
+    def _refused(self) -> bool:
+        problem = self.problem()
+        if problem is not None and problem not in self.warnings:
+            self._writable = False
+            self.warnings.append(problem)
+        return problem is not None
+
     def _entry_path(self, module: str, transpose: bool) -> Path:
         return self.dir / f"{_hash(module, str(int(transpose)), length=32)}.safetensors"
 
-    def load_all(self, modules: Sequence[str], transpose: bool) -> Iterator[tuple[str, Stored | CorruptEntry | None]]:
+    def load_all(
+        self, modules: Sequence[str], transpose: bool, limits: Sequence[int] | None = None
+    ) -> Iterator[tuple[str, Stored | CorruptEntry | None]]:
         """Each module's entry (None when not cached, ``CorruptEntry`` when it cannot be trusted).
 
-        A thread reads and verifies entry i+1 while the caller uses entry i, in two buffers that
-        are reused: the caller must be done with an entry's ``data`` before asking for the next.
+        ``limits[i]``, when given, is the most values module i's operator can have (out × in of its
+        weight): an entry that claims more is corrupt, and no buffer is sized from its claim. A
+        thread reads and verifies entry i+1 while the caller uses entry i, in two buffers that are
+        reused: the caller must be done with an entry's ``data`` before asking for the next.
         """
+        if limits is not None and len(limits) != len(modules):
+            raise ValueError("load_all: one limit per module")
+        if self._refused():
+            yield from ((module, None) for module in modules)
+            return
         buffers = [bytearray(), bytearray()]
 
         def read(i: int) -> Stored | CorruptEntry | None:
             try:
-                return self._read(modules[i], transpose, buffers, i % 2)
+                return self._read(modules[i], transpose, buffers, i % 2, None if limits is None else limits[i])
             except CorruptEntry as e:
                 return e
 
@@ -137,19 +368,29 @@ class PairCache:
                     pending = pool.submit(read, i + 1)
                 yield module, result
 
-    def _read(self, module: str, transpose: bool, buffers: list[bytearray], slot: int) -> Stored | None:
+    def _read(
+        self, module: str, transpose: bool, buffers: list[bytearray], slot: int, limit: int | None
+    ) -> Stored | None:
         path = self._entry_path(module, transpose)
         try:
-            f = path.open("rb")
-        except FileNotFoundError:
-            return None
+            st = _lstat(path)
         except OSError as e:
             raise CorruptEntry(f"cannot read ({e.strerror})") from None
+        if st is None:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            raise CorruptEntry(f"it is {safefs.kind(st.st_mode)}, not a regular file")
+        try:
+            f = safefs.open_file(path, CacheError, follow=False)
+        except CacheError as e:
+            raise CorruptEntry(str(e).removeprefix(f"{path}: ")) from None
         with f:
             try:
                 size = os.fstat(f.fileno()).st_size
                 header = stfile.header_of(f, str(path), size)
-                kind, norm, out, inp, crc = _check_meta(header, module, transpose)
+                kind, norm, out, inp = _check_meta(header, module, transpose)
+                if limit is not None and out * inp > limit:
+                    raise FormatError(f"it claims a {out}×{inp} operator, more than the module's {limit} values")
                 entry = header.tensors[_TENSOR]
                 if len(buffers[slot]) < entry.nbytes:
                     buffers[slot] = bytearray(entry.nbytes)
@@ -158,8 +399,9 @@ class PairCache:
                 raise CorruptEntry(str(e).removeprefix(f"{path}: ")) from None
             except OSError as e:
                 raise CorruptEntry(f"cannot read ({e.strerror})") from None
-        if f"{zlib.crc32(memoryview(buffers[slot])[: entry.nbytes]):08x}" != crc:
-            raise CorruptEntry("its data does not match its CRC-32")
+        checksum = _checksum(header.metadata, entry.dtype, entry.shape, memoryview(buffers[slot])[: entry.nbytes])
+        if checksum != header.metadata[_CHECKSUM]:
+            raise CorruptEntry("its metadata or data do not match its CRC-32")
         return Stored(kind, data, norm, out, inp)
 
     def store(self, module: str, transpose: bool, base_key: str, aligned_key: str, op: Operator) -> None:
@@ -199,7 +441,7 @@ class PairCache:
 
     def _write(self, path: Path, matrix: torch.Tensor, meta: dict[str, str]) -> None:
         data = _memory(matrix)
-        meta[_META + "crc32"] = f"{zlib.crc32(data):08x}"
+        meta[_CHECKSUM] = _checksum(meta, "F32", tuple(matrix.shape), data)
         # serialize only takes the data's length and hands the data itself to the writer.
         blob = stfile.Blob("F32", tuple(matrix.shape), cast(bytes, data))
         try:
@@ -219,14 +461,16 @@ class PairCache:
         """Hold the pair's lock: one run computes missing entries while the others wait, then load them.
 
         ``on_wait`` is called once if another run holds the lock. A cache that cannot be written
-        runs without the lock (and without storing), with a warning.
+        runs without the lock (and without storing), with a warning; one that breaks the ownership
+        rule too (its warning says why).
         """
         fd = None
-        try:
-            fd = self._acquire(on_wait)
-            self._prepare()
-        except OSError as e:
-            self._unwritable(e)
+        if not self._refused():
+            try:
+                fd = self._acquire(on_wait)
+                self._prepare()
+            except OSError as e:
+                self._unwritable(e)
         try:
             with ThreadPoolExecutor(1, thread_name_prefix="safelora-cache-write") as self._writer:
                 yield
@@ -242,8 +486,8 @@ class PairCache:
         lock = self.dir / ".lock"
         waited = False
         while True:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            _mkdirs(self.dir)
+            fd = _open_lock(lock)
             try:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -253,7 +497,7 @@ class PairCache:
                         waited = True
                     fcntl.flock(fd, fcntl.LOCK_EX)
                 # `cache rm` may have removed the pair while we waited: then lock the new file.
-                if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                if os.fstat(fd).st_ino == os.lstat(lock).st_ino:
                     return fd
             except FileNotFoundError:
                 pass
@@ -267,9 +511,22 @@ class PairCache:
         for tmp in self.dir.glob(f"{_TMP}*"):
             tmp.unlink(missing_ok=True)
         manifest = self.dir / "pair.json"
-        if not manifest.exists():
+        if not os.path.lexists(manifest):
             doc = {"format": FORMAT, "base": self.base, "aligned": self.aligned, "created": time.time()}
             _write_atomic(manifest, [json.dumps(doc, indent=2).encode()])
+
+
+def _open_lock(lock: Path) -> int:
+    """Open (or create, mode 0600) a pair's lock file. Anything but a regular file is refused (EINVAL)
+    before it is opened, and a link is never followed (ELOOP): such a lock no run can hold."""
+    st = _lstat(lock)
+    if st is None or stat.S_ISREG(st.st_mode):
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, _FILE_MODE)
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            return fd
+        os.close(fd)
+    raise OSError(errno.EINVAL, f"{lock.name} is {safefs.kind(st.st_mode)}, not a regular file")
 
 
 def _memory(t: torch.Tensor) -> memoryview:
@@ -279,17 +536,18 @@ def _memory(t: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_ubyte * n).from_address(t.data_ptr())).cast("B") if n else memoryview(b"")
 
 
-def _check_meta(header: stfile.Header, module: str, transpose: bool) -> tuple[OperatorKind, float, int, int, str]:
-    """An entry's kind, ‖V‖, out, in and CRC, after checking they describe ``module``'s tensor."""
+def _check_meta(header: stfile.Header, module: str, transpose: bool) -> tuple[OperatorKind, float, int, int]:
+    """An entry's kind, ‖V‖, out and in, after checking they describe ``module``'s tensor."""
     meta = header.metadata
     entry = header.tensors.get(_TENSOR)
     try:
         kind = _KINDS[meta[_META + "kind"]]
         norm, out, inp = float(meta[_META + "norm"]), int(meta[_META + "out"]), int(meta[_META + "in"])
-        crc = meta[_META + "crc32"]
         same = (meta[_META + "module"], meta[_META + "transpose"]) == (module, str(int(transpose)))
     except (KeyError, ValueError):
         raise FormatError("metadata is missing or malformed") from None
+    if _CHECKSUM not in meta:
+        raise FormatError("metadata is missing or malformed")
     if meta.get(_META + "format") != FORMAT or not same:
         raise FormatError("it belongs to another module or format")
     shape = {"V": (out, inp), "zero": (0, 0)}[kind]
@@ -297,14 +555,15 @@ def _check_meta(header: stfile.Header, module: str, transpose: bool) -> tuple[Op
         raise FormatError(f"expected one F32 tensor of shape {list(shape)}")
     if not (norm > 0 if kind != "zero" else norm == 0) or norm == float("inf"):
         raise FormatError(f"invalid norm {norm!r}")
-    return kind, norm, out, inp, crc
+    return kind, norm, out, inp
 
 
 def _write_atomic(target: Path, chunks: Sequence[stfile.Data]) -> None:
-    """Temp file beside ``target``, then rename: readers see all or nothing (no fsync, see above)."""
+    """Temp file (mode 0600) beside ``target``, then rename: readers see all or nothing (no fsync, see above)."""
     fd, tmp = tempfile.mkstemp(prefix=_TMP, dir=target.parent)
     try:
         try:
+            os.fchmod(fd, _FILE_MODE)
             stfile.write_chunks(fd, chunks)
         finally:
             os.close(fd)
@@ -315,34 +574,42 @@ def _write_atomic(target: Path, chunks: Sequence[stfile.Data]) -> None:
 
 
 class RefMemo:
-    """The commit each Hub branch or tag last resolved to, so HF_HUB_OFFLINE=1 runs can name the pair."""
+    """The commit each Hub branch or tag last resolved to, so HF_HUB_OFFLINE=1 runs can name the pair.
 
-    def __init__(self, root: Path) -> None:
-        self.dir = root / "refs"
+    Not used (nothing read, nothing written) while the cache breaks the ownership rule.
+    """
+
+    def __init__(self, cache: ProjectionCache) -> None:
+        self.dir = cache.root / "refs"
+        self._cache = cache
 
     def _path(self, endpoint: str, repo_id: str) -> Path:
         return self.dir / f"{_hash(endpoint, repo_id, length=32)}.json"
 
     def _read(self, endpoint: str, repo_id: str) -> dict[str, str]:
         try:
-            doc = json.loads(self._path(endpoint, repo_id).read_text(encoding="utf-8"))
+            doc = strict.loads(_read_small(self._path(endpoint, repo_id), CacheError))
             refs = doc["refs"]
-        except (OSError, ValueError, KeyError, TypeError):
+            return {k: v for k, v in refs.items() if isinstance(k, str) and isinstance(v, str)}
+        except (CacheError, ValueError, KeyError, TypeError, AttributeError):
             return {}
-        return {k: v for k, v in refs.items() if isinstance(k, str) and isinstance(v, str)}
 
     def get(self, endpoint: str, repo_id: str, revision: str) -> str | None:
+        if self._cache.problem() is not None:
+            return None
         return self._read(endpoint, repo_id).get(revision)
 
     def put(self, endpoint: str, repo_id: str, revision: str, sha: str) -> None:
         """Best effort: the memo only helps offline runs, so a failed write is not an error."""
+        if self._cache.problem() is not None:
+            return
         refs = self._read(endpoint, repo_id)
         if refs.get(revision) == sha:
             return
         refs[revision] = sha
         doc = {"endpoint": endpoint, "repo": repo_id, "refs": refs}
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            _mkdirs(self.dir)
             _write_atomic(self._path(endpoint, repo_id), [json.dumps(doc, indent=2).encode()])
         except OSError:
             pass
@@ -353,17 +620,49 @@ class ProjectionCache:
 
     def __init__(self, root: Path | None = None) -> None:
         self.root = root if root is not None else cache_root()
-        self.refs = RefMemo(self.root)
+        self.refs = RefMemo(self)
+
+    def problem(self) -> str | None:
+        """Why a run must not use this cache, as a one-line warning that names the path and the fix; or None.
+
+        The ownership rule, as ssh applies it to its keys: the root, ``pairs/``, ``refs/`` and the
+        files in ``refs/`` must belong to the effective user and be writable by no one else; every
+        directory and link on the way to the root must belong to that user or to root, and such a
+        directory must be writable by no one else unless it has the sticky bit (as /tmp). A pair's
+        own directory and files are checked by ``PairCache.problem``. What does not exist yet
+        passes: safelora creates it, mode 0700 or 0600.
+        """
+        return self._rule
+
+    @cached_property
+    def _rule(self) -> str | None:  # checked once, on first use
+        return (
+            _checked(lambda: _root_problem(self.root), self.root)
+            or _checked(lambda: _contents_problem(self.root / "pairs"), self.root / "pairs")
+            or _checked(lambda: _contents_problem(self.refs.dir, _refs_file), self.refs.dir)
+        )
 
     def pair(self, base_identity: str, aligned_identity: str) -> PairCache:
-        return PairCache(self.root, base_identity, aligned_identity)
+        return PairCache(self, base_identity, aligned_identity)
+
+    def _pairs_dir(self) -> Path | None:
+        """``pairs/`` when it is a directory (a link there is never followed)."""
+        path = self.root / "pairs"
+        try:
+            st = _lstat(path)
+        except OSError as e:
+            raise CacheError(safefs.os_error(path, e)) from None
+        return path if st is not None and stat.S_ISDIR(st.st_mode) else None
 
     def pairs(self) -> list[PairSummary]:
-        """Every cached pair with its entries, read from manifests and entry headers only."""
-        pairs_dir = self.root / "pairs"
-        if not pairs_dir.is_dir():
+        """Every cached pair with its entries, read from manifests and entry headers only.
+
+        A pair is a directory in ``pairs/``; links and other files there are not followed or listed.
+        """
+        pairs_dir = self._pairs_dir()
+        if pairs_dir is None:
             return []
-        return [_summary(d) for d in sorted(pairs_dir.iterdir()) if d.is_dir()]
+        return [_summary(pairs_dir / name) for name in _names(pairs_dir) if _is_dir(pairs_dir / name)]
 
     def find(self, prefix: str) -> PairSummary:
         """The one pair whose key starts with ``prefix`` (as ``safelora cache ls`` prints it)."""
@@ -382,7 +681,8 @@ class ProjectionCache:
     def clear(self) -> tuple[list[PairSummary], list[str]]:
         """Delete every pair and the refs memo; returns the pairs removed and the messages of those kept.
 
-        A pair that a running safelora holds locked is kept (and named), not waited for.
+        A pair that a running safelora holds locked is kept (and named), not waited for. Links and
+        other stray files in the cache are removed themselves, never what they point to.
         """
         removed, kept = [], []
         for pair in self.pairs():
@@ -392,47 +692,106 @@ class ProjectionCache:
                 kept.append(str(e))
             else:
                 removed.append(pair)
-        shutil.rmtree(self.refs.dir, ignore_errors=True)
+        pairs_dir = self._pairs_dir()
+        if pairs_dir is None:
+            strays = [self.root / "pairs"]
+        else:
+            strays = [pairs_dir / name for name in _names(pairs_dir) if not _is_dir(pairs_dir / name)]
+        for path in [*strays, self.refs.dir]:
+            try:
+                _remove(path)
+            except OSError as e:
+                kept.append(safefs.os_error(path, e))
         return removed, kept
 
 
-def _remove_pair(path: Path) -> None:
+def _names(directory: Path) -> list[str]:
     try:
-        fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        return sorted(os.listdir(directory))
     except OSError as e:
-        raise CacheError(f"{path}: cannot remove ({e.strerror})") from None
+        raise CacheError(safefs.os_error(directory, e)) from None
+
+
+def _is_dir(path: Path) -> bool:
+    """Whether ``path`` itself is a directory (not a link to one)."""
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise CacheError(
-                    f"{path.name}: a safelora run is computing this pair right now; remove it when that run ends"
-                ) from None
-            raise
+        st = _lstat(path)
+    except OSError:
+        return False
+    return st is not None and stat.S_ISDIR(st.st_mode)
+
+
+def _remove(path: Path) -> None:
+    """Remove what is at ``path``, if anything: a directory whole (``rmtree`` follows no link inside
+    it), anything else (a link, a FIFO) by unlinking the name, never what it points to."""
+    st = _lstat(path)
+    if st is None:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _remove_pair(path: Path) -> None:
+    """Delete a pair's directory under its lock; a lock that is not a regular file cannot be held by a run."""
+    try:
+        fd: int | None = _open_lock(path / ".lock")
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.EINVAL):  # a lock no run can hold: remove without it
+            raise CacheError(f"{path}: cannot remove ({e.strerror})") from None
+        fd = None
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise CacheError(
+                        f"{path.name}: a safelora run is computing this pair right now; remove it when that run ends"
+                    ) from None
+                raise
         shutil.rmtree(path)
     except OSError as e:
         raise CacheError(f"{path}: cannot remove ({e.strerror})") from None
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def _summary(path: Path) -> PairSummary:
     try:
-        doc = json.loads((path / "pair.json").read_text(encoding="utf-8"))
-        base, aligned = str(doc["base"]), str(doc["aligned"])
-    except (OSError, ValueError, KeyError, TypeError):
+        doc: Any = strict.loads(_read_small(path / "pair.json", CacheError))
+        base, aligned = doc["base"], doc["aligned"]
+        if not (isinstance(base, str) and isinstance(aligned, str)):
+            raise TypeError
+    except (CacheError, ValueError, KeyError, TypeError):
         base = aligned = "?"
-    entries = []
-    for f in sorted(path.glob("*.safetensors")):
-        try:
-            size = f.stat().st_size
-            header = stfile.read_header(f)
-            meta = header.metadata
-            op = header.tensors[_TENSOR]
-            entries.append(EntrySummary(meta[_META + "module"], meta[_META + "kind"], op.shape, size, None))
-        except (OSError, FormatError, KeyError) as e:
-            problem = str(e) if isinstance(e, FormatError) else "unreadable"
-            entries.append(EntrySummary("?", "?", (), f.stat().st_size if f.exists() else 0, problem))
+    try:
+        names = _names(path)
+    except CacheError:
+        names = []  # listed as a pair without entries: `cache rm` and `clear` still remove it
+    entries = [_entry_summary(path / name) for name in names if name.endswith(".safetensors")]
     entries.sort(key=lambda e: e.module)
     return PairSummary(path.name, base, aligned, path, entries)
+
+
+def _entry_summary(path: Path) -> EntrySummary:
+    """One entry as its header describes it; a link or other non-regular file is named, never opened."""
+    try:
+        st = _lstat(path)
+    except OSError as e:
+        return EntrySummary("?", "?", (), 0, safefs.os_error(path, e))
+    if st is None:
+        return EntrySummary("?", "?", (), 0, "removed while listed")
+    if not stat.S_ISREG(st.st_mode):
+        return EntrySummary("?", "?", (), 0, f"{path}: is {safefs.kind(st.st_mode)}, not a regular file")
+    try:
+        with safefs.open_file(path, FormatError, follow=False) as f:
+            header = stfile.header_of(f, str(path), os.fstat(f.fileno()).st_size)
+        meta, op = header.metadata, header.tensors[_TENSOR]
+        return EntrySummary(meta[_META + "module"], meta[_META + "kind"], op.shape, st.st_size, None)
+    except FormatError as e:
+        return EntrySummary("?", "?", (), st.st_size, str(e))
+    except (OSError, KeyError):
+        return EntrySummary("?", "?", (), st.st_size, "unreadable")
