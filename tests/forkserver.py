@@ -86,15 +86,18 @@ def _serve(request: dict[str, Any]) -> dict[str, list[Any]]:
             status[i], ended[i] = os.waitstatus_to_exitcode(wait_status), time.monotonic()
             maxrss[i] = usage.ru_maxrss * 1024  # kilobytes on Linux
 
-    kills = sorted((run["kill_at"], i) for i, run in enumerate(runs) if run.get("kill_at") is not None)
-    for at, i in kills:
-        time.sleep(max(0.0, started[i] + at - time.monotonic()))
-        reap(i, os.WNOHANG)
-        if status[i] is None:  # still ours and unreaped: the pid cannot have been recycled
-            os.kill(pids[i], signal.SIGKILL)
-    for i in range(len(runs)):
-        if status[i] is None:
-            reap(i, 0)
+    # Reap children as they end (so each one's time is its own), and kill each one still running
+    # at its ``kill_at``; only an unreaped child is ever signalled.
+    while None in status:
+        now = time.monotonic()
+        for i, run in enumerate(runs):
+            if status[i] is not None:
+                continue
+            reap(i, os.WNOHANG)
+            if status[i] is None and run.get("kill_at") is not None and now >= started[i] + run["kill_at"]:
+                os.kill(pids[i], signal.SIGKILL)
+                reap(i, 0)
+        time.sleep(0.002)
     return {"status": status, "seconds": [e - s for s, e in zip(started, ended, strict=True)], "maxrss": maxrss}
 
 

@@ -466,11 +466,18 @@ def _(w: World) -> None:
     w.checks.append(lambda r: _literal(r.stdout, "[bold red]INJECTED[/bold red]"))
 
 
-@attack(3, "a newline in a tensor name keeps the error on one line")
+@attack(3, "a newline in a path keeps the error on one line")
 def _(w: World) -> None:
-    _add_tensor(w.adapter, "base_model.model.evil\nerror: all fine.lora_A.weight")
-    w.project("--dry-run")
+    w.project(adapter=w.root / "evil\nerror: all fine")
     w.checks.append(lambda r: _literal(r.stderr, "evil\\nerror: all fine"))
+
+
+@attack(3, "a newline in a tensor name is escaped in the list of passed-through tensors")
+def _(w: World) -> None:
+    _add_tensor(w.adapter, "base_model.model.evil\nnote: all fine.weight")
+    w.argv = ["project", "--adapter", str(w.adapter), *w.pair(), "--dry-run"]
+    w.exit = 0
+    w.checks.append(lambda r: _literal(r.stdout, "evil\\nnote: all fine"))
 
 
 @attack(3, "a terminal escape sequence in a tensor name is escaped")

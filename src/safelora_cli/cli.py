@@ -246,10 +246,27 @@ def _as_defaults(ctx: typer.Context, options: dict[str, Any]) -> dict[str, Any]:
     return {keys[k]: [v] if keys[k] in repeatable and not isinstance(v, list) else v for k, v in options.items()}
 
 
+def _value_check(ctx: typer.Context) -> config.ValueCheck:
+    """A config value judged by its option's own parsing: why it is refused, or None."""
+    keys = _option_keys(ctx)
+    params = {p.name: p for p in ctx.command.params}
+
+    def check(key: str, value: Any) -> str | None:
+        param = params[keys[key]]
+        multiple = getattr(param, "multiple", False) and not isinstance(value, list)
+        try:
+            param.process_value(ctx, [value] if multiple else value)
+        except typer.BadParameter as e:
+            return str(e.message)
+        return None
+
+    return check
+
+
 def _config_callback(ctx: typer.Context, value: Path | None) -> Path | None:
     if value is not None:
         with _errors():
-            options = config.load_file(value, _option_keys(ctx))
+            options = config.load_file(value, _option_keys(ctx), _value_check(ctx))
         ctx.default_map = _merge(ctx.default_map or {}, _as_defaults(ctx, options))
     return value
 
@@ -373,6 +390,9 @@ def project(
     notes: list[str] = []
     with _errors(), rendering.RunDisplay(_err_console(), enabled=not quiet) as display, ExitStack() as open_files:
         cache = None if no_cache else projection_cache.ProjectionCache()
+        if cache is not None and (problem := cache.problem()) is not None:
+            notes.append(problem)
+            cache = None
         hub = sources.Hub.from_env(token, cache.refs if cache is not None else None)
         adapters = open_files.enter_context(adapter_io.open_all(adapter))
         aligned_spec = aligned if aligned is not None else _aligned_default(adapters, notes)
@@ -388,7 +408,7 @@ def project(
             settings,
             notes=notes,
             on_module=display.on_module,
-            cache=cache.pair(base_src.cache_identity(), aligned_src.cache_identity()) if cache else None,
+            cache=_pair_cache(cache, base_src, aligned_src, notes),
             on_wait=display.say,
         )
         paths = [named.path for named in adapters]
@@ -398,6 +418,20 @@ def project(
     _after_write("printing the report", lambda: _emit_batch(paths, outcomes, as_json, quiet))
     if failed:
         raise typer.Exit(1)
+
+
+def _pair_cache(
+    cache: projection_cache.ProjectionCache | None, base: sources.Source, aligned: sources.Source, notes: list[str]
+) -> projection_cache.PairCache | None:
+    """The pair's cache, or None (with a note) when its directory breaks the ownership rule."""
+    if cache is None:
+        return None
+    pair = cache.pair(base.cache_identity(), aligned.cache_identity())
+    problem = pair.problem()
+    if problem is not None:
+        notes.append(problem)
+        return None
+    return pair
 
 
 def _emit_batch(

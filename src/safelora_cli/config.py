@@ -20,7 +20,7 @@ from types import ModuleType
 from typing import Any
 
 from . import safefs
-from .errors import UsageError
+from .errors import SafeLoraError, UsageError
 
 PRESET_PACKAGE = "safelora_cli.configs"
 MAX_BYTES = 1 << 20  # a config is a few lines; anything larger is not one
@@ -198,8 +198,12 @@ def _checked(doc: object, where: str, known: Collection[str], lines: Mapping[str
 
 
 def load_file(path: Path, known: Collection[str], check: ValueCheck | None = None) -> dict[str, Any]:
-    """``load_options`` for a file on disk: a regular file of at most ``MAX_BYTES``, in UTF-8."""
-    raw, _ = safefs.read_small(path, UsageError, MAX_BYTES, fix=_FIX)
+    """``load_options`` for a file on disk: a regular file of at most ``MAX_BYTES``, in UTF-8.
+
+    A file that cannot be read as such (missing, a FIFO or device, too large, an OS error) is an
+    input error, exit 1; what it says is judged as usage, exit 2.
+    """
+    raw, _ = safefs.read_small(path, SafeLoraError, MAX_BYTES, fix=_FIX)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -358,6 +358,11 @@ class _Group:
         return bool(self.live(module.module))
 
 
+def _weight_size(adapter: Adapter, m: LoraModule) -> int:
+    """out × in of the weight the adapter's module acts on."""
+    return adapter.header.tensors[m.b_key].shape[0] * adapter.header.tensors[m.a_key].shape[1]
+
+
 def _cached(
     cache: PairCache,
     group: _Group,
@@ -372,7 +377,10 @@ def _cached(
     A corrupt entry is a miss, and noted.
     """
     transpose = group.transpose
-    for m, (_, stored) in zip(modules, cache.load_all([m.module for m in modules], transpose), strict=True):
+    # The most values each module's operator can have: an entry claiming more is corrupt, unread.
+    limits = [max(_weight_size(run.loaded, mod) for run, mod in group.users[m.module]) for m in modules]
+    names = [m.module for m in modules]
+    for m, (_, stored) in zip(modules, cache.load_all(names, transpose, limits), strict=True):
         if isinstance(stored, CorruptEntry):
             notes.append(f"projection cache: the entry for {m.module} was corrupt ({stored}); recomputed")
             misses.append(m)

@@ -167,6 +167,11 @@ class SafetensorsSource(Source):
 
     def read(self, name: str, buf: bytearray | None = None) -> torch.Tensor:
         path, entry = self._entry(name)
+        if entry.dtype not in stfile.COMPUTE_DTYPES:
+            raise SourceError(
+                f"{path}: {name} is {entry.dtype}; Safe LoRA computes on float16, bfloat16, float32 or float64 "
+                "weights: pass an unquantized checkpoint"
+            )
         f = self._handles.get(path)
         if f is None:
             f = self._handles[path] = open_shard(path)

@@ -19,13 +19,16 @@ _UNPRINTABLE = re.compile(
 )
 
 
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
 def _escape(m: re.Match[str]) -> str:
     code = ord(m[0])
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    return _SHORT.get(m[0]) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
 
 
 def printable(value: object) -> str:
-    """``str(value)`` with control and bidi characters written as ``\\xNN`` / ``\\uNNNN`` escapes."""
+    """``str(value)`` with control and bidi characters written as escapes (``\\n``, ``\\x1b``, ``\\u202e``)."""
     return _UNPRINTABLE.sub(_escape, str(value))
 
 
