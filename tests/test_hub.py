@@ -389,10 +389,10 @@ def test_a_dropped_connection_is_resumed_where_it_stopped(
     monkeypatch.setattr(hub_module, "_BACKOFF", 0.0)
     base, aligned = llama_pair
     run(cli, llama_adapter, tmp_path / "local", "--base", base, "--aligned", aligned, "--no-cache")
-    hub.drop_after = 3000
+    hub.fault("drop", after=3000)
     remote = run(cli, llama_adapter, tmp_path / "hub", "--base", "org/base", "--aligned", "org/aligned")
 
-    assert hub.drop_after is None  # the drop happened
+    assert not hub.faults  # the drop happened
     assert same_tensors(tmp_path / "local", tmp_path / "hub")
     names = modules(remote)
     (b_data, b_head), (a_data, a_head) = targeted(base, names), targeted(aligned, names)
