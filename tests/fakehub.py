@@ -28,6 +28,7 @@ import hmac
 import http.client
 import json
 import re
+import sys
 import threading
 import time
 from collections import Counter
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from safelora_cli.stfile import read_header
@@ -95,6 +97,17 @@ class Answer:
     range: str | None  # the Range header asked
 
 
+class _Server(ThreadingHTTPServer):
+    """A threaded HTTP server that takes a client hanging up mid-answer as normal (safelora does so
+    on purpose), instead of printing a traceback into the stderr of whatever runs in this process."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class NotFound(Exception):
     def __init__(self, code: str) -> None:
         super().__init__(code)
@@ -130,10 +143,8 @@ class FakeHub:
         self._secret = b"fake-hub-signing-key"
         self._lock = threading.Lock()
         self._etags: dict[Path, str] = {}
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self, storage=False))
-        self._storage = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self, storage=True))
-        for server in (self._server, self._storage):
-            server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), _handler(self, storage=False))
+        self._storage = _Server(("127.0.0.1", 0), _handler(self, storage=True))
         self._threads = [
             threading.Thread(target=s.serve_forever, args=(0.05,), daemon=True) for s in (self._server, self._storage)
         ]
@@ -611,8 +622,7 @@ class Proxy:
 
     def __init__(self) -> None:
         self.urls: list[str] = []
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _proxy_handler(self))
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), _proxy_handler(self))
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
 
     @property
