@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +23,9 @@ from typing import Any
 import builders
 import pytest
 import torch
-from fakehub import FakeHub, targeted
+from fakehub import ENDLESS, FakeHub, Proxy, targeted
 from huggingface_hub import snapshot_download
+from huggingface_hub.utils import _detect_agent
 from safetensors.torch import load_file
 from typer.testing import Result
 
@@ -29,10 +33,11 @@ import safelora_cli
 from safelora_cli import hub as hub_module
 from safelora_cli.adapter import ADAPTER_FILE
 from safelora_cli.cache import ProjectionCache
-from safelora_cli.sources import HubRef, parse_ref
+from safelora_cli.sources import Hub, HubRef, QuietTransfer, parse_ref
 from safelora_cli.stfile import read_header
 
 Cli = Callable[..., Result]
+Serve = Callable[..., FakeHub]
 TOKEN = "hf_SeCrEt0123456789abcdef"
 
 
@@ -78,6 +83,23 @@ def hub(hub_root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
         yield server
 
 
+@pytest.fixture
+def serve(hub_root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Serve]:
+    """``serve(cdn=…, rate=…, latency=…)``: a fake Hub started with those settings, at HF_ENDPOINT."""
+    servers: list[FakeHub] = []
+
+    def start(**settings: Any) -> FakeHub:
+        server = FakeHub(hub_root, **settings).__enter__()
+        servers.append(server)
+        server.gated["org/gated"] = {TOKEN}
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        return server
+
+    yield start
+    for server in servers:
+        server.__exit__(None, None, None)
+
+
 def run(cli: Cli, adapter: Path, out: Path, *args: object) -> dict[str, Any]:
     """``safelora project --json --output out``; returns the report."""
     r = cli("project", "--adapter", adapter, "--output", out, "--json", *args)
@@ -121,8 +143,15 @@ def test_parse_ref() -> None:
 
 
 def test_first_run_fetches_only_the_targeted_bytes_and_matches_the_local_run_bit_for_bit(
-    cli: Cli, hub: FakeHub, llama_pair: tuple[Path, Path], llama_adapter: Path, tmp_path: Path
+    cli: Cli,
+    hub: FakeHub,
+    llama_pair: tuple[Path, Path],
+    llama_adapter: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # huggingface_hub's user agent fetches a registry from the endpoint (once per process), unbounded.
+    monkeypatch.setattr(_detect_agent, "_registry", None)
     base, aligned = llama_pair
     local = run(cli, llama_adapter, tmp_path / "local", "--base", base, "--aligned", aligned, "--no-cache")
     remote = run(cli, llama_adapter, tmp_path / "hub", "--base", "org/base", "--aligned", "org/aligned")
@@ -138,6 +167,8 @@ def test_first_run_fetches_only_the_targeted_bytes_and_matches_the_local_run_bit
     assert (remote["cache"]["served"], remote["cache"]["computed"]) == (0, len(names))
     # After resolving the branch once, every file request names the commit.
     assert not [path for _, path in hub.requests if "/resolve/main/" in path]
+    assert all(path.startswith("/api/models/org/") or "/resolve/" in path for _, path in hub.requests)
+    assert hub.peak <= hub_module.DEFAULT_CONNECTIONS
 
 
 def test_a_second_adapter_on_the_same_pair_transfers_no_tensor_bytes(
@@ -378,21 +409,24 @@ def test_a_bin_only_repo_is_downloaded_whole_with_a_warning(
     assert same_tensors(tmp_path / "local", tmp_path / "bin")
 
 
+@pytest.mark.parametrize("cdn", [False, True])
 def test_a_dropped_connection_is_resumed_where_it_stopped(
     cli: Cli,
-    hub: FakeHub,
+    serve: Serve,
     llama_pair: tuple[Path, Path],
     llama_adapter: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    cdn: bool,
 ) -> None:
     monkeypatch.setattr(hub_module, "_BACKOFF", 0.0)
+    hub = serve(cdn=cdn)
     base, aligned = llama_pair
     run(cli, llama_adapter, tmp_path / "local", "--base", base, "--aligned", aligned, "--no-cache")
-    hub.drop_after = 3000
+    hub.fault("drop", after=3000)
     remote = run(cli, llama_adapter, tmp_path / "hub", "--base", "org/base", "--aligned", "org/aligned")
 
-    assert hub.drop_after is None  # the drop happened
+    assert not hub.faults  # the drop happened
     assert same_tensors(tmp_path / "local", tmp_path / "hub")
     names = modules(remote)
     (b_data, b_head), (a_data, a_head) = targeted(base, names), targeted(aligned, names)
@@ -438,3 +472,344 @@ def _wait_for(proc: subprocess.Popen[bytes], text: str) -> str:
             break
         seen += line
     return seen
+
+
+# -- parallel ranged reads ---------------------------------------------------------------------------
+
+
+def open_repo(hub: FakeHub, tmp_path: Path, connections: int, repo: str = "org/base") -> hub_module.HubSource:
+    settings = Hub(endpoint=hub.url, token=None, hf_cache=tmp_path / "hf-cache", offline=False, refs=None)
+    return hub_module.open_hub(HubRef(repo, None), settings, QuietTransfer(), connections)
+
+
+def local_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    return {k: v for shard in sorted(model_dir.glob("*.safetensors")) for k, v in load_file(shard).items()}
+
+
+def header_bytes(model_dir: Path) -> int:
+    return sum(read_header(shard).data_start for shard in model_dir.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("connections", [1, 8])
+def test_every_tensor_arrives_intact_over_1_or_8_connections_in_small_pieces(
+    serve: Serve, llama_pair: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, connections: int
+) -> None:
+    monkeypatch.setattr(hub_module, "_RANGE_BYTES", 4096)  # tensors span pieces, pieces span tensors
+    hub = serve(cdn=True)
+    expected = local_tensors(llama_pair[0])
+    source = open_repo(hub, tmp_path, connections)
+    try:
+        names = sorted(source.names())
+        # In file order first (back to back: coalesced), then backwards (one range each), one name twice.
+        order = names + names[::-1][:6]
+        source.plan(order)
+        read = [n for i, n in enumerate(order) if i % 3 != 1]  # the pipeline may skip planned reads
+        buf = bytearray(max(source.nbytes(n) for n in names))
+        for name in read:
+            assert torch.equal(source.read(name, buf), expected[name]), name
+        assert torch.equal(source.read(names[0]), expected[names[0]])  # not planned (any more): fetched alone
+    finally:
+        source.close()
+    assert 0 < hub.peak <= connections
+
+
+@pytest.mark.parametrize("connections", [3, 8])
+def test_base_and_aligned_share_the_connections_and_keep_all_of_them_busy(
+    serve: Serve, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, connections: int
+) -> None:
+    monkeypatch.setattr(hub_module, "_RANGE_BYTES", 4096)
+    hub = serve(cdn=True, latency=0.1)  # every answer late: requests overlap
+    base = open_repo(hub, tmp_path, connections, "org/base")
+    aligned = open_repo(hub, tmp_path, connections, "org/aligned")
+    try:
+        planned, size = [], 0
+        for name in sorted(base.names()):
+            planned.append(name)
+            size += base.nbytes(name)
+            if size >= 2 * connections * 4096:
+                break
+        base.plan(planned)
+        aligned.plan(planned)
+        for name in planned:  # as the pipeline reads: a module's base weight, then its aligned one
+            base.read(name)
+            aligned.read(name)
+    finally:
+        base.close()
+        aligned.close()
+    assert hub.peak == connections  # not twice as many: the two checkpoints share them
+
+
+def test_what_is_fetched_ahead_stays_within_the_byte_budget(
+    serve: Serve, llama_pair: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    piece, connections = 4096, 4
+    monkeypatch.setattr(hub_module, "_RANGE_BYTES", piece)
+    hub = serve()
+    source = open_repo(hub, tmp_path, connections)
+    ahead = []
+    try:
+        names = sorted(source.names())
+        source.plan(names)
+        consumed, headers = 0, header_bytes(llama_pair[0])
+        for name in names:
+            time.sleep(0.02)  # a slow reader: the workers fetch what the budget allows
+            ahead.append(hub.sent_bytes(".safetensors") - headers - consumed)
+            consumed += source.read(name).nbytes
+    finally:
+        source.close()
+    assert consumed > 10 * (connections + 4) * piece
+    # Every connection busy and two pieces ready; a piece a reader waits for, one it has half read.
+    assert max(ahead) <= (connections + 4) * piece
+    assert max(ahead) >= connections * piece  # fetched ahead, several pieces at once
+
+
+@pytest.mark.parametrize("target", ["header", "data"])
+def test_a_range_answered_with_the_whole_file_is_refused_unread(
+    cli: Cli, hub: FakeHub, llama_adapter: Path, tmp_path: Path, target: str
+) -> None:
+    hub.fault("full", target=target)  # 200 and an endless body
+    out = tmp_path / "out"
+    args = ("--output", out, "--base", "org/base", "--aligned", "org/aligned")
+    line = one_line_error(cli("project", "--adapter", llama_adapter, *args))
+    assert "did not honour the byte range (HTTP 200)" in line and "org/base@" in line
+    assert hub.bogus_sent < ENDLESS // 1000  # hung up after the status line, not after the body
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {"kind": "content-range", "content_range": "bytes 0-{end}/{size}"},  # another start
+        {"kind": "content-range", "content_range": "bytes {start}-{start}/{size}"},  # another end
+        {"kind": "content-range", "content_range": "bytes {start}-{end}/999999999"},  # another file
+        {"kind": "content-range", "content_range": "bytes {start}-{end}/999999999", "target": "header"},
+        {"kind": "content-range", "content_range": "bytes {start}-{end}/*"},
+        {"kind": "content-range", "content_range": ""},
+        {"kind": "content-length"},  # one byte more than asked
+    ],
+)
+def test_an_answer_that_is_not_exactly_the_range_asked_is_refused(
+    cli: Cli, hub: FakeHub, llama_adapter: Path, fault: dict[str, str]
+) -> None:
+    hub.fault(**fault)
+    line = one_line_error(cli("project", "--adapter", llama_adapter, "--base", "org/base", "--aligned", "org/aligned"))
+    assert "asked for" in line and "ranged reads need a Hub endpoint or mirror that honours byte ranges" in line
+
+
+def test_a_body_longer_than_the_range_is_not_read_past_it(
+    cli: Cli, hub: FakeHub, llama_pair: tuple[Path, Path], llama_adapter: Path, tmp_path: Path
+) -> None:
+    base, aligned = llama_pair
+    run(cli, llama_adapter, tmp_path / "local", "--base", base, "--aligned", aligned, "--no-cache")
+    hub.fault("longer")  # the range, unframed, then zeros without end
+    run(cli, llama_adapter, tmp_path / "hub", "--base", "org/base", "--aligned", "org/aligned")
+    assert not hub.faults
+    assert same_tensors(tmp_path / "local", tmp_path / "hub")
+    assert hub.bogus_sent < ENDLESS // 1000
+
+
+@pytest.mark.parametrize(("target", "status"), [("data", 429), ("data", 503), ("info", 429)])
+def test_retry_after_is_honoured(
+    cli: Cli,
+    hub: FakeHub,
+    llama_pair: tuple[Path, Path],
+    llama_adapter: Path,
+    tmp_path: Path,
+    target: str,
+    status: int,
+) -> None:
+    base, aligned = llama_pair
+    run(cli, llama_adapter, tmp_path / "local", "--base", base, "--aligned", aligned, "--no-cache")
+    hub.fault("status", target=target, status=status, headers={"Retry-After": "1"})
+    run(cli, llama_adapter, tmp_path / "hub", "--base", "org/base", "--aligned", "org/aligned")
+
+    refused = next(a for a in hub.log if a.status == status)
+    retried = next(a for a in hub.log if (a.path, a.range) == (refused.path, refused.range) and a != refused)
+    assert retried.status in (200, 206)
+    assert retried.time - refused.time >= 1.0
+    assert same_tensors(tmp_path / "local", tmp_path / "hub")
+
+
+def test_a_server_asking_to_wait_for_hours_is_not_waited_for(cli: Cli, hub: FakeHub, llama_adapter: Path) -> None:
+    hub.fault("status", status=429, headers={"Retry-After": "86400"})
+    line = one_line_error(cli("project", "--adapter", llama_adapter, "--base", "org/base", "--aligned", "org/aligned"))
+    assert "asks to wait 86400 s" in line and "run again later" in line
+
+
+def test_the_token_stays_with_the_hub_and_each_file_is_resolved_once(
+    cli: Cli, serve: Serve, llama_pair: tuple[Path, Path], llama_adapter: Path, tmp_path: Path
+) -> None:
+    hub = serve(cdn=True)  # resolve URLs redirect to a storage server on another port: another origin
+    base, aligned = llama_pair
+    run(cli, llama_adapter, tmp_path / "local", "--base", base, "--aligned", aligned, "--no-cache")
+    run(cli, llama_adapter, tmp_path / "hub", "--base", "org/base", "--aligned", "org/gated", "--token", TOKEN)
+
+    assert same_tensors(tmp_path / "local", tmp_path / "hub")
+    assert f"Bearer {TOKEN}" in hub.authorizations["hub"]
+    assert hub.authorizations["storage"] and not any(hub.authorizations["storage"])
+    resolved = Counter(path for method, path in hub.requests if "/resolve/" in path)
+    assert resolved and set(resolved.values()) == {1}  # the signed URL serves every later range
+    assert {a.status for a in hub.log if a.server == "hub" and a.path.endswith(".safetensors")} == {302}
+
+
+def test_an_expired_signed_url_is_resolved_again(
+    cli: Cli, serve: Serve, llama_pair: tuple[Path, Path], llama_adapter: Path, tmp_path: Path
+) -> None:
+    hub = serve(cdn=True)
+    base, aligned = llama_pair
+    run(cli, llama_adapter, tmp_path / "local", "--base", base, "--aligned", aligned, "--no-cache")
+    hub.expire_after = 6  # then every signed URL given so far is refused: 403 "Request has expired"
+    run(cli, llama_adapter, tmp_path / "hub", "--base", "org/base", "--aligned", "org/aligned")
+
+    assert same_tensors(tmp_path / "local", tmp_path / "hub")
+    assert 403 in {a.status for a in hub.log if a.server == "storage"}
+    resolved = Counter(path for method, path in hub.requests if "/resolve/" in path)
+    assert max(resolved.values()) >= 2
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "resolved_again"),
+    [
+        (400, b"<Error><Code>ExpiredToken</Code>The token has expired</Error>", True),
+        (410, b"", True),
+        (404, b"", False),
+    ],
+)
+def test_a_storage_refusal_that_says_expired_resolves_again_and_any_other_is_an_error(
+    cli: Cli,
+    serve: Serve,
+    llama_pair: tuple[Path, Path],
+    llama_adapter: Path,
+    tmp_path: Path,
+    status: int,
+    body: bytes,
+    resolved_again: bool,
+) -> None:
+    hub = serve(cdn=True)
+    base, aligned = llama_pair
+    run(cli, llama_adapter, tmp_path / "local", "--base", base, "--aligned", aligned, "--no-cache")
+    hub.fault("status", status=status, body=body)
+    args = ("project", "--adapter", llama_adapter, "--output", tmp_path / "hub", "--base", "org/base")
+    r = cli(*args, "--aligned", "org/aligned")
+    if resolved_again:
+        assert r.exit_code == 0, r.stderr
+        assert same_tensors(tmp_path / "local", tmp_path / "hub")
+    else:
+        assert f"HTTP {status}" in one_line_error(r)
+
+
+def test_a_proxy_from_the_environment_carries_every_request(
+    cli: Cli,
+    serve: Serve,
+    llama_pair: tuple[Path, Path],
+    llama_adapter: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hub = serve(cdn=True)
+    base, aligned = llama_pair
+    run(cli, llama_adapter, tmp_path / "local", "--base", base, "--aligned", aligned, "--no-cache")
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with Proxy() as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        run(cli, llama_adapter, tmp_path / "hub", "--base", "org/base", "--aligned", "org/aligned", "--no-cache")
+
+    assert same_tensors(tmp_path / "local", tmp_path / "hub")
+    assert len(proxy.urls) == len(hub.requests) + len(hub.storage_requests)
+    assert any(u.startswith(hub.storage_url) for u in proxy.urls)
+
+
+def test_ctrl_c_stops_the_transfers_and_exits_130(serve: Serve, llama_adapter: Path, tmp_path: Path) -> None:
+    hub = serve()
+    hub.fault("stall", after=100)  # one range hangs (for a minute); the run reads everything else, then waits
+    src = str(Path(safelora_cli.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": src, "HF_HUB_DOWNLOAD_TIMEOUT": "120"}
+    cmd = [sys.executable, "-m", "safelora_cli", "project", "--adapter", str(llama_adapter), "--dry-run",
+           "--base", "org/base", "--aligned", "org/aligned"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline, quiet = time.monotonic() + 30, 0
+        while quiet < 10 and proc.poll() is None and time.monotonic() < deadline:
+            quiet = quiet + 1 if hub.faults == [] and hub.active == 1 else 0  # only the stalled range left
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)  # without cancelling, the reader would wait out the stall
+    finally:
+        proc.kill()
+    assert quiet == 10
+    assert proc.returncode == 130, err.decode()
+    assert b"Traceback" not in err
+
+
+@pytest.mark.parametrize("target", ["info", "index"])
+def test_a_document_without_end_is_refused_at_its_size_cap(
+    cli: Cli, hub: FakeHub, llama_adapter: Path, target: str
+) -> None:
+    hub.fault("endless", target=target)
+    line = one_line_error(cli("project", "--adapter", llama_adapter, "--base", "org/base", "--aligned", "org/aligned"))
+    assert "more than such a file may have" in line
+    assert hub.bogus_sent < ENDLESS // 1000
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"sha": "%s", "sha": "%s", "siblings": []}', "not valid JSON (duplicate key 'sha')"),
+        (b'{"sha": "%s", "siblings": [{"rfilename": 7}]}', "list of the repo's files is malformed"),
+        (b'{"sha": "%s-not-a-sha"}', "did not say which commit this is"),
+    ],
+)
+def test_the_model_info_is_parsed_strictly(
+    cli: Cli, hub: FakeHub, llama_adapter: Path, body: bytes, expected: str
+) -> None:
+    sha = hub.sha("org/base", "main").encode()
+    hub.fault("status", target="info", status=200, body=body.replace(b"%s", sha))
+    line = one_line_error(cli("project", "--adapter", llama_adapter, "--base", "org/base", "--aligned", "org/aligned"))
+    assert expected in line
+
+
+def test_server_error_text_is_one_short_line(cli: Cli, hub: FakeHub, llama_adapter: Path) -> None:
+    body = json.dumps({"error": "first line\nsecond line\r\n" + "x" * 5000}).encode()
+    hub.fault("status", target="info", status=400, body=body, headers={"Content-Type": "application/json"})
+    line = one_line_error(cli("project", "--adapter", llama_adapter, "--base", "org/base", "--aligned", "org/aligned"))
+    assert "HTTP 400 (first line second line xxx" in line and len(line) < 400
+
+
+def test_redirects_are_http_and_never_downgrade() -> None:
+    here = hub_module.httpx2.URL("https://huggingface.co/org/name/resolve/abc/model.safetensors")
+    assert str(hub_module._redirect(here, "https://cdn.example/x?sig=1", "f")) == "https://cdn.example/x?sig=1"
+    assert str(hub_module._redirect(here, "/api/resolve-cache/x", "f")) == "https://huggingface.co/api/resolve-cache/x"
+    for location in ("http://cdn.example/x", "file:///etc/passwd", "", None):
+        with pytest.raises(hub_module.HubError, match="redirect"):
+            hub_module._redirect(here, location, "f")
+
+
+@pytest.mark.parametrize("fifo", ["shard", "index", "ref"])
+def test_a_fifo_in_the_hugging_face_cache_is_refused_without_blocking(
+    llama_pair: tuple[Path, Path], llama_adapter: Path, tmp_path: Path, fifo: str
+) -> None:
+    base, aligned = llama_pair
+    sha = FakeHub.sha("org/base", "main")
+    repo = tmp_path / "hf" / "models--org--base"
+    snapshot = repo / "snapshots" / sha
+    snapshot.mkdir(parents=True)
+    for f in base.iterdir():
+        (snapshot / f.name).symlink_to(f)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    target = {
+        "shard": snapshot / sorted(base.glob("model-*.safetensors"))[0].name,
+        "index": snapshot / "model.safetensors.index.json",
+        "ref": repo / "refs" / "main",
+    }[fifo]
+    target.unlink()
+    os.mkfifo(target)
+    src = str(Path(safelora_cli.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": src, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hf")}
+    cmd = [sys.executable, "-m", "safelora_cli", "project", "--adapter", str(llama_adapter), "--dry-run",
+           "--no-cache", "--base", "org/base", "--aligned", str(aligned)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, timeout=30, check=False)
+    err = proc.stderr.decode().strip()
+    assert proc.returncode == 1, err
+    assert len(err.splitlines()) == 1 and f"{target.name}: is a FIFO, not a regular file" in err
