@@ -84,6 +84,15 @@ TokenOpt = Annotated[
         show_default=False,
     ),
 ]
+ConnectionsOpt = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        max=64,
+        help="HTTP connections for Hub downloads, shared by --base and --aligned: the byte ranges a run "
+        "needs are fetched over this many at once.",
+    ),
+]
 NoCacheOpt = Annotated[
     bool,
     typer.Option("--no-cache/--cache", help="Neither read nor write the projection cache (SAFELORA_CACHE)."),
@@ -360,6 +369,7 @@ def project(
     aligned_revision: AlignedRevisionOpt = None,
     token: TokenOpt = None,
     no_cache: NoCacheOpt = False,
+    connections: ConnectionsOpt = 8,
 ) -> None:
     """Project a LoRA adapter (Safe LoRA): for each module, B ← C·B when its similarity is low.
 
@@ -397,9 +407,9 @@ def project(
         adapters = open_files.enter_context(adapter_io.open_all(adapter))
         aligned_spec = aligned if aligned is not None else _aligned_default(adapters, notes)
         base_spec = base if base is not None else _base_from_preset(aligned_spec, notes)
-        base_src = _open(base_spec, base_revision, "--base", hub, display, notes)
+        base_src = _open(base_spec, base_revision, "--base", hub, display, notes, connections)
         open_files.callback(base_src.close)
-        aligned_src = _open(aligned_spec, aligned_revision, "--aligned", hub, display, notes)
+        aligned_src = _open(aligned_spec, aligned_revision, "--aligned", hub, display, notes, connections)
         open_files.callback(aligned_src.close)
         outcomes = pipeline.project_adapters(
             adapters,
@@ -460,9 +470,17 @@ def _emit_batch(
 
 
 def _open(
-    spec: str, revision: str | None, flag: str, hub: sources.Hub, transfer: sources.Transfer, notes: list[str]
+    spec: str,
+    revision: str | None,
+    flag: str,
+    hub: sources.Hub,
+    transfer: sources.Transfer,
+    notes: list[str],
+    connections: int = 8,
 ) -> sources.Source:
-    return sources.open_source(spec, revision, flag=flag, hub=hub, transfer=transfer, notes=notes)
+    return sources.open_source(
+        spec, revision, flag=flag, hub=hub, transfer=transfer, notes=notes, connections=connections
+    )
 
 
 @app.command()

@@ -164,7 +164,7 @@ def _offline_sha(repo_id: str, revision: str, hub: Hub) -> str:
         return revision
     ref_file = hub.repo_cache(repo_id) / "refs" / revision
     if not Path(revision).is_absolute() and ".." not in Path(revision).parts and _exists(ref_file):
-        sha = safefs.read_small(ref_file, HubError, _REF_LIMIT, fix=_CACHE_FIX).decode("utf-8", "replace").strip()
+        sha = safefs.read_small(ref_file, HubError, _REF_LIMIT, fix=_CACHE_FIX)[0].decode("utf-8", "replace").strip()
         if _SHA.match(sha):
             return sha
     sha_memo = hub.refs.get(hub.endpoint, repo_id, revision) if hub.refs is not None else None
@@ -211,7 +211,7 @@ def _complete(path: Path) -> bool:
         for index, single in ((SAFETENSORS_INDEX, SAFETENSORS_SINGLE), (BIN_INDEX, BIN_SINGLE)):
             if _regular(snapshot, index):
                 try:
-                    raw = snapshot.read_small(index, _INDEX_LIMIT)
+                    raw = snapshot.read_small(index, _INDEX_LIMIT)[0]
                     shards = set(parse_index(raw, str(path / index)).values())
                 except SourceError:
                     return False
@@ -1059,7 +1059,7 @@ class HubSource(Source):
         """A JSON index: from the HF cache, else one GET into memory (at most ``_INDEX_LIMIT`` bytes)."""
         local = self._cached(filename)
         if local is not None:
-            return safefs.read_small(local, HubError, _INDEX_LIMIT, where=self.where(filename), fix=_CACHE_FIX)
+            return safefs.read_small(local, HubError, _INDEX_LIMIT, where=self.where(filename), fix=_CACHE_FIX)[0]
         if self.hub.offline:
             raise self._offline_missing([filename])
         pool, file = self._net(), self._remote(filename)

@@ -464,7 +464,14 @@ class QuietTransfer:
 
 
 def open_source(
-    spec: str, revision: str | None, *, flag: str, hub: Hub, transfer: Transfer, notes: list[str]
+    spec: str,
+    revision: str | None,
+    *,
+    flag: str,
+    hub: Hub,
+    transfer: Transfer,
+    notes: list[str],
+    connections: int = 8,
 ) -> Source:
     """A local checkpoint or a Hub repo, from what the user typed.
 
@@ -484,6 +491,6 @@ def open_source(
     # huggingface_hub and its HTTP stack cost ~0.25 s to import: only runs that use the Hub pay it.
     from .hub import open_hub
 
-    source = open_hub(HubRef(ref.repo_id, ref.revision or revision), hub, transfer)
+    source = open_hub(HubRef(ref.repo_id, ref.revision or revision), hub, transfer, connections)
     notes.append(f"{flag} {ref.repo_id}@{source.requested} is commit {source.sha}")
     return source
