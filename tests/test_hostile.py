@@ -28,16 +28,21 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from fakehub import ENDLESS, FakeHub
 from forkserver import ForkServer, Run
 from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
 
 from safelora_cli.adapter import ADAPTER_FILE, CONFIG_FILE, TMP_MARK
+from safelora_cli.cache import _checksum
+from safelora_cli.cli import app
 
 TIMEOUT = 30.0
 MEMORY = 512 << 20  # bytes of RSS any run may use, beyond 4 × the largest legitimate tensor
@@ -50,8 +55,10 @@ CLASSES = {
     1: "paths: one name, one object, resolved once; non-regular files; OS errors",
     2: "parsers: duplicate keys, absurd numbers, deep nesting, oversized headers, wrong types",
     3: "printing: data is never markup, control characters are escaped, output cannot fail a written run",
-    4: "memory: bounded by the real work, whatever files and headers claim",
+    4: "memory: bounded by the real work, whatever files, headers and servers claim",
     5: "tensors the method does not define",
+    6: "regular expressions from adapter configs cannot stall a run",
+    7: "the projection cache cannot be turned against a run",
     8: "--output copies only what belongs to the adapter",
     9: "tokens that cannot go into an HTTP header",
     10: "check judges every adapter it is given",
@@ -78,6 +85,7 @@ class World:
     stdout_closed: bool = False
     during: Callable[[], None] | None = None  # runs on a thread while the process runs
     checks: list[Callable[[Result], None]] = field(default_factory=list)
+    cleanup: ExitStack = field(default_factory=ExitStack)  # servers the attack started
 
     @property
     def adapter_file(self) -> Path:
@@ -449,13 +457,11 @@ def _(w: World) -> None:
 
 
 def _add_tensor(adapter: Path, name: str) -> None:
+    """One more float32 1×1 tensor named ``name``."""
     pairs, body = read_raw(adapter / ADAPTER_FILE)
     end = data_end(pairs)
-    write_raw(
-        adapter / ADAPTER_FILE,
-        [*pairs, (name, {"dtype": "F32", "shape": [1], "data_offsets": [end, end + 4]})],
-        body + bytes(4),
-    )
+    entry = {"dtype": "F32", "shape": [1, 1], "data_offsets": [end, end + 4]}
+    write_raw(adapter / ADAPTER_FILE, [*pairs, (name, entry)], body + bytes(4))
 
 
 @attack(3, "Rich markup in a tensor name is printed as it is")
@@ -496,7 +502,14 @@ def _(w: World) -> None:
 @attack(3, "an unbalanced markup closing tag in a path")
 def _(w: World) -> None:
     w.project(adapter=w.root / "no[/such]adapter")
+    w.exit = 2  # brackets make it a pattern, and it matches nothing: a usage error, still one line
     w.checks.append(lambda r: _literal(r.stderr, "no[/such]adapter"))
+    w.checks.append(lambda r: _one_error_line(r.stderr))
+
+
+def _one_error_line(text: str) -> None:
+    lines = text.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), text
 
 
 @attack(3, "an output that fails after the rewrite is a warning, exit 0")
@@ -586,6 +599,181 @@ def _(w: World) -> None:
     w.rss_tensor = 0
 
 
+def _fake_hub(w: World) -> FakeHub:
+    """A local Hub serving the world's base and aligned checkpoints as org/base and org/aligned."""
+    root = w.logs.parent / "hub"
+    for repo, files in (("base", w.base), ("aligned", w.aligned)):
+        (root / "org" / repo).mkdir(parents=True)
+        (root / "org" / repo / "main").symlink_to(files)
+    hub = w.cleanup.enter_context(FakeHub(root))
+    w.env["HF_ENDPOINT"] = hub.url
+    return hub
+
+
+def _hub_ignoring_ranges(w: World, target: str) -> None:
+    hub = _fake_hub(w)
+    hub.fault("full", target=target)  # 200 and a body that claims 50 GB and never ends
+    w.argv = ["project", "--adapter", str(w.adapter), "--base", "org/base", "--aligned", "org/aligned", "--json"]
+    w.rss_tensor = 64 * 64 * 4
+    w.checks.append(lambda r: _unread(hub))
+
+
+def _unread(hub: FakeHub) -> None:
+    assert hub.bogus_sent < ENDLESS // 1000, f"{hub.bogus_sent} bytes of the endless body were read"
+
+
+@attack(4, "a Hub that answers the header range with the whole file")
+def _(w: World) -> None:
+    _hub_ignoring_ranges(w, "header")
+
+
+@attack(4, "a Hub that answers a tensor range with the whole file")
+def _(w: World) -> None:
+    _hub_ignoring_ranges(w, "data")
+
+
+# --- 6: regular expressions from adapter configs ----------------------------------------------------------
+
+BACKTRACKS = r"(?:[\w.]|[\w.]{2}|[\w.]{3})*\d"  # seconds of backtracking on a name without a final digit
+
+
+@attack(6, "target_modules that backtracks for minutes")
+def _(w: World) -> None:
+    edit_config(w.adapter, target_modules=BACKTRACKS)
+    w.project("--dry-run")
+    w.checks.append(lambda r: _literal(r.stderr, "target_modules"))
+
+
+@attack(6, "a rank_pattern key that unrolls to a billion states")
+def _(w: World) -> None:
+    edit_config(w.adapter, rank_pattern={"q_proj{999999999}": 4})
+    w.project("--dry-run")
+    w.rss_tensor = 0
+    w.checks.append(lambda r: _literal(r.stderr, "rank_pattern key"))
+
+
+@attack(6, "an alpha_pattern key that backtracks")
+def _(w: World) -> None:
+    edit_config(w.adapter, alpha_pattern={BACKTRACKS: 4})
+    w.project("--dry-run")
+    w.checks.append(lambda r: _literal(r.stderr, "alpha_pattern key"))
+
+
+@attack(6, "a layers_pattern that backtracks")
+def _(w: World) -> None:
+    edit_config(w.adapter, layers_pattern=BACKTRACKS, layers_to_transform=[0, 1, 2, 3])
+    w.project("--dry-run")
+    w.checks.append(lambda r: _literal(r.stderr, "layers_pattern"))
+
+
+@attack(6, "forty rank_pattern keys that each finish but together would not")
+def _(w: World) -> None:
+    edit_config(w.adapter, rank_pattern={"(?:)" * i + r"(?:[\w.]|[\w.][\w.])*\d": 8 for i in range(40)})
+    w.project("--dry-run")
+
+
+# --- 7: the projection cache ---------------------------------------------------------------------------------
+
+
+def _warm(w: World) -> Path:
+    """Fill this test's projection cache for the world's pair; return the pair's directory."""
+    result = CliRunner().invoke(app, ["project", "--adapter", str(w.adapter), *w.pair(), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    [pair] = (Path(os.environ["SAFELORA_CACHE"]) / "pairs").iterdir()
+    return pair
+
+
+def _uncached(w: World) -> Path:
+    """What the run must write, computed without the cache, outside the world."""
+    reference = w.logs.parent / "uncached"
+    result = CliRunner().invoke(
+        app, ["project", "--adapter", str(w.adapter), *w.pair(), "--no-cache", "--output", str(reference)]
+    )
+    assert result.exit_code == 0, result.output
+    return reference / ADAPTER_FILE
+
+
+def _cache_attack(w: World, tamper: Callable[[Path], None], note: str) -> None:
+    pair = _warm(w)
+    want = _uncached(w)
+    tamper(pair)
+    out = w.root / "out"
+    w.project("--output", out)
+    w.exit, w.output = 0, out
+    w.checks.append(lambda r: _same_output(out, want))
+    w.checks.append(lambda r: _noted(r, note))
+
+
+def _same_output(out: Path, want: Path) -> None:
+    assert (out / ADAPTER_FILE).read_bytes() == want.read_bytes(), "the cache changed the output"
+
+
+def _noted(r: Result, note: str) -> None:
+    assert any(note in n for n in r.json()["notes"]), r.stdout
+
+
+def _entry(pair: Path) -> Path:
+    return sorted(pair.glob("*.safetensors"))[0]
+
+
+def _forge(entry: Path, norm_factor: float, *, checksum: bool) -> None:
+    """Scale an entry's recorded ‖V‖ (every projected lora_B with it), with or without a matching CRC."""
+    pairs, body = read_raw(entry)
+    header = dict(pairs)
+    meta = header["__metadata__"]
+    meta["safelora.cache.norm"] = repr(float(meta["safelora.cache.norm"]) * norm_factor)
+    if checksum:
+        meta["safelora.cache.crc32"] = _checksum(meta, "F32", header["operator"]["shape"], memoryview(body))
+    write_raw(entry, list(header.items()), body)
+
+
+@attack(7, "a cache entry whose norm was edited")
+def _(w: World) -> None:
+    _cache_attack(w, lambda pair: _forge(_entry(pair), 0.001, checksum=False), "was corrupt")
+
+
+@attack(7, "a forged entry in a cache another user owns")
+def _(w: World) -> None:
+    def tamper(pair: Path) -> None:
+        _forge(_entry(pair), 0.001, checksum=True)
+        os.chown(pair, 65534, 65534)
+
+    _cache_attack(w, tamper, "belongs to uid 65534")
+
+
+@attack(7, "a forged entry in a cache its group can write")
+def _(w: World) -> None:
+    def tamper(pair: Path) -> None:
+        _forge(_entry(pair), 0.001, checksum=True)
+        root = pair.parent.parent
+        root.chmod(root.stat().st_mode | 0o020)
+
+    _cache_attack(w, tamper, "writable by its group")
+
+
+@attack(7, "a cache entry that is a FIFO")
+def _(w: World) -> None:
+    def tamper(pair: Path) -> None:
+        entry = _entry(pair)
+        entry.unlink()
+        os.mkfifo(entry)
+
+    _cache_attack(w, tamper, "was corrupt")
+
+
+@attack(7, "a cache entry that links to a forged file elsewhere")
+def _(w: World) -> None:
+    def tamper(pair: Path) -> None:
+        entry = _entry(pair)
+        forged = w.victim / "forged.safetensors"
+        shutil.copy(entry, forged)
+        _forge(forged, 0.001, checksum=True)
+        entry.unlink()
+        entry.symlink_to(forged)
+
+    _cache_attack(w, tamper, "was corrupt")
+
+
 # --- 5: tensors the method does not define -----------------------------------------------------------------
 
 
@@ -672,10 +860,10 @@ def _(w: World) -> None:
 
 @attack(8, "an adapter file is a symlink loop")
 def _(w: World) -> None:
-    (w.adapter / "README.md").symlink_to("README.md")
+    (w.adapter / "card.md").symlink_to("card.md")
     w.project("--output", w.root / "out")
     w.exit, w.output = 0, w.root / "out"
-    w.checks.append(lambda r: _skipped(r, w.root / "out", "README.md"))
+    w.checks.append(lambda r: _skipped(r, w.root / "out", "card.md"))
 
 
 @attack(8, "an adapter holds a FIFO beside its files")
@@ -690,10 +878,10 @@ def _(w: World) -> None:
 def _(w: World) -> None:
     (w.adapter / "docs").mkdir()
     (w.adapter / "docs" / "card.md").write_text("# card\n")
-    (w.adapter / "README.md").symlink_to("docs/card.md")
+    (w.adapter / "MODEL_CARD.md").symlink_to("docs/card.md")
     w.project("--output", w.root / "out")
     w.exit, w.output = 0, w.root / "out"
-    w.checks.append(lambda r: _regular_copy(w.root / "out" / "README.md", w.adapter / "docs" / "card.md"))
+    w.checks.append(lambda r: _regular_copy(w.root / "out" / "MODEL_CARD.md", w.adapter / "docs" / "card.md"))
 
 
 @attack(8, "a Hugging Face cache snapshot's links into blobs/ are followed")
@@ -845,10 +1033,6 @@ def forkserver() -> Iterator[ForkServer]:
 @pytest.fixture(scope="module")
 def sanitized(llama_pair: tuple[Path, Path], llama_adapter: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the adapter projected by safelora: what ``check`` passes."""
-    from typer.testing import CliRunner
-
-    from safelora_cli.cli import app
-
     adapter = Path(shutil.copytree(llama_adapter, tmp_path_factory.mktemp("sanitized") / "adapter"))
     result = CliRunner().invoke(
         app, ["project", "--adapter", str(adapter), "--base", str(llama_pair[0]), "--aligned", str(llama_pair[1])]
@@ -859,8 +1043,8 @@ def sanitized(llama_pair: tuple[Path, Path], llama_adapter: Path, tmp_path_facto
 
 def test_the_corpus_covers_every_class() -> None:
     per_class = {k: sum(c == k for c, _ in ATTACKS.values()) for k in CLASSES}
-    assert all(n >= 4 for n in per_class.values()), per_class
-    assert len(ATTACKS) >= 60 - 8  # classes 6 and 7 add theirs in tests/test_patterns.py and test_cache.py
+    assert set(CLASSES) == set(range(1, 11)) and all(n >= 4 for n in per_class.values()), per_class
+    assert len(ATTACKS) >= 60
 
 
 @pytest.mark.parametrize("name", list(ATTACKS))
@@ -893,7 +1077,8 @@ def test_attack(
     build(w)
     before = snapshot(root)
 
-    result = run(forkserver, w)
+    with w.cleanup:
+        result = run(forkserver, w)
 
     assert result.status != -signal.SIGKILL, f"still running after {TIMEOUT} s"
     assert result.status == w.exit, result.stderr

@@ -31,7 +31,7 @@ from typer.testing import Result
 from safelora_cli import config, stfile, strict
 from safelora_cli.adapter import ADAPTER_FILE
 from safelora_cli.cli import app
-from safelora_cli.errors import FormatError, UsageError
+from safelora_cli.errors import FormatError, SafeLoraError, UsageError
 
 Cli = Callable[..., Result]
 U64_MAX = 2**64 - 1
@@ -586,12 +586,11 @@ def test_a_config_file_is_read_as_a_small_regular_utf8_file(tmp_path: Path) -> N
         config.load_file(bad, KNOWN)
     big = tmp_path / "big.yaml"
     big.write_bytes(b"# " + b"x" * config.MAX_BYTES + b"\n")
-    with pytest.raises(UsageError, match="more than the 1048576"):
-        config.load_file(big, KNOWN)
-    with pytest.raises(UsageError, match="is a directory"):
-        config.load_file(tmp_path, KNOWN)
-    with pytest.raises(UsageError, match="No such file"):
-        config.load_file(tmp_path / "missing.yaml", KNOWN)
+    # a file that cannot be read as a config is an input error (exit 1), not a usage one
+    for path, message in ((big, "more than the 1048576"), (tmp_path, "is a directory"), (tmp_path / "x", "No such")):
+        with pytest.raises(SafeLoraError, match=message) as refused:
+            config.load_file(path, KNOWN)
+        assert refused.value.exit_code == 1
 
 
 # --- a bad value names the file, the line and the key ------------------------------------------------------
