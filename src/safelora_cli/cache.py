@@ -378,8 +378,14 @@ class PairCache:
             raise CorruptEntry(f"cannot read ({e.strerror})") from None
         if st is None:
             return None
+        if stat.S_ISLNK(st.st_mode):
+            raise CorruptEntry("it is a symbolic link; entries are never followed")
         if not stat.S_ISREG(st.st_mode):
-            raise CorruptEntry(f"it is {safefs.kind(st.st_mode)}, not a regular file")
+            # Not damage a run can repair by rewriting the entry: someone put it there.
+            raise CacheError(
+                f"{path}: is {safefs.kind(st.st_mode)}, not a regular file; remove it, or the pair "
+                f"(safelora cache rm {self.key})"
+            )
         try:
             f = safefs.open_file(path, CacheError, follow=False)
         except CacheError as e:
