@@ -29,7 +29,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shlex
 import shutil
 import stat
 import tempfile
@@ -45,7 +44,7 @@ from typing import Any, cast
 
 import torch
 
-from . import safefs, stfile, strict
+from . import ownership, safefs, stfile, strict
 from .errors import CacheError, FormatError, SafeLoraError
 from .projection import Operator, OperatorKind
 
@@ -55,10 +54,7 @@ _CHECKSUM = _META + "crc32"
 _TENSOR = "operator"
 _TMP = ".tmp-"
 _KINDS: dict[str, OperatorKind] = {"V": "V", "zero": "zero"}
-_DIR_MODE, _FILE_MODE = 0o700, 0o600
 _MAX_JSON = 1 << 20  # pair.json and refs/*.json hold a few hundred bytes when safelora wrote them
-_MAX_LINKS = 40  # as the kernel's limit on symbolic links followed in one path
-_NOT_HERE = (errno.ENOENT, errno.ENOTDIR)  # the path, or a directory on it, does not exist
 
 
 def cache_root() -> Path:
@@ -111,163 +107,20 @@ class PairSummary:
         return sum(e.nbytes for e in self.entries)
 
 
-# The ownership rule. Messages are whole notes: the path, what is wrong, and what to do.
-
-_UNUSED = "projection cache not used: "
-_ELSEWHERE = "or point SAFELORA_CACHE elsewhere"
-
-
-def _lstat(path: Path) -> os.stat_result | None:
-    """``path`` itself (a link is not followed); None when it, or a directory on its way, is missing."""
-    try:
-        return os.lstat(path)
-    except OSError as e:
-        if e.errno in _NOT_HERE:
-            return None
-        raise
-
-
-def _writers(mode: int) -> str:
-    return {0o020: "its group", 0o002: "other users", 0o022: "its group and other users"}[mode & 0o022]
-
-
-def _owned(path: Path, st: os.stat_result, *, directory: bool) -> str | None:
-    """Why ``path`` (inside the cache, or the root) breaks the rule, or None: it must be a directory
-    or a regular file as asked, belong to the effective user, and be writable by no one else."""
-    euid = os.geteuid()
-    want = "a directory" if directory else "a regular file"
-    if not (stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)):
-        return f"{_UNUSED}{path} is {safefs.kind(st.st_mode)}, not {want}; remove it, {_ELSEWHERE}"
-    if st.st_uid != euid:
-        return (
-            f"{_UNUSED}{path} belongs to uid {st.st_uid}, not to you (uid {euid}), so that user could change "
-            f"what the cache serves; point SAFELORA_CACHE at a directory of your own"
-        )
-    if st.st_mode & 0o022:
-        return (
-            f"{_UNUSED}{path} is writable by {_writers(st.st_mode)}, who could change what the cache serves; "
-            f"run `chmod go-w {shlex.quote(str(path))}`, {_ELSEWHERE}"
-        )
-    return None
-
-
-def _on_the_way(path: Path, st: os.stat_result) -> str | None:
-    """Why a directory or link on the way to the root lets another user replace the cache, or None.
-
-    It must belong to the effective user or to root, and a directory must be writable by no one
-    else unless it has the sticky bit (as /tmp has: there no one can rename or delete what is not
-    theirs). A link's own mode means nothing; who owns it decides where it points.
-    """
-    euid = os.geteuid()
-    if st.st_uid not in (euid, 0):
-        what = "a link" if stat.S_ISLNK(st.st_mode) else "a directory"
-        return (
-            f"{_UNUSED}{path} ({what} on the way to the cache) belongs to uid {st.st_uid}, who could "
-            "replace the cache; point SAFELORA_CACHE elsewhere"
-        )
-    if stat.S_ISDIR(st.st_mode) and st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-        return (
-            f"{_UNUSED}{path} (a directory on the way to the cache) is writable by {_writers(st.st_mode)}, "
-            f"who could replace the cache; run `chmod go-w {shlex.quote(str(path))}`, {_ELSEWHERE}"
-        )
-    return None
-
-
-def _root_problem(root: Path) -> str | None:
-    """The rule for the root: walk its path as the kernel resolves it, link by link.
-
-    Every directory passed through and every link on the way is checked with ``_on_the_way``, the
-    directory reached with ``_owned``. A missing part ends the walk (safelora creates it, mode
-    0700); a part that is not a directory, or a loop of links, too (writing then fails, and the run
-    says so).
-    """
-    parts = (Path.cwd() / root).parts
-    current, todo, links = Path(parts[0]), list(reversed(parts[1:])), 0
-    st = os.lstat(current)
-    while todo:
-        name = todo.pop()
-        if name in ("", "."):
-            continue
-        if name == "..":
-            current = current.parent  # passed through on the way here
-            st = os.lstat(current)
-            continue
-        if problem := _on_the_way(current, st):
-            return problem
-        path = current / name
-        found = _lstat(path)
-        if found is None or (not stat.S_ISDIR(found.st_mode) and not stat.S_ISLNK(found.st_mode)):
-            return None
-        if stat.S_ISLNK(found.st_mode):
-            if problem := _on_the_way(path, found):
-                return problem
-            links += 1
-            if links > _MAX_LINKS:
-                return None
-            target = Path(os.readlink(path))
-            if target.is_absolute():
-                current, st = Path(target.parts[0]), os.lstat(target.parts[0])
-                todo.extend(reversed(target.parts[1:]))
-            else:
-                todo.extend(reversed(target.parts))
-            continue
-        current, st = path, found
-    return _owned(current, st, directory=True)
-
-
-def _contents_problem(directory: Path, used: Callable[[str], bool | None] | None = None) -> str | None:
-    """The rule for a directory inside the cache and the files in it that a run uses.
-
-    ``used(name)`` is True for a file that must be a regular one, False for an entry (checked when
-    it is a regular file: anything else is never opened, and counts as corrupt), None otherwise.
-    """
-    st = _lstat(directory)
-    if st is None:
-        return None
-    if (problem := _owned(directory, st, directory=True)) or used is None:
-        return problem
-    for name in sorted(os.listdir(directory)):
-        must = used(name)
-        found = _lstat(directory / name) if must is not None else None
-        if found is None or (not must and not stat.S_ISREG(found.st_mode)):
-            continue
-        if problem := _owned(directory / name, found, directory=False):
-            return problem
-    return None
+_RULE = ownership.Rule("projection cache not used: ", "SAFELORA_CACHE", "the cache", "what the cache serves")
+_lstat = ownership.lstat
 
 
 def _pair_file(name: str) -> bool | None:
-    """How a run uses ``name`` in a pair's directory (see ``_contents_problem``)."""
+    """How a run uses ``name`` in a pair's directory (see ``ownership.Rule.contents``)."""
     if name in ("pair.json", ".lock"):
         return True
     return False if name.endswith(".safetensors") else None
 
 
 def _refs_file(name: str) -> bool | None:
-    """How a run uses ``name`` in ``refs/`` (see ``_contents_problem``)."""
+    """How a run uses ``name`` in ``refs/`` (see ``ownership.Rule.contents``)."""
     return True if name.endswith(".json") else None
-
-
-def _checked(check: Callable[[], str | None], where: Path) -> str | None:
-    try:
-        return check()
-    except OSError as e:
-        return f"{_UNUSED}{safefs.os_error(where, e)}; fix its permissions, {_ELSEWHERE}"
-
-
-def _mkdirs(path: Path) -> None:
-    """Create ``path`` and its missing parents, each mode 0700 whatever the umask."""
-    missing = []
-    for p in (path, *path.parents):
-        if os.path.lexists(p):
-            break
-        missing.append(p)
-    for p in reversed(missing):
-        try:
-            os.mkdir(p, _DIR_MODE)
-        except FileExistsError:
-            continue  # a concurrent run made it
-        os.chmod(p, _DIR_MODE)  # the umask may have taken bits the owner needs
 
 
 def _read_small(path: Path, error: type[SafeLoraError]) -> bytes:
@@ -323,7 +176,7 @@ class PairCache:
 
     @cached_property
     def _rule(self) -> str | None:  # checked once, on first use
-        return self._cache.problem() or _checked(lambda: _contents_problem(self.dir, _pair_file), self.dir)
+        return self._cache.problem() or _RULE.checked(lambda: _RULE.contents(self.dir, _pair_file), self.dir)
 
     def _refused(self) -> bool:
         problem = self.problem()
@@ -379,7 +232,7 @@ class PairCache:
         if st is None:
             return None
         if stat.S_ISLNK(st.st_mode):
-            raise CorruptEntry("it is a symbolic link; entries are never followed")
+            raise CorruptEntry("it is a symbolic link, not a regular file: entries are never followed")
         if not stat.S_ISREG(st.st_mode):
             # Not damage a run can repair by rewriting the entry: someone put it there.
             raise CacheError(
@@ -492,7 +345,7 @@ class PairCache:
         lock = self.dir / ".lock"
         waited = False
         while True:
-            _mkdirs(self.dir)
+            ownership.mkdirs(self.dir)
             fd = _open_lock(lock)
             try:
                 try:
@@ -527,7 +380,7 @@ def _open_lock(lock: Path) -> int:
     before it is opened, and a link is never followed (ELOOP): such a lock no run can hold."""
     st = _lstat(lock)
     if st is None or stat.S_ISREG(st.st_mode):
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, _FILE_MODE)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, ownership.FILE_MODE)
         st = os.fstat(fd)
         if stat.S_ISREG(st.st_mode):
             return fd
@@ -569,7 +422,7 @@ def _write_atomic(target: Path, chunks: Sequence[stfile.Data]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=_TMP, dir=target.parent)
     try:
         try:
-            os.fchmod(fd, _FILE_MODE)
+            os.fchmod(fd, ownership.FILE_MODE)
             stfile.write_chunks(fd, chunks)
         finally:
             os.close(fd)
@@ -615,7 +468,7 @@ class RefMemo:
         refs[revision] = sha
         doc = {"endpoint": endpoint, "repo": repo_id, "refs": refs}
         try:
-            _mkdirs(self.dir)
+            ownership.mkdirs(self.dir)
             _write_atomic(self._path(endpoint, repo_id), [json.dumps(doc, indent=2).encode()])
         except OSError:
             pass
@@ -643,9 +496,9 @@ class ProjectionCache:
     @cached_property
     def _rule(self) -> str | None:  # checked once, on first use
         return (
-            _checked(lambda: _root_problem(self.root), self.root)
-            or _checked(lambda: _contents_problem(self.root / "pairs"), self.root / "pairs")
-            or _checked(lambda: _contents_problem(self.refs.dir, _refs_file), self.refs.dir)
+            _RULE.checked(lambda: _RULE.root(self.root), self.root)
+            or _RULE.checked(lambda: _RULE.contents(self.root / "pairs"), self.root / "pairs")
+            or _RULE.checked(lambda: _RULE.contents(self.refs.dir, _refs_file), self.refs.dir)
         )
 
     def pair(self, base_identity: str, aligned_identity: str) -> PairCache:
