@@ -19,8 +19,9 @@ from safelora_cli.cli import app
 
 @pytest.fixture(autouse=True)
 def _isolated_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test reads or writes the user's safelora or Hugging Face caches."""
+    """No test reads or writes the user's safelora caches, backups or Hugging Face cache."""
     monkeypatch.setenv("SAFELORA_CACHE", str(tmp_path / "cache" / "safelora"))
+    monkeypatch.setenv("SAFELORA_BACKUPS", str(tmp_path / "data" / "originals"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "cache" / "hf"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache" / "hf" / "hub"))
 

@@ -165,7 +165,11 @@ class ForkServer:
         """Fork every run at once and wait for all of them."""
         assert self.proc.stdin is not None
         # The server started before this test's fixtures: hand the children this test's caches.
-        caches = {k: os.environ[k] for k in ("SAFELORA_CACHE", "HF_HOME", "HF_HUB_CACHE") if k in os.environ}
+        caches = {
+            k: os.environ[k]
+            for k in ("SAFELORA_CACHE", "SAFELORA_BACKUPS", "HF_HOME", "HF_HUB_CACHE")
+            if k in os.environ
+        }
         request = {
             "runs": [
                 {"argv": r.argv, "out": r.out and str(r.out), "err": str(r.err), "kill_at": r.kill_at} for r in runs

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 from safelora_cli import adapter as adapter_module
-from safelora_cli.adapter import ADAPTER_FILE, CONFIG_FILE, TMP_MARK
+from safelora_cli.adapter import ADAPTER_FILE, CONFIG_FILE
 from safelora_cli.pipeline import Settings, project_adapter
 from safelora_cli.sources import open_local
 
@@ -464,11 +464,12 @@ def _(i: Inputs) -> tuple[str, ...]:
     if os.geteuid() == 0:
         # root ignores directory permissions; fail the temp file as the kernel fails it for anyone else
         real_open = os.open
+        adapter_dir = os.stat(i.adapter)
 
-        def denied(path: Any, flags: int, *args: Any, **kwargs: Any) -> Any:
-            if TMP_MARK in str(path):
+        def denied(path: Any, flags: int, *args: Any, dir_fd: int | None = None, **kwargs: Any) -> Any:
+            if flags & os.O_CREAT and dir_fd is not None and os.path.samestat(os.fstat(dir_fd), adapter_dir):
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
-            return real_open(path, flags, *args, **kwargs)
+            return real_open(path, flags, *args, dir_fd=dir_fd, **kwargs)
 
         i.monkeypatch.setattr(adapter_module.os, "open", denied)
     i.project()
@@ -486,8 +487,21 @@ def _(i: Inputs) -> tuple[str, ...]:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     i.monkeypatch.setattr(adapter_module.stfile, "write_chunks", fills_up)
-    i.project()
+    i.project("--no-backup")  # the adapter's own write fills the disk (the backup's is the next case)
     return str(i.adapter_file), "No space left on device", "--output"
+
+
+@case("disk full while keeping the original")
+def _(i: Inputs) -> tuple[str, ...]:
+    real_write = adapter_module.stfile.write_all
+
+    def fills_up(fd: int, data: bytes | memoryview) -> None:
+        real_write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    i.monkeypatch.setattr(adapter_module.stfile, "write_all", fills_up)
+    i.project()
+    return "No space left on device", "cannot keep the original", "adapter was not changed", "--no-backup"
 
 
 @case("adapter on a filesystem without locks")

@@ -154,7 +154,7 @@ def test_cache_ls_rm_and_clear(cli: Cli, llama_pair: tuple[Path, Path], llama_ad
     one = report_one["cache"]["pair"]
     two = run(cli, llama_adapter, tmp_path / "two", aligned, base)["cache"]["pair"]  # reversed: another pair
 
-    listed = json.loads(cli("cache", "ls", "--json").stdout)
+    listed = json.loads(cli("cache", "ls", "--json").stdout)["pairs"]
     assert {p["pair"] for p in listed} == {one, two}
     first = next(p for p in listed if p["pair"] == one)
     assert first["base"].startswith(f"local:{base.resolve()}@")
@@ -164,11 +164,11 @@ def test_cache_ls_rm_and_clear(cli: Cli, llama_pair: tuple[Path, Path], llama_ad
     assert table.exit_code == 0 and one in table.stdout and "model.layers.3.self_attn.v_proj" in table.stdout
 
     assert cli("cache", "rm", one[:6]).exit_code == 0
-    assert [p["pair"] for p in json.loads(cli("cache", "ls", "--json").stdout)] == [two]
+    assert [p["pair"] for p in json.loads(cli("cache", "ls", "--json").stdout)["pairs"]] == [two]
     missing = cli("cache", "rm", one[:6])
     assert missing.exit_code == 1 and "no cached pair" in missing.stderr
     assert cli("cache", "clear").exit_code == 0
-    assert json.loads(cli("cache", "ls", "--json").stdout) == []
+    assert json.loads(cli("cache", "ls", "--json").stdout)["pairs"] == []
 
 
 def test_cache_paths_never_leave_the_cache_dir(tmp_path: Path) -> None:
@@ -487,7 +487,7 @@ def test_cache_clear_never_deletes_through_a_link(
     (root() / "refs").symlink_to(_outside(tmp_path, "d"), target_is_directory=True)
     before = snapshot(tmp_path / "elsewhere")
 
-    listed = json.loads(cli("cache", "ls", "--json").stdout)
+    listed = json.loads(cli("cache", "ls", "--json").stdout)["pairs"]
     assert [p["pair"] for p in listed] == [pair_dir.name]
     cleared = cli("cache", "clear")
     assert cleared.exit_code == 0, cleared.stderr
@@ -505,7 +505,7 @@ def test_cache_clear_when_pairs_itself_is_a_link(
     (root() / "pairs").symlink_to(outside, target_is_directory=True)
     before = snapshot(tmp_path / "elsewhere")
 
-    assert json.loads(cli("cache", "ls", "--json").stdout) == []
+    assert json.loads(cli("cache", "ls", "--json").stdout)["pairs"] == []
     assert cli("cache", "rm", "fedcba").exit_code == 1
     assert cli("cache", "clear").exit_code == 0
     assert snapshot(tmp_path / "elsewhere") == before
@@ -537,7 +537,7 @@ def test_cache_ls_and_clear_survive_fifos_and_bad_manifests(
 
     ls = safelora("cache", "ls", "--json")
     assert ls.returncode == 0, ls.stderr
-    listed = {p["pair"]: p for p in json.loads(ls.stdout)}
+    listed = {p["pair"]: p for p in json.loads(ls.stdout)["pairs"]}
     assert set(listed) == {pair_dir.name, *manifests}
     assert all((listed[key]["base"], listed[key]["aligned"]) == ("?", "?") for key in [pair_dir.name, *manifests])
     problems = [m["problem"] for m in listed[pair_dir.name]["modules"] if m["problem"]]
@@ -545,7 +545,7 @@ def test_cache_ls_and_clear_survive_fifos_and_bad_manifests(
     assert safelora("cache", "ls", "--modules").returncode == 0
     cleared = safelora("cache", "clear")
     assert cleared.returncode == 0, cleared.stderr
-    assert json.loads(cli("cache", "ls", "--json").stdout) == []
+    assert json.loads(cli("cache", "ls", "--json").stdout)["pairs"] == []
 
 
 def test_the_ownership_rule_for_the_directories_on_the_way_to_the_cache(tmp_path: Path) -> None:

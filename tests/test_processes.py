@@ -7,6 +7,8 @@ created, each tensor written, before the rename) so that kills and races land in
 
 from __future__ import annotations
 
+import hashlib
+import os
 import random
 import shutil
 import time
@@ -17,8 +19,15 @@ import pytest
 import torch
 from forkserver import ForkServer, Run
 from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
 
 from safelora_cli.adapter import ADAPTER_FILE, TMP_MARK
+from safelora_cli.cli import app
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
 
 KILLS = 50
 PARALLEL = 10  # kills per round: the runs are short and mostly wait, so they overlap well on 2 cores
@@ -48,7 +57,11 @@ def temps(adapter: Path) -> list[Path]:
 def test_sigkill_at_random_moments_leaves_the_original_or_the_result(
     forkserver: ForkServer, llama_pair: tuple[Path, Path], llama_adapter: Path, tmp_path: Path
 ) -> None:
+    """Killed at any moment, a run that keeps the original leaves the original adapter, or the
+    projected one whose original restore gives back (sha256 for sha256): never a projection that
+    cannot be undone."""
     original = (llama_adapter / ADAPTER_FILE).read_bytes()
+    store = Path(os.environ["SAFELORA_BACKUPS"])
     adapters = [Path(shutil.copytree(llama_adapter, tmp_path / f"adapter{k}")) for k in range(PARALLEL)]
     slow = {"SAFELORA_TEST_WRITE_DELAY": STEP_DELAY}
 
@@ -67,6 +80,8 @@ def test_sigkill_at_random_moments_leaves_the_original_or_the_result(
     for _ in range(KILLS // PARALLEL):
         for a in adapters:
             (a / ADAPTER_FILE).write_bytes(original)  # each round starts from the original; temps stay
+        for kept in store.glob("*.safetensors"):  # and keeps the original itself, or dies trying
+            kept.unlink()
         for r in runs:
             r.kill_at = rng.uniform(0, span)
         forkserver.run(runs, slow)
@@ -74,6 +89,10 @@ def test_sigkill_at_random_moments_leaves_the_original_or_the_result(
             now = (a / ADAPTER_FILE).read_bytes()
             assert now in (original, projected), "the adapter is neither the original nor the projected result"
             seen["original" if now == original else "projected"] += 1
+            if now == projected:
+                restored = CliRunner().invoke(app, ["restore", "--adapter", str(a)])
+                assert restored.exit_code == 0, restored.output
+                assert sha256((a / ADAPTER_FILE).read_bytes()) == sha256(original)
             left = temps(a)
             # the next run removes a killed run's temp file before it writes its own: they never pile up
             assert len(left) <= 1, left
@@ -136,7 +155,7 @@ def test_eight_processes_on_eight_adapters_match_a_sequential_run(
 
 
 @pytest.mark.parametrize("second", [[], ["--num-layers", "3"]], ids=["same settings", "other settings"])
-def test_two_processes_on_one_adapter_one_wins_the_other_reports(
+def test_two_processes_on_one_adapter_take_turns(
     forkserver: ForkServer,
     llama_pair: tuple[Path, Path],
     llama_adapter: Path,
@@ -153,17 +172,27 @@ def test_two_processes_on_one_adapter_one_wins_the_other_reports(
     runs = [project(adapter, llama_pair, tmp_path / "logs" / f"run{k}", *extra) for k, extra in enumerate([[], second])]
 
     # A slow write keeps the first run inside its rewrite while the second one starts.
+    original = (adapter / ADAPTER_FILE).read_bytes()
     outcome = forkserver.run(runs, {"SAFELORA_TEST_WRITE_DELAY": "0.02"})
 
-    winners = [k for k, r in enumerate(runs) if outcome.status[k] == 0 and r.report()["written"]]
-    assert len(winners) == 1, [r.err.read_text() for r in runs]
-    (winner,) = winners
-    loser = 1 - winner
-    assert (adapter / ADAPTER_FILE).read_bytes() == expected[winner]
-    if second:  # other settings: the loser refuses to project the projected adapter again
-        assert outcome.status[loser] == 1
-        assert "already projected by safelora" in runs[loser].err.read_text()
-    else:  # the same pair and settings: the loser finds the work done
-        assert outcome.status[loser] == 0
-        assert "nothing to do" in " ".join(runs[loser].report()["notes"])
+    def started_again(k: int) -> bool:
+        return outcome.status[k] == 0 and any("started from the original" in n for n in runs[k].report()["notes"])
+
+    if second:
+        # other settings: the first run kept the original, so the second one waited, then projected
+        # that original again with its own settings, as if the first had never run
+        assert any(started_again(k) for k in (0, 1)), [(r.err.read_text(), r.out.read_text()[-1500:]) for r in runs]
+        (later,) = [k for k in (0, 1) if started_again(k)]
+        assert outcome.status == [0, 0] and all(r.report()["written"] for r in runs)
+        assert (adapter / ADAPTER_FILE).read_bytes() == expected[later]
+    else:  # the same pair and settings: one run writes, the other finds the work done
+        winners = [k for k, r in enumerate(runs) if outcome.status[k] == 0 and r.report()["written"]]
+        assert len(winners) == 1, [r.err.read_text() for r in runs]
+        (winner,) = winners
+        assert (adapter / ADAPTER_FILE).read_bytes() == expected[winner]
+        assert outcome.status[1 - winner] == 0
+        assert "nothing to do" in " ".join(runs[1 - winner].report()["notes"])
     assert temps(adapter) == []
+    # one backup of the original at most, and it is the original, byte for byte
+    kept = sorted(Path(os.environ["SAFELORA_BACKUPS"]).glob("*.safetensors"))
+    assert [p.read_bytes() for p in kept] == [original] * len(kept) and len(kept) <= 1

@@ -237,12 +237,15 @@ def test_projected_lora_b_keeps_a_half_precision_dtype(llama_pair: Pair, adapter
         torch.testing.assert_close(new_b, ref.projected_b(e.c, e.lora_b).bfloat16(), msg=module)
 
 
-def test_projecting_twice(llama_pair: Pair, adapter_dir: Path, cli: Callable[..., Result], tmp_path: Path) -> None:
-    """The double-projection bug: the same pair and settings again are a no-op, anything else is
-    refused, and --force really projects the projected adapter again."""
+def test_projecting_twice_without_a_backup(
+    llama_pair: Pair, adapter_dir: Path, cli: Callable[..., Result], tmp_path: Path
+) -> None:
+    """The double-projection bug, where no original was kept: the same pair and settings again are
+    a no-op, anything else is refused, and --force really projects the projected adapter again.
+    (With a backup, another run starts from the original: tests/test_backups.py.)"""
     base, aligned = llama_pair
     args = ("project", "--base", base, "--aligned", aligned, "--adapter", adapter_dir, "--threshold", TAU)
-    assert cli(*args).exit_code == 0
+    assert cli(*args, "--no-backup").exit_code == 0
     once = (adapter_dir / ADAPTER_FILE).read_bytes()
 
     again = cli(*args, "--json")
@@ -254,7 +257,7 @@ def test_projecting_twice(llama_pair: Pair, adapter_dir: Path, cli: Callable[...
     for other in (("--threshold", 0.3), ("--num-layers", 2), ("--precision", "float64")):
         refused = cli(*args[:-2], *other)
         assert refused.exit_code == 1, other
-        assert "already projected" in refused.stderr
+        assert "already projected" in refused.stderr and "no backup of its original" in refused.stderr
         assert (adapter_dir / ADAPTER_FILE).read_bytes() == once
 
     want = expected(llama_pair, adapter_dir)  # the once-projected adapter is now the input

@@ -17,7 +17,8 @@ import pytest
 from typer.testing import Result
 
 from safelora_cli import adapter as adapter_module
-from safelora_cli.adapter import ADAPTER_FILE, TMP_MARK, clean_stale_temps, rewrite_lock
+from safelora_cli.adapter import ADAPTER_FILE, TMP_MARK, rewrite_lock
+from safelora_cli.atomic import clean_stale
 from safelora_cli.errors import AdapterError
 from safelora_cli.pipeline import Report, Settings, project_adapter
 from safelora_cli.safefs import Directory
@@ -27,8 +28,10 @@ Pair = tuple[Path, Path]
 
 
 def project(pair: Pair, adapter: Path, **settings: Any) -> Report:
+    """An in-place run without a backup: the failures injected here are the adapter's own write's
+    (tests/test_backups.py injects them into the backup's)."""
     with closing(open_local(pair[0])) as base, closing(open_local(pair[1])) as aligned:
-        return project_adapter(adapter, base, aligned, Settings(**settings))
+        return project_adapter(adapter, base, aligned, Settings(**{"backup": False, **settings}))
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
@@ -211,14 +214,14 @@ def test_read_only_adapter_directory(
     assert snapshot(read_only_adapter) == before
 
 
-def test_clean_stale_temps_removes_only_files_of_dead_runs(tmp_path: Path) -> None:
+def test_clean_stale_removes_only_files_of_dead_runs(tmp_path: Path) -> None:
     """A temp file names the pid that wrote it: a live pid may be a concurrent run, so it stays."""
     dead, live, unparsable = temp_name(dead_pid()), temp_name(os.getpid()), temp_name("x")
     for name in (dead, live, unparsable, ADAPTER_FILE, "notes.txt"):
         (tmp_path / name).write_bytes(b"")
 
     with Directory(tmp_path, AdapterError) as directory:
-        removed = clean_stale_temps(directory)
+        removed = clean_stale(directory, f".{ADAPTER_FILE}{TMP_MARK}")
 
     assert sorted(removed) == sorted([dead, unparsable])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live, ADAPTER_FILE, "notes.txt"])

@@ -10,17 +10,17 @@ import os
 import re
 import secrets
 import stat
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from io import BufferedReader
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import safefs, stfile, strict
+from . import atomic, safefs, stfile, strict
+from .atomic import TMP_MARK
 from .errors import AdapterError, UsageError
 from .patterns import ConfigPatterns, saved, show
 from .sources import parse_ref
@@ -30,7 +30,6 @@ CONFIG_FILE = "adapter_config.json"
 CONFIG_LIMIT = 16 << 20  # adapter_config.json is kilobytes; a larger one is not a config
 PEFT_PREFIX = "base_model.model."
 PROVENANCE_PREFIX = "safelora."
-TMP_MARK = ".safelora-tmp-"
 
 # module path, lora_A|lora_B, optional adapter name (older files: ``lora_A.default.weight``)
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.(?P<name>[^.]+))?\.weight$")
@@ -138,12 +137,13 @@ class Adapter:
     config_bytes: bytes = field(repr=False)
     config_mode: int
     header: stfile.Header
-    handle: BufferedReader = field(repr=False)
+    handle: BufferedReader = field(repr=False)  # where the tensors are read from
     stat: os.stat_result = field(repr=False)  # of the weights file as opened: a rewrite checks it is still there
     modules: list[LoraModule]
     skipped: list[tuple[str, str]]
     dora: bool
     warnings: list[str]
+    source: Path | None = None  # the file the tensors come from, when not the adapter's own (a kept original)
 
     @property
     def file(self) -> Path:
@@ -155,8 +155,22 @@ class Adapter:
         try:
             data = bytearray(b"".join(stfile.FileRange(self.handle.fileno(), entry.start, entry.end).chunks()))
         except OSError as e:
-            raise AdapterError(safefs.os_error(self.file, e)) from None
+            raise AdapterError(safefs.os_error(self.source or self.file, e)) from None
         return stfile.tensor_from_bytes(entry, data)
+
+    def with_weights(self, handle: BufferedReader, source: Path) -> Adapter:
+        """This adapter with its tensors read from ``handle`` (a kept original) instead of its own file.
+
+        Its directory, config and ``stat`` stay: a rewrite still replaces the adapter's own file, and
+        only if that file is still the one read. Takes ``handle`` over (``close`` closes it).
+        """
+        try:
+            header, modules, skipped, dora = _weights(handle, source, self.config)
+        except BaseException:
+            handle.close()
+            raise
+        self.close()
+        return replace(self, header=header, handle=handle, modules=modules, skipped=skipped, dora=dora, source=source)
 
     def provenance(self) -> dict[str, str]:
         """The ``safelora.*`` metadata a previous run left, if any."""
@@ -329,11 +343,7 @@ def load_adapter(directory: safefs.Directory) -> Adapter:
     handle = directory.open(ADAPTER_FILE, fix="pass a PEFT adapter directory")
     try:
         st = os.fstat(handle.fileno())
-        header = stfile.header_of(handle, str(file), st.st_size)
-        modules, skipped, dora = _parse_keys(file, header, config)
-    except OSError as e:
-        handle.close()
-        raise AdapterError(safefs.os_error(file, e)) from None
+        header, modules, skipped, dora = _weights(handle, file, config)
     except BaseException:
         handle.close()
         raise
@@ -358,6 +368,17 @@ def load_adapter(directory: safefs.Directory) -> Adapter:
         dora,
         warnings,
     )
+
+
+def _weights(
+    handle: BufferedReader, file: Path, config: LoraConfig
+) -> tuple[stfile.Header, list[LoraModule], list[tuple[str, str]], bool]:
+    """The header of an open weights file and what it holds, as ``config`` interprets it."""
+    try:
+        header = stfile.header_of(handle, str(file), os.fstat(handle.fileno()).st_size)
+    except OSError as e:
+        raise AdapterError(safefs.os_error(file, e)) from None
+    return (header, *_parse_keys(file, header, config))
 
 
 def _parse_keys(
@@ -562,7 +583,7 @@ def _assemble(
     prefix = f".{output.name}{TMP_MARK}"
     staging = f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
     try:
-        clean_stale_temps(parent, prefix)
+        atomic.clean_stale(parent, prefix)
         # mkdir, not mkdtemp (0700), so it ends up with the mode any new directory would get.
         os.mkdir(staging, dir_fd=parent.fd)
     except OSError as e:
@@ -572,13 +593,13 @@ def _assemble(
             _fill(adapter, out, chunks, mode, notes)
         os.rename(staging, output.name, src_dir_fd=parent.fd, dst_dir_fd=parent.fd)
     except OSError as e:
-        _remove_entry(parent.fd, staging)
+        atomic.remove_entry(parent.fd, staging)
         raise AdapterError(
             f"{output}: write failed ({e.strerror}); nothing was written there. Free some space or choose "
             "another --output"
         ) from None
     except BaseException:
-        _remove_entry(parent.fd, staging)
+        atomic.remove_entry(parent.fd, staging)
         raise
     try:
         os.fsync(parent.fd)
@@ -593,8 +614,8 @@ def _fill(adapter: Adapter, out: safefs.Directory, chunks: list[stfile.Data], mo
     """Write the adapter's files into ``out`` (the other files, the config as read, then the weights)
     and sync it; raises ``OSError``."""
     _copy_tree(adapter.dir, out, _allowed_roots(adapter.dir), notes, depth=0)
-    _write_file(out, CONFIG_FILE, [adapter.config_bytes], adapter.config_mode)
-    _write_file(out, ADAPTER_FILE, chunks, mode)
+    atomic.write_file(out, CONFIG_FILE, [adapter.config_bytes], adapter.config_mode)
+    atomic.write_file(out, ADAPTER_FILE, chunks, mode)
     stfile.fsync(out.fd)
 
 
@@ -639,7 +660,7 @@ def _copy_tree(src: safefs.Directory, dst: safefs.Directory, roots: list[Path], 
             if why is not None:
                 notes.append(f"--output: skipped {where}: {why}")
                 continue
-            _write_file(dst, name, [stfile.FileRange(f.fileno(), 0, opened.st_size)], opened.st_mode & 0o777)
+            atomic.write_file(dst, name, [stfile.FileRange(f.fileno(), 0, opened.st_size)], opened.st_mode & 0o777)
     stfile.fsync(dst.fd)
 
 
@@ -734,24 +755,6 @@ def rewrite_lock(directory: safefs.Directory, on_wait: Callable[[], None] = lamb
         fcntl.flock(directory.fd, fcntl.LOCK_UN)
 
 
-def _test_pause() -> None:
-    """Test-only: SAFELORA_TEST_WRITE_DELAY (seconds) stretches each step of ``atomic_replace`` so that
-    tests/test_processes.py can land SIGKILL between the steps. Unset, as outside the tests, it does nothing."""
-    delay = os.environ.get("SAFELORA_TEST_WRITE_DELAY")
-    if delay:
-        time.sleep(float(delay))
-
-
-def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
-    return (a.st_dev, a.st_ino, a.st_size, a.st_mtime_ns, a.st_ctime_ns) == (
-        b.st_dev,
-        b.st_ino,
-        b.st_size,
-        b.st_mtime_ns,
-        b.st_ctime_ns,
-    )
-
-
 def atomic_replace(
     directory: safefs.Directory,
     name: str,
@@ -762,17 +765,20 @@ def atomic_replace(
 ) -> None:
     """Replace ``name`` in ``directory`` in place, so that readers and crashes see old or new, never a mix.
 
-    ``_write_file``, then the directory is fsync'd. With ``expect``, the rename happens only if
-    ``name`` is still that very file (same inode, size, mtime and ctime): a file swapped or edited
-    since it was read is never overwritten.
+    ``atomic.finish``, then the directory is fsync'd. With ``expect``, the rename happens only if
+    ``name`` is still that very file: a file swapped or edited since it was read is never overwritten.
     """
     target = directory.path / name
     try:
-        fd, tmp = _create_temp(directory, name)
+        fd, tmp = atomic.create_temp(directory, name)
     except OSError as e:
         raise AdapterError(f"{directory.path}: cannot create a file here ({e.strerror}); use --output DIR") from None
     try:
-        _fill_and_rename(directory, fd, tmp, name, chunks, mode, expect)
+        atomic.finish(directory, fd, tmp, name, chunks, mode, expect)
+    except atomic.Changed:
+        raise AdapterError(
+            f"{target}: changed on disk while safelora was running; nothing was written. Run again"
+        ) from None
     except OSError as e:
         raise AdapterError(
             f"{target}: write failed ({e.strerror}); the original file is unchanged. Free some space or pass "
@@ -785,107 +791,6 @@ def atomic_replace(
         raise AdapterError(
             f"{target}: written, but syncing {directory.path} failed ({e.strerror}); a crash may still undo the write"
         ) from None
-
-
-def _write_file(directory: safefs.Directory, name: str, chunks: Sequence[stfile.Data], mode: int) -> None:
-    """Replace (or create) ``name`` in ``directory`` by a whole, fsync'd file; raises ``OSError``.
-
-    The directory itself is not fsync'd: the caller syncs it once after all its files.
-    """
-    fd, tmp = _create_temp(directory, name)
-    _fill_and_rename(directory, fd, tmp, name, chunks, mode, None)
-
-
-def _create_temp(directory: safefs.Directory, name: str) -> tuple[int, str]:
-    """A new temp file beside ``name``, created through the directory's descriptor (never through a link)."""
-    tmp = f".{name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    return os.open(tmp, flags, 0o600, dir_fd=directory.fd), tmp
-
-
-def _fill_and_rename(
-    directory: safefs.Directory,
-    fd: int,
-    tmp: str,
-    name: str,
-    chunks: Sequence[stfile.Data],
-    mode: int,
-    expect: os.stat_result | None,
-) -> None:
-    """Write, chmod and fsync the temp file, then rename it over ``name`` (renameat: a link there is
-    replaced, not followed). Any failure removes the temp file."""
-    try:
-        try:
-            _test_pause()
-            stfile.write_chunks(fd, _paused(chunks))
-            os.fchmod(fd, mode)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        _test_pause()
-        if expect is not None:
-            now = directory.lstat(name)
-            if now is None or not _same_file(now, expect):
-                raise AdapterError(
-                    f"{directory.path / name}: changed on disk while safelora was running; nothing was written. "
-                    "Run again"
-                )
-        os.rename(tmp, name, src_dir_fd=directory.fd, dst_dir_fd=directory.fd)
-    except BaseException:
-        _remove_entry(directory.fd, tmp)
-        raise
-
-
-def _paused(chunks: Sequence[stfile.Data]) -> Iterator[stfile.Data]:
-    for chunk in chunks:
-        yield chunk
-        _test_pause()
-
-
-def _remove_entry(dir_fd: int, name: str) -> None:
-    """Remove ``name`` (a file, or a directory tree, never following a link) if it exists; best effort."""
-    try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        if stat.S_ISDIR(st.st_mode):
-            fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-            try:
-                for child in os.listdir(fd):
-                    _remove_entry(fd, child)
-            finally:
-                os.close(fd)
-            os.rmdir(name, dir_fd=dir_fd)
-        else:
-            os.unlink(name, dir_fd=dir_fd)
-    except OSError:
-        pass
-
-
-def clean_stale_temps(directory: safefs.Directory, prefix: str = f".{ADAPTER_FILE}{TMP_MARK}") -> list[str]:
-    """Remove the temp files (or directories) that killed runs left in ``directory``; returns their names.
-
-    A temp name is ``prefix`` then the pid that made it; those of live processes (a concurrent
-    run) are kept.
-    """
-    removed = []
-    for name in directory.names():
-        if not name.startswith(prefix):
-            continue
-        pid = name.removeprefix(prefix).split("-", 1)[0]
-        if pid.isdigit() and _alive(int(pid)):
-            continue
-        _remove_entry(directory.fd, name)
-        removed.append(name)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass

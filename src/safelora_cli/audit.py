@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from .adapter import MODULES_TO_SAVE, PROVENANCE_PREFIX, Adapter, file_digest, load_adapter, opened
+from .backups import Backup, BackupStore
 from .safefs import Directory
 
 CheckStatus = Literal["sanitized", "never_sanitized", "modified", "other_pair"]
@@ -102,16 +103,19 @@ class Inspection:
     modules_to_save: bool
     skipped: list[tuple[str, str]]
     provenance: dict[str, str]
+    backup: Backup | None = None  # the kept original its provenance names, when the store holds it
 
 
-def inspect(target: Path | Directory) -> Inspection:
-    """Describe an adapter without reading any checkpoint (or any tensor)."""
+def inspect(target: Path | Directory, store: BackupStore | None = None) -> Inspection:
+    """Describe an adapter without reading any checkpoint (or any tensor); with ``store``, whether
+    the original of a projected adapter is kept there."""
     with _adapter(target) as adapter:
-        return _inspection(adapter)
+        return _inspection(adapter, store)
 
 
-def _inspection(adapter: Adapter) -> Inspection:
+def _inspection(adapter: Adapter, store: BackupStore | None) -> Inspection:
     keys = list(adapter.header.tensors)
+    original = adapter.provenance().get(PROVENANCE_PREFIX + "original")
     return Inspection(
         adapter=adapter.path,
         modules=len(adapter.modules),
@@ -125,4 +129,5 @@ def _inspection(adapter: Adapter) -> Inspection:
         modules_to_save=any(why == MODULES_TO_SAVE for _, why in adapter.skipped),
         skipped=adapter.skipped,
         provenance=adapter.provenance(),
+        backup=store.find(original) if store is not None else None,
     )

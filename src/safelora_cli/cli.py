@@ -7,9 +7,11 @@ import json
 import os
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager, suppress
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -18,6 +20,7 @@ from rich.console import Console
 
 from . import __version__, config
 from .errors import SafeLoraError
+from .text import console as _console
 from .text import line
 
 
@@ -33,16 +36,16 @@ class _Deferred:
 
 if TYPE_CHECKING:
     from . import adapter as adapter_io
-    from . import audit, pipeline, sources
+    from . import audit, backups, pipeline, sources
     from . import cache as projection_cache
     from . import demo as demo_data
     from . import report as rendering
 else:
     # torch takes ~2 s to import: the modules that need it load when a command first uses them, so
     # --help, --version and shell completion answer at once.
-    adapter_io, audit, demo_data, pipeline, projection_cache, rendering, sources = (
+    adapter_io, audit, backups, demo_data, pipeline, projection_cache, rendering, sources = (
         _Deferred(f"{__package__}.{name}")
-        for name in ("adapter", "audit", "demo", "pipeline", "cache", "report", "sources")
+        for name in ("adapter", "audit", "backups", "demo", "pipeline", "cache", "report", "sources")
     )
 
 app = typer.Typer(
@@ -145,6 +148,15 @@ AllowDoraOpt = Annotated[
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet/--no-quiet", "-q", help="Print nothing but errors (and --json).")]
+NoBackupOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-backup/--backup",
+        help="Keep no copy of the original before an in-place rewrite (SAFELORA_BACKUPS): restore then "
+        "cannot undo the run.",
+    ),
+]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
 ForceOpt = Annotated[
     bool,
     typer.Option(
@@ -158,7 +170,7 @@ _DEVICES: dict[str, pipeline.Device] = {"auto": "auto", "cpu": "cpu", "cuda": "c
 
 
 def _err_console() -> Console:
-    return Console(stderr=True)
+    return _console(stderr=True)
 
 
 def _print_error(message: object) -> None:
@@ -323,7 +335,7 @@ def _emit(report: pipeline.Report, as_json: bool, quiet: bool = False) -> None:
     if as_json:
         sys.stdout.write(rendering.dumps(report) + "\n")
     if not quiet:
-        rendering.render(report, _err_console() if as_json else Console())
+        rendering.render(report, _err_console() if as_json else _console())
 
 
 ConfigOpt = Annotated[
@@ -362,6 +374,7 @@ def project(
     device: DeviceOpt = "auto",
     allow_dora: AllowDoraOpt = False,
     force: ForceOpt = False,
+    no_backup: NoBackupOpt = False,
     quiet: QuietOpt = False,
     config_file: ConfigOpt = None,
     preset: PresetOpt = None,
@@ -396,6 +409,7 @@ def project(
         force=force,
         dry_run=dry_run,
         output=output,
+        backup=not no_backup,
     )
     notes: list[str] = []
     with _errors(), rendering.RunDisplay(_err_console(), enabled=not quiet) as display, ExitStack() as open_files:
@@ -451,7 +465,7 @@ def _emit_batch(
     if len(adapters) == 1 and isinstance(outcomes[0], pipeline.Report):
         _emit(outcomes[0], as_json, quiet)
         return
-    console = _err_console() if as_json else Console()
+    console = _err_console() if as_json else _console()
     for outcome in outcomes:
         if isinstance(outcome, pipeline.Report):
             if not quiet:
@@ -497,7 +511,7 @@ def demo(
             _require_empty(keep)
         root = keep or Path(tmp)
         base, aligned, adapter = demo_data.build(root)
-        console = _err_console() if as_json else Console()
+        console = _err_console() if as_json else _console()
         dim = "dim"
         console.print(line((f"tiny example in {root}: base (sharded), aligned, adapter (q_proj/v_proj, r=8)", dim)))
         console.print(line((f"$ safelora project --base {base} --aligned {aligned} --adapter {adapter}", dim)))
@@ -555,7 +569,7 @@ def check(
                 results.append((named.path, e))
         if len(results) == 1 and isinstance(results[0][1], SafeLoraError):
             raise results[0][1]
-    console = _err_console() if as_json else Console()
+    console = _err_console() if as_json else _console()
     for _, result in results:
         if isinstance(result, SafeLoraError):
             _print_error(result)
@@ -586,18 +600,87 @@ def inspect_(
     adapter: Annotated[Path, typer.Argument(help="The PEFT LoRA adapter directory.")],
     as_json: JsonOpt = False,
 ) -> None:
-    """Show what an adapter is (modules, ranks, dtypes, size, targets, DoRA…) and its provenance."""
+    """Show what an adapter is (modules, ranks, dtypes, size, targets, DoRA…), its provenance, and
+    whether the original of a projected adapter is kept (restore can bring it back)."""
     with _errors():
-        info = audit.inspect(adapter)
+        info = audit.inspect(adapter, backups.BackupStore())
     if as_json:
         sys.stdout.write(json.dumps(rendering.inspection_to_json(info), indent=2) + "\n")
     else:
-        rendering.render_inspection(info, Console())
+        rendering.render_inspection(info, _console())
+
+
+@app.command()
+def restore(
+    adapter: Annotated[
+        list[str],
+        typer.Option(
+            "--adapter",
+            help="The adapter directory to restore. Repeat it, or give a quoted glob ('adapters/*').",
+            show_default=False,
+        ),
+    ],
+    force: Annotated[
+        bool,
+        typer.Option("--force/--no-force", help="Restore an adapter changed since safelora projected it."),
+    ] = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Put back the original adapter_model.safetensors that an in-place project kept, byte for byte.
+
+    The original comes from the backup store (SAFELORA_BACKUPS), found by the sha256 in the
+    adapter's provenance; the rewrite is atomic and locked, as project's. Refused for an adapter
+    changed since safelora wrote it (its edits would be lost), unless --force.
+    """
+    outcomes: list[tuple[Path, backups.Restored | SafeLoraError]] = []
+    with _errors(), ExitStack() as stack:
+        store = backups.BackupStore()
+        for named in stack.enter_context(adapter_io.open_all(adapter)):
+            try:
+                if named.dir is None:
+                    raise named.error or SafeLoraError(f"{named.path}: cannot be read")
+                wait = partial(_say, f"another safelora run is rewriting {named.path}; waiting for it", quiet)
+                outcomes.append((named.path, backups.restore(named.dir, store, force=force, on_wait=wait)))
+            except SafeLoraError as e:
+                outcomes.append((named.path, e))
+        if len(outcomes) == 1 and isinstance(outcomes[0][1], SafeLoraError):
+            raise outcomes[0][1]
+    _after_write("printing the result", lambda: _emit_restored(outcomes, as_json, quiet))
+    if any(isinstance(o, SafeLoraError) for _, o in outcomes):
+        raise typer.Exit(1)
+
+
+def _say(message: str, quiet: bool) -> None:
+    if not quiet:
+        _err_console().print(line((message, "dim")), highlight=False, soft_wrap=True)
+
+
+def _emit_restored(outcomes: list[tuple[Path, backups.Restored | SafeLoraError]], as_json: bool, quiet: bool) -> None:
+    console = _err_console() if as_json else _console()
+    for path, outcome in outcomes:
+        if isinstance(outcome, SafeLoraError):
+            _print_error(outcome)
+        elif not quiet:
+            b = outcome.backup
+            console.print(
+                line(f"restored {path}: the original, sha256 {b.sha256[:12]}… ({rendering.size(b.nbytes)})"),
+                highlight=False,
+            )
+    if as_json:
+        docs = [
+            {"adapter": str(p), "error": str(o)}
+            if isinstance(o, SafeLoraError)
+            else {"adapter": str(p), "restored": True, "sha256": o.backup.sha256, "bytes": o.backup.nbytes}
+            for p, o in outcomes
+        ]
+        sys.stdout.write(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2) + "\n")
 
 
 cache_app = typer.Typer(
     help="The projection cache: each module's operator per (base, aligned) pair, under SAFELORA_CACHE "
-    "(default ~/.cache/safelora, or $XDG_CACHE_HOME/safelora).",
+    "(default ~/.cache/safelora, or $XDG_CACHE_HOME/safelora); and the backups of originals, under "
+    "SAFELORA_BACKUPS (default ~/.local/share/safelora/originals), removed only with --backups.",
     no_args_is_help=True,
 )
 app.add_typer(cache_app, name="cache")
@@ -608,33 +691,132 @@ def cache_ls(
     modules: Annotated[bool, typer.Option("--modules", "-m", help="List each pair's modules too.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """List cached pairs (key, base, aligned, modules, size); --json includes every module."""
+    """List cached pairs (key, base, aligned, modules, size) and kept originals (adapter, date, size).
+
+    --json prints {"pairs": [...], "backups": [...]}, every pair with its modules.
+    """
     with _errors():
         pairs = projection_cache.ProjectionCache().pairs()
+        store = backups.BackupStore()
+        kept = store.all()
     if as_json:
-        sys.stdout.write(rendering.cache_json(pairs) + "\n")
+        sys.stdout.write(rendering.cache_json(pairs, kept) + "\n")
     else:
-        rendering.render_cache(pairs, Console(), modules=modules)
+        rendering.render_cache(pairs, _console(), modules=modules)
+        rendering.render_backups(kept, store.root, _console())
 
 
 @cache_app.command("rm")
-def cache_rm(pair: Annotated[str, typer.Argument(help="The pair's key, or a unique prefix of it.")]) -> None:
-    """Remove one pair's cached operators."""
+def cache_rm(
+    targets: Annotated[
+        list[str],
+        typer.Argument(
+            help="Pair keys (or unique prefixes of them); with --backups, adapter directories.", show_default=False
+        ),
+    ],
+    backups_: Annotated[
+        bool,
+        typer.Option(
+            "--backups",
+            help="Remove the kept originals of these adapter directories: the only copies, restore can no longer "
+            "bring them back.",
+        ),
+    ] = False,
+    yes: YesOpt = False,
+) -> None:
+    """Remove pairs' cached operators; with --backups, adapters' kept originals (asks first)."""
+    if not backups_:
+        with _errors():
+            cache = projection_cache.ProjectionCache()
+            for key in targets:
+                removed = cache.remove(key)
+                _console().print(
+                    line(
+                        f"removed pair {removed.key} ({len(removed.entries)} modules, {rendering.size(removed.nbytes)})"
+                    ),
+                    highlight=False,
+                )
+        return
     with _errors():
-        removed = projection_cache.ProjectionCache().remove(pair)
-    Console().print(
-        line(f"removed pair {removed.key} ({len(removed.entries)} modules, {rendering.size(removed.nbytes)})"),
+        store = backups.BackupStore()
+        chosen = _backups_of(store, targets)
+        gone = [b for b, dirs in chosen if set(b.adapters) <= dirs or not b.adapters]
+        _confirm(f"{len(gone)} kept original(s), {rendering.size(sum(b.nbytes for b in gone))}", yes)
+        store.remove(gone)
+        for backup, dirs in chosen:
+            if backup not in gone:
+                for d in dirs:
+                    store.forget(backup, d)
+    _console().print(
+        line(f"removed {len(gone)} kept original(s); {len(chosen) - len(gone)} still kept for other adapters"),
         highlight=False,
     )
 
 
+def _backups_of(store: backups.BackupStore, targets: list[str]) -> list[tuple[backups.Backup, set[str]]]:
+    """The backups kept for these adapter directories: the one each one's provenance names, and any
+    recorded for its path. Each with the directories (absolute) it is being removed for."""
+    kept = store.all()
+    chosen: dict[str, tuple[backups.Backup, set[str]]] = {}
+    for target in targets:
+        where = os.path.abspath(target)
+        found = [b for b in kept if where in b.adapters]
+        if os.path.isdir(target):
+            with adapter_io.opened(Path(target)) as adapter:
+                sha = adapter.provenance().get(adapter_io.PROVENANCE_PREFIX + "original")
+            found += [b for b in kept if b.sha256 == sha]
+        if not found:
+            raise SafeLoraError(f"{target}: no kept original in {store.root}")
+        for b in found:
+            chosen.setdefault(b.sha256, (b, set()))[1].add(where)
+    return list(chosen.values())
+
+
+def _confirm(what: str, yes: bool) -> None:
+    """Ask before deleting backups: each is the only copy of an adapter's original."""
+    warning = f"deleting {what}: each is the only copy of an adapter's original, restore cannot bring it back"
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise typer.BadParameter(f"{warning}. Nothing was removed; pass --yes to delete them", param_hint="--yes")
+    if not typer.confirm(f"{warning[0].upper()}{warning[1:]}. Delete?", default=False, err=True):
+        _err_console().print(line("nothing was removed"), highlight=False)
+        raise typer.Exit(1)
+
+
 @cache_app.command("clear")
-def cache_clear() -> None:
-    """Remove every cached pair (a pair that a running safelora is computing is kept)."""
+def cache_clear(
+    backups_: Annotated[
+        bool,
+        typer.Option(
+            "--backups",
+            help="Remove the kept originals instead of the projection cache: the only copies, restore can no "
+            "longer bring them back.",
+        ),
+    ] = False,
+    older_than: Annotated[
+        float | None,
+        typer.Option(min=0, help="With --backups: only originals kept more than DAYS days ago.", metavar="DAYS"),
+    ] = None,
+    yes: YesOpt = False,
+) -> None:
+    """Remove every cached pair (a pair a running safelora is computing is kept); never the backups,
+    unless --backups (which asks first)."""
+    if older_than is not None and not backups_:
+        raise typer.BadParameter("applies to --backups only", param_hint="--older-than")
+    if backups_:
+        with _errors():
+            store = backups.BackupStore()
+            limit = time.time() - older_than * 86400 if older_than is not None else None
+            gone = [b for b in store.all() if limit is None or b.created < limit]
+            _confirm(f"{len(gone)} kept original(s), {rendering.size(sum(b.nbytes for b in gone))}", yes)
+            store.remove(gone)
+        _console().print(line(f"removed {len(gone)} kept original(s) from {store.root}"), highlight=False)
+        return
     with _errors():
         cache = projection_cache.ProjectionCache()
         removed, kept = cache.clear()
-    console = Console()
+    console = _console()
     console.print(
         line(f"removed {len(removed)} pair(s), {rendering.size(sum(p.nbytes for p in removed))} from {cache.root}"),
         highlight=False,

@@ -17,19 +17,21 @@ from typing import Literal, TypeVar, cast
 
 import torch
 
-from . import __version__
+from . import __version__, atomic
 from .adapter import (
     ADAPTER_FILE,
     PROVENANCE_PREFIX,
     Adapter,
     LoraModule,
     Named,
-    clean_stale_temps,
+    file_digest,
     load_adapter,
     open_all,
     rewrite_lock,
     write_adapter,
 )
+from .atomic import TMP_MARK
+from .backups import Backup, BackupStore
 from .cache import CorruptEntry, PairCache
 from .errors import AdapterError, AlreadyProjectedError, SafeLoraError, SourceError
 from .projection import Mode, ModuleMath, Operator, Projector, build_v, select
@@ -52,6 +54,7 @@ class Settings:
     force: bool = False
     dry_run: bool = False
     output: Path | None = None
+    backup: bool = True  # an in-place run keeps the original in the backup store first
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,8 @@ class Report:
     notes: list[str] = field(default_factory=list)
     cache: CacheUse | None = None
     bytes_downloaded: int = 0
+    backup: Backup | None = None  # the kept original this adapter's provenance names
+    backup_created: bool = False  # kept by this run (else kept by an earlier one, or none)
 
     @property
     def projected_count(self) -> int:
@@ -311,12 +316,19 @@ class _Run:
     named: Named
     notes: list[str]
     adapter: Adapter | None = None
+    original: Backup | None = None  # the kept original this run starts from, instead of the adapter's file
+    kept: Backup | None = None  # the backup the written file's provenance names
+    kept_now: bool = False
     found: dict[str, tuple[ModuleMath, bool]] = field(default_factory=dict)
     outcome: Report | SafeLoraError | None = None  # set once the run is over (a no-op or an error)
 
     @property
     def path(self) -> Path:
         return self.named.path
+
+    def close(self) -> None:
+        if self.adapter is not None:
+            self.adapter.close()
 
     @property
     def loaded(self) -> Adapter:
@@ -466,6 +478,7 @@ def project_adapter(
     on_module: OnModule = None,
     cache: PairCache | None = None,
     on_wait: Callable[[str], None] = lambda message: None,
+    backups: BackupStore | None = None,
 ) -> Report:
     """Run Safe LoRA on one adapter against one (base, aligned) pair. Raises its error."""
     with open_all([adapter_path]) as named:
@@ -478,6 +491,7 @@ def project_adapter(
             on_module=on_module,
             cache=cache,
             on_wait=on_wait,
+            backups=backups,
         )
     if isinstance(outcome, SafeLoraError):
         raise outcome
@@ -494,6 +508,7 @@ def project_adapters(
     on_module: OnModule = None,
     cache: PairCache | None = None,
     on_wait: Callable[[str], None] = lambda message: None,
+    backups: BackupStore | None = None,
 ) -> list[Report | SafeLoraError]:
     """Run Safe LoRA on several adapters (opened by ``adapter.open_all``) against one pair: a report
     or an error per adapter, in order.
@@ -505,7 +520,12 @@ def project_adapters(
     With ``cache`` (float32 runs only), operators are read from and stored in the projection cache:
     cached modules read nothing from either checkpoint, and the bytes written are identical to an
     uncached run's, since P is always computed from the same float32 operator.
+
+    ``backups`` (default: the store ``SAFELORA_BACKUPS`` names) keeps each in-place run's original
+    before its adapter is replaced (unless ``settings.backup`` is off), and gives a projected
+    adapter's original back to a run that projects it again.
     """
+    store = backups if backups is not None else BackupStore()
     started = time.perf_counter()
     shared_notes = list(notes or [])
     if cache is not None and settings.precision != "float32":
@@ -539,6 +559,8 @@ def project_adapters(
             notes=run.notes + (cache.warnings if cache is not None else []),
             cache=CacheUse(cache.key, served, len(run.found) - served) if cache is not None else None,
             bytes_downloaded=base.bytes_downloaded + aligned.bytes_downloaded,
+            backup=run.kept,
+            backup_created=run.kept_now,
         )
 
     with ExitStack() as held:
@@ -551,12 +573,11 @@ def project_adapters(
                 run.outcome = e
         for run in runs:
             if run.outcome is None:
+                held.callback(run.close)
                 try:
-                    _prepare(run, settings, base_info, aligned_info, in_place, report)
+                    _prepare(run, settings, base_info, aligned_info, in_place, report, store)
                 except SafeLoraError as e:
                     run.outcome = e
-                if run.adapter is not None:
-                    held.callback(run.adapter.close)
         live = [run for run in runs if run.outcome is None]
         projector = Projector(torch.float64 if settings.precision == "float64" else torch.float32, device)
         total = sum(len(run.loaded.modules) for run in live)
@@ -574,7 +595,7 @@ def project_adapters(
         for run in live:
             if run.outcome is None:
                 try:
-                    run.outcome = _finish(run, settings, base_info, aligned_info, report)
+                    run.outcome = _finish(run, settings, base_info, aligned_info, report, store, in_place)
                 except SafeLoraError as e:
                     run.outcome = e
     return [run.outcome for run in runs if run.outcome is not None]
@@ -587,24 +608,47 @@ def _prepare(
     aligned_info: SourceInfo,
     in_place: bool,
     report: Callable[[_Run, list[LayerResult], float | None, bool], Report],
+    store: BackupStore,
 ) -> None:
-    """Load the adapter and decide whether it may be projected; a no-op ends the run with its report."""
+    """Load the adapter and decide what to project; a no-op ends the run with its report.
+
+    An adapter safelora projected before is projected again from its kept original (the backup its
+    provenance names), so the result equals projecting the original directly; without a backup,
+    only --force projects it again, on top of the earlier projection.
+    """
     if run.named.dir is None:
         raise RuntimeError(f"{run.path}: prepared without an open directory")
     run.adapter = adapter = load_adapter(run.named.dir)
     run.notes.extend(adapter.warnings)
     previous = adapter.provenance()
-    if previous and not settings.force:
-        if _same_run(previous, base_info, aligned_info, settings):
+    if previous:
+        if not settings.force and _same_run(previous, base_info, aligned_info, settings):
             run.notes.append("already projected with this pair and these settings: nothing to do")
             tau = adapter.provenance_value("threshold", "null", (int, float, type(None)))
             run.outcome = report(run, [], tau, False)
             return
-        pair = f"{previous.get(PROVENANCE_PREFIX + 'base')} → {previous.get(PROVENANCE_PREFIX + 'aligned')}"
-        raise AlreadyProjectedError(
-            f"{adapter.file}: already projected by safelora against {pair}; projecting twice shrinks the update again. "
-            "Start from the original adapter, or pass --force"
-        )
+        original = store.find(previous.get(PROVENANCE_PREFIX + "original"))
+        if original is not None:
+            if not settings.force and previous.get(PROVENANCE_PREFIX + "digest") != file_digest(adapter):
+                raise AlreadyProjectedError(
+                    f"{adapter.file}: changed since safelora projected it; projecting again starts from the "
+                    f"original (backup {original.sha256[:12]}) and would throw those changes away. Pass --force to "
+                    "do so, or keep the changes and leave it as it is"
+                )
+            run.adapter = adapter = adapter.with_weights(store.open(original), original.path)
+            run.original = original
+            run.notes.append(f"started from the original adapter (backup {original.sha256[:12]}), not its projection")
+        elif not settings.force:
+            pair = f"{previous.get(PROVENANCE_PREFIX + 'base')} → {previous.get(PROVENANCE_PREFIX + 'aligned')}"
+            raise AlreadyProjectedError(
+                f"{adapter.file}: already projected by safelora against {pair}, and no backup of its original is "
+                f"kept (looked in {store.root}); projecting twice shrinks the update again. Start from the "
+                "original adapter, or pass --force"
+            )
+        else:
+            run.notes.append(
+                "--force without a backup of the original: projected again, on top of the earlier projection"
+            )
     if adapter.dora:
         if not settings.allow_dora:
             raise AdapterError(
@@ -621,7 +665,7 @@ def _prepare(
                 f"{adapter.file}: is a symbolic link, and rewriting it in place would replace the link, not "
                 f"its target; pass --output DIR for a patched copy, or replace the link with a copy of {ADAPTER_FILE}"
             )
-        clean_stale_temps(adapter.dir)
+        atomic.clean_stale(adapter.dir, f".{ADAPTER_FILE}{TMP_MARK}")
 
 
 def _apply(
@@ -653,8 +697,10 @@ def _finish(
     base_info: SourceInfo,
     aligned_info: SourceInfo,
     report: Callable[[_Run, list[LayerResult], float | None, bool], Report],
+    store: BackupStore,
+    in_place: bool,
 ) -> Report:
-    """Select, write (unless a dry run) and report one adapter."""
+    """Select, keep the original (in place), write (unless a dry run) and report one adapter."""
     adapter = run.loaded
     modules = adapter.modules
     results = [run.found[m.module][0] for m in modules]
@@ -678,5 +724,15 @@ def _finish(
     }
     if adapter.dora:
         provenance[PROVENANCE_PREFIX + "dora"] = "lora_B projected; magnitude vectors unchanged"
+    run.kept = run.original
+    if in_place and run.kept is None:
+        if settings.backup:
+            # Before the rename: once the adapter is replaced, this copy is the only one of the original.
+            run.kept = store.save(adapter.handle, adapter.stat.st_size, adapter.path)
+            run.kept_now = True
+        else:
+            run.notes.append("--no-backup: no copy of the original was kept; safelora restore cannot undo this run")
+    if run.kept is not None:
+        provenance[PROVENANCE_PREFIX + "original"] = run.kept.sha256
     write_adapter(adapter, replacements, provenance, settings.output, overwrite_output=settings.force, notes=run.notes)
     return report(run, layers, tau, True)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -27,6 +29,7 @@ from rich.text import Text
 
 from . import __version__
 from .audit import CheckResult, Inspection
+from .backups import Backup
 from .cache import PairSummary
 from .pipeline import LayerResult, OnModule, Report, SourceInfo
 from .text import line, printable
@@ -77,6 +80,11 @@ def to_json(report: Report) -> dict[str, Any]:
             if report.cache is not None
             else None
         ),
+        "backup": (
+            {"sha256": report.backup.sha256, "bytes": report.backup.nbytes, "created": report.backup_created}
+            if report.backup is not None
+            else None
+        ),
         "seconds": round(report.seconds, 3),
     }
 
@@ -125,6 +133,10 @@ def render(report: Report, console: Console) -> None:
         console.print(line((f"projection cache {c.pair}: {c.served} served, {c.computed} computed", "dim")))
     if report.bytes_downloaded:
         console.print(line((f"downloaded {size(report.bytes_downloaded)}", "dim")))
+    if report.backup is not None:
+        how = "kept" if report.backup_created else "already kept"
+        kept = f"original {how}: {size(report.backup.nbytes)}, sha256 {report.backup.sha256[:12]}…"
+        console.print(line((f"{kept}; safelora restore puts it back", "dim")), highlight=False)
     console.print(line(summary(report)), highlight=False)
 
 
@@ -149,6 +161,8 @@ def summary(report: Report) -> str:
         where = "dry run, nothing written"
     elif report.written:
         where = f"wrote {report.output or report.adapter}"
+        if report.backup is not None and report.output is None:
+            where += f" (original kept, {size(report.backup.nbytes)})"
     else:
         where = "nothing written"
     return (
@@ -243,9 +257,45 @@ def _pair_json(pair: PairSummary) -> dict[str, Any]:
     }
 
 
-def cache_json(pairs: list[PairSummary]) -> str:
-    """``safelora cache ls --json``: every pair with its modules."""
-    return json.dumps([_pair_json(p) for p in pairs], indent=2)
+def _backup_json(backup: Backup) -> dict[str, Any]:
+    return {
+        "sha256": backup.sha256,
+        "bytes": backup.nbytes,
+        "path": str(backup.path),
+        "adapters": [{"adapter": a, "kept": _date(t)} for a, t in sorted(backup.adapters.items())],
+    }
+
+
+def _date(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def cache_json(pairs: list[PairSummary], backups: list[Backup]) -> str:
+    """``safelora cache ls --json``: every pair with its modules, and every kept original."""
+    doc = {"pairs": [_pair_json(p) for p in pairs], "backups": [_backup_json(b) for b in backups]}
+    return json.dumps(doc, indent=2)
+
+
+def render_backups(backups: list[Backup], root: Path, console: Console) -> None:
+    """The kept originals: adapter directory, when, size; and their total."""
+    if not backups:
+        console.print(line((f"no original is kept in {root}", "dim")), highlight=False)
+        return
+    table = Table(title=line("kept originals · ", root), title_justify="left")
+    table.add_column("adapter", overflow="fold")
+    table.add_column("kept", no_wrap=True)
+    table.add_column("sha256", no_wrap=True)
+    table.add_column("size", justify="right", no_wrap=True)
+    for b in backups:
+        for adapter, t in sorted(b.adapters.items()) or [("?", b.created)]:
+            kept = time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+            table.add_row(line(adapter), kept, b.sha256[:12], size(b.nbytes))
+    console.print(table)
+    total = sum(b.nbytes for b in backups)
+    console.print(
+        line(f"{len(backups)} kept original(s), {size(total)}; remove with safelora cache rm --backups ADAPTER"),
+        highlight=False,
+    )
 
 
 def render_cache(pairs: list[PairSummary], console: Console, *, modules: bool) -> None:
@@ -306,6 +356,7 @@ def inspection_to_json(info: Inspection) -> dict[str, Any]:
         "modules_to_save": info.modules_to_save,
         "skipped": [{"key": key, "reason": reason} for key, reason in info.skipped],
         "provenance": info.provenance,
+        "backup": _backup_json(info.backup) if info.backup is not None else None,
     }
 
 
@@ -331,4 +382,8 @@ def render_inspection(info: Inspection, console: Console) -> None:
             table.add_row(line(key), line(value))
     else:
         table.add_row("provenance", "none (never sanitized by safelora)")
+    if info.provenance:
+        b = info.backup
+        kept = f"yes: {b.sha256[:12]}…, {size(b.nbytes)} (safelora restore puts it back)" if b else "no"
+        table.add_row("original kept", line(kept))
     console.print(table)

@@ -316,23 +316,31 @@ class FileRange:
         return self.end - self.start
 
     def segments(self) -> Iterator[tuple[int, int, bool]]:
-        """``(start, end, is_hole)`` runs covering the range (one data run where holes are unknown)."""
+        """``(start, end, is_hole)`` runs covering the range (one data run where holes are unknown).
+
+        SEEK_DATA and SEEK_HOLE move the file's offset; it is put back before each run is handed
+        out, so a reader of the same open file is not disturbed.
+        """
         pos = self.start
         while pos < self.end:
+            offset = os.lseek(self.fd, 0, os.SEEK_CUR)
             try:
-                data = min(os.lseek(self.fd, pos, os.SEEK_DATA), self.end)
-            except OSError as e:
-                if e.errno != errno.ENXIO:  # ENXIO: no data after pos, the rest is a hole
-                    yield pos, self.end, False
-                    return
-                data = self.end
-            if data > pos:
-                yield pos, data, True
-                pos = data
-                continue
-            hole = min(os.lseek(self.fd, pos, os.SEEK_HOLE), self.end)
-            yield pos, hole, False
-            pos = hole
+                end, hole = self._run_at(pos)
+            finally:
+                os.lseek(self.fd, offset, os.SEEK_SET)
+            yield pos, end, hole
+            pos = end
+
+    def _run_at(self, pos: int) -> tuple[int, bool]:
+        """Where the run that starts at ``pos`` ends, and whether it is a hole."""
+        try:
+            data = os.lseek(self.fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            # ENXIO: no data after pos, the rest is a hole; anything else: the filesystem cannot tell
+            return self.end, e.errno == errno.ENXIO
+        if data > pos:
+            return min(data, self.end), True
+        return min(os.lseek(self.fd, pos, os.SEEK_HOLE), self.end), False
 
     def chunks(self) -> Iterator[bytes | memoryview]:
         """The range in chunks of at most 8 MiB (``os.pread``: the file position does not matter)."""
@@ -390,19 +398,20 @@ def write_chunks(fd: int, chunks: Iterable[Data]) -> None:
     """
     for chunk in chunks:
         if not isinstance(chunk, FileRange):
-            _write_all(fd, chunk)
+            write_all(fd, chunk)
             continue
         for start, end, hole in chunk.segments():
             if hole:
                 os.lseek(fd, end - start, os.SEEK_CUR)
             elif not _copy_range(chunk.fd, start, end, fd):
                 for piece in FileRange(chunk.fd, start, end).chunks():
-                    _write_all(fd, piece)
+                    write_all(fd, piece)
     # A file that ends in a hole has its size set by the last seek, which writes nothing.
     os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR))
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """``os.write`` until every byte is written."""
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import re
 
+from rich.console import Console
 from rich.text import Text
+
+# The width of a console that is not a terminal: lines as long as they are, never wrapped (a log or
+# a pipe has no width, and a wrapped path or module name no longer greps).
+_UNWRAPPED = 100_000
 
 # C0 and C1 controls, DEL, and the Unicode formatting characters that reorder or hide text:
 # bidi marks, embeddings, overrides and isolates, line/paragraph separators, zero-width joiners.
@@ -42,3 +47,9 @@ def line(*parts: object) -> Text:
         value, style = part if isinstance(part, tuple) and len(part) == 2 else (part, "")
         text.append(printable(value), style=str(style))
     return text
+
+
+def console(*, stderr: bool = False) -> Console:
+    """A console for people: a terminal's own width, or, on a pipe or a file, lines never wrapped."""
+    terminal = Console(stderr=stderr)
+    return terminal if terminal.is_terminal else Console(stderr=stderr, width=_UNWRAPPED)

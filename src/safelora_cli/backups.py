@@ -1,0 +1,324 @@
+"""Originals kept before an in-place rewrite: no run destroys the only copy of an adapter.
+
+C·B cannot be undone (C is not invertible), so before an in-place ``project`` replaces
+``adapter_model.safetensors`` it copies the file, byte for byte, into a private store, and the
+new file's provenance records the original's sha256 (``safelora.original``). ``restore`` puts the
+original back; a later ``project`` with other settings starts from it.
+
+The store (``SAFELORA_BACKUPS``, else ``$XDG_DATA_HOME/safelora/originals``, else
+``~/.local/share/safelora/originals``) is never inside the adapter directory (adapter directories
+get uploaded: shipping the unsafe original beside the sanitized one would undo the point) nor in
+the projection cache (CI systems share that one). It follows the ownership rule, and holds:
+
+    <sha256>.safetensors   an original, byte for byte (holes of a sparse file stay holes), mode 0600
+    <sha256>.json          its record: size, and each adapter directory it was taken from, with when
+    .lock                  flock'd while records change
+
+A backup is found by the sha256 in the adapter's provenance, and its content is checked against
+that sha256 before it is used.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import stat
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from io import BufferedReader
+from pathlib import Path
+
+from . import atomic, ownership, safefs, stfile, strict
+from .adapter import ADAPTER_FILE, PROVENANCE_PREFIX, atomic_replace, file_digest, load_adapter, rewrite_lock
+from .errors import SafeLoraError
+
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+_RECORD_LIMIT = 1 << 20
+RULE = ownership.Rule("no backup can be kept: ", "SAFELORA_BACKUPS", "the backup store", "the originals kept there")
+
+
+class BackupError(SafeLoraError):
+    """A backup cannot be written, found or trusted; the adapter is left as it was."""
+
+
+def store_root() -> Path:
+    """``SAFELORA_BACKUPS``, else ``$XDG_DATA_HOME/safelora/originals``, else ``~/.local/share/safelora/originals``."""
+    env = os.environ.get("SAFELORA_BACKUPS")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share") / "safelora" / "originals"
+
+
+@dataclass(frozen=True)
+class Backup:
+    """One original in the store."""
+
+    sha256: str
+    path: Path
+    nbytes: int
+    adapters: dict[str, float]  # absolute adapter directory → when it was backed up (Unix time)
+
+    @property
+    def created(self) -> float:
+        return min(self.adapters.values(), default=0.0)
+
+
+def _record_name(sha: str) -> str:
+    return f"{sha}.json"
+
+
+def _blob_name(sha: str) -> str:
+    return f"{sha}.safetensors"
+
+
+def _store_file(name: str) -> bool | None:
+    """How the store uses ``name`` (see ``ownership.Rule.contents``): all of its files are read."""
+    return True if name.endswith((".json", ".safetensors")) or name == ".lock" else None
+
+
+class BackupStore:
+    """The store of originals; see the module's docstring."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root if root is not None else store_root()
+
+    def problem(self) -> str | None:
+        """Why the store must not be used (the ownership rule), as one line that names the path and the fix."""
+        return RULE.checked(lambda: RULE.root(self.root) or RULE.contents(self.root, _store_file), self.root)
+
+    def _usable(self, hint: str = "") -> None:
+        problem = self.problem()
+        if problem is not None:
+            raise BackupError(problem + hint)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The store's lock, while a record is read and rewritten."""
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, ownership.FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    # --- keeping an original ---------------------------------------------------------------------
+
+    def save(self, weights: BufferedReader, size: int, adapter_dir: Path) -> Backup:
+        """Copy ``size`` bytes of ``weights`` (an adapter file as it was read) into the store, fsync'd,
+        and record ``adapter_dir`` for it. A file already kept (same sha256) is not copied again.
+
+        Raises ``BackupError`` when the store cannot be used or written: the caller must not go on.
+        """
+        self._usable("; or pass --no-backup")
+        try:
+            ownership.mkdirs(self.root)
+            with safefs.Directory(self.root, BackupError) as store:
+                atomic.clean_stale(store)  # what runs killed while keeping an original left
+                sha = self._copy(weights, size, store)
+                with self._locked():
+                    record = self._read_record(sha) or Backup(sha, self.root / _blob_name(sha), size, {})
+                    record.adapters[os.path.abspath(adapter_dir)] = time.time()
+                    self._write_record(store, record)
+                stfile.fsync(store.fd)
+        except OSError as e:
+            raise BackupError(
+                f"{safefs.os_error(self.root, e)}: cannot keep the original, so the adapter was not changed; "
+                "free some space, fix the store's permissions or point SAFELORA_BACKUPS elsewhere, or pass --no-backup"
+            ) from None
+        return record
+
+    def _copy(self, weights: BufferedReader, size: int, store: safefs.Directory) -> str:
+        """Write the original to a temp file while hashing it; rename it to its sha256 unless kept already."""
+        fd, tmp = atomic.create_temp(store, "original")
+        h = hashlib.sha256()
+        try:
+            try:
+                # One read: each chunk is hashed and written; a hole is hashed as zeros and skipped.
+                for start, end, hole in stfile.FileRange(weights.fileno(), 0, size).segments():
+                    for chunk in stfile.FileRange(weights.fileno(), start, end).chunks():
+                        h.update(chunk)
+                        if not hole:
+                            stfile.write_all(fd, chunk)
+                    if hole:
+                        os.lseek(fd, end - start, os.SEEK_CUR)
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            sha = h.hexdigest()
+            if _regular_size(store, _blob_name(sha)) == size:
+                atomic.remove_entry(store.fd, tmp)  # kept already, by an earlier run on these same bytes
+            else:
+                os.rename(tmp, _blob_name(sha), src_dir_fd=store.fd, dst_dir_fd=store.fd)
+        except BaseException:
+            atomic.remove_entry(store.fd, tmp)
+            raise
+        return sha
+
+    def _read_record(self, sha: str) -> Backup | None:
+        try:
+            raw, _ = safefs.read_small(self.root / _record_name(sha), BackupError, _RECORD_LIMIT)
+            doc = strict.loads(raw)
+            adapters = doc["adapters"]
+            nbytes = doc["bytes"]
+            if not (isinstance(adapters, dict) and type(nbytes) is int and doc.get("sha256") == sha):
+                return None
+            kept = {k: float(v) for k, v in adapters.items() if isinstance(k, str) and isinstance(v, (int, float))}
+        except (BackupError, strict.InvalidJSON, KeyError, TypeError, ValueError):
+            return None
+        return Backup(sha, self.root / _blob_name(sha), nbytes, kept)
+
+    def _write_record(self, store: safefs.Directory, backup: Backup) -> None:
+        doc = {"sha256": backup.sha256, "bytes": backup.nbytes, "adapters": backup.adapters}
+        atomic.write_file(store, _record_name(backup.sha256), [json.dumps(doc, indent=2).encode()], 0o600)
+
+    # --- finding and using an original --------------------------------------------------------------
+
+    def find(self, sha: str | None) -> Backup | None:
+        """The backup whose sha256 is ``sha`` (as provenance records it), or None when none is kept.
+
+        A store that breaks the ownership rule is not looked into: ``BackupError`` says why.
+        """
+        if sha is None or not _SHA.match(sha):
+            return None
+        self._usable()
+        try:
+            with safefs.Directory(self.root, BackupError) as store:
+                size = _regular_size(store, _blob_name(sha))
+        except (BackupError, OSError):
+            return None
+        if size is None:
+            return None
+        record = self._read_record(sha)
+        return Backup(sha, self.root / _blob_name(sha), size, record.adapters if record else {})
+
+    def open(self, backup: Backup) -> BufferedReader:
+        """The original, opened and checked against its sha256 (read once, a chunk at a time)."""
+        self._usable()
+        f = safefs.open_file(backup.path, BackupError, follow=False, fix="the backup store was tampered with")
+        try:
+            size = os.fstat(f.fileno()).st_size
+            h = hashlib.sha256()
+            for chunk in stfile.FileRange(f.fileno(), 0, size).chunks():
+                h.update(chunk)
+        except OSError as e:
+            f.close()
+            raise BackupError(safefs.os_error(backup.path, e)) from None
+        if h.hexdigest() != backup.sha256:
+            f.close()
+            raise BackupError(
+                f"{backup.path}: does not match its sha256 {backup.sha256[:12]}: the backup is corrupt, and the "
+                "original cannot be rebuilt from it"
+            )
+        return f
+
+    # --- listing and removing -----------------------------------------------------------------------
+
+    def all(self) -> list[Backup]:
+        """Every backup in the store (oldest first); a store that does not exist yet holds none."""
+        if ownership.lstat(self.root) is None:
+            return []
+        try:
+            with safefs.Directory(self.root, BackupError) as store:
+                names = store.names()
+                found = []
+                for name in names:
+                    sha = name.removesuffix(".safetensors")
+                    if name.endswith(".safetensors") and _SHA.match(sha):
+                        size = _regular_size(store, name)
+                        if size is not None:
+                            record = self._read_record(sha)
+                            found.append(Backup(sha, self.root / name, size, record.adapters if record else {}))
+        except OSError as e:
+            raise BackupError(safefs.os_error(self.root, e)) from None
+        return sorted(found, key=lambda b: (b.created, b.sha256))
+
+    def remove(self, backups: list[Backup]) -> None:
+        """Delete these backups: each one is the only copy of an original."""
+        with safefs.Directory(self.root, BackupError) as store, self._locked():
+            for backup in backups:
+                for name in (_blob_name(backup.sha256), _record_name(backup.sha256)):
+                    try:
+                        os.unlink(name, dir_fd=store.fd)
+                    except FileNotFoundError:
+                        pass
+                    except OSError as e:
+                        raise BackupError(safefs.os_error(self.root / name, e)) from None
+            stfile.fsync(store.fd)
+
+    def forget(self, backup: Backup, adapter_dir: str) -> None:
+        """Drop one adapter directory from a backup that others still use."""
+        with safefs.Directory(self.root, BackupError) as store, self._locked():
+            record = self._read_record(backup.sha256) or backup
+            record.adapters.pop(adapter_dir, None)
+            try:
+                self._write_record(store, record)
+            except OSError as e:
+                raise BackupError(safefs.os_error(self.root, e)) from None
+
+
+def _regular_size(store: safefs.Directory, name: str) -> int | None:
+    """The size of ``name`` in the store when it is a regular file (never a link), else None."""
+    st = store.lstat(name)
+    return st.st_size if st is not None and stat.S_ISREG(st.st_mode) else None
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What ``restore`` did for one adapter."""
+
+    adapter: Path
+    backup: Backup
+
+
+def restore(
+    directory: safefs.Directory, store: BackupStore, *, force: bool = False, on_wait: Callable[[], None] = lambda: None
+) -> Restored:
+    """Put an adapter's kept original back, byte for byte, in place of its projection.
+
+    The same locked, descriptor-based, atomic rewrite as ``project``: the adapter ends as the
+    projection or as the original, never a mix. Refused (``BackupError``) when the adapter carries
+    no provenance or names no backup, when the store does not hold it, and, unless ``force``, when
+    the adapter was changed since safelora wrote it (restoring would throw those changes away).
+    """
+    with rewrite_lock(directory, on_wait):
+        adapter = load_adapter(directory)
+        try:
+            provenance = adapter.provenance()
+            sha = provenance.get(PROVENANCE_PREFIX + "original")
+            if not provenance:
+                raise BackupError(f"{adapter.file}: carries no safelora provenance; nothing to restore")
+            if sha is None:
+                raise BackupError(
+                    f"{adapter.file}: projected without a backup of its original (--no-backup, or a safelora from "
+                    f"before backups); there is nothing in {store.root} to restore it from"
+                )
+            backup = store.find(sha)
+            if backup is None:
+                raise BackupError(
+                    f"{adapter.file}: its original (sha256 {sha[:12]}…) is not in the backup store {store.root}; it "
+                    "was removed, or kept under another SAFELORA_BACKUPS"
+                )
+            if not force and provenance.get(PROVENANCE_PREFIX + "digest") != file_digest(adapter):
+                raise BackupError(
+                    f"{adapter.file}: changed since safelora projected it; restoring would throw those changes "
+                    "away. Pass --force to restore the original anyway"
+                )
+            st = directory.lstat(ADAPTER_FILE)
+            if st is not None and stat.S_ISLNK(st.st_mode):
+                raise BackupError(
+                    f"{adapter.file}: is a symbolic link, and restoring in place would replace the link, not its "
+                    "target; replace the link with a copy first"
+                )
+            with store.open(backup) as original:
+                chunks = [stfile.FileRange(original.fileno(), 0, backup.nbytes)]
+                atomic_replace(directory, ADAPTER_FILE, chunks, adapter.stat.st_mode & 0o777, expect=adapter.stat)
+        finally:
+            adapter.close()
+    return Restored(directory.path, backup)
