@@ -140,10 +140,17 @@ def test_eight_processes_on_eight_adapters_match_a_sequential_run(
     for k, adapter in enumerate(sequential):
         reference = project(adapter, llama_pair, tmp_path / "logs" / f"s{k}", "--no-cache")
         assert forkserver.run([reference]).status == [0]
+    shutil.rmtree(os.environ["SAFELORA_BACKUPS"])  # the same originals: let the eight runs keep them
     together = variants(llama_adapter, tmp_path / "together", 8)
+    originals = [(adapter / ADAPTER_FILE).read_bytes() for adapter in together]
     runs = [project(adapter, llama_pair, tmp_path / "logs" / f"t{k}") for k, adapter in enumerate(together)]
 
     outcome = forkserver.run(runs)
+
+    # Each run kept its own original, whole, named by its own sha256.
+    for adapter, original, run in zip(together, originals, runs, strict=True):
+        backup = Path(os.environ["SAFELORA_BACKUPS"]) / f"{sha256(original)}.safetensors"
+        assert backup.read_bytes() == original and run.report()["backup"]["sha256"] == sha256(original)
 
     assert outcome.status == [0] * 8, [r.err.read_text() for r in runs]
     assert all(r.report()["written"] for r in runs)
