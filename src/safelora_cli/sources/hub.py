@@ -56,20 +56,21 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import hf_raise_for_status
 
-from . import __version__, safefs, stfile, strict
-from .errors import HubError, SourceError, UsageError
-from .sources import (
+from .. import __version__, safefs, stfile, strict
+from ..errors import HubError, SourceError, UsageError
+from .base import (
     BIN_INDEX,
     BIN_SINGLE,
+    INDEX_LIMIT,
     SAFETENSORS_INDEX,
     SAFETENSORS_SINGLE,
     Hub,
     HubRef,
     Source,
-    TorchBinSource,
     Transfer,
     parse_index,
 )
+from .local import TorchBinSource
 
 DEFAULT_CONNECTIONS = 8
 MAX_CONNECTIONS = 64
@@ -85,7 +86,6 @@ _BACKOFF = 1.0  # seconds before the first retry; doubles after each
 _MAX_RETRY_AFTER = 300.0  # the Hub's rate-limit window; a server asking for more is not waited for
 _MAX_REDIRECTS = 10
 _INFO_LIMIT = 64 << 20  # the model info (one line per file of the repo)
-_INDEX_LIMIT = 64 << 20  # a checkpoint index (one line per tensor)
 _REF_LIMIT = 1024  # a commit sha in the Hugging Face cache's refs/
 _ERROR_BODY = 16 << 10  # of an error answer, read for its message
 _POLL = 0.05  # seconds between checks for Ctrl-C while waiting
@@ -211,7 +211,7 @@ def _complete(path: Path) -> bool:
         for index, single in ((SAFETENSORS_INDEX, SAFETENSORS_SINGLE), (BIN_INDEX, BIN_SINGLE)):
             if _regular(snapshot, index):
                 try:
-                    raw = snapshot.read_small(index, _INDEX_LIMIT)[0]
+                    raw = snapshot.read_small(index, INDEX_LIMIT)[0]
                     shards = set(parse_index(raw, str(path / index)).values())
                 except SourceError:
                     return False
@@ -1056,14 +1056,14 @@ class HubSource(Source):
         return set(self._files)
 
     def _small_file(self, filename: str) -> bytes:
-        """A JSON index: from the HF cache, else one GET into memory (at most ``_INDEX_LIMIT`` bytes)."""
+        """A JSON index: from the HF cache, else one GET into memory (at most ``INDEX_LIMIT`` bytes)."""
         local = self._cached(filename)
         if local is not None:
-            return safefs.read_small(local, HubError, _INDEX_LIMIT, where=self.where(filename), fix=_CACHE_FIX)[0]
+            return safefs.read_small(local, HubError, INDEX_LIMIT, where=self.where(filename), fix=_CACHE_FIX)[0]
         if self.hub.offline:
             raise self._offline_missing([filename])
         pool, file = self._net(), self._remote(filename)
-        raw = pool.call(lambda: pool.document(file.origin, file.url, _INDEX_LIMIT))
+        raw = pool.call(lambda: pool.document(file.origin, file.url, INDEX_LIMIT))
         self._count(len(raw))
         return raw
 
