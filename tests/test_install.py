@@ -1,4 +1,5 @@
-"""A fresh machine: what ``make install`` checks, where it gets torch from and what it reports.
+"""A fresh machine: what ``make install`` checks, where it gets torch from and what it reports, and a
+test suite that draws the same examples on every run.
 
 ``.ci/install --dry-run`` runs the interpreter checks and the index probe for real and prints the
 commands that would install (``+ cmd``, shell-quoted) instead of running them.
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTALL = ROOT / ".ci" / "install"
@@ -264,3 +267,22 @@ def test_torch_build_tells_cpu_cuda_and_rocm_apart(
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"torch 2.13.0+x: the {build} build\n"
+
+
+def test_hypothesis_draws_the_same_examples_on_every_run(request: pytest.FixtureRequest) -> None:
+    """The suite's tests set their own limits (max_examples, deadline) and take the seed and the
+    example database from the profile conftest loads: a fixed seed per test, no database."""
+    if request.config.getoption("--hypothesis-profile") not in (None, "ci"):
+        pytest.skip("another Hypothesis profile was asked for")
+    assert settings().database is None
+    runs: list[list[bytes]] = []
+
+    @settings(max_examples=20, deadline=None)
+    @given(st.binary(min_size=8))
+    def draw(data: bytes) -> None:
+        runs[-1].append(data)
+
+    for _ in range(2):
+        runs.append([])
+        draw()
+    assert runs[0] == runs[1]
