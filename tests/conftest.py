@@ -12,9 +12,17 @@ from pathlib import Path
 
 import builders
 import pytest
+from hypothesis import settings
 from typer.testing import CliRunner, Result
 
 from safelora_cli.cli import app
+
+# Hypothesis draws the same examples on every run, from a seed derived from each test, and keeps no
+# example database between runs: a failure in CI reproduces on the next run and from a clean clone.
+# `pytest --hypothesis-profile=explore` searches with fresh random seeds instead.
+settings.register_profile("ci", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile("ci")
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import reference as ref
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from safelora_cli.errors import NumericError
@@ -121,6 +121,10 @@ modules = st.tuples(shapes, st.integers(1, 64), st.integers(1, 8), st.booleans()
     dtype=st.sampled_from([torch.float32, torch.float64]),
     tau=st.floats(0.0, 1.0),
 )
+# A rounding boundary, from a failing run: this module's float32 similarity, 0.3650850 (…04 or …08 by
+# BLAS), rounds to 0.36509 and its float64 reference, 0.3650849883, to 0.36508; τ = 0.365085 lies between.
+@example(batch=[((14, 66), 5, 2, False)], seed=2, dtype=torch.float32, tau=0.5)
+@example(batch=[((14, 66), 5, 2, False)], seed=2, dtype=torch.float32, tau=0.365085)
 def test_projector_matches_reference(
     batch: list[tuple[tuple[int, int], int, int, bool]], seed: int, dtype: torch.dtype, tau: float
 ) -> None:
@@ -132,26 +136,24 @@ def test_projector_matches_reference(
     results = [projector.compute(*(t.to(dtype) for t in ts), transpose=fifo) for ts, fifo in inputs]
 
     sim_tol, b_tol = TOLERANCES[dtype]
-    sims = []
     for (ts, fifo), got in zip(inputs, results, strict=True):
         w_base, w_aligned, a, b = ts
         c = ref.c_matrix(ref.v_matrix(w_base, w_aligned, fan_in_fan_out=fifo))
         want = ref.similarity(c, a, b)
-        sims.append(want)
         assert got.reason is None
         assert got.similarity == pytest.approx(want, abs=sim_tol)
         assert got.projected_b is not None
         assert rel_error(got.projected_b, ref.projected_b(c, b)) < b_tol
 
-    # Decisions must be identical; τ_k may differ in the last rounded digit where a float32
-    # similarity sits next to a rounding boundary.
+    # Selection sees similarities rounded to 5 decimals. A float32 similarity within sim_tol of its
+    # reference still rounds one step away from it when a rounding boundary lies between the two, and
+    # τ_k and the decisions then rightly follow the value the projector computed. So the reference's
+    # selection runs on the projector's similarities (checked against the reference above), and τ_k
+    # and every decision must be identical to it: a boundary case is exact, not within a tolerance.
     got_sims = [r.similarity for r in results]
-    assert select(got_sims, "threshold", tau, None)[1] == ref.select_threshold(sims, tau)
+    assert select(got_sims, "threshold", tau, None)[1] == ref.select_threshold(got_sims, tau)
     for k in range(1, len(batch) + 1):
-        got_tau, got_chosen = select(got_sims, "number", 0.5, k)
-        want_tau, want_chosen = ref.select_number(sims, k)
-        assert got_tau == pytest.approx(want_tau, abs=sim_tol)
-        assert got_chosen == want_chosen
+        assert select(got_sims, "number", 0.5, k) == ref.select_number(got_sims, k)
 
 
 def test_similarity_is_scale_invariant_and_projection_linear() -> None:
