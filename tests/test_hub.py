@@ -30,10 +30,10 @@ from safetensors.torch import load_file
 from typer.testing import Result
 
 import safelora_cli
-from safelora_cli.sources import hub as hub_module
 from safelora_cli.adapter import ADAPTER_FILE
 from safelora_cli.cache import ProjectionCache
 from safelora_cli.sources import Hub, HubRef, QuietTransfer, parse_ref
+from safelora_cli.sources import hub as hub_module
 from safelora_cli.stfile import read_header
 
 Cli = Callable[..., Result]

@@ -148,7 +148,7 @@ def test_eight_processes_on_eight_adapters_match_a_sequential_run(
     outcome = forkserver.run(runs)
 
     # Each run kept its own original, whole, named by its own sha256.
-    for adapter, original, run in zip(together, originals, runs, strict=True):
+    for original, run in zip(originals, runs, strict=True):
         backup = Path(os.environ["SAFELORA_BACKUPS"]) / f"{sha256(original)}.safetensors"
         assert backup.read_bytes() == original and run.report()["backup"]["sha256"] == sha256(original)
 

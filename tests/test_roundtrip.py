@@ -137,7 +137,9 @@ def test_threshold_mode_in_place(llama_pair: Pair, adapter_dir: Path) -> None:
     assert [layer.module for layer in report.layers] == sorted(want, key=lambda m: (int(m.split(".")[2]), m))
     for layer in report.layers:
         assert layer.similarity == pytest.approx(want[layer.module].similarity, abs=1e-5)
-    chosen = ref.select_threshold([want[layer.module].similarity for layer in report.layers], TAU)
+    # Selection from the similarities the run computed: float32 and the float64 reference may round
+    # a similarity on either side of a 5th decimal, and that is no error (tests/test_projection.py).
+    chosen = ref.select_threshold([layer.similarity for layer in report.layers], TAU)
     assert [layer.projected for layer in report.layers] == chosen
     assert 0 < sum(chosen) < len(chosen), "fixture should have modules on both sides of τ"
 
@@ -167,9 +169,10 @@ def test_number_mode_projects_the_k_lowest(llama_pair: Pair, adapter_dir: Path) 
     want = expected(llama_pair, adapter_dir)
     report = project(llama_pair, adapter_dir, mode="number", num_layers=3)
 
-    sims = [want[layer.module].similarity for layer in report.layers]
-    tau_k, chosen = ref.select_number(sims, 3)
-    assert report.threshold == pytest.approx(tau_k, abs=1e-5)
+    for layer in report.layers:
+        assert layer.similarity == pytest.approx(want[layer.module].similarity, abs=1e-5)
+    tau_k, chosen = ref.select_number([layer.similarity for layer in report.layers], 3)
+    assert report.threshold == tau_k
     assert [layer.projected for layer in report.layers] == chosen
     assert sum(chosen) == 3
     _, meta = adapter_file(adapter_dir)
