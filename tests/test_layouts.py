@@ -25,7 +25,6 @@ from typer.testing import CliRunner
 from safelora_cli.adapter import ADAPTER_FILE
 from safelora_cli.cli import app
 from safelora_cli.pipeline import Report, Settings, project_adapter
-from safelora_cli.report import to_json
 from safelora_cli.sources import open_local
 
 _LORA = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])(?:\.default)?\.weight$")
@@ -543,7 +542,7 @@ def test_zero_update_has_no_similarity_and_is_not_projected(
     layer = next(x for x in report.layers if x.module == "model.layers.1.self_attn.v_proj")
     assert (layer.similarity, layer.projected) == (None, False)
     assert layer.reason is not None and "B·A = 0" in layer.reason
-    assert next(x for x in to_json(report)["layers"] if x["module"] == layer.module)["similarity"] is None
+    assert next(x for x in report.to_json()["layers"] if x["module"] == layer.module)["similarity"] is None
     assert torch.equal(load_file(out / ADAPTER_FILE)[zero_b], torch.zeros(32, 8))
     assert all(x.similarity is not None for x in report.layers if x is not layer)
 

@@ -1,3 +1,78 @@
-"""safelora: Safe LoRA projection for PEFT adapters, streamed from local or Hub checkpoints."""
+"""safelora: Safe LoRA projection for PEFT adapters, streamed from local or Hub checkpoints.
+
+The Python API, for training scripts (plain ``transformers``, TRL, Unsloth, Axolotl)::
+
+    import safelora_cli
+
+    report = safelora_cli.project("./my-adapter", base="meta-llama/Llama-2-7b-hf",
+                                  aligned="meta-llama/Llama-2-7b-chat-hf")
+    print(report.projected_count, "of", len(report.layers), "modules projected")
+
+Importing the package is cheap: each function loads what it needs (torch, the Hub client) when
+it is first called.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "AdapterError",
+    "BackupError",
+    "CheckResult",
+    "FormatError",
+    "HubError",
+    "Inspection",
+    "Report",
+    "Restored",
+    "SafeLoraError",
+    "SourceError",
+    "UsageError",
+    "__version__",
+    "check",
+    "inspect",
+    "project",
+    "project_model",
+    "restore",
+]
+
+if TYPE_CHECKING:
+    from .api import CheckResult, Inspection, Report, Restored, check, inspect, project, restore
+    from .backups import BackupError
+    from .errors import AdapterError, FormatError, HubError, SafeLoraError, SourceError, UsageError
+    from .model import project_model
+
+# Where each public name lives: imported on first use, so that ``import safelora_cli`` (and the
+# command line's --help) does not pay for torch.
+_HOMES = {
+    "CheckResult": "api",
+    "Inspection": "api",
+    "Report": "api",
+    "Restored": "api",
+    "check": "api",
+    "inspect": "api",
+    "project": "api",
+    "restore": "api",
+    "project_model": "model",
+    "BackupError": "backups",
+    "AdapterError": "errors",
+    "FormatError": "errors",
+    "HubError": "errors",
+    "SafeLoraError": "errors",
+    "SourceError": "errors",
+    "UsageError": "errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{home}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

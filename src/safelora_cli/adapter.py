@@ -803,7 +803,7 @@ class Named:
     notes: list[str] = field(default_factory=list)
 
 
-def expand(specs: Sequence[str | Path]) -> list[tuple[Path, str | None]]:
+def expand(specs: Sequence[str | os.PathLike[str]]) -> list[tuple[Path, str | None]]:
     """Adapter paths from what the user gave, each with a note when it came from a pattern.
 
     A path that exists is taken literally, even if it holds ``*``, ``?`` or ``[``; a pattern is
@@ -827,7 +827,7 @@ def expand(specs: Sequence[str | Path]) -> list[tuple[Path, str | None]]:
 
 
 @contextmanager
-def open_all(specs: Sequence[str | Path]) -> Iterator[list[Named]]:
+def open_all(specs: Sequence[str | os.PathLike[str]]) -> Iterator[list[Named]]:
     """Expand and open every adapter once; closed on exit.
 
     The same directory named twice (directly, via ``..`` or a symlink alias, or by two patterns)

@@ -477,7 +477,7 @@ def _emit_batch(
         console.print(f"{len(adapters) - failed} of {len(adapters)} adapters done, {failed} failed", highlight=False)
     if as_json:
         docs = [
-            rendering.to_json(o) if isinstance(o, pipeline.Report) else {"adapter": str(p), "error": str(o)}
+            o.to_json() if isinstance(o, pipeline.Report) else {"adapter": str(p), "error": str(o)}
             for p, o in zip(adapters, outcomes, strict=True)
         ]
         sys.stdout.write(json.dumps(docs, indent=2, allow_nan=False) + "\n")

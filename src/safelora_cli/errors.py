@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class SafeLoraError(Exception):
-    """An input or I/O problem the user can fix; the CLI prints it as one line and exits 1."""
+    """An input or I/O problem the user can fix; the CLI prints it as one line and exits 1.
+
+    In a batch, ``adapter`` names the adapter directory the error belongs to.
+    """
 
     exit_code = 1
+    adapter: Path | None = None
 
 
 class SourceError(SafeLoraError):

@@ -13,7 +13,7 @@ from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Literal, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 import torch
 
@@ -68,6 +68,9 @@ class SourceInfo:
         """How provenance names the source: ``path@fingerprint`` or ``repo@sha``."""
         return f"{self.source}@{self.revision or self.fingerprint}"
 
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "revision": self.revision, "fingerprint": self.fingerprint}
+
 
 @dataclass(frozen=True)
 class LayerResult:
@@ -116,6 +119,56 @@ class Report:
     @property
     def projected_count(self) -> int:
         return sum(layer.projected for layer in self.layers)
+
+    def to_json(self) -> dict[str, Any]:
+        """The document ``safelora project --json`` prints (see the README's "The JSON report"); every
+        number in it is finite or null."""
+        return {
+            "safelora_version": __version__,
+            "adapter": str(self.adapter),
+            "output": str(self.output) if self.output else None,
+            "written": self.written,
+            "dry_run": self.dry_run,
+            "base": self.base.to_json(),
+            "aligned": self.aligned.to_json(),
+            "mode": self.mode,
+            "threshold": _finite(self.threshold),
+            "num_layers": self.num_layers,
+            "layer_count": len(self.layers),
+            "projected_count": self.projected_count,
+            "layers": [
+                {
+                    "module": layer.module,
+                    "layer": layer.layer,
+                    "similarity": _finite(layer.similarity),
+                    "projected": layer.projected,
+                    "reason": layer.reason,
+                    "norm_ratio": _finite(layer.norm_ratio),
+                    "cached": layer.cached,
+                }
+                for layer in self.layers
+            ],
+            "skipped": [{"key": key, "reason": reason} for key, reason in self.skipped],
+            "notes": self.notes,
+            "device": self.device,
+            "bytes_read": self.bytes_read,
+            "bytes_downloaded": self.bytes_downloaded,
+            "cache": (
+                {"pair": self.cache.pair, "served": self.cache.served, "computed": self.cache.computed}
+                if self.cache is not None
+                else None
+            ),
+            "backup": (
+                {"sha256": self.backup.sha256, "bytes": self.backup.nbytes, "created": self.backup_created}
+                if self.backup is not None
+                else None
+            ),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
 
 
 # Called after each module with its (unselected) result and the number of modules in the run.

@@ -31,66 +31,12 @@ from . import __version__
 from .audit import CheckResult, Inspection
 from .backups import Backup
 from .cache import PairSummary
-from .pipeline import LayerResult, OnModule, Report, SourceInfo
+from .pipeline import LayerResult, OnModule, Report
 from .text import line, printable
 
 
-def _finite(x: float | None) -> float | None:
-    return x if x is not None and math.isfinite(x) else None
-
-
-def _source(info: SourceInfo) -> dict[str, Any]:
-    return {"source": info.source, "revision": info.revision, "fingerprint": info.fingerprint}
-
-
-def to_json(report: Report) -> dict[str, Any]:
-    """The report in SPEC.md's schema; every number is finite or null."""
-    return {
-        "safelora_version": __version__,
-        "adapter": str(report.adapter),
-        "output": str(report.output) if report.output else None,
-        "written": report.written,
-        "dry_run": report.dry_run,
-        "base": _source(report.base),
-        "aligned": _source(report.aligned),
-        "mode": report.mode,
-        "threshold": _finite(report.threshold),
-        "num_layers": report.num_layers,
-        "layer_count": len(report.layers),
-        "projected_count": report.projected_count,
-        "layers": [
-            {
-                "module": layer.module,
-                "layer": layer.layer,
-                "similarity": _finite(layer.similarity),
-                "projected": layer.projected,
-                "reason": layer.reason,
-                "norm_ratio": _finite(layer.norm_ratio),
-                "cached": layer.cached,
-            }
-            for layer in report.layers
-        ],
-        "skipped": [{"key": key, "reason": reason} for key, reason in report.skipped],
-        "notes": report.notes,
-        "device": report.device,
-        "bytes_read": report.bytes_read,
-        "bytes_downloaded": report.bytes_downloaded,
-        "cache": (
-            {"pair": report.cache.pair, "served": report.cache.served, "computed": report.cache.computed}
-            if report.cache is not None
-            else None
-        ),
-        "backup": (
-            {"sha256": report.backup.sha256, "bytes": report.backup.nbytes, "created": report.backup_created}
-            if report.backup is not None
-            else None
-        ),
-        "seconds": round(report.seconds, 3),
-    }
-
-
 def dumps(report: Report) -> str:
-    return json.dumps(to_json(report), indent=2, allow_nan=False)
+    return json.dumps(report.to_json(), indent=2, allow_nan=False)
 
 
 def _fmt(x: float | None, spec: str) -> str:
