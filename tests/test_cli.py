@@ -97,7 +97,7 @@ def test_number_mode_reports_tau_k(cli: Cli, adapter_dir: Path, pair_args: tuple
 def test_human_output_goes_to_stdout_without_json(cli: Cli, adapter_dir: Path, pair_args: tuple[str, ...]) -> None:
     result = cli("project", *pair_args, "--adapter", adapter_dir, "--dry-run")
     assert result.exit_code == 0, result.stderr
-    assert "8 of 8 modules projected (τ = 0.5); dry run, nothing written" in flat(result.stdout)
+    assert "would project 8 of 8 modules (τ = 0.5); dry run, nothing written" in flat(result.stdout)
 
 
 def test_aligned_defaults_to_the_adapters_base_model_and_says_so(
@@ -109,7 +109,7 @@ def test_aligned_defaults_to_the_adapters_base_model_and_says_so(
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["aligned"]["source"] == str(aligned)
-    assert f"--aligned taken from adapter_config.json's base_model_name_or_path: {aligned}" in flat(result.stderr)
+    assert f"aligned model taken from adapter_config.json's base_model_name_or_path: {aligned}" in flat(result.stderr)
 
 
 def test_aligned_default_that_is_neither_a_local_directory_nor_a_repo_id_is_a_usage_error(
@@ -163,7 +163,8 @@ def test_input_errors_exit_1_with_one_line_and_no_traceback(
     adapter, base = break_input(adapter_dir, llama_pair[0])
     result = cli("project", "--base", base, "--aligned", llama_pair[1], "--adapter", adapter, "--json")
     assert result.exit_code == 1
-    assert result.stdout == ""
+    doc = json.loads(result.stdout)  # --json always gives JSON: the failure as an {"adapter", "error"} object
+    assert doc["adapter"] == str(adapter) and message in doc["error"]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ") and message in lines[0]

@@ -12,7 +12,8 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from safelora_cli.errors import NumericError
+from safelora_cli.cli import describe
+from safelora_cli.errors import NumericError, PrecisionError
 from safelora_cli.projection import Projector, select
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "safelora_golden.json").read_text())
@@ -219,8 +220,9 @@ def test_v_overflowing_float32_asks_for_float64() -> None:
     """Finite weights whose difference exceeds float32's range: say so, and float64 handles it."""
     w_base, w_aligned, a, b = golden_tensors(MODULES["square"], torch.float32)
     w_base[0, 0], w_aligned[0, 0] = -3e38, 3e38
-    with pytest.raises(NumericError, match="float64"):
+    with pytest.raises(PrecisionError, match=r"overflows torch\.float32") as overflow:
         Projector(torch.float32).compute(w_base, w_aligned, a, b)
+    assert describe(overflow.value).endswith("; use --precision float64")  # the command line's hint
     assert Projector(torch.float64).compute(w_base, w_aligned, a, b).similarity is not None
 
 

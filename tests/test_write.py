@@ -19,7 +19,7 @@ from typer.testing import Result
 from safelora_cli import adapter as adapter_module
 from safelora_cli.adapter import ADAPTER_FILE, TMP_MARK, rewrite_lock
 from safelora_cli.atomic import clean_stale
-from safelora_cli.errors import AdapterError
+from safelora_cli.errors import AdapterError, OutputError
 from safelora_cli.pipeline import Report, Settings, project_adapter
 from safelora_cli.safefs import Directory
 from safelora_cli.sources import open_local
@@ -238,7 +238,7 @@ def test_an_in_place_run_cleans_up_after_killed_runs(llama_pair: Pair, adapter_d
 
 def test_output_must_not_be_the_adapter_itself(llama_pair: Pair, adapter_dir: Path) -> None:
     before = snapshot(adapter_dir)
-    with pytest.raises(AdapterError, match="drop --output"):
+    with pytest.raises(OutputError, match="is the adapter directory itself; to patch it in place, give no output"):
         project(llama_pair, adapter_dir, output=adapter_dir / ".." / adapter_dir.name)
     assert snapshot(adapter_dir) == before
 

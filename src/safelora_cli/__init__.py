@@ -41,8 +41,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .api import CheckResult, Inspection, Report, Restored, check, inspect, project, restore
-    from .backups import BackupError
-    from .errors import AdapterError, FormatError, HubError, SafeLoraError, SourceError, UsageError
+    from .errors import AdapterError, BackupError, FormatError, HubError, SafeLoraError, SourceError, UsageError
     from .model import project_model
 
 # Where each public name lives: imported on first use, so that ``import safelora_cli`` (and the
@@ -57,7 +56,7 @@ _HOMES = {
     "project": "api",
     "restore": "api",
     "project_model": "model",
-    "BackupError": "backups",
+    "BackupError": "errors",
     "AdapterError": "errors",
     "FormatError": "errors",
     "HubError": "errors",

@@ -21,7 +21,7 @@ import torch
 
 from . import atomic, safefs, stfile, strict
 from .atomic import TMP_MARK
-from .errors import AdapterError, UsageError
+from .errors import AdapterError, InPlaceError, OutputError, OutputNotEmptyError, UsageError
 from .patterns import ConfigPatterns, saved, show
 from .sources import parse_ref
 
@@ -311,7 +311,7 @@ def open_dir(path: Path) -> safefs.Directory:
                 # A Hub repo id (``org/name``) given where a directory is expected: say what to do instead.
                 raise AdapterError(
                     f"{path}: no such directory, and adapters are local directories; download it first "
-                    f"(hf download {path} --local-dir DIR) and pass --adapter DIR"
+                    f"(hf download {path} --local-dir DIR) and pass that directory"
                 ) from None
         raise
 
@@ -542,30 +542,28 @@ def _write_output(
     """
     st = _lstat(output)
     if st is not None and stat.S_ISLNK(st.st_mode):
-        raise AdapterError(f"{output}: is a symbolic link; pass the directory it points to as --output")
+        raise OutputError(f"{output}: is a symbolic link; give the directory it points to")
     if st is not None and not stat.S_ISDIR(st.st_mode):
-        raise AdapterError(f"{output}: exists and is not a directory; choose another --output")
+        raise OutputError(f"{output}: exists and is not a directory")
     if st is not None and (st.st_dev, st.st_ino) == adapter.dir.identity:
-        raise AdapterError(f"{output}: is the adapter directory itself; drop --output to patch in place")
+        raise OutputError(f"{output}: is the adapter directory itself; to patch it in place, give no output")
     parent_path = output.absolute().parent
     try:
         parent_path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise AdapterError(f"{safefs.os_error(parent_path, e)}; choose a writable --output") from None
-    with safefs.Directory(parent_path, AdapterError, fix="choose another --output") as parent:
+        raise OutputError(safefs.os_error(parent_path, e)) from None
+    with safefs.Directory(parent_path, OutputError, fix="it cannot hold the output") as parent:
         if st is not None:
             with _open_subdir(parent.fd, output.name, output) as out:
                 if os.listdir(out.fd):
                     if not overwrite:
-                        raise AdapterError(
-                            f"{output}: exists and is not empty; choose another --output or pass --force"
-                        )
+                        raise OutputNotEmptyError(f"{output}: exists and is not empty")
                     try:
                         _fill(adapter, out, chunks, mode, notes)
                     except OSError as e:
-                        raise AdapterError(
+                        raise OutputError(
                             f"{output}: write failed ({e.strerror}) while replacing its files; some may be new, "
-                            "some old. Free some space, then run again or choose another --output"
+                            "some old. Free some space, then run again"
                         ) from None
                     return output / ADAPTER_FILE
         return _assemble(adapter, parent, output, chunks, mode, notes)
@@ -587,16 +585,15 @@ def _assemble(
         # mkdir, not mkdtemp (0700), so it ends up with the mode any new directory would get.
         os.mkdir(staging, dir_fd=parent.fd)
     except OSError as e:
-        raise AdapterError(f"{safefs.os_error(output, e)}; choose a writable --output") from None
+        raise OutputError(safefs.os_error(output, e)) from None
     try:
         with _open_subdir(parent.fd, staging, parent.path / staging) as out:
             _fill(adapter, out, chunks, mode, notes)
         os.rename(staging, output.name, src_dir_fd=parent.fd, dst_dir_fd=parent.fd)
     except OSError as e:
         atomic.remove_entry(parent.fd, staging)
-        raise AdapterError(
-            f"{output}: write failed ({e.strerror}); nothing was written there. Free some space or choose "
-            "another --output"
+        raise OutputError(
+            f"{output}: write failed ({e.strerror}); nothing was written there. Free some space"
         ) from None
     except BaseException:
         atomic.remove_entry(parent.fd, staging)
@@ -638,27 +635,27 @@ def _copy_tree(src: safefs.Directory, dst: safefs.Directory, roots: list[Path], 
             continue
         if stat.S_ISDIR(st.st_mode):
             if depth + 1 >= _MAX_DEPTH:
-                notes.append(f"--output: skipped {where}: directories nested deeper than {_MAX_DEPTH}")
+                notes.append(f"output: skipped {where}: directories nested deeper than {_MAX_DEPTH}")
                 continue
             _make_subdir(dst, name)
             with _open_subdir(src.fd, name, where) as sub_src, _open_subdir(dst.fd, name, dst.path / name) as sub_dst:
                 _copy_tree(sub_src, sub_dst, roots, notes, depth + 1)
             continue
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
-            notes.append(f"--output: skipped {where}: {safefs.kind(st.st_mode)}, not a regular file")
+            notes.append(f"output: skipped {where}: {safefs.kind(st.st_mode)}, not a regular file")
             continue
         link = stat.S_ISLNK(st.st_mode)
         try:
             f = src.open(name, follow=link)
         except AdapterError as e:
             reason = str(e).removeprefix(f"{where}: ")
-            notes.append(f"--output: skipped {where}: {'a symbolic link: ' if link else ''}{reason}")
+            notes.append(f"output: skipped {where}: {'a symbolic link: ' if link else ''}{reason}")
             continue
         with f:
             opened = os.fstat(f.fileno())
             why = _outside(where, opened, roots) if link else None
             if why is not None:
-                notes.append(f"--output: skipped {where}: {why}")
+                notes.append(f"output: skipped {where}: {why}")
                 continue
             atomic.write_file(dst, name, [stfile.FileRange(f.fileno(), 0, opened.st_size)], opened.st_mode & 0o777)
     stfile.fsync(dst.fd)
@@ -704,7 +701,7 @@ def _make_subdir(dst: safefs.Directory, name: str) -> None:
     if st is None:
         os.mkdir(name, dir_fd=dst.fd)
     elif not stat.S_ISDIR(st.st_mode):
-        raise AdapterError(f"{dst.path / name}: exists and is not a directory; choose another --output")
+        raise OutputError(f"{dst.path / name}: exists and is not a directory")
 
 
 @contextmanager
@@ -714,7 +711,7 @@ def _open_subdir(dir_fd: int, name: str, where: Path) -> Iterator[safefs.Directo
         fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise AdapterError(f"{where}: is a symbolic link; choose another --output") from None
+            raise OutputError(f"{where}: is a symbolic link") from None
         raise AdapterError(safefs.os_error(where, e)) from None
     with safefs.Directory(where, AdapterError, fd=fd) as directory:
         yield directory
@@ -746,9 +743,7 @@ def rewrite_lock(directory: safefs.Directory, on_wait: Callable[[], None] = lamb
             on_wait()
             fcntl.flock(directory.fd, fcntl.LOCK_EX)
     except OSError as e:
-        raise AdapterError(
-            f"{directory.path}: cannot lock the adapter directory ({e.strerror}); pass --output DIR on a local disk"
-        ) from None
+        raise InPlaceError(f"{directory.path}: cannot lock the adapter directory ({e.strerror})") from None
     try:
         yield
     finally:
@@ -772,7 +767,7 @@ def atomic_replace(
     try:
         fd, tmp = atomic.create_temp(directory, name)
     except OSError as e:
-        raise AdapterError(f"{directory.path}: cannot create a file here ({e.strerror}); use --output DIR") from None
+        raise InPlaceError(f"{directory.path}: cannot create a file here ({e.strerror})") from None
     try:
         atomic.finish(directory, fd, tmp, name, chunks, mode, expect)
     except atomic.Changed:
@@ -780,9 +775,8 @@ def atomic_replace(
             f"{target}: changed on disk while safelora was running; nothing was written. Run again"
         ) from None
     except OSError as e:
-        raise AdapterError(
-            f"{target}: write failed ({e.strerror}); the original file is unchanged. Free some space or pass "
-            "--output DIR"
+        raise InPlaceError(
+            f"{target}: write failed ({e.strerror}); the original file is unchanged. Free some space"
         ) from None
     # After the rename the new file is in place: a failure now must not claim the old one survived.
     try:
@@ -818,10 +812,8 @@ def expand(specs: Sequence[str | os.PathLike[str]]) -> list[tuple[Path, str | No
             continue
         matches = [m for m in sorted(glob.glob(text)) if os.path.isdir(m)]
         if not matches:
-            raise UsageError(f"--adapter {text!r}: no such directory, and as a pattern it matches no adapter directory")
-        note = f"--adapter {text!r} matched {len(matches)} director{'y' if len(matches) == 1 else 'ies'}: " + ", ".join(
-            matches
-        )
+            raise UsageError(f"{text!r}: no such directory, and as a pattern it matches no adapter directory")
+        note = f"{text!r} matched {len(matches)} director{'y' if len(matches) == 1 else 'ies'}: " + ", ".join(matches)
         out.extend((Path(m), note) for m in matches)
     return out
 

@@ -16,7 +16,7 @@ from typing import Any, Literal, Protocol, overload
 from . import adapter as adapter_io
 from . import audit, backups, config, pipeline, sources
 from .cache import PairCache, ProjectionCache
-from .errors import SafeLoraError, UsageError
+from .errors import MissingAlignedError, MissingBaseError, SafeLoraError, UsageError
 
 StrPath = str | os.PathLike[str]
 Precision = Literal["float32", "float64"]
@@ -314,7 +314,7 @@ def _project(
         base_src = sources.open_source(
             base,
             options.get("base_revision"),
-            flag="--base",
+            role="base",
             hub=hub,
             transfer=events,
             notes=notes,
@@ -324,7 +324,7 @@ def _project(
         aligned_src = sources.open_source(
             aligned,
             options.get("aligned_revision"),
-            flag="--aligned",
+            role="aligned",
             hub=hub,
             transfer=events,
             notes=notes,
@@ -365,8 +365,8 @@ def _aligned_default(adapters: list[adapter_io.Named], notes: list[str]) -> str:
     name = adapter_io.read_config(first.dir).base_model_name_or_path
     if name is None or not (os.path.isdir(name) or sources.parse_ref(name) is not None):
         named = f" (adapter_config.json names {name!r}, neither a local directory nor a Hub repo id)" if name else ""
-        raise UsageError(f"--aligned: required{named}")
-    notes.append(f"--aligned taken from adapter_config.json's base_model_name_or_path: {name}")
+        raise MissingAlignedError(f"no aligned model given{named}")
+    notes.append(f"aligned model taken from adapter_config.json's base_model_name_or_path: {name}")
     return name
 
 
@@ -374,8 +374,8 @@ def _base_from_preset(aligned: str, notes: list[str]) -> str:
     """No base model given: the base of the preset whose aligned model is ``aligned``."""
     match = config.preset_for_aligned(aligned)
     if match is None:
-        raise UsageError(f"--base: required ({aligned} is not the aligned model of any preset; see --preset)")
-    notes.append(f"--base filled in from preset {match.name}: {match.base}")
+        raise MissingBaseError(f"no base model given ({aligned} is not the aligned model of any preset)")
+    notes.append(f"base model filled in from preset {match.name}: {match.base}")
     return match.base
 
 
@@ -389,18 +389,18 @@ def check(
         raise UsageError("give both base and aligned, or neither")
     pair = None
     if base is not None and aligned is not None:
-        pair = (_identity(base, "--base", token), _identity(aligned, "--aligned", token))
+        pair = (_identity(base, "base", token), _identity(aligned, "aligned", token))
     with adapter_io.open_all([adapter]) as [named]:
         if named.dir is None:
             raise named.error or SafeLoraError(f"{named.path}: cannot be read")
         return audit.check(named.dir, pair)
 
 
-def _identity(spec: str, flag: str, token: str | None) -> str:
+def _identity(spec: str, role: str, token: str | None) -> str:
     """How provenance names a checkpoint (``path@fingerprint`` or ``repo@sha``), reading no weights."""
     store = ProjectionCache()
     hub = sources.Hub.from_env(token, store.refs if store.problem() is None else None)
-    src = sources.open_source(spec, None, flag=flag, hub=hub, transfer=sources.QuietTransfer(), notes=[])
+    src = sources.open_source(spec, None, role=role, hub=hub, transfer=sources.QuietTransfer(), notes=[])
     try:
         return pipeline.source_info(src).identity
     finally:

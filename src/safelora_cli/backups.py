@@ -35,15 +35,11 @@ from pathlib import Path
 
 from . import atomic, ownership, safefs, stfile, strict
 from .adapter import ADAPTER_FILE, PROVENANCE_PREFIX, atomic_replace, file_digest, load_adapter, rewrite_lock
-from .errors import SafeLoraError
+from .errors import BackupError, BackupNotKeptError, ChangedSinceError
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _RECORD_LIMIT = 1 << 20
 RULE = ownership.Rule("no backup can be kept: ", "SAFELORA_BACKUPS", "the backup store", "the originals kept there")
-
-
-class BackupError(SafeLoraError):
-    """A backup cannot be written, found or trusted; the adapter is left as it was."""
 
 
 def store_root() -> Path:
@@ -115,7 +111,9 @@ class BackupStore:
 
         Raises ``BackupError`` when the store cannot be used or written: the caller must not go on.
         """
-        self._usable("; or pass --no-backup")
+        problem = self.problem()
+        if problem is not None:
+            raise BackupNotKeptError(problem)
         try:
             ownership.mkdirs(self.root)
             with safefs.Directory(self.root, BackupError) as store:
@@ -127,9 +125,9 @@ class BackupStore:
                     self._write_record(store, record)
                 stfile.fsync(store.fd)
         except OSError as e:
-            raise BackupError(
+            raise BackupNotKeptError(
                 f"{safefs.os_error(self.root, e)}: cannot keep the original, so the adapter was not changed; "
-                "free some space, fix the store's permissions or point SAFELORA_BACKUPS elsewhere, or pass --no-backup"
+                "free some space, fix the store's permissions or point SAFELORA_BACKUPS elsewhere"
             ) from None
         return record
 
@@ -296,8 +294,8 @@ def restore(
                 raise BackupError(f"{adapter.file}: carries no safelora provenance; nothing to restore")
             if sha is None:
                 raise BackupError(
-                    f"{adapter.file}: projected without a backup of its original (--no-backup, or a safelora from "
-                    f"before backups); there is nothing in {store.root} to restore it from"
+                    f"{adapter.file}: projected without a backup of its original (with backups off, or by a "
+                    f"safelora from before backups); there is nothing in {store.root} to restore it from"
                 )
             backup = store.find(sha)
             if backup is None:
@@ -306,9 +304,8 @@ def restore(
                     "was removed, or kept under another SAFELORA_BACKUPS"
                 )
             if not force and provenance.get(PROVENANCE_PREFIX + "digest") != file_digest(adapter):
-                raise BackupError(
-                    f"{adapter.file}: changed since safelora projected it; restoring would throw those changes "
-                    "away. Pass --force to restore the original anyway"
+                raise ChangedSinceError(
+                    f"{adapter.file}: changed since safelora projected it; restoring would throw those changes away"
                 )
             st = directory.lstat(ADAPTER_FILE)
             if st is not None and stat.S_ISLNK(st.st_mode):

@@ -1,25 +1,26 @@
-"""The ``safelora`` command line: parse, call the pipeline, render. No math here."""
+"""The ``safelora`` command line: parse, call the Python API (``api``), render through one sink. No math here."""
 
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import contextmanager, suppress
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from typer.core import TyperArgument, TyperCommand
 
 from . import __version__, config
-from .errors import SafeLoraError
+from . import errors as e_
+from .errors import SafeLoraError, UsageError
 from .text import console as _console
 from .text import line
 
@@ -36,17 +37,33 @@ class _Deferred:
 
 if TYPE_CHECKING:
     from . import adapter as adapter_io
-    from . import audit, backups, pipeline, sources
+    from . import api, backups
     from . import cache as projection_cache
     from . import demo as demo_data
     from . import report as rendering
+    from .api import Device, Precision
+    from .audit import CheckResult
 else:
+    Device = Precision = str
     # torch takes ~2 s to import: the modules that need it load when a command first uses them, so
     # --help, --version and shell completion answer at once.
-    adapter_io, audit, backups, demo_data, pipeline, projection_cache, rendering, sources = (
-        _Deferred(f"{__package__}.{name}")
-        for name in ("adapter", "audit", "backups", "demo", "pipeline", "cache", "report", "sources")
+    adapter_io, api, backups, demo_data, projection_cache, rendering = (
+        _Deferred(f"{__package__}.{name}") for name in ("adapter", "api", "backups", "demo", "cache", "report")
     )
+
+
+T = TypeVar("T")
+
+
+class _Command(TyperCommand):
+    """A command whose positional arguments show their metavar in --help, not Typer's ``<list[str]>``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if isinstance(param, TyperArgument) and param.metavar:
+                param.display_type_rich = lambda ctx: None  # type: ignore[method-assign]
+
 
 app = typer.Typer(
     help="Safe LoRA for PEFT adapters: project each LoRA update onto the alignment subspace of "
@@ -54,11 +71,46 @@ app = typer.Typer(
     "3 (check only) not sanitized against the pair or modified since.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+# What to do about an error, in flags: the core's messages state the problem, the command line
+# adds how to get past it (the most specific type wins).
+_HINTS: dict[type[SafeLoraError], str] = {
+    e_.InPlaceError: "; pass --output DIR for a patched copy",
+    e_.OutputError: "; choose another --output",
+    e_.OutputNotEmptyError: "; choose another --output, or pass --force to reuse it",
+    e_.AlreadyProjectedError: ". Start from the original adapter, or pass --force",
+    e_.ChangedSinceError: "; pass --force to do so anyway",
+    e_.DoraError: ". Pass --allow-dora to project lora_B and leave the magnitudes unchanged",
+    e_.PrecisionError: "; use --precision float64",
+    e_.DeviceError: "; use --device cpu or auto",
+    e_.BackupNotKeptError: ", or pass --no-backup",
+    e_.HubAccessError: " (--token or HF_TOKEN)",
+    e_.MissingBaseError: "; pass --base (or --preset)",
+    e_.MissingAlignedError: "; pass --aligned (or --preset)",
+}
+
+
+def describe(error: SafeLoraError) -> str:
+    """The error's one line as the command line prints it: the problem, then the flag that helps."""
+    hint = next((_HINTS[cls] for cls in type(error).__mro__ if cls in _HINTS), "")
+    return f"{error}{hint}"
+
+
+def _metavar(name: str) -> Any:
+    return typer.Option(metavar=name, show_default=False)
+
+
+def _flag(names: str, help: str, *short: str) -> Any:
+    """A boolean flag with its --no- form: no metavar, and the default shown as the flag that is on."""
+    return typer.Option(names, *short, help=help, metavar="")
+
 
 BaseOpt = Annotated[
     str | None,
     typer.Option(
+        metavar="REF",
         help="The unaligned base model: a local directory (safetensors, single or sharded, or .bin), or a Hub "
         "repo org/name[@revision]. An existing local path wins; hf://org/name always means the Hub. "
         "Default: the preset's base when --aligned is a preset's aligned model.",
@@ -68,20 +120,26 @@ BaseOpt = Annotated[
 AlignedOpt = Annotated[
     str | None,
     typer.Option(
+        metavar="REF",
         help="The aligned (chat) model, as --base. Default: adapter_config.json's base_model_name_or_path when "
         "it is a local directory or a Hub repo id.",
         show_default=False,
     ),
 ]
 BaseRevisionOpt = Annotated[
-    str | None, typer.Option(help="Branch, tag or commit sha of a Hub --base (default: main).", show_default=False)
+    str | None,
+    typer.Option(metavar="REV", help="Branch, tag or commit sha of a Hub --base (default: main).", show_default=False),
 ]
 AlignedRevisionOpt = Annotated[
-    str | None, typer.Option(help="Branch, tag or commit sha of a Hub --aligned (default: main).", show_default=False)
+    str | None,
+    typer.Option(
+        metavar="REV", help="Branch, tag or commit sha of a Hub --aligned (default: main).", show_default=False
+    ),
 ]
 TokenOpt = Annotated[
     str | None,
     typer.Option(
+        metavar="TOKEN",
         help="Hugging Face token for gated or private repos. Default: HF_TOKEN, then the stored login. "
         "Never printed or stored.",
         show_default=False,
@@ -92,30 +150,30 @@ ConnectionsOpt = Annotated[
     typer.Option(
         min=1,
         max=64,
+        metavar="N",
         help="HTTP connections for Hub downloads, shared by --base and --aligned: the byte ranges a run "
         "needs are fetched over this many at once.",
     ),
 ]
 NoCacheOpt = Annotated[
-    bool,
-    typer.Option("--no-cache/--cache", help="Neither read nor write the projection cache (SAFELORA_CACHE)."),
+    bool, _flag("--no-cache/--cache", "Neither read nor write the projection cache (SAFELORA_CACHE).")
 ]
-AdaptersOpt = Annotated[
-    list[str],
-    typer.Option(
-        "--adapter",
-        help="The PEFT LoRA adapter directory to patch. Repeat it, or give a quoted glob ('adapters/*'), "
-        "to patch several against one pair: each projection operator is read or computed once for all. "
-        "A path that exists is taken as it is, never as a glob.",
+AdapterArgs = Annotated[
+    list[str] | None,
+    typer.Argument(
+        metavar="[ADAPTER]...",
+        help="PEFT LoRA adapter directories (or quoted globs such as 'adapters/*'), as --adapter.",
         show_default=False,
     ),
 ]
-CheckAdaptersOpt = Annotated[
-    list[str],
+AdaptersOpt = Annotated[
+    list[str] | None,
     typer.Option(
         "--adapter",
-        help="The PEFT LoRA adapter directory to check. Repeat it, or give a quoted glob ('adapters/*'): "
-        "every one is judged.",
+        metavar="DIR",
+        help="A PEFT LoRA adapter directory. Repeat it, or give a quoted glob ('adapters/*'), for several "
+        "against one pair: each projection operator is read or computed once for all. A path that exists "
+        "is taken as it is, never as a glob.",
         show_default=False,
     ),
 ]
@@ -124,115 +182,161 @@ ThresholdOpt = Annotated[
     typer.Option(
         min=-1.0,
         max=1.0,
+        metavar="τ",
         help="Project every module whose similarity (rounded to 5 decimals) is ≤ τ. [default: 0.5]",
     ),
 ]
 NumLayersOpt = Annotated[
     int | None,
-    typer.Option(min=1, help="Number mode: project the K modules with the lowest similarities (ties included)."),
+    typer.Option(
+        min=1, metavar="K", help="Number mode: project the K modules with the lowest similarities (ties included)."
+    ),
 ]
 OutputOpt = Annotated[
     Path | None,
-    typer.Option(help="Write a complete patched adapter directory here and leave the source untouched."),
+    typer.Option(
+        metavar="DIR",
+        help="Write a complete patched adapter directory here and leave the source untouched.",
+        show_default=False,
+    ),
 ]
-DryRunOpt = Annotated[bool, typer.Option("--dry-run/--no-dry-run", help="Compute and report; write nothing.")]
+DryRunOpt = Annotated[bool, _flag("--dry-run/--no-dry-run", "Compute and report; write nothing.")]
 JsonOpt = Annotated[
-    bool, typer.Option("--json/--no-json", help="One JSON document on stdout; the table goes to stderr.")
+    bool, _flag("--json/--no-json", "One JSON document on stdout (an array for several); the rest goes to stderr.")
 ]
-PrecisionOpt = Annotated[str, typer.Option(help="Compute precision: float32 or float64.")]
-DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")]
+QuietOpt = Annotated[bool, _flag("--quiet/--no-quiet", "Print nothing but errors (and the JSON with --json).", "-q")]
 AllowDoraOpt = Annotated[
     bool,
-    typer.Option(
-        "--allow-dora/--no-allow-dora", help="Project lora_B of a DoRA adapter; magnitudes are left unchanged."
-    ),
+    _flag("--allow-dora/--no-allow-dora", "Project lora_B of a DoRA adapter; magnitudes are left unchanged."),
 ]
-QuietOpt = Annotated[bool, typer.Option("--quiet/--no-quiet", "-q", help="Print nothing but errors (and --json).")]
 NoBackupOpt = Annotated[
     bool,
-    typer.Option(
+    _flag(
         "--no-backup/--backup",
-        help="Keep no copy of the original before an in-place rewrite (SAFELORA_BACKUPS): restore then "
-        "cannot undo the run.",
+        "Keep no copy of the original before an in-place rewrite (SAFELORA_BACKUPS): restore then cannot undo the run.",
     ),
 ]
-YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
 ForceOpt = Annotated[
     bool,
-    typer.Option(
+    _flag(
         "--force/--no-force",
-        help="Project an adapter that already carries safelora provenance; reuse a non-empty --output.",
+        "Project an adapter changed since safelora projected it, or one whose original is not kept (again, on "
+        "top of the projection); reuse a non-empty --output.",
     ),
 ]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.", metavar="")]
 
-_PRECISIONS: dict[str, pipeline.Precision] = {"float32": "float32", "float64": "float64"}
-_DEVICES: dict[str, pipeline.Device] = {"auto": "auto", "cpu": "cpu", "cuda": "cuda"}
+PRECISIONS: dict[str, Precision] = {"float32": "float32", "float64": "float64"}
+DEVICES: dict[str, Device] = {"auto": "auto", "cpu": "cpu", "cuda": "cuda"}
+
+
+def _complete(choices: Mapping[str, str]) -> Callable[[str], list[str]]:
+    return lambda incomplete: [c for c in choices if c.startswith(incomplete)]
+
+
+def _complete_preset(incomplete: str) -> list[str]:
+    return [name for name in config.preset_names() if name.startswith(incomplete)]
+
+
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(metavar="float32|float64", help="Compute precision.", autocompletion=_complete(PRECISIONS)),
+]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        metavar="auto|cpu|cuda",
+        help="Where the math runs (auto: CUDA when present).",
+        autocompletion=_complete(DEVICES),
+    ),
+]
 
 
 def _err_console() -> Console:
     return _console(stderr=True)
 
 
-def _print_error(message: object) -> None:
+def _print_error(error: SafeLoraError | str) -> None:
+    message = describe(error) if isinstance(error, SafeLoraError) else error
     _err_console().print(line(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
 
 
 @contextmanager
-def _errors() -> Iterator[None]:
+def _errors(sink: rendering.Sink | None = None, adapters: Callable[[], list[Path]] = list) -> Iterator[None]:
     """The one place errors become a one-line message and an exit code.
 
-    An OS error that escaped the path-specific handling, or any other unexpected exception, is
-    still one line and exit 1 (SAFELORA_DEBUG=1 shows the traceback): hostile input must never
-    end in a traceback.
+    With ``sink``, a failure also gives the JSON ``{"adapter", "error"}`` object for each of
+    ``adapters()`` (a usage error, exit 2, gives none). An OS error that escaped the path-specific
+    handling, or any other unexpected exception, is still one line and exit 1 (SAFELORA_DEBUG=1 shows
+    the traceback): hostile input must never end in a traceback.
     """
     try:
         yield
     except SafeLoraError as e:
-        if os.environ.get("SAFELORA_DEBUG"):
-            traceback.print_exc()
+        _debug(e)
+        if sink is not None and e.exit_code == 1:
+            targets: list[Path | None] = [*adapters()] or [None]
+            for path in targets:
+                sink.fail(path, describe(e), echo=False)
+            sink.emit(batch=len(adapters()) > 1)
         _print_error(e)
         raise typer.Exit(e.exit_code) from None
     except OSError as e:
-        if os.environ.get("SAFELORA_DEBUG"):
-            traceback.print_exc()
+        _debug(e)
         where = e.filename if e.filename is not None else "I/O"
         _print_error(f"{where}: {e.strerror or e.__class__.__name__}")
         raise typer.Exit(1) from None
     except Exception as e:
         if type(e).__module__.split(".")[0] in ("typer", "click"):
             raise  # usage errors and exits: Typer prints them and exits 2 (or as asked)
-        if os.environ.get("SAFELORA_DEBUG"):
-            traceback.print_exc()
+        _debug(e)
         _print_error(f"unexpected {e.__class__.__name__}: {str(e)[:200]}; set SAFELORA_DEBUG=1 for the traceback")
         raise typer.Exit(1) from None
 
 
-def _after_write(what: str, render: Callable[[], None]) -> None:
-    """Output after the adapters are written: a failure here is a warning, never the run's exit code."""
+def _debug(error: BaseException) -> None:
+    """SAFELORA_DEBUG=1: the traceback of an error, raised or returned for one adapter of a batch."""
+    if os.environ.get("SAFELORA_DEBUG"):
+        traceback.print_exception(error)
+
+
+@contextmanager
+def _interruptible(paths: Callable[[], list[Path]], in_place: bool) -> Iterator[None]:
+    """Ctrl-C: exit 130, with one line that says which adapters are unchanged (every rewrite is atomic)."""
+    before = {p: _weights_identity(p) for p in paths()} if in_place else {}
     try:
-        render()
-    except BrokenPipeError:
-        # The reader went away (``| head``): say nothing more on stdout, and exit as the run ended.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except Exception as e:
+        yield
+    except KeyboardInterrupt:
+        unchanged = [p for p, st in before.items() if st is not None and _weights_identity(p) == st]
+        changed = [p for p in before if p not in unchanged]
+        told = "interrupted"
+        if unchanged:
+            told += f"; unchanged: {', '.join(map(str, unchanged))}"
+        if changed:
+            told += f"; written before the interrupt: {', '.join(map(str, changed))}"
         with suppress(Exception):
-            _err_console().print(
-                line(
-                    ("warning:", "yellow"),
-                    f" {what} failed ({e.__class__.__name__}: {str(e)[:200]}); "
-                    "the adapters were processed as reported by the exit code",
-                ),
-                highlight=False,
-                soft_wrap=True,
-            )
+            _err_console().print(line(("interrupted:", "bold red"), told.removeprefix("interrupted")), highlight=False)
+        raise typer.Exit(130) from None
 
 
-def _choice(value: str, choices: Mapping[str, str], flag: str) -> str:
-    if value not in choices:
-        raise typer.BadParameter(f"expected one of {', '.join(choices)}", param_hint=flag)
-    return value
+def _weights_identity(adapter: Path) -> tuple[int, int, int, int] | None:
+    try:
+        st = os.lstat(adapter / adapter_io.ADAPTER_FILE)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _expanded(specs: list[str]) -> Callable[[], list[Path]]:
+    """The adapter directories ``specs`` name, for messages about them (never raises)."""
+
+    def paths() -> list[Path]:
+        try:
+            return [path for path, _ in adapter_io.expand(specs)]
+        except SafeLoraError:
+            return [Path(s) for s in specs]
+
+    return paths
 
 
 _MODE_KEYS = ("threshold", "num_layers")
@@ -252,7 +356,7 @@ def _option_keys(ctx: typer.Context) -> dict[str, str]:
     """YAML key -> parameter name, for every option of the command (``json`` -> ``as_json``)."""
     keys = {}
     for param in ctx.command.params:
-        if param.name in ("config_file", "preset") or param.name is None:
+        if param.name in ("config_file", "preset", "adapters") or param.name is None:
             continue
         for opt in param.opts:
             if opt.startswith("--"):
@@ -302,40 +406,9 @@ def _preset_callback(ctx: typer.Context, value: str | None) -> str | None:
     return value
 
 
-def _aligned_default(adapters: list[adapter_io.Named], notes: list[str]) -> str:
-    """--aligned left out: the first adapter's base_model_name_or_path, read through its open directory."""
-    first = adapters[0]
-    if first.dir is None:
-        raise first.error or SafeLoraError(f"{first.path}: cannot be read")
-    name = adapter_io.read_config(first.dir).base_model_name_or_path
-    if name is None or not (os.path.isdir(name) or sources.parse_ref(name) is not None):
-        hint = f" (adapter_config.json names {name!r}, neither a local directory nor a Hub repo id)" if name else ""
-        raise typer.BadParameter(f"required{hint}", param_hint="--aligned")
-    notes.append(f"--aligned taken from adapter_config.json's base_model_name_or_path: {name}")
-    return name
-
-
 def _from_command_line(ctx: typer.Context, name: str) -> bool:
     source = ctx.get_parameter_source(name)
     return source is not None and source.name == "COMMANDLINE"
-
-
-def _base_from_preset(aligned: str, notes: list[str]) -> str:
-    """--base left out: the base of the preset whose aligned model is ``aligned``."""
-    match = config.preset_for_aligned(aligned)
-    if match is None:
-        raise typer.BadParameter(
-            f"required ({aligned} is not the aligned model of any preset; see --preset)", param_hint="--base"
-        )
-    notes.append(f"--base filled in from preset {match.name}: {match.base}")
-    return match.base
-
-
-def _emit(report: pipeline.Report, as_json: bool, quiet: bool = False) -> None:
-    if as_json:
-        sys.stdout.write(rendering.dumps(report) + "\n")
-    if not quiet:
-        rendering.render(report, _err_console() if as_json else _console())
 
 
 ConfigOpt = Annotated[
@@ -344,6 +417,7 @@ ConfigOpt = Annotated[
         "--config",
         is_eager=True,
         callback=_config_callback,
+        metavar="FILE",
         help="YAML file with any of these options (keys like num_layers or num-layers); flags given here win.",
         show_default=False,
     ),
@@ -353,16 +427,45 @@ PresetOpt = Annotated[
     typer.Option(
         is_eager=True,
         callback=_preset_callback,
+        metavar="NAME",
+        autocompletion=_complete_preset,
         help="A shipped pair: llama-2-7b, llama-2-13b, llama-3-8b, llama-3.1-8b, mistral-7b, qwen2.5-7b, gemma-2-9b.",
         show_default=False,
     ),
 ]
 
 
-@app.command()
+def _adapters(positional: list[str] | None, option: list[str] | None) -> list[str]:
+    """Adapters given as arguments and with --adapter, in that order; at least one."""
+    specs = [*(positional or []), *(option or [])]
+    if not specs:
+        raise typer.BadParameter("give an adapter directory (as an argument or with --adapter)", param_hint="ADAPTER")
+    return specs
+
+
+def _choice(value: str, choices: Mapping[str, T], flag: str) -> T:
+    if value not in choices:
+        raise typer.BadParameter(f"expected one of {', '.join(choices)}", param_hint=flag)
+    return choices[value]
+
+
+_PROJECT_EXAMPLES = """Examples:
+
+  safelora project ./my-adapter --base ./llama-base --aligned ./llama-chat
+
+  safelora project ./my-adapter --preset llama-2-7b --dry-run
+
+  safelora project ./my-adapter --preset llama-2-7b --num-layers 7 --output ./sanitized
+
+  safelora project 'adapters/*' --base meta-llama/Llama-2-7b-hf --aligned meta-llama/Llama-2-7b-chat-hf --json
+"""
+
+
+@app.command(cls=_Command, epilog=_PROJECT_EXAMPLES)
 def project(
     ctx: typer.Context,
-    adapter: AdaptersOpt,
+    adapters: AdapterArgs = None,
+    adapter: AdaptersOpt = None,
     base: BaseOpt = None,
     aligned: AlignedOpt = None,
     threshold: ThresholdOpt = None,
@@ -386,11 +489,13 @@ def project(
 ) -> None:
     """Project a LoRA adapter (Safe LoRA): for each module, B ← C·B when its similarity is low.
 
-    Rewrites adapter_model.safetensors in place (atomically) unless --output or --dry-run is given.
-    Only the weights of the adapter's targeted modules are read, one tensor at a time; from a Hub
-    repo, only their byte ranges are downloaded. Each module's projection operator is cached per
-    (base, aligned) pair, so later runs on the same pair read nothing for it (--no-cache: off).
+    Rewrites adapter_model.safetensors in place (atomically, after keeping the original in the
+    backup store) unless --output or --dry-run is given. Only the weights of the adapter's
+    targeted modules are read, one tensor at a time; from a Hub repo, only their byte ranges are
+    downloaded. Each module's projection operator is cached per (base, aligned) pair, so later runs
+    on the same pair read nothing for it (--no-cache: off).
     """
+    specs = _adapters(adapters, adapter)
     if threshold is not None and num_layers is not None:
         # A flag on the command line beats the other one coming from --config/--preset.
         if _from_command_line(ctx, "num_layers") and not _from_command_line(ctx, "threshold"):
@@ -399,129 +504,123 @@ def project(
             num_layers = None
         else:
             raise typer.BadParameter("give --threshold or --num-layers, not both", param_hint="--num-layers")
-    settings = pipeline.Settings(
-        mode="number" if num_layers is not None else "threshold",
-        threshold=0.5 if threshold is None else threshold,
-        num_layers=num_layers,
-        precision=_PRECISIONS[_choice(precision, _PRECISIONS, "--precision")],
-        device=_DEVICES[_choice(device, _DEVICES, "--device")],
-        allow_dora=allow_dora,
-        force=force,
-        dry_run=dry_run,
-        output=output,
-        backup=not no_backup,
-    )
-    notes: list[str] = []
-    with _errors(), rendering.RunDisplay(_err_console(), enabled=not quiet) as display, ExitStack() as open_files:
-        cache = None if no_cache else projection_cache.ProjectionCache()
-        if cache is not None and (problem := cache.problem()) is not None:
-            notes.append(problem)
-            cache = None
-        hub = sources.Hub.from_env(token, cache.refs if cache is not None else None)
-        adapters = open_files.enter_context(adapter_io.open_all(adapter))
-        aligned_spec = aligned if aligned is not None else _aligned_default(adapters, notes)
-        base_spec = base if base is not None else _base_from_preset(aligned_spec, notes)
-        base_src = _open(base_spec, base_revision, "--base", hub, display, notes, connections)
-        open_files.callback(base_src.close)
-        aligned_src = _open(aligned_spec, aligned_revision, "--aligned", hub, display, notes, connections)
-        open_files.callback(aligned_src.close)
-        outcomes = pipeline.project_adapters(
-            adapters,
-            base_src,
-            aligned_src,
-            settings,
-            notes=notes,
-            on_module=display.on_module,
-            cache=_pair_cache(cache, base_src, aligned_src, notes),
-            on_wait=display.say,
+    sink = rendering.Sink(as_json=as_json, quiet=quiet)
+    paths = _expanded(specs)
+    in_place = not dry_run and output is None
+    with (
+        _errors(sink, paths),
+        _interruptible(paths, in_place),
+        rendering.RunDisplay(sink.console, enabled=not quiet) as display,
+    ):
+        outcomes = api.project(
+            list[str | os.PathLike[str]](specs),
+            base=base,
+            aligned=aligned,
+            base_revision=base_revision,
+            aligned_revision=aligned_revision,
+            threshold=threshold,
+            num_layers=num_layers,
+            output=output,
+            dry_run=dry_run,
+            precision=_choice(precision, PRECISIONS, "--precision"),
+            device=_choice(device, DEVICES, "--device"),
+            cache=not no_cache,
+            backup=not no_backup,
+            force=force,
+            allow_dora=allow_dora,
+            token=token,
+            connections=connections,
+            events=display,
         )
-        paths = [named.path for named in adapters]
-        if len(outcomes) == 1 and isinstance(outcomes[0], SafeLoraError):
-            raise outcomes[0]
     failed = sum(isinstance(o, SafeLoraError) for o in outcomes)
-    _after_write("printing the report", lambda: _emit_batch(paths, outcomes, as_json, quiet))
+
+    def deliver() -> None:
+        for outcome in outcomes:
+            if isinstance(outcome, SafeLoraError):
+                _debug(outcome)
+                sink.fail(outcome.adapter, describe(outcome))
+            else:
+                sink.add(outcome.to_json(), partial(rendering.render, outcome))
+        if len(outcomes) > 1:
+            sink.show(partial(rendering.render_batch, outcomes))
+        sink.emit(batch=len(outcomes) > 1)
+
+    _after_write(deliver)
     if failed:
         raise typer.Exit(1)
 
 
-def _pair_cache(
-    cache: projection_cache.ProjectionCache | None, base: sources.Source, aligned: sources.Source, notes: list[str]
-) -> projection_cache.PairCache | None:
-    """The pair's cache, or None (with a note) when its directory breaks the ownership rule."""
-    if cache is None:
-        return None
-    pair = cache.pair(base.cache_identity(), aligned.cache_identity())
-    problem = pair.problem()
-    if problem is not None:
-        notes.append(problem)
-        return None
-    return pair
+def _after_write(deliver: Callable[[], None]) -> None:
+    """Output after the adapters are written: a failure here is a warning, never the run's exit code."""
+    try:
+        deliver()
+    except BrokenPipeError:
+        # The reader went away (``| head``): say nothing more on stdout, and exit as the run ended.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except Exception as e:
+        with suppress(Exception):
+            _err_console().print(
+                line(
+                    ("warning:", "yellow"),
+                    f" printing the result failed ({e.__class__.__name__}: {str(e)[:200]}); "
+                    "the adapters were processed as the exit code says",
+                ),
+                highlight=False,
+                soft_wrap=True,
+            )
 
 
-def _emit_batch(
-    adapters: list[Path], outcomes: list[pipeline.Report | SafeLoraError], as_json: bool, quiet: bool
-) -> None:
-    """One report per adapter (a JSON array for several); each failure is one line."""
-    if len(adapters) == 1 and isinstance(outcomes[0], pipeline.Report):
-        _emit(outcomes[0], as_json, quiet)
-        return
-    console = _err_console() if as_json else _console()
-    for outcome in outcomes:
-        if isinstance(outcome, pipeline.Report):
-            if not quiet:
-                rendering.render(outcome, console)
-        else:
-            _print_error(outcome)
-    failed = sum(isinstance(o, SafeLoraError) for o in outcomes)
-    if not quiet:
-        console.print(f"{len(adapters) - failed} of {len(adapters)} adapters done, {failed} failed", highlight=False)
-    if as_json:
-        docs = [
-            o.to_json() if isinstance(o, pipeline.Report) else {"adapter": str(p), "error": str(o)}
-            for p, o in zip(adapters, outcomes, strict=True)
-        ]
-        sys.stdout.write(json.dumps(docs, indent=2, allow_nan=False) + "\n")
+_DEMO_EXAMPLES = """Examples:
+
+  safelora demo
+
+  safelora demo --keep demo
+"""
 
 
-def _open(
-    spec: str,
-    revision: str | None,
-    flag: str,
-    hub: sources.Hub,
-    transfer: sources.Transfer,
-    notes: list[str],
-    connections: int = 8,
-) -> sources.Source:
-    return sources.open_source(
-        spec, revision, flag=flag, hub=hub, transfer=transfer, notes=notes, connections=connections
-    )
-
-
-@app.command()
+@app.command(cls=_Command, epilog=_DEMO_EXAMPLES)
 def demo(
-    as_json: JsonOpt = False,
     keep: Annotated[
         Path | None,
-        typer.Option(help="Build the example in this directory (new or empty) and keep it (default: a temp dir)."),
+        typer.Option(
+            metavar="DIR",
+            help="Build the example in this directory (new or empty) and keep it, to try the other commands on "
+            "(default: a temp directory, removed afterwards).",
+            show_default=False,
+        ),
     ] = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Build a tiny base/aligned/adapter set (no downloads) and run `project` on it."""
-    with _errors(), tempfile.TemporaryDirectory(prefix="safelora-demo-") as tmp:
+    """Build a tiny base/aligned/adapter set (no downloads) and run `project --output` on it.
+
+    With --keep DIR, DIR holds base/, aligned/, adapter/ (left as built) and sanitized/ (the
+    projected copy), and the next commands to try are printed.
+    """
+    sink = rendering.Sink(as_json=as_json, quiet=quiet)
+    with _errors(sink), tempfile.TemporaryDirectory(prefix="safelora-demo-") as tmp:
         if keep is not None:
             _require_empty(keep)
         root = keep or Path(tmp)
         base, aligned, adapter = demo_data.build(root)
-        console = _err_console() if as_json else _console()
-        dim = "dim"
-        console.print(line((f"tiny example in {root}: base (sharded), aligned, adapter (q_proj/v_proj, r=8)", dim)))
-        console.print(line((f"$ safelora project --base {base} --aligned {aligned} --adapter {adapter}", dim)))
-        base_src, aligned_src = sources.open_local(base), sources.open_local(aligned)
-        try:
-            report = pipeline.project_adapter(adapter, base_src, aligned_src, pipeline.Settings())
-        finally:
-            base_src.close()
-            aligned_src.close()
-        _emit(report, as_json)
+        out = root / "sanitized"
+        sink.show(
+            lambda c: c.print(
+                line((f"tiny example in {root}: base (sharded), aligned, adapter (q_proj/v_proj, r=8)", "dim"))
+            )
+        )
+        sink.show(
+            lambda c: c.print(
+                line((f"$ safelora project {adapter} --base {base} --aligned {aligned} --output {out}", "dim"))
+            )
+        )
+        report = api.project(adapter, base=str(base), aligned=str(aligned), output=out)
+        sink.add(report.to_json(), lambda console: rendering.render(report, console))
+        sink.emit(batch=False)
+        if keep is not None:
+            sink.show(lambda c: rendering.render_next_steps(root, c))
 
 
 def _require_empty(path: Path) -> None:
@@ -537,14 +636,33 @@ def _require_empty(path: Path) -> None:
         raise SafeLoraError(f"{path}: {e.strerror}") from None
 
 
-@app.command()
+_CHECK_EXAMPLES = """Examples:
+
+  safelora check ./my-adapter
+
+  safelora check 'adapters/*' --base meta-llama/Llama-2-7b-hf --aligned meta-llama/Llama-2-7b-chat-hf --json
+"""
+
+
+@app.command(cls=_Command, epilog=_CHECK_EXAMPLES)
 def check(
-    adapter: CheckAdaptersOpt,
-    base: Annotated[str | None, typer.Option(help="Also require this base model (a directory or a Hub repo).")] = None,
-    aligned: Annotated[
-        str | None, typer.Option(help="Also require this aligned model (a directory or a Hub repo).")
+    adapters: AdapterArgs = None,
+    adapter: AdaptersOpt = None,
+    base: Annotated[
+        str | None,
+        typer.Option(
+            metavar="REF", help="Also require this base model (a directory or a Hub repo).", show_default=False
+        ),
     ] = None,
+    aligned: Annotated[
+        str | None,
+        typer.Option(
+            metavar="REF", help="Also require this aligned model (a directory or a Hub repo).", show_default=False
+        ),
+    ] = None,
+    token: TokenOpt = None,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Gate: is each adapter sanitized by safelora, unmodified since, and (optionally) against this pair?
 
@@ -552,77 +670,82 @@ def check(
     against another pair, or modified since (and none errored); 1 any error (unreadable adapter or
     checkpoint); 2 usage.
     """
+    specs = _adapters(adapters, adapter)
     if (base is None) != (aligned is None):
         raise typer.BadParameter("give both --base and --aligned, or neither", param_hint="--base/--aligned")
-    results: list[tuple[Path, audit.CheckResult | SafeLoraError]] = []
-    with _errors(), ExitStack() as stack:
-        pair = None
-        if base is not None and aligned is not None:
-            hub = sources.Hub.from_env(None, projection_cache.ProjectionCache().refs)
-            pair = (_identity(base, "--base", hub), _identity(aligned, "--aligned", hub))
-        for named in stack.enter_context(adapter_io.open_all(adapter)):
+    sink = rendering.Sink(as_json=as_json, quiet=quiet)
+    paths = _expanded(specs)
+    results: list[CheckResult | SafeLoraError] = []
+    with _errors(sink, paths), _interruptible(paths, in_place=False):
+        for path in paths():
             try:
-                if named.dir is None:
-                    raise named.error or SafeLoraError(f"{named.path}: cannot be read")
-                results.append((named.path, audit.check(named.dir, pair)))
+                results.append(api.check(path, base=base, aligned=aligned, token=token))
+            except UsageError:
+                raise
             except SafeLoraError as e:
-                results.append((named.path, e))
-        if len(results) == 1 and isinstance(results[0][1], SafeLoraError):
-            raise results[0][1]
-    console = _err_console() if as_json else _console()
-    for _, result in results:
+                e.adapter = path
+                results.append(e)
+    for result in results:
         if isinstance(result, SafeLoraError):
-            _print_error(result)
+            sink.fail(result.adapter, describe(result))
         else:
-            rendering.render_check(result, console)
-    if as_json:
-        docs = [
-            rendering.check_to_json(r) if isinstance(r, audit.CheckResult) else {"adapter": str(p), "error": str(r)}
-            for p, r in results
-        ]
-        sys.stdout.write(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2) + "\n")
-    if any(isinstance(r, SafeLoraError) for _, r in results):
+            sink.add(rendering.check_to_json(result), partial(rendering.render_check, result))
+    sink.emit(batch=len(results) > 1)
+    if sink.failed:
         raise typer.Exit(1)
-    if not all(isinstance(r, audit.CheckResult) and r.ok for _, r in results):
+    if not all(not isinstance(r, SafeLoraError) and r.ok for r in results):
         raise typer.Exit(3)
 
 
-def _identity(spec: str, flag: str, hub: sources.Hub) -> str:
-    src = _open(spec, None, flag, hub, sources.QuietTransfer(), [])
-    try:
-        return pipeline.source_info(src).identity
-    finally:
-        src.close()
+_INSPECT_EXAMPLES = """Examples:
+
+  safelora inspect ./my-adapter
+
+  safelora inspect ./my-adapter --json
+"""
 
 
-@app.command("inspect")
+@app.command("inspect", cls=_Command, epilog=_INSPECT_EXAMPLES)
 def inspect_(
-    adapter: Annotated[Path, typer.Argument(help="The PEFT LoRA adapter directory.")],
+    adapters: AdapterArgs = None,
+    adapter: AdaptersOpt = None,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Show what an adapter is (modules, ranks, dtypes, size, targets, DoRA…), its provenance, and
     whether the original of a projected adapter is kept (restore can bring it back)."""
-    with _errors():
-        info = audit.inspect(adapter, backups.BackupStore())
-    if as_json:
-        sys.stdout.write(json.dumps(rendering.inspection_to_json(info), indent=2) + "\n")
-    else:
-        rendering.render_inspection(info, _console())
+    specs = _adapters(adapters, adapter)
+    sink = rendering.Sink(as_json=as_json, quiet=quiet)
+    paths = _expanded(specs)
+    with _errors(sink, paths):
+        for path in paths():
+            try:
+                info = api.inspect(path)
+            except UsageError:
+                raise
+            except SafeLoraError as e:
+                sink.fail(path, describe(e))
+                continue
+            sink.add(rendering.inspection_to_json(info), partial(rendering.render_inspection, info))
+    sink.emit(batch=len(paths()) > 1)
+    if sink.failed:
+        raise typer.Exit(1)
 
 
-@app.command()
+_RESTORE_EXAMPLES = """Examples:
+
+  safelora restore ./my-adapter
+
+  safelora restore 'adapters/*' --json
+"""
+
+
+@app.command(cls=_Command, epilog=_RESTORE_EXAMPLES)
 def restore(
-    adapter: Annotated[
-        list[str],
-        typer.Option(
-            "--adapter",
-            help="The adapter directory to restore. Repeat it, or give a quoted glob ('adapters/*').",
-            show_default=False,
-        ),
-    ],
+    adapters: AdapterArgs = None,
+    adapter: AdaptersOpt = None,
     force: Annotated[
-        bool,
-        typer.Option("--force/--no-force", help="Restore an adapter changed since safelora projected it."),
+        bool, _flag("--force/--no-force", "Restore an adapter changed since safelora projected it (losing the change).")
     ] = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -633,48 +756,25 @@ def restore(
     adapter's provenance; the rewrite is atomic and locked, as project's. Refused for an adapter
     changed since safelora wrote it (its edits would be lost), unless --force.
     """
-    outcomes: list[tuple[Path, backups.Restored | SafeLoraError]] = []
-    with _errors(), ExitStack() as stack:
-        store = backups.BackupStore()
-        for named in stack.enter_context(adapter_io.open_all(adapter)):
-            try:
-                if named.dir is None:
-                    raise named.error or SafeLoraError(f"{named.path}: cannot be read")
-                wait = partial(_say, f"another safelora run is rewriting {named.path}; waiting for it", quiet)
-                outcomes.append((named.path, backups.restore(named.dir, store, force=force, on_wait=wait)))
-            except SafeLoraError as e:
-                outcomes.append((named.path, e))
-        if len(outcomes) == 1 and isinstance(outcomes[0][1], SafeLoraError):
-            raise outcomes[0][1]
-    _after_write("printing the result", lambda: _emit_restored(outcomes, as_json, quiet))
-    if any(isinstance(o, SafeLoraError) for _, o in outcomes):
+    specs = _adapters(adapters, adapter)
+    sink = rendering.Sink(as_json=as_json, quiet=quiet)
+    paths = _expanded(specs)
+    with _errors(sink, paths), _interruptible(paths, in_place=True):
+        outcomes = api.restore(list(specs), force=force)
+    failed = sum(isinstance(o, SafeLoraError) for o in outcomes)
+
+    def deliver() -> None:
+        for outcome in outcomes:
+            if isinstance(outcome, SafeLoraError):
+                _debug(outcome)
+                sink.fail(outcome.adapter, describe(outcome))
+            else:
+                sink.add(rendering.restored_to_json(outcome), partial(rendering.render_restored, outcome))
+        sink.emit(batch=len(outcomes) > 1)
+
+    _after_write(deliver)
+    if failed:
         raise typer.Exit(1)
-
-
-def _say(message: str, quiet: bool) -> None:
-    if not quiet:
-        _err_console().print(line((message, "dim")), highlight=False, soft_wrap=True)
-
-
-def _emit_restored(outcomes: list[tuple[Path, backups.Restored | SafeLoraError]], as_json: bool, quiet: bool) -> None:
-    console = _err_console() if as_json else _console()
-    for path, outcome in outcomes:
-        if isinstance(outcome, SafeLoraError):
-            _print_error(outcome)
-        elif not quiet:
-            b = outcome.backup
-            console.print(
-                line(f"restored {path}: the original, sha256 {b.sha256[:12]}… ({rendering.size(b.nbytes)})"),
-                highlight=False,
-            )
-    if as_json:
-        docs = [
-            {"adapter": str(p), "error": str(o)}
-            if isinstance(o, SafeLoraError)
-            else {"adapter": str(p), "restored": True, "sha256": o.backup.sha256, "bytes": o.backup.nbytes}
-            for p, o in outcomes
-        ]
-        sys.stdout.write(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2) + "\n")
 
 
 cache_app = typer.Typer(
@@ -682,62 +782,75 @@ cache_app = typer.Typer(
     "(default ~/.cache/safelora, or $XDG_CACHE_HOME/safelora); and the backups of originals, under "
     "SAFELORA_BACKUPS (default ~/.local/share/safelora/originals), removed only with --backups.",
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(cache_app, name="cache")
 
+BackupsFlag = Annotated[
+    bool,
+    typer.Option(
+        "--backups",
+        metavar="",
+        help="The kept originals instead of the projection cache: each is the only copy of an adapter's "
+        "original, restore can no longer bring it back.",
+    ),
+]
 
-@cache_app.command("ls")
+
+@cache_app.command(
+    "ls", cls=_Command, epilog="Examples:\n\n  safelora cache ls --modules\n\n  safelora cache ls --json\n"
+)
 def cache_ls(
-    modules: Annotated[bool, typer.Option("--modules", "-m", help="List each pair's modules too.")] = False,
+    modules: Annotated[bool, typer.Option("--modules", "-m", help="List each pair's modules too.", metavar="")] = False,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """List cached pairs (key, base, aligned, modules, size) and kept originals (adapter, date, size).
 
     --json prints {"pairs": [...], "backups": [...]}, every pair with its modules.
     """
-    with _errors():
+    sink = rendering.Sink(as_json=as_json, quiet=quiet)
+    with _errors(sink):
         pairs = projection_cache.ProjectionCache().pairs()
         store = backups.BackupStore()
         kept = store.all()
-    if as_json:
-        sys.stdout.write(rendering.cache_json(pairs, kept) + "\n")
-    else:
-        rendering.render_cache(pairs, _console(), modules=modules)
-        rendering.render_backups(kept, store.root, _console())
+    sink.add(
+        rendering.cache_to_json(pairs, kept),
+        lambda console: rendering.render_cache(pairs, kept, store.root, console, modules=modules),
+    )
+    sink.emit(batch=False)
 
 
-@cache_app.command("rm")
+@cache_app.command(
+    "rm",
+    cls=_Command,
+    epilog="Examples:\n\n  safelora cache rm 3f2a9c\n\n  safelora cache rm --backups ./my-adapter --yes\n",
+)
 def cache_rm(
     targets: Annotated[
         list[str],
         typer.Argument(
-            help="Pair keys (or unique prefixes of them); with --backups, adapter directories.", show_default=False
+            metavar="KEY_OR_ADAPTER...",
+            help="Pair keys (or unique prefixes of them); with --backups, adapter directories.",
+            show_default=False,
         ),
     ],
-    backups_: Annotated[
-        bool,
-        typer.Option(
-            "--backups",
-            help="Remove the kept originals of these adapter directories: the only copies, restore can no longer "
-            "bring them back.",
-        ),
-    ] = False,
+    backups_: BackupsFlag = False,
     yes: YesOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Remove pairs' cached operators; with --backups, adapters' kept originals (asks first)."""
+    sink = rendering.Sink(as_json=as_json, quiet=quiet)
     if not backups_:
-        with _errors():
+        with _errors(sink):
             cache = projection_cache.ProjectionCache()
             for key in targets:
                 removed = cache.remove(key)
-                _console().print(
-                    line(
-                        f"removed pair {removed.key} ({len(removed.entries)} modules, {rendering.size(removed.nbytes)})"
-                    ),
-                    highlight=False,
-                )
+                sink.add(rendering.pair_to_json(removed), partial(rendering.render_removed_pair, removed))
+        sink.emit(batch=len(targets) > 1)
         return
-    with _errors():
+    with _errors(sink):
         store = backups.BackupStore()
         chosen = _backups_of(store, targets)
         gone = [b for b, dirs in chosen if set(b.adapters) <= dirs or not b.adapters]
@@ -747,10 +860,15 @@ def cache_rm(
             if backup not in gone:
                 for d in dirs:
                     store.forget(backup, d)
-    _console().print(
-        line(f"removed {len(gone)} kept original(s); {len(chosen) - len(gone)} still kept for other adapters"),
-        highlight=False,
+    kept_for_others = len(chosen) - len(gone)
+    sink.add(
+        {"removed": [rendering.backup_to_json(b) for b in gone], "kept_for_other_adapters": kept_for_others},
+        lambda c: c.print(
+            line(f"removed {len(gone)} kept original(s); {kept_for_others} still kept for other adapters"),
+            highlight=False,
+        ),
     )
+    sink.emit(batch=False)
 
 
 def _backups_of(store: backups.BackupStore, targets: list[str]) -> list[tuple[backups.Backup, set[str]]]:
@@ -762,8 +880,8 @@ def _backups_of(store: backups.BackupStore, targets: list[str]) -> list[tuple[ba
         where = os.path.abspath(target)
         found = [b for b in kept if where in b.adapters]
         if os.path.isdir(target):
-            with adapter_io.opened(Path(target)) as adapter:
-                sha = adapter.provenance().get(adapter_io.PROVENANCE_PREFIX + "original")
+            with adapter_io.opened(Path(target)) as opened:
+                sha = opened.provenance().get(adapter_io.PROVENANCE_PREFIX + "original")
             found += [b for b in kept if b.sha256 == sha]
         if not found:
             raise SafeLoraError(f"{target}: no kept original in {store.root}")
@@ -784,45 +902,47 @@ def _confirm(what: str, yes: bool) -> None:
         raise typer.Exit(1)
 
 
-@cache_app.command("clear")
+@cache_app.command(
+    "clear",
+    cls=_Command,
+    epilog="Examples:\n\n  safelora cache clear\n\n  safelora cache clear --backups --older-than 30\n",
+)
 def cache_clear(
-    backups_: Annotated[
-        bool,
-        typer.Option(
-            "--backups",
-            help="Remove the kept originals instead of the projection cache: the only copies, restore can no "
-            "longer bring them back.",
-        ),
-    ] = False,
+    backups_: BackupsFlag = False,
     older_than: Annotated[
         float | None,
         typer.Option(min=0, help="With --backups: only originals kept more than DAYS days ago.", metavar="DAYS"),
     ] = None,
     yes: YesOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Remove every cached pair (a pair a running safelora is computing is kept); never the backups,
     unless --backups (which asks first)."""
     if older_than is not None and not backups_:
         raise typer.BadParameter("applies to --backups only", param_hint="--older-than")
+    sink = rendering.Sink(as_json=as_json, quiet=quiet)
     if backups_:
-        with _errors():
+        with _errors(sink):
             store = backups.BackupStore()
             limit = time.time() - older_than * 86400 if older_than is not None else None
             gone = [b for b in store.all() if limit is None or b.created < limit]
             _confirm(f"{len(gone)} kept original(s), {rendering.size(sum(b.nbytes for b in gone))}", yes)
             store.remove(gone)
-        _console().print(line(f"removed {len(gone)} kept original(s) from {store.root}"), highlight=False)
+        sink.add(
+            {"removed": [rendering.backup_to_json(b) for b in gone]},
+            lambda c: c.print(line(f"removed {len(gone)} kept original(s) from {store.root}"), highlight=False),
+        )
+        sink.emit(batch=False)
         return
-    with _errors():
+    with _errors(sink):
         cache = projection_cache.ProjectionCache()
         removed, kept = cache.clear()
-    console = _console()
-    console.print(
-        line(f"removed {len(removed)} pair(s), {rendering.size(sum(p.nbytes for p in removed))} from {cache.root}"),
-        highlight=False,
+    sink.add(
+        {"removed": [rendering.pair_to_json(p) for p in removed], "kept": kept},
+        lambda c: rendering.render_cleared(removed, kept, cache.root, c),
     )
-    for message in kept:
-        _err_console().print(line(("kept:", "yellow"), " ", message), highlight=False)
+    sink.emit(batch=False)
 
 
 def _version(value: bool) -> None:
@@ -834,7 +954,8 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.", metavar=""),
     ] = False,
 ) -> None:
     """Safe LoRA for PEFT adapters."""

@@ -222,6 +222,12 @@ class Preset:
     options: dict[str, Any]
 
 
+def preset_names() -> list[str]:
+    """The shipped presets' names, without reading them (for shell completion)."""
+    files = importlib.resources.files(PRESET_PACKAGE).iterdir()
+    return sorted(f.name.removesuffix(".yaml") for f in files if f.name.endswith(".yaml"))
+
+
 def presets() -> dict[str, Preset]:
     """Every preset shipped in ``configs/``, by name (the file name without ``.yaml``)."""
     found = {}

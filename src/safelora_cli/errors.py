@@ -1,4 +1,7 @@
-"""The tool's error types: every message a user sees for bad input is shaped here."""
+"""The tool's error types. A message states the problem; what to do about it in terms of command-line
+flags is added by the command line, from the error's type (``cli._HINTS``), so the Python API's
+messages never name flags.
+"""
 
 from __future__ import annotations
 
@@ -27,6 +30,10 @@ class HubError(SourceError):
     """The Hub cannot give what a run needs: repo, revision, file, access, network, or offline mode."""
 
 
+class HubAccessError(HubError):
+    """The repo is gated or private: a token with access to it is needed."""
+
+
 class CacheError(SafeLoraError):
     """The projection cache cannot be used as asked (an unknown pair, a pair busy in another run)."""
 
@@ -35,15 +42,60 @@ class AdapterError(SafeLoraError):
     """The adapter directory, its config or its tensors cannot be used."""
 
 
+class InPlaceError(AdapterError):
+    """The adapter cannot be rewritten in place (read-only, no locks, a symlinked weights file), though
+    a patched copy could be written elsewhere."""
+
+
+class OutputError(AdapterError):
+    """The output directory cannot be used as it is."""
+
+
+class OutputNotEmptyError(OutputError):
+    """The output directory holds files already; reusing it replaces them."""
+
+
 class AlreadyProjectedError(AdapterError):
-    """The adapter already carries safelora provenance from another pair or other settings."""
+    """The adapter already carries safelora provenance, and its original is not kept to start from."""
+
+
+class ChangedSinceError(AdapterError):
+    """The adapter changed since safelora wrote it: starting from the kept original would lose that change."""
+
+
+class DoraError(AdapterError):
+    """A DoRA adapter: Safe LoRA does not define DoRA; projecting lora_B alone is an explicit choice."""
 
 
 class NumericError(SafeLoraError):
     """A tensor holds NaN or Inf."""
 
 
+class PrecisionError(NumericError):
+    """A value overflows float32; float64 would hold it."""
+
+
+class DeviceError(SafeLoraError):
+    """The device asked for is not there."""
+
+
+class BackupError(SafeLoraError):
+    """A kept original cannot be written, found or trusted; the adapter is left as it was."""
+
+
+class BackupNotKeptError(BackupError):
+    """The original cannot be kept before an in-place rewrite, so the rewrite does not happen."""
+
+
 class UsageError(SafeLoraError):
     """Options that contradict each other; exit 2 like any usage error."""
 
     exit_code = 2
+
+
+class MissingBaseError(UsageError):
+    """No base model was given, and none follows from the aligned model."""
+
+
+class MissingAlignedError(UsageError):
+    """No aligned model was given, and the adapter's config names none that can be used."""

@@ -33,7 +33,16 @@ from .adapter import (
 from .atomic import TMP_MARK
 from .backups import Backup, BackupStore
 from .cache import CorruptEntry, PairCache
-from .errors import AdapterError, AlreadyProjectedError, SafeLoraError, SourceError
+from .errors import (
+    AdapterError,
+    AlreadyProjectedError,
+    ChangedSinceError,
+    DeviceError,
+    DoraError,
+    InPlaceError,
+    SafeLoraError,
+    SourceError,
+)
 from .projection import Mode, ModuleMath, Operator, Projector, build_v, select
 from .sources import Source
 
@@ -184,7 +193,7 @@ class _Job:
 
 def _device(requested: Device) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
-        raise SafeLoraError("--device cuda: no CUDA device is available; use --device cpu or auto")
+        raise DeviceError("device cuda: no CUDA device is available")
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
@@ -667,7 +676,7 @@ def _prepare(
 
     An adapter safelora projected before is projected again from its kept original (the backup its
     provenance names), so the result equals projecting the original directly; without a backup,
-    only --force projects it again, on top of the earlier projection.
+    only ``force`` projects it again, on top of the earlier projection.
     """
     if run.named.dir is None:
         raise RuntimeError(f"{run.path}: prepared without an open directory")
@@ -683,10 +692,9 @@ def _prepare(
         original = store.find(previous.get(PROVENANCE_PREFIX + "original"))
         if original is not None:
             if not settings.force and previous.get(PROVENANCE_PREFIX + "digest") != file_digest(adapter):
-                raise AlreadyProjectedError(
+                raise ChangedSinceError(
                     f"{adapter.file}: changed since safelora projected it; projecting again starts from the "
-                    f"original (backup {original.sha256[:12]}) and would throw those changes away. Pass --force to "
-                    "do so, or keep the changes and leave it as it is"
+                    f"original (backup {original.sha256[:12]}) and would throw those changes away"
                 )
             run.adapter = adapter = adapter.with_weights(store.open(original), original.path)
             run.original = original
@@ -695,28 +703,24 @@ def _prepare(
             pair = f"{previous.get(PROVENANCE_PREFIX + 'base')} → {previous.get(PROVENANCE_PREFIX + 'aligned')}"
             raise AlreadyProjectedError(
                 f"{adapter.file}: already projected by safelora against {pair}, and no backup of its original is "
-                f"kept (looked in {store.root}); projecting twice shrinks the update again. Start from the "
-                "original adapter, or pass --force"
+                f"kept (looked in {store.root}); projecting twice shrinks the update again"
             )
         else:
             run.notes.append(
-                "--force without a backup of the original: projected again, on top of the earlier projection"
+                "forced, without a backup of the original: projected again, on top of the earlier projection"
             )
     if adapter.dora:
         if not settings.allow_dora:
-            raise AdapterError(
-                f"{adapter.file}: a DoRA adapter (lora_magnitude_vector); Safe LoRA does not define DoRA. "
-                "Pass --allow-dora to project lora_B and leave the magnitudes unchanged"
-            )
+            raise DoraError(f"{adapter.file}: a DoRA adapter (lora_magnitude_vector); Safe LoRA does not define DoRA")
         run.notes.append("DoRA: lora_B projected, magnitude vectors left unchanged")
     if in_place:
         st = adapter.dir.lstat(ADAPTER_FILE)
         if st is not None and stat.S_ISLNK(st.st_mode):
             # os.replace would swap the link for a regular file and leave its target (often a shared
             # blob, as in the Hugging Face cache) as it was: rarely what anyone meant.
-            raise AdapterError(
+            raise InPlaceError(
                 f"{adapter.file}: is a symbolic link, and rewriting it in place would replace the link, not "
-                f"its target; pass --output DIR for a patched copy, or replace the link with a copy of {ADAPTER_FILE}"
+                f"its target; replace the link with a copy of {ADAPTER_FILE}"
             )
         atomic.clean_stale(adapter.dir, f".{ADAPTER_FILE}{TMP_MARK}")
 
@@ -784,7 +788,7 @@ def _finish(
             run.kept = store.save(adapter.handle, adapter.stat.st_size, adapter.path)
             run.kept_now = True
         else:
-            run.notes.append("--no-backup: no copy of the original was kept; safelora restore cannot undo this run")
+            run.notes.append("no backup: no copy of the original was kept, and restore cannot undo this run")
     if run.kept is not None:
         provenance[PROVENANCE_PREFIX + "original"] = run.kept.sha256
     write_adapter(adapter, replacements, provenance, settings.output, overwrite_output=settings.force, notes=run.notes)

@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from .errors import NumericError
+from .errors import NumericError, PrecisionError
 
 Mode = Literal["threshold", "number"]
 ROUND_DECIMALS = 5  # the official code rounds before comparing; so do we, for reproducible decisions
@@ -73,7 +73,7 @@ def build_v(
     if not math.isfinite(math.sqrt(norm2)):
         _check_finite(w_base, names[0])
         _check_finite(w_aligned, names[1])
-        raise NumericError(f"{names[0]} − {names[1]}: ‖V‖ overflows {out.dtype}; use --precision float64")
+        raise PrecisionError(f"{names[0]} − {names[1]}: ‖V‖ overflows {out.dtype}")
     return norm2
 
 

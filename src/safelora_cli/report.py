@@ -1,11 +1,13 @@
-"""Rendering: the Rich table for people and the JSON document for pipelines."""
+"""Rendering: the Rich tables for people, the JSON documents for pipelines, and the sink that
+sends each command's output where its mode (human, JSON, quiet) says."""
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -19,6 +21,7 @@ from rich.progress import (
     DownloadColumn,
     MofNCompleteColumn,
     Progress,
+    SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -29,10 +32,58 @@ from rich.text import Text
 
 from . import __version__
 from .audit import CheckResult, Inspection
-from .backups import Backup
+from .backups import Backup, Restored
 from .cache import PairSummary
-from .pipeline import LayerResult, OnModule, Report
+from .errors import SafeLoraError
+from .pipeline import LayerResult, Report
+from .text import console as make_console
 from .text import line, printable
+
+
+class Sink:
+    """Where a command's output goes, in one of its modes, so no command branches on them itself.
+
+    Human: tables and lines on stdout. ``as_json``: one JSON document on stdout (an array for
+    several adapters), what people read on stderr. ``quiet``: nothing but errors (and the JSON with
+    ``as_json``). Errors are always one line on stderr, and in JSON an ``{"adapter", "error"}`` object.
+    """
+
+    def __init__(self, *, as_json: bool, quiet: bool) -> None:
+        self.as_json, self.quiet = as_json, quiet
+        self.console = make_console(stderr=as_json)
+        self.docs: list[dict[str, Any]] = []
+        self.failed = 0
+        self._emitted = False
+
+    def show(self, render: Callable[[Console], None]) -> None:
+        """Something for people, unless quiet."""
+        if not self.quiet:
+            render(self.console)
+
+    def add(self, doc: dict[str, Any], render: Callable[[Console], None]) -> None:
+        """One result: its JSON document, and how people see it."""
+        self.docs.append(doc)
+        self.show(render)
+
+    def fail(self, adapter: Path | None, message: str, *, echo: bool = True) -> None:
+        """One adapter's failure (``adapter`` None: a failure of the whole command)."""
+        self.failed += 1
+        self.docs.append({"adapter": None if adapter is None else str(adapter), "error": message})
+        if echo:
+            error_line(message)
+
+    def emit(self, *, batch: bool) -> None:
+        """The JSON document, once: the one result, or an array when ``batch``."""
+        if not self.as_json or self._emitted:
+            return
+        self._emitted = True
+        doc: Any = self.docs if batch or len(self.docs) != 1 else self.docs[0]
+        sys.stdout.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+        sys.stdout.flush()
+
+
+def error_line(message: str) -> None:
+    make_console(stderr=True).print(line(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
 
 
 def dumps(report: Report) -> str:
@@ -46,28 +97,7 @@ def _fmt(x: float | None, spec: str) -> str:
 def render(report: Report, console: Console) -> None:
     """The per-module table, the skipped tensors, notes and a one-line summary."""
     if report.layers:
-        table = Table(
-            title=line("Safe LoRA · ", report.adapter), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False
-        )
-        modules = [printable(layer.module) for layer in report.layers]
-        table.add_column("module", no_wrap=True, min_width=max(len(m) for m in modules))
-        table.add_column("layer", justify="right")
-        table.add_column("similarity", justify="right", no_wrap=True)
-        table.add_column("proj.", justify="center")
-        table.add_column("‖CB‖/‖B‖", justify="right")
-        for layer, module in zip(report.layers, modules, strict=True):
-            projected = Text("yes", style="bold red") if layer.projected else Text("no", style="dim")
-            sim = _similarity_cell(layer)
-            if layer.reason:
-                sim = line((f"— ({layer.reason})", "yellow"))
-            table.add_row(
-                Text(module),
-                "" if layer.layer is None else str(layer.layer),
-                sim,
-                projected,
-                _fmt(layer.norm_ratio, ".4f"),
-            )
-        console.print(table)
+        console.print(_table(report, console.width))
     if report.skipped:
         console.print(line((f"{len(report.skipped)} tensor(s) passed through unchanged:", "dim")))
         for key, reason in report.skipped:
@@ -87,12 +117,43 @@ def render(report: Report, console: Console) -> None:
 
 
 _BAR_WIDTH = 8
+# Widths beside the module column, columns and the spaces between them: what has to fit, by what
+# the table shows. The bar goes first and the ratio second when the terminal is narrow, so that
+# module, similarity and projected stay whole down to 60 columns.
+_LAYER_W, _SIM_W, _BAR_W, _PROJ_W, _RATIO_W = 7, 9, _BAR_WIDTH + 1, 7, 10
 
 
-def _similarity_cell(layer: LayerResult) -> Text:
+def _table(report: Report, width: int) -> Table:
+    modules = [printable(layer.module) for layer in report.layers]
+    module_w = max(len(m) for m in modules) + 2
+    bar = module_w + _LAYER_W + _SIM_W + _BAR_W + _PROJ_W + _RATIO_W <= width
+    ratio = module_w + _LAYER_W + _SIM_W + _PROJ_W + _RATIO_W <= width
+    layer_col = module_w + _LAYER_W + _SIM_W + _PROJ_W <= width
+    table = Table(title=line("Safe LoRA · ", report.adapter), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("module", no_wrap=True, min_width=len(max(modules, key=len)))
+    if layer_col:
+        table.add_column("layer", justify="right", no_wrap=True)
+    table.add_column("similarity", justify="right", no_wrap=True)
+    table.add_column("proj.", justify="center", no_wrap=True)
+    if ratio:
+        table.add_column("‖CB‖/‖B‖", justify="right", no_wrap=True)
+    for layer, module in zip(report.layers, modules, strict=True):
+        projected = Text("yes", style="bold red") if layer.projected else Text("no", style="dim")
+        sim = line((f"— ({layer.reason})", "yellow")) if layer.reason else _similarity_cell(layer, bar=bar)
+        row: list[Text | str] = [Text(module)]
+        if layer_col:
+            row.append("" if layer.layer is None else str(layer.layer))
+        row += [sim, projected]
+        if ratio:
+            row.append(_fmt(layer.norm_ratio, ".4f"))
+        table.add_row(*row)
+    return table
+
+
+def _similarity_cell(layer: LayerResult, *, bar: bool = True) -> Text:
     """The similarity and an inline bar (red when projected), so a glance finds the projected layers."""
-    cell = Text(_fmt(layer.similarity, ".5f") + " ")
-    if layer.similarity is not None and math.isfinite(layer.similarity):
+    cell = Text(_fmt(layer.similarity, ".5f") + (" " if bar else ""))
+    if bar and layer.similarity is not None and math.isfinite(layer.similarity):
         filled = round(min(max(layer.similarity, 0.0), 1.0) * _BAR_WIDTH)
         cell.append("█" * filled, style="red" if layer.projected else "green")
         cell.append("·" * (_BAR_WIDTH - filled), style="dim")
@@ -104,8 +165,11 @@ def summary(report: Report) -> str:
     tau = _fmt(report.threshold, ".5g")
     how = f"τ = {tau}" if report.mode == "threshold" else f"k = {report.num_layers}, τ_k = {tau}"
     if report.dry_run:
-        where = "dry run, nothing written"
-    elif report.written:
+        return (
+            f"would project {report.projected_count} of {len(report.layers)} modules ({how}); dry run, nothing "
+            f"written; {report.seconds:.2f} s"
+        )
+    if report.written:
         where = f"wrote {report.output or report.adapter}"
         if report.backup is not None and report.output is None:
             where += f" (original kept, {size(report.backup.nbytes)})"
@@ -145,15 +209,19 @@ class RunDisplay:
             console=console,
         )
         self._modules = Progress(
+            SpinnerColumn(),
             TextColumn("[progress.description]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
             console=console,
         )
         live = enabled and console.is_terminal
         self._live = Live(Group(self._downloads, self._modules), console=console, transient=True) if live else None
-        self._module_task = self._modules.add_task("projecting", total=None)
+        # Until the first module is done (imports, headers, the first reads), a spinner says the run is alive.
+        self._module_task = self._modules.add_task("reading the adapter and the checkpoints", total=None)
 
     def __enter__(self) -> RunDisplay:
         if self._live is not None:
@@ -166,14 +234,12 @@ class RunDisplay:
         if self._live is not None:
             self._live.stop()
 
-    @property
-    def on_module(self) -> OnModule:
-        """The pipeline's per-module callback; None when nothing is drawn (no work per module)."""
-        return self._advance if self._live is not None else None
-
-    def _advance(self, layer: LayerResult, count: int) -> None:
-        # Progress descriptions are markup templates: the name goes in escaped.
-        self._modules.update(self._module_task, advance=1, total=count, description=escape(printable(layer.module)))
+    def on_module(self, layer: LayerResult, count: int) -> None:
+        """The pipeline's per-module callback: one more module done."""
+        if self._live is not None:
+            # Progress descriptions are markup templates: the name goes in escaped.
+            description = escape(printable(layer.module))
+            self._modules.update(self._module_task, advance=1, total=count, description=description)
 
     def task(self, label: str, total: int) -> Callable[[int], None]:
         task_id = self._downloads.add_task(escape(printable(label)), total=total)
@@ -189,7 +255,7 @@ class RunDisplay:
             self.console.print(line((message, "dim")), highlight=False, soft_wrap=True)
 
 
-def _pair_json(pair: PairSummary) -> dict[str, Any]:
+def pair_to_json(pair: PairSummary) -> dict[str, Any]:
     return {
         "pair": pair.key,
         "base": pair.base,
@@ -203,7 +269,7 @@ def _pair_json(pair: PairSummary) -> dict[str, Any]:
     }
 
 
-def _backup_json(backup: Backup) -> dict[str, Any]:
+def backup_to_json(backup: Backup) -> dict[str, Any]:
     return {
         "sha256": backup.sha256,
         "bytes": backup.nbytes,
@@ -216,13 +282,12 @@ def _date(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def cache_json(pairs: list[PairSummary], backups: list[Backup]) -> str:
+def cache_to_json(pairs: list[PairSummary], backups: list[Backup]) -> dict[str, Any]:
     """``safelora cache ls --json``: every pair with its modules, and every kept original."""
-    doc = {"pairs": [_pair_json(p) for p in pairs], "backups": [_backup_json(b) for b in backups]}
-    return json.dumps(doc, indent=2)
+    return {"pairs": [pair_to_json(p) for p in pairs], "backups": [backup_to_json(b) for b in backups]}
 
 
-def render_backups(backups: list[Backup], root: Path, console: Console) -> None:
+def _render_backups(backups: list[Backup], root: Path, console: Console) -> None:
     """The kept originals: adapter directory, when, size; and their total."""
     if not backups:
         console.print(line((f"no original is kept in {root}", "dim")), highlight=False)
@@ -244,10 +309,17 @@ def render_backups(backups: list[Backup], root: Path, console: Console) -> None:
     )
 
 
-def render_cache(pairs: list[PairSummary], console: Console, *, modules: bool) -> None:
-    """The pairs table; with ``modules``, each pair's modules too."""
+def render_cache(
+    pairs: list[PairSummary], backups: list[Backup], backup_root: Path, console: Console, *, modules: bool
+) -> None:
+    """The pairs table (with ``modules``, each pair's modules too), then the kept originals."""
+    _render_pairs(pairs, console, modules=modules)
+    _render_backups(backups, backup_root, console)
+
+
+def _render_pairs(pairs: list[PairSummary], console: Console, *, modules: bool) -> None:
     if not pairs:
-        console.print("[dim]the projection cache is empty[/dim]")
+        console.print(line(("the projection cache is empty", "dim")))
         return
     table = Table(title="safelora projection cache", title_justify="left")
     table.add_column("pair", no_wrap=True)
@@ -302,7 +374,7 @@ def inspection_to_json(info: Inspection) -> dict[str, Any]:
         "modules_to_save": info.modules_to_save,
         "skipped": [{"key": key, "reason": reason} for key, reason in info.skipped],
         "provenance": info.provenance,
-        "backup": _backup_json(info.backup) if info.backup is not None else None,
+        "backup": backup_to_json(info.backup) if info.backup is not None else None,
     }
 
 
@@ -333,3 +405,45 @@ def render_inspection(info: Inspection, console: Console) -> None:
         kept = f"yes: {b.sha256[:12]}…, {size(b.nbytes)} (safelora restore puts it back)" if b else "no"
         table.add_row("original kept", line(kept))
     console.print(table)
+
+
+def render_removed_pair(pair: PairSummary, console: Console) -> None:
+    console.print(line(f"removed pair {pair.key} ({len(pair.entries)} modules, {size(pair.nbytes)})"), highlight=False)
+
+
+def render_cleared(removed: list[PairSummary], kept: list[str], root: Path, console: Console) -> None:
+    total = size(sum(p.nbytes for p in removed))
+    console.print(line(f"removed {len(removed)} pair(s), {total} from {root}"), highlight=False)
+    for message in kept:
+        console.print(line(("kept:", "yellow"), " ", message), highlight=False)
+
+
+def restored_to_json(restored: Restored) -> dict[str, Any]:
+    b = restored.backup
+    return {"adapter": str(restored.adapter), "restored": True, "sha256": b.sha256, "bytes": b.nbytes}
+
+
+def render_restored(restored: Restored, console: Console) -> None:
+    b = restored.backup
+    told = f"restored {restored.adapter}: the original, sha256 {b.sha256[:12]}… ({size(b.nbytes)})"
+    console.print(line(told), highlight=False)
+
+
+def render_batch(outcomes: Sequence[Report | SafeLoraError], console: Console) -> None:
+    """The line after a batch's reports: how many adapters were done."""
+    failed = sum(isinstance(o, SafeLoraError) for o in outcomes)
+    console.print(f"{len(outcomes) - failed} of {len(outcomes)} adapters done, {failed} failed", highlight=False)
+
+
+def render_next_steps(root: Path, console: Console) -> None:
+    """``demo --keep``: commands to try next, on the files it left."""
+    base, aligned, adapter, out = (root / name for name in ("base", "aligned", "adapter", "sanitized"))
+    console.print(line(("next, try:", "bold")), highlight=False)
+    for command in (
+        f"safelora inspect {out}",
+        f"safelora check {out} --base {base} --aligned {aligned}",
+        f"safelora project {adapter} --base {base} --aligned {aligned} --num-layers 3 --dry-run",
+        f"safelora project {adapter} --base {base} --aligned {aligned}      # in place, keeping the original",
+        f"safelora restore {adapter}",
+    ):
+        console.print(line("  ", command), highlight=False)

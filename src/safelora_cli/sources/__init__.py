@@ -54,7 +54,7 @@ def open_source(
     spec: str,
     revision: str | None,
     *,
-    flag: str,
+    role: str,
     hub: Hub,
     transfer: Transfer,
     notes: list[str],
@@ -69,15 +69,15 @@ def open_source(
     ref = parse_ref(spec.removeprefix(HF_PREFIX))
     if not forced and (ref is None or os.path.lexists(spec)):
         if revision is not None:
-            raise UsageError(f"{flag}-revision: {spec} is a local path; revisions apply to Hub repos")
+            raise UsageError(f"{role} revision {revision}: {spec} is a local path; revisions apply to Hub repos")
         return open_local(Path(spec))
     if ref is None:
         raise SourceError(f"{spec}: not a Hub repo id; write org/name or org/name@revision")
     if ref.revision is not None and revision is not None and ref.revision != revision:
-        raise UsageError(f"{flag}: revision given twice ({spec} and {flag}-revision {revision}); give one")
+        raise UsageError(f"{role}: revision given twice ({spec}, and revision {revision}); give one")
     # huggingface_hub and its HTTP stack cost ~0.25 s to import: only runs that use the Hub pay it.
     from .hub import open_hub
 
     source = open_hub(HubRef(ref.repo_id, ref.revision or revision), hub, transfer, connections)
-    notes.append(f"{flag} {ref.repo_id}@{source.requested} is commit {source.sha}")
+    notes.append(f"{role} {ref.repo_id}@{source.requested} is commit {source.sha}")
     return source

@@ -179,10 +179,10 @@ class Hub:
     def from_env(cls, token: str | None, refs: RefMemo | None) -> Hub:
         """HF_ENDPOINT, HF_HUB_OFFLINE and the Hugging Face cache, and the --token given (if any).
 
-        A token (--token, HF_TOKEN) that cannot go into an HTTP header is refused here, at the start
-        of every run that may use it, with a message that never shows it.
+        A token (the one given, HF_TOKEN) that cannot go into an HTTP header is refused here, at the
+        start of every run that may use it, with a message that never shows it.
         """
-        for where, value in (("--token", token), *((name, os.environ.get(name)) for name in _TOKEN_VARIABLES)):
+        for where, value in (("the token given", token), *((name, os.environ.get(name)) for name in _TOKEN_VARIABLES)):
             if value is not None and not _HEADER_SAFE.fullmatch(value.strip()):
                 raise SourceError(
                     f"{where}: the token holds characters an HTTP header cannot carry (control characters, "

@@ -57,7 +57,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import hf_raise_for_status
 
 from .. import __version__, safefs, stfile, strict
-from ..errors import HubError, SourceError, UsageError
+from ..errors import HubAccessError, HubError, SourceError, UsageError
 from .base import (
     BIN_INDEX,
     BIN_SINGLE,
@@ -99,11 +99,11 @@ T = TypeVar("T")
 def open_hub(ref: HubRef, hub: Hub, transfer: Transfer, connections: int = DEFAULT_CONNECTIONS) -> HubSource:
     """Resolve ``ref`` to its commit: one API call, none with HF_HUB_OFFLINE=1 or a cached commit sha.
 
-    The token is --token, else HF_TOKEN, else the stored login (looked up here, not at start-up).
+    The token is the one given, else HF_TOKEN, else the stored login (looked up here, not at start-up).
     ``connections`` caps the run's HTTP connections: sources opened with the same count share them.
     """
     if not 1 <= connections <= MAX_CONNECTIONS:
-        raise UsageError(f"--connections {connections}: give a number from 1 to {MAX_CONNECTIONS}")
+        raise UsageError(f"connections {connections}: give a number from 1 to {MAX_CONNECTIONS}")
     hub = replace(hub, token=hub.token or get_token())
     revision = ref.revision or "main"
     if hub.offline:
@@ -229,13 +229,13 @@ def _translate(hub: Hub, repo_id: str, what: str) -> Iterator[None]:
         yield
     except GatedRepoError:
         if hub.token:
-            msg = f"{repo_id} is gated and the token's account has no access yet: request it at {page}"
-        else:
-            msg = f"{repo_id} is gated: request access at {page}, then pass that account's token (--token or HF_TOKEN)"
-        raise HubError(msg) from None
+            raise HubError(
+                f"{repo_id} is gated and the token's account has no access yet: request it at {page}"
+            ) from None
+        raise HubAccessError(f"{repo_id} is gated: request access at {page}, then pass that account's token") from None
     except RepositoryNotFoundError as e:
         if _status(e) == 401:
-            raise HubError(_denied(hub, repo_id, 401)) from None
+            raise _denied(hub, repo_id, 401) from None
         raise HubError(f"{repo_id}: no such repository on {hub.endpoint}, nor a local directory of that name") from None
     except RevisionNotFoundError:
         raise HubError(f"{what}: no such revision on {hub.endpoint}; pass a branch, tag or commit sha") from None
@@ -249,7 +249,7 @@ def _translate(hub: Hub, repo_id: str, what: str) -> Iterator[None]:
     except HfHubHTTPError as e:
         status = _status(e)
         if status in (401, 403):
-            raise HubError(_denied(hub, repo_id, status)) from None
+            raise _denied(hub, repo_id, status) from None
         detail = f" ({_one_line(e.server_message)})" if e.server_message else ""
         raise HubError(f"{what}: the Hub answered HTTP {status}{detail}") from None
     except httpx2.TransportError as e:
@@ -276,9 +276,11 @@ def _status(e: HfHubHTTPError) -> int | None:
     return e.response.status_code if e.response is not None else None
 
 
-def _denied(hub: Hub, repo_id: str, status: int) -> str:
-    fix = "the token given has no access to it" if hub.token else "pass a token with access (--token, HF_TOKEN)"
-    return f"{repo_id}: access denied (HTTP {status}); the repo is private or gated, or does not exist: {fix}"
+def _denied(hub: Hub, repo_id: str, status: int) -> HubError:
+    what = f"{repo_id}: access denied (HTTP {status}); the repo is private or gated, or does not exist"
+    if hub.token:
+        return HubError(f"{what}: the token given has no access to it")
+    return HubAccessError(f"{what}: pass a token with access")
 
 
 # -- HTTP ------------------------------------------------------------------------------------------
