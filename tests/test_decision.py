@@ -407,9 +407,17 @@ def test_append_refuses_links_directories_and_devices(tmp_path: Path) -> None:
 
 
 _APPEND_SCRIPT = """
-import sys
+import os, sys
 from pathlib import Path
 from safelora_cli.decision import OutputError, append_summary
+if sys.argv[2] == "swapped":
+    # The file is swapped in after the check: the check saw nothing there, the open must still refuse.
+    real_stat = os.stat
+    def stat(path, *args, **kwargs):
+        if str(path) == sys.argv[1]:
+            raise FileNotFoundError(path)
+        return real_stat(path, *args, **kwargs)
+    os.stat = stat
 try:
     append_summary(Path(sys.argv[1]), "section\\n")
 except OutputError as e:
@@ -418,14 +426,15 @@ except OutputError as e:
 """
 
 
+@pytest.mark.parametrize("when", ["before", "swapped"])
 @pytest.mark.parametrize("reader", [False, True])
-def test_append_to_a_fifo_is_refused_without_blocking(tmp_path: Path, reader: bool) -> None:
+def test_append_to_a_fifo_is_refused_without_blocking(tmp_path: Path, reader: bool, when: str) -> None:
     fifo = tmp_path / "summary.md"
     os.mkfifo(fifo)
     fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK) if reader else None
     try:
         done = subprocess.run(
-            [sys.executable, "-c", _APPEND_SCRIPT, str(fifo)], capture_output=True, text=True, timeout=30
+            [sys.executable, "-c", _APPEND_SCRIPT, str(fifo), when], capture_output=True, text=True, timeout=30
         )
         assert done.returncode == 1, done.stderr
         assert (
@@ -438,3 +447,16 @@ def test_append_to_a_fifo_is_refused_without_blocking(tmp_path: Path, reader: bo
         if fd is not None:
             os.close(fd)
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_a_link_swapped_in_after_the_check_is_not_followed(tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    link = tmp_path / "summary.md"
+    link.symlink_to(victim)
+    done = subprocess.run(
+        [sys.executable, "-c", _APPEND_SCRIPT, str(link), "swapped"], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stdout.strip().startswith(f"{link}: is a symbolic link, not a regular file")
+    assert victim.read_text() == "precious\n"
