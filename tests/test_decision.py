@@ -344,6 +344,8 @@ def test_histogram_degenerate_inputs() -> None:
     high = histogram_lines([0.1, 0.2], 0.9, [True, True], 60)
     assert high[-2].startswith("──── τ = 0.9 ")
     assert _rows(high)[0].startswith("(0.09, 0.10]") and _rows(high)[-1].startswith("(0.19, 0.20]")
+    wide = histogram_lines([-40.0, 30.0], 0.5, [True, False], 60)  # not cosines, but drawn all the same
+    assert len(_rows(wide)) <= decision.MAX_BINS and "τ = 0.5" in "\n".join(wide)
     no_tau = histogram_lines([0.1, 0.2], None, [False, False], 60)
     assert not any("τ" in line for line in no_tau)
 

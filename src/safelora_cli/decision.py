@@ -13,6 +13,7 @@ neither a table's columns, nor the fence, nor the HTML around it, and it never c
 from __future__ import annotations
 
 import errno
+import itertools
 import math
 import os
 import re
@@ -40,9 +41,6 @@ class OutputError(SafeLoraError):
 
 MAX_BINS = 12
 _MAX_BAR = 48  # columns of the longest bar: compact on wide terminals
-# Bin widths to choose from. τ is always an edge, so no width hides which side of it a module is
-# on; finer than 0.01 would only split a cluster into bins of one module.
-_NICE_WIDTHS = [Decimal(m) * Decimal(10) ** e for e in range(-2, 1) for m in (1, 2, 5)]
 
 
 @dataclass(frozen=True)
@@ -147,14 +145,18 @@ def _wrap(parts: list[str], sep: str, width: int) -> list[str]:
 
 
 def _binning(values: list[float], anchor: float) -> tuple[Decimal, int, int]:
-    """The finest nice bin width that covers ``values`` in at most ``MAX_BINS`` bins aligned on ``anchor``."""
-    for step in _NICE_WIDTHS:
-        first = min(_bin(v, anchor, step) for v in values)
-        last = max(_bin(v, anchor, step) for v in values)
-        if last - first < MAX_BINS:
-            return step, first, last
-    step = Decimal(10) ** math.ceil(math.log10(max(values) - min(values) + 1))
-    return step, min(_bin(v, anchor, step) for v in values), max(_bin(v, anchor, step) for v in values)
+    """The finest nice bin width (0.01, 0.02, 0.05, 0.1…) that covers ``values`` in at most
+    ``MAX_BINS`` bins aligned on ``anchor``, and the first and last bin. τ is always an edge, so no
+    width hides which side of it a module is on; finer than 0.01 would only split a cluster into
+    bins of one module."""
+    for exponent in itertools.count(-2):
+        for mantissa in (1, 2, 5):
+            step = Decimal(mantissa).scaleb(exponent)
+            first = min(_bin(v, anchor, step) for v in values)
+            last = max(_bin(v, anchor, step) for v in values)
+            if last - first < MAX_BINS:
+                return step, first, last
+    raise AssertionError("unreachable: a wide enough bin holds every value")
 
 
 def _bin(value: float, anchor: float, step: Decimal) -> int:
@@ -314,6 +316,7 @@ def settings_text(report: Report) -> str:
 
 
 def counts_text(report: Report) -> str:
+    """How many modules were projected and kept, and how many had no similarity, in Markdown."""
     defined = sum(1 for layer in report.layers if finite(layer.similarity) is not None)
     kept = defined - report.projected_count
     undefined = len(report.layers) - defined
