@@ -24,8 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import __version__, safefs, stfile
-from .adapter import TMP_MARK, atomic_replace, clean_stale_temps
+from . import __version__, atomic, safefs, stfile
+from .adapter import atomic_replace
 from .decision import code, counts_text, md, settings_text, similarity_text, source_text
 from .errors import AdapterError
 
@@ -354,7 +354,7 @@ def remove_card_section(directory: safefs.Directory) -> None:
 
 def _edit(directory: safefs.Directory, change: Callable[[str | None], str | None]) -> None:
     where = directory.path / CARD_FILE
-    clean_stale_temps(directory, prefix=f".{CARD_FILE}{TMP_MARK}")
+    atomic.clean_stale(directory, prefix=f".{CARD_FILE}{atomic.TMP_MARK}")
     text, st = _read(directory)
     new = change(text)
     if new == text:

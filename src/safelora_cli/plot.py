@@ -8,20 +8,16 @@ ids salted with a constant, so the same report gives the same bytes with the sam
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import io
 import math
-import os
 import re
-import secrets
 import stat
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import safefs, stfile
-from .adapter import TMP_MARK
+from . import atomic, safefs, stfile
 from .decision import OutputError, clip, finite
 from .errors import UsageError
 from .text import printable
@@ -196,29 +192,16 @@ def _positions(report: Report) -> tuple[list[float], list[tuple[str, float, floa
 
 
 def _write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: a temp file beside it, fsync'd, renamed over it (a link at
-    ``path`` is refused, never followed), the directory fsync'd."""
+    """Replace ``path`` with ``data`` through its directory's descriptor (``atomic``): a link at
+    ``path`` is refused, never followed, and the directory is fsync'd."""
     name = path.name
     with safefs.Directory(path.parent, OutputError, fix="create the directory first") as directory:
         st = directory.lstat(name)
         if st is not None and not stat.S_ISREG(st.st_mode):
             raise OutputError(f"{path}: is {safefs.kind(st.st_mode)}, not a regular file; choose another --plot path")
-        tmp = f".{name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
         try:
-            fd = os.open(
-                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=directory.fd
-            )
-        except OSError as e:
-            raise OutputError(safefs.os_error(path, e)) from None
-        try:
-            try:
-                stfile.write_chunks(fd, [data])
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, name, src_dir_fd=directory.fd, dst_dir_fd=directory.fd)
+            fd, tmp = atomic.create_temp(directory, name)
+            atomic.finish(directory, fd, tmp, name, [data], 0o644)
             stfile.fsync(directory.fd)
         except OSError as e:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=directory.fd)
             raise OutputError(safefs.os_error(path, e)) from None
