@@ -67,6 +67,10 @@ class DoraError(AdapterError):
     """A DoRA adapter: Safe LoRA does not define DoRA; projecting lora_B alone is an explicit choice."""
 
 
+class ExtraFileError(SafeLoraError):
+    """A file asked for besides the adapter (a summary, a plot) cannot be written as asked."""
+
+
 class NumericError(SafeLoraError):
     """A tensor holds NaN or Inf."""
 

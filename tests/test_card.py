@@ -1,0 +1,289 @@
+"""The model card: the Safe LoRA section and the safelora tag, edited as text and written like the
+adapter's own files."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from safelora_cli import card, safefs
+from safelora_cli.card import CARD_FILE, card_section, remove_card_section, with_section, without_section, write_card
+from safelora_cli.errors import AdapterError
+from safelora_cli.pipeline import Report, Settings, project_adapter
+from safelora_cli.sources import open_local
+
+BEGIN = re.compile(r"<!-- safelora:begin(?: added=[a-z-]+)? -->")
+
+
+@pytest.fixture(scope="module")
+def report(llama_pair: tuple[Path, Path], llama_adapter: Path) -> Report:
+    base, aligned = llama_pair
+    return project_adapter(
+        llama_adapter, open_local(base), open_local(aligned), Settings(mode="number", num_layers=3, dry_run=True)
+    )
+
+
+def front_tags(text: str) -> object:
+    m = re.match(r"---\r?\n(.*?)\r?\n---\r?\n", text, re.S)
+    assert m, text
+    return (yaml.safe_load(m[1]) or {}).get("tags")
+
+
+def sections(text: str) -> int:
+    lines = [line.rstrip("\r") for line in text.split("\n")]
+    begins = sum(1 for line in lines if BEGIN.fullmatch(line))
+    ends = sum(1 for line in lines if line == card.END)
+    assert begins == ends
+    return begins
+
+
+# (card, the tags the front matter has afterwards)
+CARDS = [
+    ("", ["safelora"]),
+    ("# My adapter\n\nTrained on things.\n", ["safelora"]),
+    ("# No final newline", ["safelora"]),
+    ("---\nlicense: mit\n---\n# T\n", ["safelora"]),
+    ("---\nlicense: mit\ntags:\n- a\n- b\nbase_model: x\n---\nbody\n", ["a", "b", "safelora"]),
+    (
+        "---\ntags:\n  - a\n  - name: >\n      folded\nlibrary_name: peft\n---\n",
+        ["a", {"name": "folded\n"}, "safelora"],
+    ),
+    ("---\ntags:  # the Hub's tags\n- a\n\n# a comment\n- b\n---\n", ["a", "b", "safelora"]),
+    ("---\ntags:\nlicense: mit\n---\n", ["safelora"]),
+    ("---\ntags: [a, 'b']  # flow\n---\n", ["a", "b", "safelora"]),
+    ("---\ntags: []\n---\n", ["safelora"]),
+    ("---\ntags: [ ]\n---\n", ["safelora"]),
+    ("---\r\nlicense: mit\r\ntags:\r\n- a\r\n---\r\n# CRLF card\r\n\r\ntext\r\n", ["a", "safelora"]),
+    ("# CRLF without front matter\r\n", ["safelora"]),
+    ("---\ntags: just-a-string\n---\n", "just-a-string"),  # a form safelora does not edit
+    ("---\ntags: [a,\n  b]\n---\n", ["a", "b"]),  # a multi-line flow list: not edited either
+]
+
+
+@pytest.mark.parametrize(("text", "tags"), CARDS)
+def test_section_and_tag_added_rest_kept_and_undone(report: Report, text: str, tags: object) -> None:
+    section = card_section(report)
+    new = with_section(text, section)
+    assert front_tags(new) == tags
+    assert sections(new) == 1
+    crlf = "\r\n" in text
+    assert ("\r\n" in new) == crlf and (not crlf or "\n" not in new.replace("\r\n", ""))
+    # Byte for byte: every line of the original is still there, in order, and rerunning changes nothing.
+    assert with_section(new, section) == new
+    assert without_section(new) == text
+    body = text.split("---", 2)[-1] if text.startswith("---") else text
+    assert body in new
+
+
+@pytest.mark.parametrize(
+    ("text", "tags"),
+    [
+        ("---\ntags:\n- safelora\n- a\n---\n", ["safelora", "a"]),
+        ("---\ntags:\n  - 'safelora'  # ours\n---\n", ["safelora"]),
+        ('---\ntags: [a, "safelora"]\n---\n', ["a", "safelora"]),
+    ],
+)
+def test_an_authors_own_tag_is_never_duplicated_and_survives_removal(report: Report, text: str, tags: object) -> None:
+    new = with_section(text, card_section(report))
+    assert front_tags(new) == tags
+    assert "<!-- safelora:begin -->" in new  # the marker records that safelora added no tag
+    assert without_section(new) == text
+
+
+def test_no_card_gets_minimal_front_matter_and_removal_deletes_it(report: Report) -> None:
+    new = with_section(None, card_section(report))
+    assert new.startswith("---\ntags:\n- safelora\n---\n\n<!-- safelora:begin added=file -->\n")
+    assert without_section(new) is None
+
+
+def test_rerun_replaces_the_section_in_place(report: Report) -> None:
+    text = "# Title\n\nintro\n"
+    first = with_section(text, card_section(report))
+    moved = first.replace("# Title\n\nintro\n", "# Title\n\n", 1) + "\nmore text after\n"
+    other = dataclasses.replace(report, mode="threshold", threshold=0.9, num_layers=None)
+    second = with_section(moved, card_section(other))
+    assert sections(second) == 1 and "τ = 0.9" in second and "τ_k" not in second
+    assert second.endswith("<!-- safelora:end -->\n\nmore text after\n")
+    assert front_tags(second) == ["safelora"]
+
+
+def test_the_tag_is_added_again_if_the_author_removed_it(report: Report) -> None:
+    new = with_section("---\ntags:\n- a\n---\n", card_section(report))
+    edited = new.replace("- safelora\n", "", 1)
+    again = with_section(edited, card_section(report))
+    assert front_tags(again) == ["a", "safelora"] and "added=tag-item" in again
+
+
+def test_markers_inside_code_blocks_are_not_sections(report: Report) -> None:
+    text = (
+        "# Docs\n\n```markdown\n<!-- safelora:begin -->\n<!-- safelora:begin -->\n```\n\n"
+        "~~~~\n<!-- safelora:end -->\n~~~~\n"
+    )
+    new = with_section(text, card_section(report))
+    assert new.count("<!-- safelora:begin") == 3 and new.startswith("---\ntags:\n- safelora\n---\n" + text)
+    assert without_section(new) == text
+
+
+def test_a_card_ending_in_an_open_code_block_is_refused(report: Report) -> None:
+    text = "# Usage\n\n```python\nimport peft\n"
+    with pytest.raises(AdapterError, match=r"^README\.md: ends inside an unclosed ``` code block; close it"):
+        with_section(text, card_section(report))
+    assert without_section(text) == text
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "<!-- safelora:begin -->\nA\n<!-- safelora:end -->\n<!-- safelora:begin -->\nB\n<!-- safelora:end -->\n",
+        "<!-- safelora:begin -->\nno end\n",
+        "<!-- safelora:end -->\n<!-- safelora:begin -->\n",
+    ],
+)
+def test_two_sections_or_a_lone_marker_are_refused(report: Report, body: str) -> None:
+    with pytest.raises(AdapterError, match=r"^README\.md: \d '<!-- safelora:begin -->' and \d '<!-- safelora:end -->'"):
+        with_section(body, card_section(report))
+    with pytest.raises(AdapterError):
+        without_section(body)
+
+
+def test_hostile_module_names_cannot_forge_markers(report: Report) -> None:
+    names = ["<!-- safelora:end -->", "x\n<!-- safelora:end -->\n", "a|b`c`-->", "<script>x</script>"]
+    layers = [
+        dataclasses.replace(layer, module=names[i % len(names)], projected=True)
+        for i, layer in enumerate(report.layers)
+    ]
+    bad = dataclasses.replace(
+        report, layers=layers, base=dataclasses.replace(report.base, source="<!-- safelora:end -->")
+    )
+    section = card_section(bad)
+    text = "# T\n"
+    new = with_section(text, section)
+    assert sections(new) == 1 and "<script>" not in new and "`" not in new
+    table = [line for line in section.splitlines() if line.startswith("| <code>")]
+    assert len(table) == len(layers) and all(line.count("|") == 5 for line in table)
+    assert without_section(new) == text
+
+
+# Pieces of cards: front matter fences, tags forms, code fences, line ends of both kinds.
+card_text = st.lists(
+    st.sampled_from(["a", " ", "-", "#", ":", "\n", "\r\n", "[", "]", "'", "`", "~", "---", "tags:", "- x", "```"]),
+    max_size=40,
+).map("".join)
+
+
+@settings(max_examples=200, deadline=None)
+@given(card_text)
+def test_any_card_is_restored_exactly(text: str) -> None:
+    section = card.begin_marker() + "\n\n## Safe LoRA\n\n" + card.END + "\n"
+    try:
+        new = with_section(text, section)
+    except AdapterError:
+        return  # a lone marker cannot come from this alphabet, but a refusal is an answer too
+    assert with_section(new, section) == new
+    assert without_section(new) == text
+
+
+# --- writing README.md through the directory ---------------------------------------------------
+
+
+def test_write_card_creates_updates_and_removes(report: Report, tmp_path: Path) -> None:
+    with safefs.Directory(tmp_path, AdapterError) as directory:
+        write_card(directory, report)
+        created = (tmp_path / CARD_FILE).read_text()
+        assert created == with_section(None, card_section(report))
+        remove_card_section(directory)
+        assert not (tmp_path / CARD_FILE).exists()
+        (tmp_path / CARD_FILE).write_text("# mine\n")
+        os.chmod(tmp_path / CARD_FILE, 0o600)
+        write_card(directory, report)
+        assert (tmp_path / CARD_FILE).stat().st_mode & 0o777 == 0o600
+        assert sections((tmp_path / CARD_FILE).read_text()) == 1
+        remove_card_section(directory)
+        assert (tmp_path / CARD_FILE).read_bytes() == b"# mine\n"
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+def test_a_no_op_run_leaves_the_card_alone(report: Report, tmp_path: Path) -> None:
+    (tmp_path / CARD_FILE).write_text("# kept\n")
+    with safefs.Directory(tmp_path, AdapterError) as directory:
+        write_card(directory, dataclasses.replace(report, layers=[]))
+    assert (tmp_path / CARD_FILE).read_text() == "# kept\n"
+
+
+def test_a_linked_card_is_refused_and_never_written_through(report: Report, tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere.md"
+    target.write_text("# not the adapter's\n")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / CARD_FILE).symlink_to(target)
+    with (
+        safefs.Directory(adapter, AdapterError) as directory,
+        pytest.raises(AdapterError, match=r"README\.md: is a symbolic link, and safelora never writes through one"),
+    ):
+        write_card(directory, report)
+    assert target.read_text() == "# not the adapter's\n" and (adapter / CARD_FILE).is_symlink()
+
+
+def test_a_large_or_binary_card_is_refused(report: Report, tmp_path: Path) -> None:
+    readme = tmp_path / CARD_FILE
+    with open(readme, "wb") as f:
+        f.truncate(card.CARD_LIMIT + 1)
+    with safefs.Directory(tmp_path, AdapterError) as directory:
+        with pytest.raises(AdapterError, match=r"README\.md: 4194305 bytes, more than the 4194304"):
+            write_card(directory, report)
+        readme.write_bytes(b"# caf\xe9\n")
+        with pytest.raises(AdapterError, match=r"README\.md: not UTF-8 text \(byte 5\)"):
+            write_card(directory, report)
+    assert readme.read_bytes() == b"# caf\xe9\n"
+
+
+def test_a_card_changed_while_running_is_not_overwritten(
+    report: Report, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    readme = tmp_path / CARD_FILE
+    readme.write_text("# v1\n")
+    real = card.card_section
+
+    def racing(r: Report) -> str:
+        readme.write_text("# v2, saved by the author meanwhile\n")
+        return real(r)
+
+    monkeypatch.setattr(card, "card_section", racing)
+    with safefs.Directory(tmp_path, AdapterError) as directory, pytest.raises(AdapterError, match="changed on disk"):
+        write_card(directory, report)
+    assert readme.read_text() == "# v2, saved by the author meanwhile\n"
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+# Reading the card is the same for writing and removing the section: removing needs no report.
+_READ_CARD = """
+import sys
+from pathlib import Path
+from safelora_cli import safefs
+from safelora_cli.card import remove_card_section
+from safelora_cli.errors import AdapterError
+try:
+    with safefs.Directory(Path(sys.argv[1]), AdapterError) as d:
+        remove_card_section(d)
+except AdapterError as e:
+    print(e)
+    sys.exit(1)
+"""
+
+
+def test_a_fifo_card_is_refused_without_blocking(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / CARD_FILE)
+    done = subprocess.run([sys.executable, "-c", _READ_CARD, str(tmp_path)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1, done.stderr
+    assert done.stdout.strip() == (
+        f"{tmp_path / CARD_FILE}: is a FIFO, not a regular file; replace it with a regular file, or pass --output DIR"
+    )
