@@ -82,3 +82,14 @@ def test_relative_links_lead_to_files_in_the_repository(page: Path) -> None:
             continue
         path = (page.parent / target).resolve()
         assert path.is_relative_to(ROOT) and path.exists(), f"{page.name}: link to {m['target']} leads nowhere"
+
+
+def test_no_file_cites_a_document_the_repository_does_not_have() -> None:
+    """Code, tests and docs stand alone: the method and the Hub protocol are described in docs/."""
+    missing = ("SPEC" + ".md", "HUB_TESTING" + ".md")
+    here = Path(__file__).resolve()
+    files = [ROOT / "README.md", *DOCS.rglob("*.md")]
+    for folder in ("src", "tests", "benchmarks", "configs"):
+        files += [p for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".md", ".yaml") and p != here]
+    cited = [f"{p.relative_to(ROOT)} cites {name}" for p in files for name in missing if name in p.read_text("utf-8")]
+    assert not cited, cited

@@ -44,7 +44,7 @@ def _source(info: SourceInfo) -> dict[str, Any]:
 
 
 def to_json(report: Report) -> dict[str, Any]:
-    """The report in SPEC.md's schema; every number is finite or null."""
+    """The report as the README's "The JSON report" describes it; every number is finite or null."""
     return {
         "safelora_version": __version__,
         "adapter": str(report.adapter),
