@@ -1,4 +1,4 @@
-"""Safe LoRA written literally from SPEC.md, in dense float64, for the tests to compare against.
+"""Safe LoRA written literally from docs/method.md, in dense float64, for the tests to compare against.
 
 It materialises everything the real code is careful never to form (C is out×out, ΔW is out×in) and
 shares no code with ``safelora_cli``: the two agree only if both follow the method.

@@ -1,4 +1,4 @@
-"""Every adapter and checkpoint layout of SPEC.md's "Layouts to handle", on real PEFT adapters.
+"""Every adapter and checkpoint layout of docs/method.md's "Layouts", on real PEFT adapters.
 
 Each test builds (once per session) a tiny model pair and an adapter PEFT itself wrote, runs the
 pipeline, and checks every module against ``reference`` (dense float64, C materialised), paired

@@ -18,7 +18,7 @@ from safelora_cli.projection import Projector, select
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "safelora_golden.json").read_text())
 MODULES = {m["module"].rsplit(".", 1)[-1]: m for m in GOLDEN["modules"]}
-# float32 meets SPEC's tolerances; float64 must agree with the float64 golden to rounding error.
+# float32 meets the tolerances docs/method.md's tests hold it to; float64 must agree with the float64 golden to rounding error.
 TOLERANCES = {torch.float32: (1e-5, 1e-4), torch.float64: (1e-12, 1e-12)}
 
 
@@ -59,7 +59,7 @@ def test_projector_reproduces_golden_vectors(name: str, dtype: torch.dtype) -> N
     assert result.projected_b is not None
     assert result.projected_b.shape == (len(m["lora_B"]), len(m["lora_B"][0]))
     assert rel_error(result.projected_b, golden(m, "projected_lora_B")) < b_tol
-    # The projected update is much smaller than the original one (SPEC: C is not a projector).
+    # The projected update is much smaller than the original one (docs/method.md: C is not a projection).
     want_ratio = float(golden(m, "projected_lora_B").norm() / golden(m, "lora_B").norm())
     assert result.norm_ratio == pytest.approx(want_ratio, rel=b_tol)
     assert result.norm_ratio < 1

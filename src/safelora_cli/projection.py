@@ -1,4 +1,4 @@
-"""Safe LoRA's math, exactly as SPEC.md: pure torch, no I/O.
+"""Safe LoRA's math, exactly as docs/method.md states it: pure torch, no I/O.
 
 For one module with V = W_aligned − W_base (out×in), C = V·Vᵀ/‖V‖_F, the similarity is the cosine of
 C·B·A and B·A, and a selected module gets B ← C·B. C is never formed: C·B = V·(Vᵀ·B)/‖V‖_F costs
