@@ -18,7 +18,7 @@ from safelora_cli.projection import Projector, select
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "safelora_golden.json").read_text())
 MODULES = {m["module"].rsplit(".", 1)[-1]: m for m in GOLDEN["modules"]}
-# float32 meets the tolerances docs/method.md's tests hold it to; float64 must agree with the float64 golden to rounding error.
+# float32 meets these tolerances; float64 must agree with the float64 golden to rounding error.
 TOLERANCES = {torch.float32: (1e-5, 1e-4), torch.float64: (1e-12, 1e-12)}
 
 
