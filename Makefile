@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench docs clean
 
 $(STAMP): pyproject.toml
 	@PYTHON='$(PYTHON)' VENV='$(VENV)' TORCH='$(TORCH)' TORCH_INDEX='$(TORCH_INDEX)' .ci/install
@@ -16,20 +16,26 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The demo is rebuilt in demo/ (git-ignored) and kept there, to try the other commands on.
 demo: $(STAMP)
-	$(BIN)/safelora demo
+	rm -rf demo
+	$(BIN)/safelora demo --keep demo
 
 test: $(STAMP)
 	$(BIN)/pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks docs
+	$(BIN)/ruff format --check src tests benchmarks docs
 	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py
 	$(BIN)/python benchmarks/bench_hub.py
 
+# The README's example output: docs/examples/summary.md and similarity.png, from the demo example.
+docs: $(STAMP)
+	$(BIN)/python docs/examples/render.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) demo build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

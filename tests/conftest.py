@@ -27,11 +27,13 @@ settings.load_profile("ci")
 
 @pytest.fixture(autouse=True)
 def _isolated_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test reads or writes the user's safelora caches, backups or Hugging Face cache."""
+    """No test reads or writes the user's safelora caches, backups or Hugging Face cache, or the CI
+    job's step summary."""
     monkeypatch.setenv("SAFELORA_CACHE", str(tmp_path / "cache" / "safelora"))
     monkeypatch.setenv("SAFELORA_BACKUPS", str(tmp_path / "data" / "originals"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "cache" / "hf"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache" / "hf" / "hub"))
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
 
 
 @pytest.fixture(scope="session")

@@ -40,6 +40,7 @@ from safelora_cli import cli
 
 
 def _child(run: dict[str, Any], env: dict[str, str]) -> None:
+    os.environ.pop("GITHUB_STEP_SUMMARY", None)  # a CI job's own summary is not the tests' to write
     os.environ.update(env)
     for fd, path in ((1, run["out"]), (2, run["err"])):
         if path is None:

@@ -164,6 +164,7 @@ def test_restore_gives_back_the_original_byte_for_byte(cli: Cli, llama_pair: Pai
         "restored": True,
         "sha256": before,
         "bytes": (adapter_dir / ADAPTER_FILE).stat().st_size,
+        "notes": [],
     }
     assert sha256(adapter_dir / ADAPTER_FILE) == before
     assert not any(k.startswith("safelora.") for k in provenance(adapter_dir))

@@ -463,3 +463,286 @@ def test_a_link_swapped_in_after_the_check_is_not_followed(tmp_path: Path) -> No
     assert done.returncode == 1, done.stderr
     assert done.stdout.strip().startswith(f"{link}: is a symbolic link, not a regular file")
     assert victim.read_text() == "precious\n"
+
+
+# --- the command line: --summary, --plot, --model-card, --sort, --projected-only ---------------
+
+Cli = Any
+
+
+def _pair(llama_pair: tuple[Path, Path]) -> list[str]:
+    base, aligned = llama_pair
+    return ["--base", str(base), "--aligned", str(aligned)]
+
+
+def _sections(text: str) -> list[str]:
+    """The summary file cut into its sections (each starts with its ``## Safe LoRA`` heading)."""
+    starts = [m.start() for m in re.finditer(r"^## Safe LoRA", text, re.M)]
+    return [text[a:b] for a, b in zip(starts, [*starts[1:], len(text)], strict=True)]
+
+
+def _sha(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def _check_section(section: str, doc: dict[str, Any]) -> None:
+    """One adapter's section: its chart and projected table hold exactly what its JSON report says."""
+    labels, bars, line = chart(section)
+    charted = [layer for layer in doc["layers"] if layer["similarity"] is not None]
+    assert bars == [layer["similarity"] for layer in charted]
+    assert line == [doc["threshold"]] * len(charted)
+    legend = {
+        row[1]: row[2]
+        for row in tables(section)["# | chart label | module | layer | similarity | projected | ‖CB‖/‖B‖"]
+    }
+    assert [legend[label] for label in labels] == [layer["module"] for layer in charted]
+    projected = tables(section)["module | layer | similarity | ‖CB‖/‖B‖ | chart label"]
+    assert [row[0] for row in projected] == [layer["module"] for layer in doc["layers"] if layer["projected"]]
+
+
+def test_summary_flag_appends_one_section_per_adapter(
+    cli: Cli, llama_pair: tuple[Path, Path], adapter_dir: Path, tmp_path: Path
+) -> None:
+    import json
+    import shutil
+
+    other = Path(shutil.copytree(adapter_dir, tmp_path / "other"))
+    summary = tmp_path / "summary.md"
+    summary.write_text("# CI job\n\n")
+    r = cli("project", adapter_dir, other, *_pair(llama_pair), "--dry-run", "--json", "--summary", summary)
+    assert r.exit_code == 0, r.stderr
+    docs = json.loads(r.stdout)
+    text = summary.read_text()
+    assert text.startswith("# CI job\n\n")  # appended, never truncated
+    sections = _sections(text)
+    assert len(sections) == 2
+    for section, doc in zip(sections, docs, strict=True):
+        assert section.startswith(f"## Safe LoRA · {decision.code(doc['adapter'])} (dry run)")
+        assert "**Dry run:** nothing was written." in section
+        _check_section(section, doc)
+
+
+def test_github_step_summary_is_the_default_and_quiet_does_not_stop_it(
+    cli: Cli, llama_pair: tuple[Path, Path], adapter_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    step = tmp_path / "step-summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(step))
+    r = cli("project", adapter_dir, *_pair(llama_pair), "-q")
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout == "" and r.stderr == ""
+    [section] = _sections(step.read_text())
+    assert "**Written:**" in section and "(dry run)" not in section.splitlines()[0]
+
+    explicit = tmp_path / "explicit.md"
+    before = step.read_bytes()
+    r = cli("project", adapter_dir, *_pair(llama_pair), "--dry-run", "-q", "--summary", explicit)
+    assert r.exit_code == 0, r.stderr
+    assert step.read_bytes() == before  # --summary wins over the environment
+    assert len(_sections(explicit.read_text())) == 1
+
+    r = cli("check", adapter_dir, *_pair(llama_pair))
+    assert r.exit_code == 0, r.stderr
+    assert step.read_bytes() == before  # check writes no summary
+
+
+def test_a_failed_adapter_gets_a_short_section_with_its_error(
+    cli: Cli, llama_pair: tuple[Path, Path], adapter_dir: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken|`-->"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{")
+    summary = tmp_path / "summary.md"
+    r = cli("project", adapter_dir, "--adapter", broken, *_pair(llama_pair), "--dry-run", "-q", "--summary", summary)
+    assert r.exit_code == 1
+    ok, failed = _sections(summary.read_text())
+    assert "(dry run)" in ok.splitlines()[0]
+    assert failed.splitlines()[0].endswith("(failed)")
+    assert "**Error:**" in failed and "adapter_config.json" in failed
+    assert not [t for t in tokens(failed) if t.type in ("fence", "table_open")]
+    assert [t.tag for t in tokens(failed) if t.type == "heading_open"] == ["h2"]
+
+    # A run that fails as a whole (no such base) still says so, once per adapter.
+    whole = tmp_path / "whole.md"
+    r = cli("project", adapter_dir, "--base", tmp_path / "nope", "--aligned", llama_pair[1], "-q", "--summary", whole)
+    assert r.exit_code == 1
+    [section] = _sections(whole.read_text())
+    assert "(failed)" in section.splitlines()[0] and "nope" in section
+
+
+def test_a_summary_path_that_is_no_regular_file_stops_the_run_before_anything(
+    cli: Cli, llama_pair: tuple[Path, Path], adapter_dir: Path, tmp_path: Path
+) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    link = tmp_path / "summary.md"
+    link.symlink_to(victim)
+    before = (adapter_dir / ADAPTER_FILE).read_bytes()
+    r = cli("project", adapter_dir, *_pair(llama_pair), "--summary", link)
+    assert r.exit_code == 2
+    assert r.stderr.startswith("error: --summary ") and "symbolic link" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert (adapter_dir / ADAPTER_FILE).read_bytes() == before
+    assert victim.read_text() == "precious"
+
+
+def test_a_summary_that_fails_after_the_write_is_a_warning(
+    cli: Cli, llama_pair: tuple[Path, Path], adapter_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(not_a_dir / "summary.md"))
+    before = (adapter_dir / ADAPTER_FILE).read_bytes()
+    r = cli("project", adapter_dir, *_pair(llama_pair), "--plot", not_a_dir / "chart.png")
+    assert r.exit_code == 0, r.stderr
+    assert (adapter_dir / ADAPTER_FILE).read_bytes() != before  # projected, and the exit code says so
+    warnings = r.stderr.strip().splitlines()
+    assert len(warnings) == 2 and all(w.startswith("warning: ") for w in warnings), r.stderr
+    assert "step summary was not written" in warnings[0] and "chart.png" in warnings[1]
+
+
+def test_plot_flag_one_file_per_adapter(
+    cli: Cli, llama_pair: tuple[Path, Path], adapter_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    r = cli("project", adapter_dir, *_pair(llama_pair), "--dry-run", "--plot", tmp_path / "one.svg")
+    assert r.exit_code == 0, r.stderr
+    assert (tmp_path / "one.svg").read_bytes().startswith(b"<?xml")
+    assert f"plot written to {tmp_path / 'one.svg'}" in r.stdout
+
+    other = Path(shutil.copytree(adapter_dir, tmp_path / "other"))
+    r = cli("project", adapter_dir, other, *_pair(llama_pair), "--dry-run", "-q", "--plot", tmp_path / "many.png")
+    assert r.exit_code == 0, r.stderr
+    for i in (1, 2):
+        assert (tmp_path / f"many-{i}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "many.png").exists()
+
+
+@pytest.mark.parametrize("matplotlib_missing", [False, True])
+def test_a_plot_that_cannot_be_drawn_stops_the_run_before_anything(
+    cli: Cli,
+    llama_pair: tuple[Path, Path],
+    adapter_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    matplotlib_missing: bool,
+) -> None:
+    target = tmp_path / "plots" / "chart.png"
+    if matplotlib_missing:
+        for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+            monkeypatch.delitem(sys.modules, name)
+        monkeypatch.setitem(sys.modules, "matplotlib", None)
+        expected = "error: --plot needs matplotlib, which is not installed: pip install 'safelora[plot]'\n"
+    else:
+        target = target.with_suffix(".jpg")
+        expected = f"error: --plot {target}: the chart is written as FILE.png or FILE.svg\n"
+    before = {p: p.read_bytes() for p in adapter_dir.iterdir()}
+    r = cli("project", adapter_dir, *_pair(llama_pair), "--summary", tmp_path / "s.md", "--plot", target)
+    assert r.exit_code == 2
+    assert r.stderr == expected
+    assert {p: p.read_bytes() for p in adapter_dir.iterdir()} == before
+    assert not (tmp_path / "s.md").exists() and not target.parent.exists()
+
+
+def test_model_card_flag_in_place_rerun_and_restore(
+    cli: Cli, llama_pair: tuple[Path, Path], adapter_dir: Path, tmp_path: Path
+) -> None:
+    card_file = adapter_dir / "README.md"
+    original = card_file.read_bytes()
+    r = cli("project", adapter_dir, *_pair(llama_pair), "--model-card", "-q")
+    assert r.exit_code == 0, r.stderr
+    text = card_file.read_text()
+    assert text.count("<!-- safelora:begin") == 1 and text.count("<!-- safelora:end -->") == 1
+    assert "safelora" in text.split("---")[1]  # tagged in the front matter
+    assert "## Safe LoRA" in text
+
+    r = cli("project", adapter_dir, *_pair(llama_pair), "--num-layers", "2", "--model-card", "-q")
+    assert r.exit_code == 0, r.stderr  # re-projected from the kept original
+    again = card_file.read_text()
+    assert again.count("<!-- safelora:begin") == 1 and again != text  # replaced, never duplicated
+
+    r = cli("restore", adapter_dir, "--json")
+    assert r.exit_code == 0, r.stderr
+    assert card_file.read_bytes() == original  # section and tag gone again, the rest byte for byte
+
+    out = tmp_path / "sanitized"
+    r = cli("project", adapter_dir, *_pair(llama_pair), "--model-card", "--output", out, "-q")
+    assert r.exit_code == 0, r.stderr
+    assert card_file.read_bytes() == original  # the source is left alone
+    assert (out / "README.md").read_text().count("<!-- safelora:begin") == 1
+
+
+def test_dry_run_writes_no_card(cli: Cli, llama_pair: tuple[Path, Path], adapter_dir: Path) -> None:
+    before = {p: p.read_bytes() for p in adapter_dir.iterdir()}
+    r = cli("project", adapter_dir, *_pair(llama_pair), "--model-card", "--dry-run", "-q")
+    assert r.exit_code == 0, r.stderr
+    assert {p: p.read_bytes() for p in adapter_dir.iterdir()} == before
+
+
+def _table_modules(stdout: str) -> list[str]:
+    return re.findall(r"^ (model\.layers\.\d+\.self_attn\.\w+) ", stdout, re.M)
+
+
+def test_sort_and_projected_only_order_the_table(cli: Cli, llama_pair: tuple[Path, Path], adapter_dir: Path) -> None:
+    import json
+
+    args = ["project", adapter_dir, *_pair(llama_pair), "--dry-run", "--num-layers", "3"]
+    doc = json.loads(cli(*args, "--json").stdout)
+    layers = doc["layers"]
+    assert _table_modules(cli(*args).stdout) == [layer["module"] for layer in layers]
+    by_similarity = sorted(layers, key=lambda layer: layer["similarity"])
+    assert _table_modules(cli(*args, "--sort", "similarity").stdout) == [layer["module"] for layer in by_similarity]
+    projected = [layer["module"] for layer in by_similarity if layer["projected"]]
+    shown = _table_modules(cli(*args, "--sort", "similarity", "--projected-only").stdout)
+    assert shown == projected and len(shown) == 3
+    # The JSON report is the same whatever the table shows (all served from the cache by now).
+    again = json.loads(cli(*args, "--json", "--sort", "similarity", "--projected-only").stdout)["layers"]
+    assert again == [{**layer, "cached": True} for layer in layers]
+    r = cli(*args, "--sort", "size")
+    assert r.exit_code == 2 and "layer, similarity" in r.stderr
+
+
+def test_the_histogram_is_below_the_table(cli: Cli, llama_pair: tuple[Path, Path], adapter_dir: Path) -> None:
+    r = cli("project", adapter_dir, *_pair(llama_pair), "--dry-run", "--num-layers", "3")
+    assert r.exit_code == 0, r.stderr
+    out = r.stdout
+    assert "\x1b" not in out  # not a terminal: no colour codes
+    table_end = out.rindex(_table_modules(out)[-1])
+    histogram = out[table_end:]
+    assert "similarity:  █ projected  ░ kept" in histogram
+    assert re.search(r"^─+ τ_k = 0\.\d+ \(k = 3\) ─+$", histogram, re.M)
+    assert re.search(r"^3 projected · 5 kept · τ_k = 0\.\d+ \(k = 3\)$", histogram, re.M)
+
+
+def test_config_file_keys_for_the_extras(
+    cli: Cli, llama_pair: tuple[Path, Path], adapter_dir: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "safelora.yaml"
+    summary, chart_file, out = tmp_path / "s.md", tmp_path / "c.svg", tmp_path / "out"
+    config.write_text(
+        f"summary: {summary}\nplot: {chart_file}\nmodel_card: true\nsort: similarity\nprojected-only: true\n"
+        f"output: {out}\nnum_layers: 2\n"
+    )
+    r = cli("project", adapter_dir, *_pair(llama_pair), "--config", config)
+    assert r.exit_code == 0, r.stderr
+    assert len(_sections(summary.read_text())) == 1
+    assert chart_file.read_bytes().startswith(b"<?xml")
+    assert "<!-- safelora:end -->" in (out / "README.md").read_text()
+    assert len(_table_modules(r.stdout)) == 2  # only the projected modules
+
+
+def test_the_api_offers_the_same(llama_pair: tuple[Path, Path], adapter_dir: Path, tmp_path: Path) -> None:
+    import safelora_cli
+    from safelora_cli import card
+
+    base, aligned = llama_pair
+    out = tmp_path / "out"
+    report = safelora_cli.project(adapter_dir, base=base, aligned=aligned, output=out, model_card=True)
+    assert report.summary_markdown() == summary_markdown(report)
+    assert report.card_section() == card.card_section(report)
+    # The card holds the section (its begin marker also records the tag safelora added).
+    assert report.card_section().split("\n", 1)[1] in (out / "README.md").read_text()
+    report.plot(tmp_path / "chart.svg")
+    assert (tmp_path / "chart.svg").read_bytes().startswith(b"<?xml")
+    assert report.to_json()["precision"] == "float32"
+    assert safelora_cli.check(out, base=base, aligned=aligned).ok  # paths, as Path objects, work throughout

@@ -8,8 +8,10 @@ hides in a fence this test would skip, and every relative link in docs/ leads to
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -93,3 +95,50 @@ def test_no_file_cites_a_document_the_repository_does_not_have() -> None:
         files += [p for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".md", ".yaml") and p != here]
     cited = [f"{p.relative_to(ROOT)} cites {name}" for p in files for name in missing if name in p.read_text("utf-8")]
     assert not cited, cited
+
+
+def _render_module() -> Any:
+    """docs/examples/render.py, which `make docs` runs."""
+    spec = importlib.util.spec_from_file_location("render", DOCS / "examples" / "render.py")
+    assert spec is not None and spec.loader is not None
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    return render
+
+
+def test_the_summary_example_is_what_the_demo_writes() -> None:
+    """docs/examples/summary.md is the demo's real step summary: regenerated here, it must be equal
+    (after a change to the summary or the demo, `make docs` regenerates it and the plot)."""
+    render = _render_module()
+    committed = (DOCS / "examples" / "summary.md").read_text(encoding="utf-8")
+    fresh = render.demo_report().summary_markdown()
+    # The chart's similarities are printed digit for digit, and the last digits of a float32 sum
+    # depend on the CPU's vector width and thread count: those compare to 6 decimals.
+    assert _rounded(fresh) == _rounded(committed), "run `make docs` and commit docs/examples/"
+    png = (DOCS / "examples" / "similarity.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def _rounded(text: str) -> str:
+    return re.sub(r"\d+\.\d{7,}", lambda m: f"{float(m[0]):.6f}", text)
+
+
+def _readme_block_after(marker: str) -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index("```text\n", text.index(marker)) + len("```text\n")
+    return text[start : text.index("```", start)]
+
+
+def test_the_readme_shows_the_demos_real_histogram_and_summary() -> None:
+    from safelora_cli.decision import histogram_lines
+
+    report = _render_module().demo_report()
+    lines = histogram_lines(
+        [layer.similarity for layer in report.layers],
+        report.threshold,
+        [layer.projected for layer in report.layers],
+        100,
+    )
+    assert _readme_block_after("This is `make demo`'s:") == "\n".join(lines) + "\n"
+    opening = _readme_block_after("[docs/examples/summary.md](docs/examples/summary.md), opens with")
+    assert (DOCS / "examples" / "summary.md").read_text(encoding="utf-8").startswith(opening)

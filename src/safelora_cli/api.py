@@ -80,9 +80,13 @@ _OPTIONS = (
     "backup",
     "force",
     "allow_dora",
+    "model_card",
     "token",
     "connections",
 )
+# Keys a config file may hold for the command line alone (output and presentation): accepted here,
+# and ignored, so one file serves both.
+_COMMAND_LINE_ONLY = ("json", "quiet", "summary", "plot", "sort", "projected_only")
 # Config keys the command line spells as negative flags: ``no_cache: true`` is ``cache=False``.
 _NEGATED = {"no_cache": "cache", "no_backup": "backup"}
 
@@ -91,8 +95,8 @@ _NEGATED = {"no_cache": "cache", "no_backup": "backup"}
 def project(
     adapter: StrPath,
     *,
-    base: str | None = None,
-    aligned: str | None = None,
+    base: StrPath | None = None,
+    aligned: StrPath | None = None,
     base_revision: str | None = None,
     aligned_revision: str | None = None,
     preset: str | None = None,
@@ -107,6 +111,7 @@ def project(
     backup: bool = True,
     force: bool = False,
     allow_dora: bool = False,
+    model_card: bool = False,
     token: str | None = None,
     connections: int = 8,
     events: Events | None = None,
@@ -115,8 +120,8 @@ def project(
 def project(
     adapter: list[StrPath],
     *,
-    base: str | None = None,
-    aligned: str | None = None,
+    base: StrPath | None = None,
+    aligned: StrPath | None = None,
     base_revision: str | None = None,
     aligned_revision: str | None = None,
     preset: str | None = None,
@@ -131,6 +136,7 @@ def project(
     backup: bool = True,
     force: bool = False,
     allow_dora: bool = False,
+    model_card: bool = False,
     token: str | None = None,
     connections: int = 8,
     events: Events | None = None,
@@ -140,8 +146,8 @@ def project(
 def project(
     adapter: StrPath | list[StrPath],
     *,
-    base: str | None = None,
-    aligned: str | None = None,
+    base: StrPath | None = None,
+    aligned: StrPath | None = None,
     base_revision: str | None = None,
     aligned_revision: str | None = None,
     preset: str | None = None,
@@ -156,6 +162,7 @@ def project(
     backup: bool = True,
     force: bool = False,
     allow_dora: bool = False,
+    model_card: bool = False,
     token: str | None = None,
     connections: int = 8,
     events: Events | None = None,
@@ -170,8 +177,15 @@ def project(
     preset whose aligned model that is. Threshold mode projects every module whose rounded
     similarity is ≤ ``threshold`` (default 0.5); ``num_layers=k`` projects the k least similar.
 
+    ``model_card`` writes the run's Safe LoRA section into the written adapter's README.md (a card
+    that cannot be written is a note in the report); ``Report.summary_markdown()``,
+    ``Report.card_section()`` and ``Report.plot(path)`` give the rest of what the command line's
+    --summary, --model-card and --plot show.
+
     ``preset`` (a shipped pair, such as ``"llama-2-7b"``) and ``config`` (a YAML file, or a mapping
     of the same keys) fill in the options left at their defaults; the config wins over the preset.
+    Keys only the command line uses (``json``, ``quiet``, ``summary``, ``plot``, ``sort``,
+    ``projected_only``) are accepted and ignored, so one file serves both.
 
     One adapter (a path): returns its ``Report``, or raises its ``SafeLoraError``. A list (or a
     glob that matches several): returns one entry per adapter, its ``Report`` or the
@@ -179,8 +193,8 @@ def project(
     nothing, a checkpoint's failure (every adapter needs it) raises.
     """
     given = {
-        "base": base,
-        "aligned": aligned,
+        "base": None if base is None else os.fspath(base),
+        "aligned": None if aligned is None else os.fspath(aligned),
         "base_revision": base_revision,
         "aligned_revision": aligned_revision,
         "threshold": threshold,
@@ -193,6 +207,7 @@ def project(
         "backup": backup,
         "force": force,
         "allow_dora": allow_dora,
+        "model_card": model_card,
         "token": token,
         "connections": connections,
     }
@@ -220,6 +235,7 @@ def _with_defaults(
     """The options given, with those left at their defaults filled in from the config, then the preset."""
     defaults: dict[str, Any] = {"threshold": None, "num_layers": None, "dry_run": False, "precision": "float32"}
     defaults |= {"device": "auto", "cache": True, "backup": True, "force": False, "allow_dora": False}
+    defaults["model_card"] = False
     defaults["connections"] = 8
     layers: list[dict[str, Any]] = []
     if config_doc is not None:
@@ -243,13 +259,15 @@ def _with_defaults(
 
 
 def _known() -> set[str]:
-    return {*_OPTIONS, *_NEGATED}
+    return {*_OPTIONS, *_NEGATED, *_COMMAND_LINE_ONLY}
 
 
 def _api_names(options: dict[str, Any], where: str) -> dict[str, Any]:
     """Config keys as the API names them (``no_cache: true`` → ``cache=False``)."""
     out = {}
     for key, value in options.items():
+        if key in _COMMAND_LINE_ONLY:
+            continue
         if key in _NEGATED:
             if not isinstance(value, bool):
                 raise UsageError(f"{where}: {key} must be true or false")
@@ -273,7 +291,7 @@ def settings_from(options: Mapping[str, Any]) -> pipeline.Settings:
         raise UsageError(f"precision {precision!r}: choose one of {', '.join(_PRECISIONS)}")
     if device not in _DEVICES:
         raise UsageError(f"device {device!r}: choose one of {', '.join(_DEVICES)}")
-    for key in ("dry_run", "cache", "backup", "force", "allow_dora"):
+    for key in ("dry_run", "cache", "backup", "force", "allow_dora", "model_card"):
         if not isinstance(options.get(key, False), bool):
             raise UsageError(f"{key} {options[key]!r}: give true or false")
     connections = options.get("connections", 8)
@@ -291,6 +309,7 @@ def settings_from(options: Mapping[str, Any]) -> pipeline.Settings:
         dry_run=options.get("dry_run", False),
         output=None if output is None else Path(output),
         backup=options.get("backup", True),
+        model_card=options.get("model_card", False),
     )
 
 
@@ -380,7 +399,7 @@ def _base_from_preset(aligned: str, notes: list[str]) -> str:
 
 
 def check(
-    adapter: StrPath, *, base: str | None = None, aligned: str | None = None, token: str | None = None
+    adapter: StrPath, *, base: StrPath | None = None, aligned: StrPath | None = None, token: str | None = None
 ) -> CheckResult:
     """Whether an adapter is sanitized by safelora and unmodified since (and, with ``base`` and
     ``aligned``, against that pair). ``CheckResult.status`` is ``sanitized``, ``never_sanitized``,
@@ -396,11 +415,11 @@ def check(
         return audit.check(named.dir, pair)
 
 
-def _identity(spec: str, role: str, token: str | None) -> str:
+def _identity(spec: StrPath, role: str, token: str | None) -> str:
     """How provenance names a checkpoint (``path@fingerprint`` or ``repo@sha``), reading no weights."""
     store = ProjectionCache()
     hub = sources.Hub.from_env(token, store.refs if store.problem() is None else None)
-    src = sources.open_source(spec, None, role=role, hub=hub, transfer=sources.QuietTransfer(), notes=[])
+    src = sources.open_source(os.fspath(spec), None, role=role, hub=hub, transfer=sources.QuietTransfer(), notes=[])
     try:
         return pipeline.source_info(src).identity
     finally:

@@ -29,13 +29,13 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BufferedReader
 from pathlib import Path
 
-from . import atomic, ownership, safefs, stfile, strict
+from . import atomic, card, ownership, safefs, stfile, strict
 from .adapter import ADAPTER_FILE, PROVENANCE_PREFIX, atomic_replace, file_digest, load_adapter, rewrite_lock
-from .errors import BackupError, BackupNotKeptError, ChangedSinceError
+from .errors import BackupError, BackupNotKeptError, ChangedSinceError, SafeLoraError
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _RECORD_LIMIT = 1 << 20
@@ -273,6 +273,7 @@ class Restored:
 
     adapter: Path
     backup: Backup
+    notes: list[str] = field(default_factory=list)
 
 
 def restore(
@@ -283,8 +284,10 @@ def restore(
     The same locked, descriptor-based, atomic rewrite as ``project``: the adapter ends as the
     projection or as the original, never a mix. Refused (``BackupError``) when the adapter carries
     no provenance or names no backup, when the store does not hold it, and, unless ``force``, when
-    the adapter was changed since safelora wrote it (restoring would throw those changes away).
+    the adapter was changed since safelora wrote it (restoring would throw those changes away). The
+    Safe LoRA section of the adapter's model card goes too (a note says so when it cannot).
     """
+    notes: list[str] = []
     with rewrite_lock(directory, on_wait):
         adapter = load_adapter(directory)
         try:
@@ -316,6 +319,10 @@ def restore(
             with store.open(backup) as original:
                 chunks = [stfile.FileRange(original.fileno(), 0, backup.nbytes)]
                 atomic_replace(directory, ADAPTER_FILE, chunks, adapter.stat.st_mode & 0o777, expect=adapter.stat)
+            try:
+                card.remove_card_section(directory)
+            except SafeLoraError as e:
+                notes.append(f"model card left as it is: {e}")
         finally:
             adapter.close()
-    return Restored(directory.path, backup)
+    return Restored(directory.path, backup, notes)

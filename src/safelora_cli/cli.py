@@ -37,18 +37,22 @@ class _Deferred:
 
 if TYPE_CHECKING:
     from . import adapter as adapter_io
-    from . import api, backups
+    from . import api, backups, decision
     from . import cache as projection_cache
     from . import demo as demo_data
+    from . import plot as plotting
     from . import report as rendering
     from .api import Device, Precision
     from .audit import CheckResult
+    from .decision import Sort
+    from .pipeline import Report
 else:
-    Device = Precision = str
+    Device = Precision = Sort = str
     # torch takes ~2 s to import: the modules that need it load when a command first uses them, so
     # --help, --version and shell completion answer at once.
-    adapter_io, api, backups, demo_data, projection_cache, rendering = (
-        _Deferred(f"{__package__}.{name}") for name in ("adapter", "api", "backups", "demo", "cache", "report")
+    adapter_io, api, backups, decision, demo_data, plotting, projection_cache, rendering = (
+        _Deferred(f"{__package__}.{name}")
+        for name in ("adapter", "api", "backups", "decision", "demo", "plot", "cache", "report")
     )
 
 
@@ -223,6 +227,45 @@ ForceOpt = Annotated[
         "Project an adapter changed since safelora projected it, or one whose original is not kept (again, on "
         "top of the projection); reuse a non-empty --output.",
     ),
+]
+ModelCardOpt = Annotated[
+    bool,
+    _flag(
+        "--model-card/--no-model-card",
+        "Write a Safe LoRA section (version, pair, settings, projected modules) into the written adapter's "
+        "README.md, between markers (a rerun replaces it), and tag the card safelora.",
+    ),
+]
+SummaryOpt = Annotated[
+    Path | None,
+    typer.Option(
+        metavar="FILE",
+        help="Append a Markdown section per adapter to FILE: the pair, the settings, the counts, a Mermaid chart "
+        "of the similarities and the projected modules. Default: $GITHUB_STEP_SUMMARY when set (GitHub "
+        "Actions); --quiet does not stop it.",
+        show_default=False,
+    ),
+]
+PlotOpt = Annotated[
+    Path | None,
+    typer.Option(
+        metavar="FILE",
+        help="Draw each module's similarity, by layer, with τ, to FILE.png or FILE.svg (needs safelora[plot]). "
+        "Several adapters: FILE-1.png, FILE-2.png, … in the order they are reported.",
+        show_default=False,
+    ),
+]
+SORTS: dict[str, Sort] = {"layer": "layer", "similarity": "similarity"}
+SortOpt = Annotated[
+    str,
+    typer.Option(
+        metavar="KEY",
+        autocompletion=lambda incomplete: [c for c in SORTS if c.startswith(incomplete)],
+        help="Order of the table's rows: layer, or similarity (lowest first).",
+    ),
+]
+ProjectedOnlyOpt = Annotated[
+    bool, _flag("--projected-only/--all-modules", "List only the projected modules in the table.")
 ]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.", metavar="")]
 
@@ -486,6 +529,11 @@ def project(
     token: TokenOpt = None,
     no_cache: NoCacheOpt = False,
     connections: ConnectionsOpt = 8,
+    model_card: ModelCardOpt = False,
+    summary: SummaryOpt = None,
+    plot: PlotOpt = None,
+    sort: SortOpt = "layer",
+    projected_only: ProjectedOnlyOpt = False,
 ) -> None:
     """Project a LoRA adapter (Safe LoRA): for each module, B ← C·B when its similarity is low.
 
@@ -504,13 +552,18 @@ def project(
             num_layers = None
         else:
             raise typer.BadParameter("give --threshold or --num-layers, not both", param_hint="--num-layers")
+    order = _choice(sort, SORTS, "--sort")
     sink = rendering.Sink(as_json=as_json, quiet=quiet)
     paths = _expanded(specs)
     in_place = not dry_run and output is None
+    summary_file = _summary_file(summary)
+    with _errors():
+        _check_extras(summary, plot)
     with (
         _errors(sink, paths),
         _interruptible(paths, in_place),
         rendering.RunDisplay(sink.console, enabled=not quiet) as display,
+        _summarized_failure(summary_file, lambda: [*paths()] or specs),
     ):
         outcomes = api.project(
             list[str | os.PathLike[str]](specs),
@@ -530,6 +583,7 @@ def project(
             allow_dora=allow_dora,
             token=token,
             connections=connections,
+            model_card=model_card,
             events=display,
         )
     failed = sum(isinstance(o, SafeLoraError) for o in outcomes)
@@ -540,14 +594,89 @@ def project(
                 _debug(outcome)
                 sink.fail(outcome.adapter, describe(outcome))
             else:
-                sink.add(outcome.to_json(), partial(rendering.render, outcome))
+                render = partial(rendering.render, outcome, sort=order, projected_only=projected_only)
+                sink.add(outcome.to_json(), render)
         if len(outcomes) > 1:
             sink.show(partial(rendering.render_batch, outcomes))
         sink.emit(batch=len(outcomes) > 1)
 
     _after_write(deliver)
+    _write_extras(outcomes, summary_file, plot, sink)
     if failed:
         raise typer.Exit(1)
+
+
+def _summary_file(summary: Path | None) -> Path | None:
+    """Where the step summary goes: --summary, else $GITHUB_STEP_SUMMARY (GitHub Actions), else nowhere."""
+    if summary is not None:
+        return summary
+    env = os.environ.get("GITHUB_STEP_SUMMARY")
+    return Path(env) if env else None
+
+
+def _check_extras(summary: Path | None, plot: Path | None) -> None:
+    """Before anything is read or written: a --summary that is not a regular file, a --plot that is
+    neither .png nor .svg, or a --plot without matplotlib stop the run (exit 2)."""
+    if summary is not None:
+        try:
+            decision.check_summary_path(summary)
+        except SafeLoraError as e:
+            raise UsageError(f"--summary {e}") from None
+    if plot is not None:
+        plotting.check_plot_path(plot)
+        plotting.require_matplotlib()
+
+
+@contextmanager
+def _summarized_failure(summary: Path | None, adapters: Callable[[], list[Path] | list[str]]) -> Iterator[None]:
+    """A run that fails as a whole still leaves its error in the step summary, once per adapter."""
+    try:
+        yield
+    except SafeLoraError as e:
+        if summary is not None:
+            sections = "".join(decision.error_summary_markdown(a, describe(e)) for a in adapters())
+            _best_effort("the step summary", lambda: decision.append_summary(summary, sections))
+        raise
+
+
+def _write_extras(
+    outcomes: list[Report | SafeLoraError], summary: Path | None, plot: Path | None, sink: rendering.Sink
+) -> None:
+    """The step summary and the plots, after the adapters are written: each failure is a warning."""
+    if summary is not None:
+        sections = "".join(
+            decision.error_summary_markdown(o.adapter or "safelora project", describe(o))
+            if isinstance(o, SafeLoraError)
+            else o.summary_markdown()
+            for o in outcomes
+        )
+        if _best_effort("the step summary", lambda: decision.append_summary(summary, sections)):
+            sink.show(partial(_said, f"summary appended to {summary}"))
+    if plot is not None:
+        for i, outcome in enumerate(outcomes, 1):
+            if isinstance(outcome, SafeLoraError):
+                continue
+            target = plot if len(outcomes) == 1 else plot.with_name(f"{plot.stem}-{i}{plot.suffix}")
+            if _best_effort(f"the plot {target}", partial(outcome.plot, target)):
+                sink.show(partial(_said, f"plot written to {target}"))
+
+
+def _said(message: str, console: Console) -> None:
+    console.print(line((message, "dim")), highlight=False)
+
+
+def _best_effort(what: str, write: Callable[[], None]) -> bool:
+    """Write one extra output; a failure is a warning on stderr (never the run's exit code)."""
+    try:
+        write()
+        return True
+    except Exception as e:
+        _debug(e)
+        message = describe(e) if isinstance(e, SafeLoraError) else f"{e.__class__.__name__}: {str(e)[:200]}"
+        _err_console().print(
+            line(("warning:", "yellow"), f" {what} was not written: ", message), highlight=False, soft_wrap=True
+        )
+        return False
 
 
 def _after_write(deliver: Callable[[], None]) -> None:

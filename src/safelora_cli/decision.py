@@ -442,6 +442,18 @@ _APPEND = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
 _SUMMARY_FIX = "name a regular file (or one that does not exist yet)"
 
 
+def check_summary_path(path: Path) -> None:
+    """Raise ``ExtraFileError`` unless ``path`` is a regular file or does not exist (not following a link)."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ExtraFileError(safefs.os_error(path, e)) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ExtraFileError(f"{path}: is {safefs.kind(st.st_mode)}, not a regular file; {_SUMMARY_FIX}")
+
+
 def append_summary(path: Path, text: str) -> None:
     """Append ``text`` to the Markdown file ``path`` (created if missing) in one write.
 
@@ -453,14 +465,7 @@ def append_summary(path: Path, text: str) -> None:
     Raises ``ExtraFileError`` with one line.
     """
     data = text.encode()
-    try:
-        st = os.stat(path, follow_symlinks=False)
-    except FileNotFoundError:
-        st = None
-    except OSError as e:
-        raise ExtraFileError(safefs.os_error(path, e)) from None
-    if st is not None and not stat.S_ISREG(st.st_mode):
-        raise ExtraFileError(f"{path}: is {safefs.kind(st.st_mode)}, not a regular file; {_SUMMARY_FIX}")
+    check_summary_path(path)
     try:
         fd = os.open(path, _APPEND, 0o644)
     except OSError as e:

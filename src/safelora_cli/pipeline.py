@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import queue
 import stat
 import threading
@@ -17,7 +18,7 @@ from typing import Any, Literal, TypeVar, cast
 
 import torch
 
-from . import __version__, atomic
+from . import __version__, atomic, card, safefs
 from .adapter import (
     ADAPTER_FILE,
     PROVENANCE_PREFIX,
@@ -64,6 +65,7 @@ class Settings:
     dry_run: bool = False
     output: Path | None = None
     backup: bool = True  # an in-place run keeps the original in the backup store first
+    model_card: bool = False  # write the Safe LoRA section into the written adapter's README.md
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,27 @@ class Report:
     bytes_downloaded: int = 0
     backup: Backup | None = None  # the kept original this adapter's provenance names
     backup_created: bool = False  # kept by this run (else kept by an earlier one, or none)
+    precision: Precision = "float32"
+
+    def summary_markdown(self) -> str:
+        """This run's section for a GitHub step summary (Markdown, with a Mermaid chart)."""
+        from .decision import summary_markdown
+
+        return summary_markdown(self)
+
+    def card_section(self) -> str:
+        """This run's Safe LoRA section for a model card (between safelora's markers)."""
+        from .card import card_section
+
+        return card_section(self)
+
+    def plot(self, path: str | os.PathLike[str]) -> None:
+        """Draw per-module similarity to ``path`` (.png or .svg; needs the ``safelora[plot]`` extra)."""
+        from .plot import check_plot_path, plot, require_matplotlib
+
+        check_plot_path(Path(path))
+        require_matplotlib()
+        plot(self, Path(path))
 
     @property
     def projected_count(self) -> int:
@@ -167,6 +190,7 @@ class Report:
                 if self.cache is not None
                 else None
             ),
+            "precision": self.precision,
             "backup": (
                 {"sha256": self.backup.sha256, "bytes": self.backup.nbytes, "created": self.backup_created}
                 if self.backup is not None
@@ -623,6 +647,7 @@ def project_adapters(
             bytes_downloaded=base.bytes_downloaded + aligned.bytes_downloaded,
             backup=run.kept,
             backup_created=run.kept_now,
+            precision=settings.precision,
         )
 
     with ExitStack() as held:
@@ -792,4 +817,20 @@ def _finish(
     if run.kept is not None:
         provenance[PROVENANCE_PREFIX + "original"] = run.kept.sha256
     write_adapter(adapter, replacements, provenance, settings.output, overwrite_output=settings.force, notes=run.notes)
-    return report(run, layers, tau, True)
+    result = report(run, layers, tau, True)
+    if settings.model_card:
+        _write_card(adapter.dir, settings.output, result)
+    return result
+
+
+def _write_card(source: safefs.Directory, output: Path | None, report: Report) -> None:
+    """The model card's Safe LoRA section, in the adapter's README.md (or the output's): after the
+    adapter is written, so a card that cannot be written is a note, not a failed run."""
+    try:
+        if output is None:
+            card.write_card(source, report)
+        else:
+            with safefs.Directory(output, AdapterError) as directory:
+                card.write_card(directory, report)
+    except SafeLoraError as e:
+        report.notes.append(f"model card not written: {e}")

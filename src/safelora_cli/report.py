@@ -34,6 +34,7 @@ from . import __version__
 from .audit import CheckResult, Inspection
 from .backups import Backup, Restored
 from .cache import PairSummary
+from .decision import Sort, histogram_lines, table_rows
 from .errors import SafeLoraError
 from .pipeline import LayerResult, Report
 from .text import console as make_console
@@ -94,10 +95,16 @@ def _fmt(x: float | None, spec: str) -> str:
     return "—" if x is None or not math.isfinite(x) else format(x, spec)
 
 
-def render(report: Report, console: Console) -> None:
-    """The per-module table, the skipped tensors, notes and a one-line summary."""
+def render(report: Report, console: Console, *, sort: Sort = "layer", projected_only: bool = False) -> None:
+    """The per-module table (in ``sort`` order, all modules or ``projected_only``), the histogram of
+    the similarities, the skipped tensors, notes and a one-line summary."""
     if report.layers:
-        console.print(_table(report, console.width))
+        rows = table_rows(report, sort, projected_only)
+        if rows:
+            console.print(_table(report, rows, console.width))
+        else:
+            console.print(line(("no module projected", "dim")))
+        _histogram(report, console)
     if report.skipped:
         console.print(line((f"{len(report.skipped)} tensor(s) passed through unchanged:", "dim")))
         for key, reason in report.skipped:
@@ -123,8 +130,34 @@ _BAR_WIDTH = 8
 _LAYER_W, _SIM_W, _BAR_W, _PROJ_W, _RATIO_W = 7, 9, _BAR_WIDTH + 1, 7, 10
 
 
-def _table(report: Report, width: int) -> Table:
-    modules = [printable(layer.module) for layer in report.layers]
+def _histogram(report: Report, console: Console) -> None:
+    """The similarities' histogram below the table: bars of projected (red) and kept (green) modules,
+    drawn in ASCII when the console's encoding cannot show the block characters."""
+    try:
+        "█░·─│τ—".encode(console.encoding)
+        ascii = False
+    except (UnicodeEncodeError, LookupError):
+        ascii = True
+    k = report.num_layers if report.mode == "number" else None
+    lines = histogram_lines(
+        [layer.similarity for layer in report.layers],
+        report.threshold,
+        [layer.projected for layer in report.layers],
+        max(40, console.width),
+        k=k,
+        ascii=ascii,
+    )
+    # A bar starts at the axis: projected cells first, then kept ones.
+    projected, kept = (r"(?<=\|)#+", r"(?<=[|#])=+") if ascii else ("(?<=│)█+", "(?<=[│█])░+")
+    for text in lines:
+        styled = Text(text)
+        styled.highlight_regex(projected, "red")
+        styled.highlight_regex(kept, "green")
+        console.print(styled, highlight=False)
+
+
+def _table(report: Report, rows: list[LayerResult], width: int) -> Table:
+    modules = [printable(layer.module) for layer in rows]
     module_w = max(len(m) for m in modules) + 2
     bar = module_w + _LAYER_W + _SIM_W + _BAR_W + _PROJ_W + _RATIO_W <= width
     ratio = module_w + _LAYER_W + _SIM_W + _PROJ_W + _RATIO_W <= width
@@ -137,7 +170,7 @@ def _table(report: Report, width: int) -> Table:
     table.add_column("proj.", justify="center", no_wrap=True)
     if ratio:
         table.add_column("‖CB‖/‖B‖", justify="right", no_wrap=True)
-    for layer, module in zip(report.layers, modules, strict=True):
+    for layer, module in zip(rows, modules, strict=True):
         projected = Text("yes", style="bold red") if layer.projected else Text("no", style="dim")
         sim = line((f"— ({layer.reason})", "yellow")) if layer.reason else _similarity_cell(layer, bar=bar)
         row: list[Text | str] = [Text(module)]
@@ -420,13 +453,21 @@ def render_cleared(removed: list[PairSummary], kept: list[str], root: Path, cons
 
 def restored_to_json(restored: Restored) -> dict[str, Any]:
     b = restored.backup
-    return {"adapter": str(restored.adapter), "restored": True, "sha256": b.sha256, "bytes": b.nbytes}
+    return {
+        "adapter": str(restored.adapter),
+        "restored": True,
+        "sha256": b.sha256,
+        "bytes": b.nbytes,
+        "notes": list(restored.notes),
+    }
 
 
 def render_restored(restored: Restored, console: Console) -> None:
     b = restored.backup
     told = f"restored {restored.adapter}: the original, sha256 {b.sha256[:12]}… ({size(b.nbytes)})"
     console.print(line(told), highlight=False)
+    for note in restored.notes:
+        console.print(line(("note:", "yellow"), " ", note), highlight=False)
 
 
 def render_batch(outcomes: Sequence[Report | SafeLoraError], console: Console) -> None:

@@ -8,7 +8,9 @@ and reads as what it is (``\\u202e`` cannot reverse the rest of the line).
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 
 from rich.console import Console
 from rich.text import Text
@@ -49,7 +51,19 @@ def line(*parts: object) -> Text:
     return text
 
 
+class _Console(Console):
+    """A console whose reader may go away (``safelora project … | head``): from then on it prints
+    nothing, and the command goes on, so the rest of a run (a summary, a plot) and its exit code
+    stay as they would be. Rich's own default exits with status 1 there."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, (sys.stderr if self.stderr else sys.stdout).fileno())
+        os.close(devnull)
+
+
 def console(*, stderr: bool = False) -> Console:
     """A console for people: a terminal's own width, or, on a pipe or a file, lines never wrapped."""
-    terminal = Console(stderr=stderr)
-    return terminal if terminal.is_terminal else Console(stderr=stderr, width=_UNWRAPPED)
+    terminal = _Console(stderr=stderr)
+    return terminal if terminal.is_terminal else _Console(stderr=stderr, width=_UNWRAPPED)
