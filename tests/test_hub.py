@@ -346,7 +346,8 @@ def test_files_in_the_hugging_face_cache_are_read_without_network(
 @pytest.mark.parametrize(
     ("aligned", "token", "expected"),
     [
-        ("org/missing", None, "org/missing: no such repository on "),
+        ("org/missing", None, "org/missing: no such local directory, and on the Hub: no such repository on "),
+        ("hf://org/missing", None, "error: org/missing: no such repository on "),
         ("org/aligned@nope", None, "org/aligned@nope: no such revision on "),
         ("org/weightless", None, "no model.safetensors, model.safetensors.index.json, pytorch_model.bin"),
         ("org/private", None, "org/private: access denied (HTTP 401)"),
@@ -362,6 +363,33 @@ def test_hub_errors_are_one_line_and_exit_1(
     assert expected.format(url=hub.url) in line
     if token:
         assert token not in line
+
+
+def test_a_path_with_a_typo_says_there_is_no_such_directory_and_what_the_hub_said(
+    cli: Cli, hub: FakeHub, llama_adapter: Path, llama_pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ex2/bse`` (meant: a local directory) parses as a Hub id: the error says both what is not on
+    disk and what the Hub answered (not found, or unreachable), exit 1."""
+    args = ["project", llama_adapter, "--base", "ex2/bse", "--aligned", llama_pair[1], "--dry-run"]
+    line = one_line_error(cli(*args))
+    assert line == f"error: ex2/bse: no such local directory, and on the Hub: no such repository on {hub.url}"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    line = one_line_error(cli(*args))
+    assert line.startswith(
+        f"error: ex2/bse: no such local directory, and on the Hub: cannot reach http://127.0.0.1:{port}"
+    )
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    line = one_line_error(cli(*args))
+    assert line.startswith("error: ex2/bse: no such local directory, and on the Hub: HF_HUB_OFFLINE=1: no commit")
+
+
+def test_base_and_aligned_at_one_commit_are_refused(cli: Cli, hub: FakeHub, llama_adapter: Path) -> None:
+    r = cli("project", llama_adapter, "--base", "org/base", "--aligned", "hf://org/base@main", "--dry-run")
+    line = one_line_error(r)
+    assert "are the same checkpoint: every V = W_aligned − W_base would be 0" in line
 
 
 def test_an_unreachable_hub_is_one_line_and_exit_1(

@@ -16,7 +16,7 @@ from typing import Any, Literal, Protocol, overload
 from . import adapter as adapter_io
 from . import audit, backups, config, pipeline, sources
 from .cache import PairCache, ProjectionCache
-from .errors import MissingAlignedError, MissingBaseError, SafeLoraError, UsageError
+from .errors import MissingAlignedError, MissingBaseError, SafeLoraError, SourceError, UsageError
 
 StrPath = str | os.PathLike[str]
 Precision = Literal["float32", "float64"]
@@ -329,6 +329,7 @@ def _project(
         adapters = stack.enter_context(adapter_io.open_all(specs))
         aligned = options.get("aligned") or _aligned_default(adapters, notes)
         base = options.get("base") or _base_from_preset(aligned, notes)
+        _note_swapped(base, aligned, adapters, notes)
         connections = options.get("connections", 8)
         base_src = sources.open_source(
             base,
@@ -350,6 +351,7 @@ def _project(
             connections=connections,
         )
         stack.callback(aligned_src.close)
+        _refuse_same(base_src, aligned_src)
         outcomes = pipeline.project_adapters(
             adapters,
             base_src,
@@ -374,6 +376,52 @@ def _pair(
         notes.append(problem)
         return None
     return pair
+
+
+def _refuse_same(base: sources.Source, aligned: sources.Source) -> None:
+    """Base and aligned that are one checkpoint (the same files, or the same Hub commit): every V
+    would be 0, and every module undefined."""
+    same = base.cache_identity() == aligned.cache_identity()
+    if base.revision is not None and aligned.revision is not None:
+        same = same or base.revision == aligned.revision  # one commit sha is one tree
+    elif base.revision is None and aligned.revision is None:
+        same = same or base.fingerprint() == aligned.fingerprint()  # the same files (inodes), by any path
+    if same:
+        raise SourceError(
+            f"base {base.label} and aligned {aligned.label} are the same checkpoint: every V = W_aligned − W_base "
+            "would be 0; pass the unaligned base model as base and the chat model as aligned"
+        )
+
+
+def _note_swapped(base: str, aligned: str, adapters: list[adapter_io.Named], notes: list[str]) -> None:
+    """A note when base is the model the adapter was trained on and aligned is not: the pair may be
+    swapped. A swapped pair gives the same similarities (V only changes sign), so no table shows it,
+    and provenance would record the wrong pair."""
+    for named in adapters:
+        if named.dir is None:
+            continue
+        try:
+            trained_on = adapter_io.read_config(named.dir).base_model_name_or_path
+        except SafeLoraError:
+            continue  # the adapter's own run reports it
+        if trained_on and _same_model(base, trained_on) and not _same_model(aligned, trained_on):
+            notes.append(
+                f"base {base} is the model the adapter was trained on (adapter_config.json's base_model_name_or_path) "
+                f"and aligned {aligned} is not: base and aligned may be swapped; a swapped pair gives the same "
+                "similarities and provenance would record it, so check the order"
+            )
+            return
+
+
+def _same_model(spec: str, name: str) -> bool:
+    """Whether two model references name one model: one directory, or one Hub repo (any revision)."""
+    if not spec.startswith(sources.HF_PREFIX) and os.path.lexists(spec):
+        try:
+            return os.path.exists(name) and os.path.samefile(spec, name)
+        except OSError:
+            return False
+    ref, other = sources.parse_ref(spec.removeprefix(sources.HF_PREFIX)), sources.parse_ref(name)
+    return ref is not None and other is not None and ref.repo_id.lower() == other.repo_id.lower()
 
 
 def _aligned_default(adapters: list[adapter_io.Named], notes: list[str]) -> str:

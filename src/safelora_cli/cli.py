@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 import tempfile
@@ -14,8 +15,10 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
+import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperArgument, TyperCommand
 
 from . import __version__, config
@@ -60,13 +63,29 @@ T = TypeVar("T")
 
 
 class _Command(TyperCommand):
-    """A command whose positional arguments show their metavar in --help, not Typer's ``<list[str]>``."""
+    """A command whose --help reads well: positional arguments show their metavar, not Typer's
+    ``<list[str]>``, -h/--help shows no ``<bool>``, the docstring's paragraphs are re-flowed to
+    the terminal's width instead of keeping the source's line breaks, and brackets in the text
+    (``org/name[@revision]``, ``safelora[plot]``) stay text instead of being read as Rich markup."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         for param in self.params:
             if isinstance(param, TyperArgument) and param.metavar:
                 param.display_type_rich = lambda ctx: None  # type: ignore[method-assign]
+            if getattr(param, "help", None):
+                param.help = escape(param.help)  # type: ignore[attr-defined]
+        if self.help:
+            paragraphs = inspect.cleandoc(self.help).split("\n\n")
+            self.help = escape("\n\n".join(" ".join(p.split("\n")) for p in paragraphs))
+        if self.epilog:
+            self.epilog = escape(self.epilog)
+
+    def get_help_option(self, ctx: click.Context) -> click.Option | None:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.display_type_rich = lambda ctx: None  # type: ignore[attr-defined]
+        return option
 
 
 app = typer.Typer(
@@ -165,7 +184,7 @@ NoCacheOpt = Annotated[
 AdapterArgs = Annotated[
     list[str] | None,
     typer.Argument(
-        metavar="[ADAPTER]...",
+        metavar="ADAPTER",
         help="PEFT LoRA adapter directories (or quoted globs such as 'adapters/*'), as --adapter.",
         show_default=False,
     ),
@@ -358,7 +377,7 @@ def _interruptible(paths: Callable[[], list[Path]], in_place: bool) -> Iterator[
         if changed:
             told += f"; written before the interrupt: {', '.join(map(str, changed))}"
         with suppress(Exception):
-            _err_console().print(line(("interrupted:", "bold red"), told.removeprefix("interrupted")), highlight=False)
+            _err_console().print(line(("interrupted", "bold red"), told.removeprefix("interrupted")), highlight=False)
         raise typer.Exit(130) from None
 
 

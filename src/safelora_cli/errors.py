@@ -30,6 +30,14 @@ class HubError(SourceError):
     """The Hub cannot give what a run needs: repo, revision, file, access, network, or offline mode."""
 
 
+class HubRepoNotFoundError(HubError):
+    """No repository of that name on the Hub endpoint."""
+
+
+class HubUnreachableError(HubError):
+    """The Hub cannot be reached (network, proxy), or offline mode has no record of the repo."""
+
+
 class HubAccessError(HubError):
     """The repo is gated or private: a token with access to it is needed."""
 

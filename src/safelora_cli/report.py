@@ -16,6 +16,7 @@ from rich import box
 from rich.console import Console, Group
 from rich.live import Live
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -100,8 +101,10 @@ def render(report: Report, console: Console, *, sort: Sort = "layer", projected_
     the similarities, the skipped tensors, notes and a one-line summary."""
     if report.layers:
         rows = table_rows(report, sort, projected_only)
+        # The heading is a line of its own, not the table's title, which would wrap a long path.
+        console.print(line(("Safe LoRA · ", "italic"), (report.adapter, "italic")), highlight=False, soft_wrap=True)
         if rows:
-            console.print(_table(report, rows, console.width))
+            console.print(_table(report, rows, console))
         else:
             console.print(line(("no module projected", "dim")))
         _histogram(report, console)
@@ -124,10 +127,9 @@ def render(report: Report, console: Console, *, sort: Sort = "layer", projected_
 
 
 _BAR_WIDTH = 8
-# Widths beside the module column, columns and the spaces between them: what has to fit, by what
-# the table shows. The bar goes first and the ratio second when the terminal is narrow, so that
-# module, similarity and projected stay whole down to 60 columns.
-_LAYER_W, _SIM_W, _BAR_W, _PROJ_W, _RATIO_W = 7, 9, _BAR_WIDTH + 1, 7, 10
+# What the table drops when the console is narrow, in order: the bar, the ratio, then the layer, so
+# that module, similarity and projected stay whole (down to 60 columns for a Llama module name).
+_LAYOUTS = ((True, True, True), (False, True, True), (False, False, True), (False, False, False))
 
 
 def _histogram(report: Report, console: Console) -> None:
@@ -156,13 +158,19 @@ def _histogram(report: Report, console: Console) -> None:
         console.print(styled, highlight=False)
 
 
-def _table(report: Report, rows: list[LayerResult], width: int) -> Table:
+def _table(report: Report, rows: list[LayerResult], console: Console) -> Table:
+    """The widest layout whose natural width fits the console (the narrowest when none does)."""
+    for bar, ratio, layer_col in _LAYOUTS:
+        table = _layout(report, rows, bar=bar, ratio=ratio, layer_col=layer_col)
+        # Measured without the console's limit, which would clamp what it reports.
+        if Measurement.get(console, console.options.update_width(1 << 20), table).maximum <= console.width:
+            break
+    return table
+
+
+def _layout(report: Report, rows: list[LayerResult], *, bar: bool, ratio: bool, layer_col: bool) -> Table:
     modules = [printable(layer.module) for layer in rows]
-    module_w = max(len(m) for m in modules) + 2
-    bar = module_w + _LAYER_W + _SIM_W + _BAR_W + _PROJ_W + _RATIO_W <= width
-    ratio = module_w + _LAYER_W + _SIM_W + _PROJ_W + _RATIO_W <= width
-    layer_col = module_w + _LAYER_W + _SIM_W + _PROJ_W <= width
-    table = Table(title=line("Safe LoRA · ", report.adapter), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("module", no_wrap=True, min_width=len(max(modules, key=len)))
     if layer_col:
         table.add_column("layer", justify="right", no_wrap=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import SourceError, UsageError
+from ..errors import HubRepoNotFoundError, HubUnreachableError, SourceError, UsageError
 from .base import (
     BIN_INDEX,
     BIN_SINGLE,
@@ -78,6 +78,13 @@ def open_source(
     # huggingface_hub and its HTTP stack cost ~0.25 s to import: only runs that use the Hub pay it.
     from .hub import open_hub
 
-    source = open_hub(HubRef(ref.repo_id, ref.revision or revision), hub, transfer, connections)
+    try:
+        source = open_hub(HubRef(ref.repo_id, ref.revision or revision), hub, transfer, connections)
+    except (HubRepoNotFoundError, HubUnreachableError) as e:
+        if forced:
+            raise
+        # Not a local path, so taken for a Hub id: a typo in a path reads as one, so say both.
+        problem = str(e).removeprefix(f"{ref.repo_id}: ")
+        raise type(e)(f"{spec}: no such local directory, and on the Hub: {problem}") from None
     notes.append(f"{role} {ref.repo_id}@{source.requested} is commit {source.sha}")
     return source

@@ -57,7 +57,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import hf_raise_for_status
 
 from .. import __version__, safefs, stfile, strict
-from ..errors import HubAccessError, HubError, SourceError, UsageError
+from ..errors import HubAccessError, HubError, HubRepoNotFoundError, HubUnreachableError, SourceError, UsageError
 from .base import (
     BIN_INDEX,
     BIN_SINGLE,
@@ -170,7 +170,7 @@ def _offline_sha(repo_id: str, revision: str, hub: Hub) -> str:
     sha_memo = hub.refs.get(hub.endpoint, repo_id, revision) if hub.refs is not None else None
     if sha_memo is not None and _SHA.match(sha_memo):
         return sha_memo
-    raise HubError(
+    raise HubUnreachableError(
         f"HF_HUB_OFFLINE=1: no commit is recorded for {repo_id}@{revision} in the Hugging Face cache "
         f"({hub.hf_cache}) or safelora's cache; run once online, or pass a commit sha"
     )
@@ -236,7 +236,7 @@ def _translate(hub: Hub, repo_id: str, what: str) -> Iterator[None]:
     except RepositoryNotFoundError as e:
         if _status(e) == 401:
             raise _denied(hub, repo_id, 401) from None
-        raise HubError(f"{repo_id}: no such repository on {hub.endpoint}, nor a local directory of that name") from None
+        raise HubRepoNotFoundError(f"{repo_id}: no such repository on {hub.endpoint}") from None
     except RevisionNotFoundError:
         raise HubError(f"{what}: no such revision on {hub.endpoint}; pass a branch, tag or commit sha") from None
     except LocalEntryNotFoundError:
@@ -253,7 +253,7 @@ def _translate(hub: Hub, repo_id: str, what: str) -> Iterator[None]:
         detail = f" ({_one_line(e.server_message)})" if e.server_message else ""
         raise HubError(f"{what}: the Hub answered HTTP {status}{detail}") from None
     except httpx2.TransportError as e:
-        raise HubError(_unreachable(hub, e)) from None
+        raise HubUnreachableError(_unreachable(hub, e)) from None
 
 
 def _one_line(text: str) -> str:
@@ -899,7 +899,7 @@ class _Pool:
                 raise HubError(f"{origin.where}: the transfer was cancelled") from None
             except (_Retry, httpx2.TransportError) as e:
                 if failures >= _RETRIES or (isinstance(e, httpx2.TransportError) and not reconnect):
-                    raise HubError(_unreachable(origin.hub, e)) from None
+                    raise HubUnreachableError(_unreachable(origin.hub, e)) from None
                 self._sleep(self._retry_wait(e, failures, origin.where), lambda: True)
                 failures += 1
 
