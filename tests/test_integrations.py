@@ -1,8 +1,10 @@
-"""project_model: Safe LoRA on a PEFT model in memory."""
+"""project_model and SafeLoraCallback: Safe LoRA on a PEFT model in memory, and in a Trainer run."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -15,11 +17,13 @@ import pytest
 import torch
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import LlamaForCausalLM
+from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from typer.testing import Result
 
 import safelora_cli
 from safelora_cli.adapter import ADAPTER_FILE, CONFIG_FILE
 from safelora_cli.errors import AdapterError, SafeLoraError, SourceError, UsageError
+from safelora_cli.integrations.transformers import SafeLoraCallback
 from safelora_cli.model import MissingExtraError, ModelReport
 
 Pair = tuple[Path, Path]
@@ -308,6 +312,196 @@ def test_an_adapter_project_model_cannot_patch_is_refused(llama_pair: Pair, monk
         assert torch.equal(value, before[key])
 
 
+# ---- SafeLoraCallback ----
+
+
+def token_data(n: int = 8, length: int = 16) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, 128, (length,), generator=g) for _ in range(n)]
+    return [{"input_ids": ids, "labels": ids} for ids in rows]
+
+
+def training_args(output: Path, max_steps: int = 4) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(output),
+        max_steps=max_steps,
+        save_steps=2,
+        per_device_train_batch_size=2,
+        use_cpu=True,
+        report_to=[],
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+
+
+def train(output: Path, model: PeftModel, callbacks: list[TrainerCallback], resume: Path | None = None) -> Trainer:
+    """4 steps on CPU, a checkpoint every 2."""
+    trainer = Trainer(model=model, args=training_args(output), train_dataset=token_data(), callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    return trainer
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` by relative path, ``safelora/`` left out."""
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.relative_to(directory).parts[0] != "safelora"
+    }
+
+
+class Recorder(TrainerCallback):
+    """Runs before SafeLoraCallback: what each checkpoint held when it was saved, and which adapters
+    the model had when training began."""
+
+    def __init__(self) -> None:
+        self.saved: dict[str, dict[str, bytes]] = {}
+        self.adapters: list[str] = []
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        name = f"checkpoint-{state.global_step}"
+        self.saved[name] = files(Path(args.output_dir) / name)
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        self.adapters = list(kw["model"].peft_config)
+
+
+def cli_output(cli: Callable[..., Result], pair: Pair, adapter: Path, out: Path) -> bytes:
+    """``safelora project --output`` on ``adapter``, with the callback's settings: the weights file."""
+    result = cli("project", "--base", pair[0], "--aligned", pair[1], "--adapter", adapter, "--output", out,
+                 "--num-layers", 3, "--quiet")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    return (out / ADAPTER_FILE).read_bytes()
+
+
+def test_every_checkpoint_gets_a_sanitized_copy(llama_pair: Pair, tmp_path: Path, cli: Callable[..., Result]) -> None:
+    """A real Trainer run: every checkpoint-N/safelora/ is a complete adapter directory that
+    ``check`` passes, holding what the CLI writes for that checkpoint's adapter; the checkpoint's own
+    files are as the Trainer wrote them."""
+    recorder = Recorder()
+    callback = SafeLoraCallback(**pair_args(llama_pair), num_layers=3)
+    train(tmp_path / "run", peft_model(llama_pair[1]), [recorder, callback])
+
+    checkpoints = sorted((tmp_path / "run").glob("checkpoint-*"))
+    assert [c.name for c in checkpoints] == ["checkpoint-2", "checkpoint-4"]
+    assert callback.failures == [] and len(callback.reports) == 2
+    for checkpoint, report in zip(checkpoints, callback.reports, strict=True):
+        sanitized = checkpoint / "safelora"
+        assert files(checkpoint) == recorder.saved[checkpoint.name]
+        assert sorted(os.listdir(sanitized)) == ADAPTER_FILES
+        assert report.adapter == checkpoint and report.output == sanitized and report.projected_count == 3
+        assert safelora_cli.check(sanitized, **pair_args(llama_pair)).status == "sanitized"
+        assert (sanitized / CONFIG_FILE).read_bytes() == (checkpoint / CONFIG_FILE).read_bytes()
+        want = cli_output(cli, llama_pair, checkpoint, tmp_path / f"cli-{checkpoint.name}")
+        assert (sanitized / ADAPTER_FILE).read_bytes() == want
+    # the checkpoints hold different weights, so the copies differ too
+    assert (checkpoints[0] / "safelora" / ADAPTER_FILE).read_bytes() != (
+        checkpoints[1] / "safelora" / ADAPTER_FILE
+    ).read_bytes()
+    reloaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(llama_pair[1]), checkpoints[1] / "safelora")
+    on_disk = load_file(checkpoints[1] / "safelora" / ADAPTER_FILE)
+    for key, value in snapshot(reloaded).items():
+        assert torch.equal(value, on_disk[key])
+
+
+def test_resuming_ignores_the_sanitized_copy(llama_pair: Pair, tmp_path: Path, cli: Callable[..., Result]) -> None:
+    """The Trainer loads a checkpoint subdirectory holding adapter weights as an extra adapter: the
+    callback drops it, so the resumed run trains, saves and ends with its own adapter only; a
+    checkpoint saved again gets a fresh sanitized copy, not what an earlier run left there."""
+    run = tmp_path / "run"
+    train(run, peft_model(llama_pair[1]), [SafeLoraCallback(**pair_args(llama_pair), num_layers=3)])
+    (run / "checkpoint-4" / "safelora" / "left-by-the-first-run").write_text("stale")
+
+    recorder = Recorder()
+    callbacks = [SafeLoraCallback(**pair_args(llama_pair), num_layers=3), recorder]
+    trainer = train(run, peft_model(llama_pair[1]), callbacks, resume=run / "checkpoint-2")
+
+    assert recorder.adapters == ["default"]
+    assert sorted(os.listdir(run / "checkpoint-4" / "safelora")) == ADAPTER_FILES
+    want = cli_output(cli, llama_pair, run / "checkpoint-4", tmp_path / "cli")
+    assert (run / "checkpoint-4" / "safelora" / ADAPTER_FILE).read_bytes() == want
+    trainer.save_model(str(tmp_path / "final"))
+    assert not (tmp_path / "final" / "safelora").exists()
+    assert sorted(p.name for p in (run / "checkpoint-4").iterdir() if p.is_dir()) == ["safelora"]
+
+
+@pytest.fixture
+def checkpoint(llama_pair: Pair, tmp_path: Path) -> Path:
+    """``run/checkpoint-2`` holding an adapter, as a Trainer saves it."""
+    peft_model(llama_pair[1]).save_pretrained(tmp_path / "run" / "checkpoint-2")
+    return tmp_path / "run" / "checkpoint-2"
+
+
+def save_event(callback: SafeLoraCallback, checkpoint: Path, *, main: bool = True) -> None:
+    state = TrainerState(global_step=2, is_world_process_zero=main)
+    callback.on_save(training_args(checkpoint.parent), state, TrainerControl())
+
+
+def test_only_the_main_process_projects(llama_pair: Pair, checkpoint: Path) -> None:
+    callback = SafeLoraCallback(**pair_args(llama_pair))
+    save_event(callback, checkpoint, main=False)
+    assert not (checkpoint / "safelora").exists() and callback.reports == []
+    save_event(callback, checkpoint)
+    assert safelora_cli.check(checkpoint / "safelora", **pair_args(llama_pair)).ok
+
+
+def test_a_failed_checkpoint_is_a_warning_and_training_goes_on(
+    llama_pair: Pair, checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One line in the log, naming the checkpoint and the cause; no sanitized copy; the error kept in
+    ``failures``. With on_error="raise" the save raises it instead."""
+    (tmp_path / "empty").mkdir()
+    callback = SafeLoraCallback(base=str(llama_pair[0]), aligned=str(tmp_path / "empty"))
+    with caplog.at_level(logging.WARNING, logger="safelora_cli.integrations.transformers"):
+        save_event(callback, checkpoint)
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert str(checkpoint) in record.getMessage() and str(tmp_path / "empty") in record.getMessage()
+    assert "\n" not in record.getMessage()
+    assert [type(e) for e in callback.failures] == [SourceError] and callback.reports == []
+    assert not (checkpoint / "safelora").exists()
+
+    strict = SafeLoraCallback(base=str(llama_pair[0]), aligned=str(tmp_path / "empty"), on_error="raise")
+    with pytest.raises(SourceError):
+        save_event(strict, checkpoint)
+
+
+def test_settings_that_cannot_work_stop_the_run(llama_pair: Pair, checkpoint: Path) -> None:
+    """Bad settings are refused when the callback is made, not hours later at the first save; those
+    only a save reveals raise even with on_error="warn", since every save would fail alike."""
+    with pytest.raises(UsageError, match="threshold"):
+        SafeLoraCallback(**pair_args(llama_pair), threshold=2.0)
+    with pytest.raises(UsageError, match="num_layers"):
+        SafeLoraCallback(**pair_args(llama_pair), threshold=0.3, num_layers=2)
+    with pytest.raises(UsageError, match="adapter_name 'safelora'"):
+        SafeLoraCallback(**pair_args(llama_pair), adapter_name="safelora")
+    with pytest.raises(UsageError, match="on_error"):
+        SafeLoraCallback(**pair_args(llama_pair), on_error="ignore")  # type: ignore[arg-type]
+    callback = SafeLoraCallback(**pair_args(llama_pair), base_revision="main")
+    with pytest.raises(UsageError, match="revisions apply to Hub repos"):
+        save_event(callback, checkpoint)
+
+
+def test_a_named_adapter_is_read_from_its_subdirectory(llama_pair: Pair, tmp_path: Path) -> None:
+    """PEFT saves a non-default adapter in a subdirectory of the checkpoint; its sanitized copy is
+    still checkpoint/safelora/, and errors name the checkpoint's files, not the scratch copy."""
+    model = peft_model(llama_pair[1])
+    model.add_adapter("chat", LoraConfig(r=4, target_modules=["q_proj"]))
+    builders.randomize_lora(model, 2)
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    model.save_pretrained(checkpoint)
+    save_event(SafeLoraCallback(**pair_args(llama_pair), adapter_name="chat", on_error="raise"), checkpoint)
+    report = safelora_cli.inspect(checkpoint / "safelora")
+    assert report.modules == 4 and report.ranks == {4: 4}
+    (checkpoint / "chat" / ADAPTER_FILE).unlink()
+    (checkpoint / "safelora" / CONFIG_FILE).unlink()
+    with pytest.raises(AdapterError) as caught:
+        save_event(SafeLoraCallback(**pair_args(llama_pair), adapter_name="chat", on_error="raise"), checkpoint)
+    assert one_line(caught.value).startswith(f"{checkpoint / 'chat' / ADAPTER_FILE}: missing")
+    assert not (checkpoint / "safelora").exists()
+
+
 # ---- the hf extra ----
 
 
@@ -319,6 +513,18 @@ def test_a_missing_peft_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "pip install 'safelora[hf]'" in one_line(caught.value)
     assert isinstance(caught.value, ImportError) and isinstance(caught.value, SafeLoraError)
     assert caught.value.exit_code == 1
+
+
+def test_a_missing_transformers_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Importing the Trainer integration without transformers: the same one-line error."""
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    monkeypatch.delitem(sys.modules, "safelora_cli.integrations.transformers")
+    with pytest.raises(ImportError) as caught:
+        importlib.import_module("safelora_cli.integrations.transformers")
+    assert isinstance(caught.value, MissingExtraError)
+    text = one_line(caught.value)
+    assert text.startswith("safelora_cli.integrations.transformers needs transformers and peft")
+    assert text.endswith("pip install 'safelora[hf]'")
 
 
 def test_importing_safelora_imports_neither_transformers_nor_peft() -> None:
