@@ -22,7 +22,7 @@ from typer.testing import Result
 
 import safelora_cli
 from safelora_cli.adapter import ADAPTER_FILE, CONFIG_FILE
-from safelora_cli.errors import AdapterError, SafeLoraError, SourceError, UsageError
+from safelora_cli.errors import AdapterError, SourceError, UsageError
 from safelora_cli.integrations.transformers import SafeLoraCallback
 from safelora_cli.model import MissingExtraError, ModelReport
 
@@ -506,13 +506,14 @@ def test_a_named_adapter_is_read_from_its_subdirectory(llama_pair: Pair, tmp_pat
 
 
 def test_a_missing_peft_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without peft: a SafeLoraError (exit 1) that is also an ImportError, naming the extra to install."""
+    """Without peft: a UsageError (exit 2, as for any missing extra) that is also an ImportError,
+    naming the extra to install."""
     monkeypatch.setitem(sys.modules, "peft", None)
     with pytest.raises(MissingExtraError) as caught:
         safelora_cli.project_model(object(), base="b", aligned="a")  # type: ignore[arg-type]
     assert "pip install 'safelora[hf]'" in one_line(caught.value)
-    assert isinstance(caught.value, ImportError) and isinstance(caught.value, SafeLoraError)
-    assert caught.value.exit_code == 1
+    assert isinstance(caught.value, ImportError) and isinstance(caught.value, UsageError)
+    assert caught.value.exit_code == 2
 
 
 def test_a_missing_transformers_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -32,11 +32,11 @@ HF_EXTRA = "pip install 'safelora[hf]'"
 _DIGEST = PROVENANCE_PREFIX + "digest"
 
 
-class MissingExtraError(SafeLoraError, ImportError):
+class MissingExtraError(UsageError, ImportError):
     """transformers or peft is not installed; ``pip install 'safelora[hf]'`` installs them.
 
-    Both a ``SafeLoraError`` (one line, exit 1) and an ``ImportError``, so that the usual
-    ``except ImportError`` around an optional integration catches it too.
+    A ``UsageError`` (one line, exit 2, as for any missing extra) that is also an ``ImportError``, so
+    that the usual ``except ImportError`` around an optional integration catches it too.
     """
 
 
