@@ -1,0 +1,188 @@
+"""safelora in a ``transformers`` training run: a sanitized copy of the adapter at every checkpoint.
+
+    from safelora_cli.integrations.transformers import SafeLoraCallback
+
+    trainer = Trainer(model=peft_model, args=args, train_dataset=data,
+                      callbacks=[SafeLoraCallback(base="meta-llama/Llama-2-7b-hf",
+                                                  aligned="meta-llama/Llama-2-7b-chat-hf")])
+
+Importing this module imports transformers; without the ``hf`` extra it raises one line
+(``MissingExtraError``, both a ``SafeLoraError`` and an ``ImportError``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from .. import api, atomic, safefs, stfile
+from ..adapter import ADAPTER_FILE, CONFIG_FILE
+from ..errors import AdapterError, SafeLoraError, UsageError
+from ..model import missing_extra, relabel
+from ..pipeline import Report
+
+try:
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+except ImportError as e:
+    raise missing_extra("safelora_cli.integrations.transformers", e) from None
+
+SANITIZED = "safelora"  # <checkpoint>/safelora/: the sanitized copy of the checkpoint's adapter
+# A checkpoint's adapter, as PEFT saves it: what a complete adapter directory holds. The optimizer,
+# scheduler and RNG states of the checkpoint are training state, not part of the adapter.
+ADAPTER_FILES = (CONFIG_FILE, ADAPTER_FILE, "README.md")
+
+logger = logging.getLogger(__name__)
+
+
+class SafeLoraCallback(TrainerCallback):
+    """Write a sanitized copy of each checkpoint's LoRA adapter to ``<checkpoint>/safelora/``.
+
+    On every ``on_save`` the main process (``state.is_world_process_zero``) projects the adapter the
+    Trainer just saved in ``<output_dir>/checkpoint-<step>`` (or its ``adapter_name`` subdirectory)
+    against ``base`` and ``aligned``, as ``safelora project --output`` does: ``safelora/`` is a
+    complete adapter directory (config, weights with provenance, README) that ``safelora check``
+    passes. The checkpoint's own files are never changed (only a ``safelora/`` an earlier run left
+    for the same step is replaced), so ``resume_from_checkpoint`` resumes the real training state;
+    the adapter the Trainer loads from ``safelora/`` when resuming is dropped (``on_train_begin``).
+    The options are ``project``'s, checked here rather than at the first save.
+
+    ``Trainer.save_model()`` fires no callback: run ``safelora_cli.project(out_dir, base=…,
+    aligned=…)`` after it.
+
+    A failure to sanitize one checkpoint (the network, a full disk, a bad file) is logged as a
+    warning and training goes on (``failures`` keeps the errors, ``reports`` the runs that
+    succeeded), unless ``on_error="raise"``; a ``UsageError`` (settings that can never work) always
+    stops the run at the first save.
+    """
+
+    def __init__(
+        self,
+        *,
+        base: str,
+        aligned: str,
+        threshold: float | None = None,
+        num_layers: int | None = None,
+        adapter_name: str = "default",
+        precision: api.Precision = "float32",
+        device: api.Device = "auto",
+        cache: bool = True,
+        base_revision: str | None = None,
+        aligned_revision: str | None = None,
+        allow_dora: bool = False,
+        token: str | None = None,
+        connections: int = 8,
+        on_error: Literal["warn", "raise"] = "warn",
+    ) -> None:
+        self.options: dict[str, Any] = {
+            "base": base,
+            "aligned": aligned,
+            "base_revision": base_revision,
+            "aligned_revision": aligned_revision,
+            "threshold": threshold,
+            "num_layers": num_layers,
+            "precision": precision,
+            "device": device,
+            "cache": cache,
+            "allow_dora": allow_dora,
+            "token": token,
+            "connections": connections,
+        }
+        api.settings_from(self.options)
+        if adapter_name == SANITIZED:
+            raise UsageError(
+                f"adapter_name {SANITIZED!r}: PEFT saves that adapter where the sanitized copy goes "
+                f"(<checkpoint>/{SANITIZED}/); give the adapter another name"
+            )
+        if on_error not in ("warn", "raise"):
+            raise UsageError(f"on_error {on_error!r}: choose warn or raise")
+        self.adapter_name = adapter_name
+        self.on_error = on_error
+        self.reports: list[Report] = []
+        self.failures: list[SafeLoraError] = []
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Drop the adapter ``resume_from_checkpoint`` loaded from ``<checkpoint>/safelora/``.
+
+        The Trainer loads every subdirectory of a checkpoint that holds adapter weights as an extra
+        adapter named after it, and would then save it into every later checkpoint (and into
+        ``save_model``'s output) as ``safelora/``: a stale copy without provenance. Every process
+        loaded it, so every process drops it.
+        """
+        model: Any = kwargs.get("model")
+        configs = getattr(model, "peft_config", None)
+        if not isinstance(configs, dict) or SANITIZED not in configs or SANITIZED in model.active_adapters:
+            return
+        model.delete_adapter(SANITIZED)
+        logger.info(
+            "safelora: dropped the adapter %r that resuming loaded from a checkpoint's %s/", SANITIZED, SANITIZED
+        )
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """Sanitize the checkpoint just saved (main process only)."""
+        if not state.is_world_process_zero:
+            return
+        # TrainingArguments fills output_dir in ("trainer_output") when it is left None.
+        checkpoint = Path(cast(str, args.output_dir)) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        try:
+            report = self._sanitize(checkpoint)
+        except UsageError:
+            raise
+        except SafeLoraError as e:
+            if self.on_error == "raise":
+                raise
+            self.failures.append(e)
+            logger.warning("safelora: %s/%s/ not written, training goes on: %s", checkpoint, SANITIZED, e)
+            return
+        self.reports.append(report)
+        logger.info(
+            "safelora: %s/%s/: %d of %d modules projected",
+            checkpoint,
+            SANITIZED,
+            report.projected_count,
+            len(report.layers),
+        )
+
+    def _sanitize(self, checkpoint: Path) -> Report:
+        """Project the checkpoint's adapter into ``<checkpoint>/safelora/``, from a scratch copy of the
+        adapter's own files (``project --output`` copies every file of the directory it reads)."""
+        source = checkpoint if self.adapter_name == "default" else checkpoint / self.adapter_name
+        fix = "the callback reads checkpoints from TrainingArguments.output_dir"
+        with safefs.Directory(checkpoint, AdapterError, fix=fix) as ckpt:
+            if ckpt.lstat(SANITIZED) is not None:
+                # Left by an earlier run that saved this step too: it belongs to other weights.
+                atomic.remove_entry(ckpt.fd, SANITIZED)
+        with tempfile.TemporaryDirectory(prefix="safelora-checkpoint-") as tmp:
+            scratch = Path(tmp)
+            _copy_adapter(source, scratch)
+            try:
+                report = api.project(scratch, output=checkpoint / SANITIZED, **self.options)
+            except SafeLoraError as e:
+                raise relabel(e, scratch, str(source)) from None
+        return replace(report, adapter=source, notes=[n.replace(str(scratch), str(source)) for n in report.notes])
+
+
+def _copy_adapter(source: Path, scratch: Path) -> None:
+    """Copy the adapter's files found in ``source`` (regular files only) into ``scratch``."""
+    with (
+        safefs.Directory(source, AdapterError, fix="pass the checkpoint's adapter_name") as src,
+        safefs.Directory(scratch, AdapterError) as dst,
+    ):
+        for name in ADAPTER_FILES:
+            if src.lstat(name) is None:
+                continue
+            with src.open(name, fix="the checkpoint's adapter files must be regular files") as f:
+                st = os.fstat(f.fileno())
+                try:
+                    atomic.write_file(dst, name, [stfile.FileRange(f.fileno(), 0, st.st_size)], st.st_mode & 0o777)
+                except OSError as e:
+                    raise AdapterError(
+                        f"{safefs.os_error(scratch / name, e)}: cannot copy {source / name} there; free space in "
+                        "the temporary directory (TMPDIR)"
+                    ) from None
