@@ -15,11 +15,10 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
-from typer.core import TyperArgument, TyperCommand
+from typer.core import TyperArgument, TyperCommand, TyperOption
 
 from . import __version__, config
 from . import errors as e_
@@ -81,10 +80,10 @@ class _Command(TyperCommand):
         if self.epilog:
             self.epilog = escape(self.epilog)
 
-    def get_help_option(self, ctx: click.Context) -> click.Option | None:
+    def get_help_option(self, ctx: Any) -> TyperOption | None:
         option = super().get_help_option(ctx)
         if option is not None:
-            option.display_type_rich = lambda ctx: None  # type: ignore[attr-defined]
+            option.display_type_rich = lambda ctx: None  # type: ignore[method-assign]
         return option
 
 
