@@ -346,7 +346,7 @@ def test_files_in_the_hugging_face_cache_are_read_without_network(
 @pytest.mark.parametrize(
     ("aligned", "token", "expected"),
     [
-        ("org/missing", None, "org/missing: no such local directory, and on the Hub: no such repository on "),
+        ("org/missing", None, "org/missing: no such repository on {url}, nor a local directory of that name"),
         ("hf://org/missing", None, "error: org/missing: no such repository on "),
         ("org/aligned@nope", None, "org/aligned@nope: no such revision on "),
         ("org/weightless", None, "no model.safetensors, model.safetensors.index.json, pytorch_model.bin"),
@@ -372,7 +372,7 @@ def test_a_path_with_a_typo_says_there_is_no_such_directory_and_what_the_hub_sai
     disk and what the Hub answered (not found, or unreachable), exit 1."""
     args = ["project", llama_adapter, "--base", "ex2/bse", "--aligned", llama_pair[1], "--dry-run"]
     line = one_line_error(cli(*args))
-    assert line == f"error: ex2/bse: no such local directory, and on the Hub: no such repository on {hub.url}"
+    assert line == f"error: ex2/bse: no such repository on {hub.url}, nor a local directory of that name"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -22,9 +22,9 @@ from typer.testing import Result
 
 import safelora_cli
 from safelora_cli.adapter import ADAPTER_FILE, CONFIG_FILE
-from safelora_cli.errors import AdapterError, SourceError, UsageError
+from safelora_cli.errors import AdapterError, MissingExtraError, SourceError, UsageError
 from safelora_cli.integrations.transformers import SafeLoraCallback
-from safelora_cli.model import MissingExtraError, ModelReport
+from safelora_cli.model import ModelReport
 
 Pair = tuple[Path, Path]
 # At τ = 0.2 the adapter peft_model() builds (seed 0) has modules on both sides of the threshold.

@@ -26,6 +26,8 @@ __all__ = [
     "FormatError",
     "HubError",
     "Inspection",
+    "MissingExtraError",
+    "ModelReport",
     "Report",
     "Restored",
     "SafeLoraError",
@@ -41,8 +43,17 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .api import CheckResult, Inspection, Report, Restored, check, inspect, project, restore
-    from .errors import AdapterError, BackupError, FormatError, HubError, SafeLoraError, SourceError, UsageError
-    from .model import project_model
+    from .errors import (
+        AdapterError,
+        BackupError,
+        FormatError,
+        HubError,
+        MissingExtraError,
+        SafeLoraError,
+        SourceError,
+        UsageError,
+    )
+    from .model import ModelReport, project_model
 
 # Where each public name lives: imported on first use, so that ``import safelora_cli`` (and the
 # command line's --help) does not pay for torch.
@@ -56,6 +67,8 @@ _HOMES = {
     "project": "api",
     "restore": "api",
     "project_model": "model",
+    "ModelReport": "model",
+    "MissingExtraError": "errors",
     "BackupError": "errors",
     "AdapterError": "errors",
     "FormatError": "errors",

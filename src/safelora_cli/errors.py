@@ -111,3 +111,12 @@ class MissingBaseError(UsageError):
 
 class MissingAlignedError(UsageError):
     """No aligned model was given, and the adapter's config names none that can be used."""
+
+
+class MissingExtraError(UsageError, ImportError):
+    """An optional extra is not installed (``safelora[hf]`` for transformers and peft,
+    ``safelora[plot]`` for matplotlib); the message says what to install.
+
+    A ``UsageError`` (one line, exit 2) that is also an ``ImportError``, so that the usual
+    ``except ImportError`` around an optional integration catches it too.
+    """

@@ -22,7 +22,7 @@ import torch
 from . import adapter as adapter_io
 from . import api, strict
 from .adapter import PROVENANCE_PREFIX
-from .errors import AdapterError, SafeLoraError, UsageError
+from .errors import AdapterError, MissingExtraError, SafeLoraError, UsageError
 from .pipeline import Report
 
 if TYPE_CHECKING:
@@ -30,14 +30,6 @@ if TYPE_CHECKING:
 
 HF_EXTRA = "pip install 'safelora[hf]'"
 _DIGEST = PROVENANCE_PREFIX + "digest"
-
-
-class MissingExtraError(UsageError, ImportError):
-    """transformers or peft is not installed; ``pip install 'safelora[hf]'`` installs them.
-
-    A ``UsageError`` (one line, exit 2, as for any missing extra) that is also an ``ImportError``, so
-    that the usual ``except ImportError`` around an optional integration catches it too.
-    """
 
 
 def missing_extra(what: str, error: ImportError) -> MissingExtraError:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from . import atomic, safefs, stfile
 from .decision import clip, finite
-from .errors import ExtraFileError, UsageError
+from .errors import ExtraFileError, MissingExtraError, UsageError
 from .text import printable
 
 if TYPE_CHECKING:
@@ -39,11 +39,11 @@ _RED, _BLUE, _GREY = "#c62828", "#1565c0", "#757575"
 
 
 def require_matplotlib() -> None:
-    """Raise ``UsageError`` (exit 2) with the install command when matplotlib is missing."""
+    """Raise ``MissingExtraError`` (a ``UsageError``: exit 2) with the install command when matplotlib is missing."""
     try:
         importlib.import_module("matplotlib")
     except ImportError:
-        raise UsageError(f"--plot needs matplotlib, which is not installed: {INSTALL_HINT}") from None
+        raise MissingExtraError(f"--plot needs matplotlib, which is not installed: {INSTALL_HINT}") from None
 
 
 def check_plot_path(path: Path) -> str:

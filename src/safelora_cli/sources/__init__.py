@@ -80,11 +80,14 @@ def open_source(
 
     try:
         source = open_hub(HubRef(ref.repo_id, ref.revision or revision), hub, transfer, connections)
-    except (HubRepoNotFoundError, HubUnreachableError) as e:
+    except HubRepoNotFoundError as e:
         if forced:
             raise
         # Not a local path, so taken for a Hub id: a typo in a path reads as one, so say both.
-        problem = str(e).removeprefix(f"{ref.repo_id}: ")
-        raise type(e)(f"{spec}: no such local directory, and on the Hub: {problem}") from None
+        raise HubRepoNotFoundError(f"{e}, nor a local directory of that name") from None
+    except HubUnreachableError as e:
+        if forced:
+            raise
+        raise HubUnreachableError(f"{spec}: no such local directory, and on the Hub: {e}") from None
     notes.append(f"{role} {ref.repo_id}@{source.requested} is commit {source.sha}")
     return source
