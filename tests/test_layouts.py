@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from transformers import GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM
 from typer.testing import CliRunner
 
+import safelora_cli
 from safelora_cli.adapter import ADAPTER_FILE
 from safelora_cli.cli import app
 from safelora_cli.pipeline import Report, Settings, project_adapter
@@ -51,7 +52,42 @@ def run(adapter: Path, base: Path, aligned: Path, out: Path, settings: Settings 
     finally:
         base_src.close()
         aligned_src.close()
+    _same_bytes_from_the_api_and_the_cli(adapter, base, aligned, out, settings)
     return report, out
+
+
+def _same_bytes_from_the_api_and_the_cli(
+    adapter: Path, base: Path, aligned: Path, out: Path, settings: Settings
+) -> None:
+    """``safelora_cli.project`` and ``safelora project``, given the same options, write the very bytes
+    the pipeline wrote."""
+    if settings.mode == "threshold":
+        api_options: dict[str, object] = {"threshold": settings.threshold}
+        flags = ["--threshold", repr(settings.threshold)]
+    else:
+        api_options = {"num_layers": settings.num_layers}
+        flags = ["--num-layers", str(settings.num_layers)]
+    api_out, cli_out = out.with_name(f"{out.name}-api"), out.with_name(f"{out.name}-cli")
+    safelora_cli.project(
+        adapter,
+        base=base,
+        aligned=aligned,
+        output=api_out,
+        precision=settings.precision,
+        device=settings.device,
+        allow_dora=settings.allow_dora,
+        cache=False,
+        **api_options,  # type: ignore[arg-type]
+    )
+    code, output = cli(
+        adapter, "--base", base, "--aligned", aligned, "--output", cli_out, "--no-cache",
+        "--precision", settings.precision, "--device", settings.device,
+        *flags, *(["--allow-dora"] if settings.allow_dora else []),
+    )  # fmt: skip
+    assert code == 0, output
+    written = (out / ADAPTER_FILE).read_bytes()
+    assert (api_out / ADAPTER_FILE).read_bytes() == written, "the API wrote other bytes"
+    assert (cli_out / ADAPTER_FILE).read_bytes() == written, "the CLI wrote other bytes"
 
 
 def check_against_reference(
