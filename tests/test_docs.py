@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-PAGES = ("method.md", "hub.md", "cache.md", "design.md")
+PAGES = ("method.md", "hub.md", "cache.md", "design.md", "api.md")
 # An opening fence and its language (a closing fence has none); indented fences count too.
 _FENCE = re.compile(r"^ *```(?P<lang>[^`\s]*)")
 _LANGUAGES = {"python", "console", "text", "json", "yaml"}
@@ -56,7 +56,7 @@ def pages() -> list[Path]:
 
 def test_the_docs_are_there_and_teach_with_code() -> None:
     assert {p.name for p in pages()} >= set(PAGES)
-    for name in ("method.md", "cache.md", "hub.md"):
+    for name in ("method.md", "cache.md", "hub.md", "api.md"):
         assert python_blocks(DOCS / name), f"{name} has no Python block to run"
 
 

@@ -538,3 +538,13 @@ def test_importing_safelora_imports_neither_transformers_nor_peft() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_the_callback_can_write_the_model_card(llama_pair: Pair, tmp_path: Path) -> None:
+    callback = SafeLoraCallback(**pair_args(llama_pair), num_layers=3, model_card=True)
+    train(tmp_path / "run", peft_model(llama_pair[1]), [callback])
+    for checkpoint in sorted((tmp_path / "run").glob("checkpoint-*")):
+        card = (checkpoint / "safelora" / "README.md").read_text()
+        assert card.count("<!-- safelora:end -->") == 1 and "- safelora" in card
+        assert "safelora" not in (checkpoint / "README.md").read_text()  # the checkpoint's own card is untouched
+        assert safelora_cli.check(checkpoint / "safelora", **pair_args(llama_pair)).ok

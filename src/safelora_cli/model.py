@@ -148,8 +148,8 @@ class ModelReport(Report):
 def project_model(
     model: PeftModel,
     *,
-    base: str,
-    aligned: str,
+    base: api.StrPath,
+    aligned: api.StrPath,
     threshold: float | None = None,
     num_layers: int | None = None,
     adapter_name: str = "default",

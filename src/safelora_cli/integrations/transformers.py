@@ -49,7 +49,8 @@ class SafeLoraCallback(TrainerCallback):
     passes. The checkpoint's own files are never changed (only a ``safelora/`` an earlier run left
     for the same step is replaced), so ``resume_from_checkpoint`` resumes the real training state;
     the adapter the Trainer loads from ``safelora/`` when resuming is dropped (``on_train_begin``).
-    The options are ``project``'s, checked here rather than at the first save.
+    The options are ``project``'s, checked here rather than at the first save (``model_card``
+    writes the Safe LoRA section into ``safelora/README.md``).
 
     ``Trainer.save_model()`` fires no callback: run ``safelora_cli.project(out_dir, base=…,
     aligned=…)`` after it.
@@ -63,8 +64,8 @@ class SafeLoraCallback(TrainerCallback):
     def __init__(
         self,
         *,
-        base: str,
-        aligned: str,
+        base: api.StrPath,
+        aligned: api.StrPath,
         threshold: float | None = None,
         num_layers: int | None = None,
         adapter_name: str = "default",
@@ -76,6 +77,7 @@ class SafeLoraCallback(TrainerCallback):
         allow_dora: bool = False,
         token: str | None = None,
         connections: int = 8,
+        model_card: bool = False,
         on_error: Literal["warn", "raise"] = "warn",
     ) -> None:
         self.options: dict[str, Any] = {
@@ -91,6 +93,7 @@ class SafeLoraCallback(TrainerCallback):
             "allow_dora": allow_dora,
             "token": token,
             "connections": connections,
+            "model_card": model_card,
         }
         api.settings_from(self.options)
         if adapter_name == SANITIZED:
