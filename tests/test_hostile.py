@@ -522,6 +522,40 @@ def _(w: World) -> None:
     w.checks.append(lambda r: _literal(r.stderr, "warning:"))
 
 
+@attack(3, "the step summary is a FIFO: no hang, a warning, exit 0")
+def _(w: World) -> None:
+    fifo = w.root / "summary.md"
+    os.mkfifo(fifo)
+    w.env["GITHUB_STEP_SUMMARY"] = str(fifo)
+    w.project()
+    w.exit = 0
+    w.changes = {w.adapter_file}
+    w.checks.append(lambda r: _projected(w.adapter))
+    w.checks.append(lambda r: _literal(r.stderr, "warning: the step summary was not written"))
+
+
+@attack(3, "a model card that links to a victim file is never written through")
+def _(w: World) -> None:
+    (w.adapter / "README.md").unlink(missing_ok=True)
+    (w.adapter / "README.md").symlink_to(w.victim / "secret.txt")
+    w.project("--model-card")
+    w.exit = 0
+    w.changes = {w.adapter_file}
+    w.checks.append(lambda r: _projected(w.adapter))
+    w.checks.append(lambda r: _literal(" ".join(r.json()["notes"]), "model card not written"))
+
+
+@attack(3, "a plot path that links to a victim file is never written through")
+def _(w: World) -> None:
+    chart = w.root / "chart.png"
+    chart.symlink_to(w.victim / "secret.txt")
+    w.project("--plot", chart)
+    w.exit = 0
+    w.changes = {w.adapter_file}
+    w.checks.append(lambda r: _projected(w.adapter))
+    w.checks.append(lambda r: _literal(r.stderr, "warning: the plot"))
+
+
 def _literal(text: str, fragment: str) -> None:
     assert fragment in text, f"{fragment!r} not in {text!r}"
     assert not any(c in text for c in "\x1b\u202e\r"), f"raw control characters in {text!r}"
