@@ -273,11 +273,14 @@ def test_make_demo_rebuilds_demo_and_runs_twice(tmp_path: Path) -> None:
         out = subprocess.run(["bash", "-ec", "\n".join(commands)], cwd=tmp_path, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         assert (tmp_path / "demo" / "sanitized" / ADAPTER_FILE).is_file()
-    suggested = re.findall(r"^  (safelora .*?)(?:\s+#.*)?$", out.stdout, re.M)
+    # Run as the recipe runs it (by its path), so that is how the suggestions call it: they paste as they are.
+    program = str(Path(bin_dir) / "safelora")
+    suggested = re.findall(r"^  (\S*safelora .*?)(?:\s+#.*)?$", out.stdout, re.M)
     assert len(suggested) >= 4
     for command in suggested:
         argv = shlex.split(command)
-        run = subprocess.run([str(Path(bin_dir) / argv[0]), *argv[1:]], cwd=tmp_path, capture_output=True, text=True)
+        assert argv[0] == program, command
+        run = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True)
         assert run.returncode == 0, (command, run.stderr)
     assert "/demo/" in (ROOT / ".gitignore").read_text().splitlines()
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -758,16 +760,26 @@ def demo(
                 line((f"tiny example in {root}: base (sharded), aligned, adapter (q_proj/v_proj, r=8)", "dim"))
             )
         )
-        sink.show(
-            lambda c: c.print(
-                line((f"$ safelora project {adapter} --base {base} --aligned {aligned} --output {out}", "dim"))
-            )
-        )
+        program = _program()
+        shown = " ".join(shlex.quote(str(p)) for p in (adapter, "--base", base, "--aligned", aligned, "--output", out))
+        sink.show(lambda c: c.print(line((f"$ {program} project {shown}", "dim"))))
         report = api.project(adapter, base=str(base), aligned=str(aligned), output=out)
         sink.add(report.to_json(), lambda console: rendering.render(report, console))
         sink.emit(batch=False)
         if keep is not None:
-            sink.show(lambda c: rendering.render_next_steps(root, c))
+            sink.show(lambda c: rendering.render_next_steps(root, program, c))
+
+
+def _program() -> str:
+    """How to run this safelora again from here: ``safelora`` when that is what PATH finds, else the
+    path it was started by (``.venv/bin/safelora`` after ``make demo``)."""
+    invoked = sys.argv[0]
+    if Path(invoked).name != "safelora":
+        return "safelora"  # python -m safelora_cli, or an embedding: the installed name
+    found = shutil.which("safelora")
+    if found is not None and os.path.realpath(found) == os.path.realpath(invoked):
+        return "safelora"
+    return shlex.quote(invoked)
 
 
 def _require_empty(path: Path) -> None:

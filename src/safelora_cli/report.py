@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -484,15 +485,17 @@ def render_batch(outcomes: Sequence[Report | SafeLoraError], console: Console) -
     console.print(f"{len(outcomes) - failed} of {len(outcomes)} adapters done, {failed} failed", highlight=False)
 
 
-def render_next_steps(root: Path, console: Console) -> None:
-    """``demo --keep``: commands to try next, on the files it left."""
-    base, aligned, adapter, out = (root / name for name in ("base", "aligned", "adapter", "sanitized"))
+def render_next_steps(root: Path, program: str, console: Console) -> None:
+    """``demo --keep``: commands to try next, on the files it left, run as ``program``."""
+    base, aligned, adapter, out = (
+        shlex.quote(str(root / name)) for name in ("base", "aligned", "adapter", "sanitized")
+    )
     console.print(line(("next, try:", "bold")), highlight=False)
     for command in (
-        f"safelora inspect {out}",
-        f"safelora check {out} --base {base} --aligned {aligned}",
-        f"safelora project {adapter} --base {base} --aligned {aligned} --num-layers 3 --dry-run",
-        f"safelora project {adapter} --base {base} --aligned {aligned}      # in place, keeping the original",
-        f"safelora restore {adapter}",
+        f"{program} inspect {out}",
+        f"{program} check {out} --base {base} --aligned {aligned}",
+        f"{program} project {adapter} --base {base} --aligned {aligned} --num-layers 3 --dry-run",
+        f"{program} project {adapter} --base {base} --aligned {aligned}      # in place, keeping the original",
+        f"{program} restore {adapter}",
     ):
         console.print(line("  ", command), highlight=False)
