@@ -366,11 +366,7 @@ def _edit(directory: safefs.Directory, change: Callable[[str | None], str | None
         atomic_replace(directory, CARD_FILE, [new.encode()], mode, expect=st)
         return
     now = directory.lstat(CARD_FILE)
-    if (
-        st is None
-        or now is None
-        or (now.st_ino, now.st_size, now.st_mtime_ns) != (st.st_ino, st.st_size, st.st_mtime_ns)
-    ):
+    if st is None or now is None or not atomic.same_file(now, st):
         raise AdapterError(f"{where}: changed on disk while safelora was running; nothing was removed. Run again")
     try:
         os.unlink(CARD_FILE, dir_fd=directory.fd)

@@ -11,9 +11,9 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -26,7 +26,7 @@ from . import __version__, config
 from . import errors as e_
 from .errors import SafeLoraError, UsageError
 from .text import console as _console
-from .text import line
+from .text import discard, line
 
 
 class _Deferred:
@@ -391,8 +391,10 @@ def _weights_identity(adapter: Path) -> tuple[int, int, int, int] | None:
 
 
 def _expanded(specs: list[str]) -> Callable[[], list[Path]]:
-    """The adapter directories ``specs`` name, for messages about them (never raises)."""
+    """The adapter directories ``specs`` name, for messages about them (never raises): expanded
+    once, when first asked for."""
 
+    @cache
     def paths() -> list[Path]:
         try:
             return [path for path, _ in adapter_io.expand(specs)]
@@ -609,13 +611,8 @@ def project(
     failed = sum(isinstance(o, SafeLoraError) for o in outcomes)
 
     def deliver() -> None:
-        for outcome in outcomes:
-            if isinstance(outcome, SafeLoraError):
-                _debug(outcome)
-                sink.fail(outcome.adapter, describe(outcome))
-            else:
-                render = partial(rendering.render, outcome, sort=order, projected_only=projected_only)
-                sink.add(outcome.to_json(), render)
+        render = partial(rendering.render, sort=order, projected_only=projected_only)
+        _deliver(sink, outcomes, lambda report: report.to_json(), render)
         if len(outcomes) > 1:
             sink.show(partial(rendering.render_batch, outcomes))
         sink.emit(batch=len(outcomes) > 1)
@@ -699,15 +696,28 @@ def _best_effort(what: str, write: Callable[[], None]) -> bool:
         return False
 
 
+def _deliver(
+    sink: rendering.Sink,
+    outcomes: Sequence[T | SafeLoraError],
+    to_json: Callable[[T], dict[str, Any]],
+    render: Callable[[T, Console], None],
+) -> None:
+    """Each adapter's outcome into the sink: its document and how people see it, or its error."""
+    for outcome in outcomes:
+        if isinstance(outcome, SafeLoraError):
+            _debug(outcome)
+            sink.fail(outcome.adapter, describe(outcome))
+        else:
+            sink.add(to_json(outcome), partial(render, outcome))
+
+
 def _after_write(deliver: Callable[[], None]) -> None:
     """Output after the adapters are written: a failure here is a warning, never the run's exit code."""
     try:
         deliver()
     except BrokenPipeError:
         # The reader went away (``| head``): say nothing more on stdout, and exit as the run ended.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        discard(sys.stdout)
     except Exception as e:
         with suppress(Exception):
             _err_console().print(
@@ -844,11 +854,7 @@ def check(
             except SafeLoraError as e:
                 e.adapter = path
                 results.append(e)
-    for result in results:
-        if isinstance(result, SafeLoraError):
-            sink.fail(result.adapter, describe(result))
-        else:
-            sink.add(rendering.check_to_json(result), partial(rendering.render_check, result))
+    _deliver(sink, results, rendering.check_to_json, rendering.render_check)
     sink.emit(batch=len(results) > 1)
     if sink.failed:
         raise typer.Exit(1)
@@ -923,12 +929,7 @@ def restore(
     failed = sum(isinstance(o, SafeLoraError) for o in outcomes)
 
     def deliver() -> None:
-        for outcome in outcomes:
-            if isinstance(outcome, SafeLoraError):
-                _debug(outcome)
-                sink.fail(outcome.adapter, describe(outcome))
-            else:
-                sink.add(rendering.restored_to_json(outcome), partial(rendering.render_restored, outcome))
+        _deliver(sink, outcomes, rendering.restored_to_json, rendering.render_restored)
         sink.emit(batch=len(outcomes) > 1)
 
     _after_write(deliver)

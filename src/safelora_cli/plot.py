@@ -202,8 +202,7 @@ def _write(path: Path, data: bytes) -> None:
                 f"{path}: is {safefs.kind(st.st_mode)}, not a regular file; choose another --plot path"
             )
         try:
-            fd, tmp = atomic.create_temp(directory, name)
-            atomic.finish(directory, fd, tmp, name, [data], 0o644)
+            atomic.write_file(directory, name, [data], 0o644)
             stfile.fsync(directory.fd)
         except OSError as e:
             raise ExtraFileError(safefs.os_error(path, e)) from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from typing import TextIO
 
 from rich.console import Console
 from rich.text import Text
@@ -51,6 +52,14 @@ def line(*parts: object) -> Text:
     return text
 
 
+def discard(stream: TextIO) -> None:
+    """Point ``stream`` at /dev/null: its reader went away, and later writes (Python's own flush at
+    exit included) must not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+
+
 class _Console(Console):
     """A console whose reader may go away (``safelora project … | head``): from then on it prints
     nothing, and the command goes on, so the rest of a run (a summary, a plot) and its exit code
@@ -58,9 +67,7 @@ class _Console(Console):
 
     def on_broken_pipe(self) -> None:
         self.quiet = True
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, (sys.stderr if self.stderr else sys.stdout).fileno())
-        os.close(devnull)
+        discard(sys.stderr if self.stderr else sys.stdout)
 
 
 def console(*, stderr: bool = False) -> Console:
