@@ -122,10 +122,6 @@ def describe(error: SafeLoraError) -> str:
     return f"{error}{hint}"
 
 
-def _metavar(name: str) -> Any:
-    return typer.Option(metavar=name, show_default=False)
-
-
 def _flag(names: str, help: str, *short: str) -> Any:
     """A boolean flag with its --no- form: no metavar, and the default shown as the flag that is on."""
     return typer.Option(names, *short, help=help, metavar="")

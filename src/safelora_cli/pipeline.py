@@ -142,10 +142,8 @@ class Report:
 
     def plot(self, path: str | os.PathLike[str]) -> None:
         """Draw per-module similarity to ``path`` (.png or .svg; needs the ``safelora[plot]`` extra)."""
-        from .plot import check_plot_path, plot, require_matplotlib
+        from .plot import plot
 
-        check_plot_path(Path(path))
-        require_matplotlib()
         plot(self, Path(path))
 
     @property

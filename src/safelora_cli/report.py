@@ -105,7 +105,7 @@ def render(report: Report, console: Console, *, sort: Sort = "layer", projected_
         # The heading is a line of its own, not the table's title, which would wrap a long path.
         console.print(line(("Safe LoRA · ", "italic"), (report.adapter, "italic")), highlight=False, soft_wrap=True)
         if rows:
-            console.print(_table(report, rows, console))
+            console.print(_table(rows, console))
         else:
             console.print(line(("no module projected", "dim")))
         _histogram(report, console)
@@ -159,17 +159,17 @@ def _histogram(report: Report, console: Console) -> None:
         console.print(styled, highlight=False)
 
 
-def _table(report: Report, rows: list[LayerResult], console: Console) -> Table:
+def _table(rows: list[LayerResult], console: Console) -> Table:
     """The widest layout whose natural width fits the console (the narrowest when none does)."""
     for bar, ratio, layer_col in _LAYOUTS:
-        table = _layout(report, rows, bar=bar, ratio=ratio, layer_col=layer_col)
+        table = _layout(rows, bar=bar, ratio=ratio, layer_col=layer_col)
         # Measured without the console's limit, which would clamp what it reports.
         if Measurement.get(console, console.options.update_width(1 << 20), table).maximum <= console.width:
             break
     return table
 
 
-def _layout(report: Report, rows: list[LayerResult], *, bar: bool, ratio: bool, layer_col: bool) -> Table:
+def _layout(rows: list[LayerResult], *, bar: bool, ratio: bool, layer_col: bool) -> Table:
     modules = [printable(layer.module) for layer in rows]
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("module", no_wrap=True, min_width=len(max(modules, key=len)))
