@@ -287,3 +287,21 @@ def test_make_demo_rebuilds_demo_and_runs_twice(tmp_path: Path) -> None:
 
 def test_the_readme_documents_demo_keep() -> None:
     assert "safelora demo --keep demo" in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "choices"),
+    [
+        ("sort", "size", "layer, similarity"),
+        ("precision", "float16", "float32, float64"),
+        ("device", "tpu", "auto, cpu, cuda"),
+    ],
+)
+def test_a_bad_choice_in_a_config_names_the_file_line_and_key(
+    cli: Cli, llama_pair: tuple[Path, Path], adapter_dir: Path, tmp_path: Path, key: str, value: str, choices: str
+) -> None:
+    config = tmp_path / "safelora.yaml"
+    config.write_text(f"dry_run: true\n{key}: {value}\n")
+    r = cli("project", adapter_dir, *_pair(llama_pair), "--config", config)
+    assert r.exit_code == 2
+    assert r.stderr == f"error: {config}:2: {key}: expected one of {choices}\n"

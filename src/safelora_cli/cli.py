@@ -272,11 +272,32 @@ PlotOpt = Annotated[
     ),
 ]
 SORTS: dict[str, Sort] = {"layer": "layer", "similarity": "similarity"}
+PRECISIONS: dict[str, Precision] = {"float32": "float32", "float64": "float64"}
+DEVICES: dict[str, Device] = {"auto": "auto", "cpu": "cpu", "cuda": "cuda"}
+
+
+def _one_of(choices: Mapping[str, str]) -> Callable[[str], str]:
+    """An option's check of its value against ``choices``: part of parsing the option, so that the
+    same value from a --config file is refused with the file and line."""
+
+    def check(value: str) -> str:
+        if value not in choices:
+            raise typer.BadParameter(f"expected one of {', '.join(choices)}")
+        return value
+
+    return check
+
+
+def _complete(choices: Mapping[str, str]) -> Callable[[str], list[str]]:
+    return lambda incomplete: [c for c in choices if c.startswith(incomplete)]
+
+
 SortOpt = Annotated[
     str,
     typer.Option(
         metavar="KEY",
-        autocompletion=lambda incomplete: [c for c in SORTS if c.startswith(incomplete)],
+        callback=_one_of(SORTS),
+        autocompletion=_complete(SORTS),
         help="Order of the table's rows: layer, or similarity (lowest first).",
     ),
 ]
@@ -285,12 +306,6 @@ ProjectedOnlyOpt = Annotated[
 ]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.", metavar="")]
 
-PRECISIONS: dict[str, Precision] = {"float32": "float32", "float64": "float64"}
-DEVICES: dict[str, Device] = {"auto": "auto", "cpu": "cpu", "cuda": "cuda"}
-
-
-def _complete(choices: Mapping[str, str]) -> Callable[[str], list[str]]:
-    return lambda incomplete: [c for c in choices if c.startswith(incomplete)]
 
 
 def _complete_preset(incomplete: str) -> list[str]:
@@ -299,13 +314,19 @@ def _complete_preset(incomplete: str) -> list[str]:
 
 PrecisionOpt = Annotated[
     str,
-    typer.Option(metavar="float32|float64", help="Compute precision.", autocompletion=_complete(PRECISIONS)),
+    typer.Option(
+        metavar="float32|float64",
+        help="Compute precision.",
+        callback=_one_of(PRECISIONS),
+        autocompletion=_complete(PRECISIONS),
+    ),
 ]
 DeviceOpt = Annotated[
     str,
     typer.Option(
         metavar="auto|cpu|cuda",
         help="Where the math runs (auto: CUDA when present).",
+        callback=_one_of(DEVICES),
         autocompletion=_complete(DEVICES),
     ),
 ]
@@ -504,12 +525,6 @@ def _adapters(positional: list[str] | None, option: list[str] | None) -> list[st
     return specs
 
 
-def _choice(value: str, choices: Mapping[str, T], flag: str) -> T:
-    if value not in choices:
-        raise typer.BadParameter(f"expected one of {', '.join(choices)}", param_hint=flag)
-    return choices[value]
-
-
 _PROJECT_EXAMPLES = """Examples:
 
   safelora project ./my-adapter --base ./llama-base --aligned ./llama-chat
@@ -570,7 +585,7 @@ def project(
             num_layers = None
         else:
             raise typer.BadParameter("give --threshold or --num-layers, not both", param_hint="--num-layers")
-    order = _choice(sort, SORTS, "--sort")
+    order = SORTS[sort]
     sink = rendering.Sink(as_json=as_json, quiet=quiet)
     paths = _expanded(specs)
     in_place = not dry_run and output is None
@@ -593,8 +608,8 @@ def project(
             num_layers=num_layers,
             output=output,
             dry_run=dry_run,
-            precision=_choice(precision, PRECISIONS, "--precision"),
-            device=_choice(device, DEVICES, "--device"),
+            precision=PRECISIONS[precision],
+            device=DEVICES[device],
             cache=not no_cache,
             backup=not no_backup,
             force=force,
