@@ -307,7 +307,6 @@ ProjectedOnlyOpt = Annotated[
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.", metavar="")]
 
 
-
 def _complete_preset(incomplete: str) -> list[str]:
     return [name for name in config.preset_names() if name.startswith(incomplete)]
 
