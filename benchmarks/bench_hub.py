@@ -1,4 +1,4 @@
-"""Benchmark the Hub path: the 7B-shaped pair served by the fake Hub (tests/fakehub.py), in one run.
+"""Benchmark the Hub path: the 7B-shaped pair served by the fake Hub (tests/support/fakehub.py), in one run.
 
 The fake Hub is throttled the way a CDN looks from a fast client: every connection carries at most
 ``--rate`` MB/s, every request is answered ``--latency`` ms late, and every resolve URL of a weight
@@ -46,9 +46,9 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from fakehub import FakeHub, targeted  # noqa: E402 - lives in tests/, shared with the test suite
+from support.fakehub import FakeHub, targeted  # noqa: E402 - lives in tests/, shared with the test suite
 
-from safelora_cli.stfile import read_header  # noqa: E402
+from safelora_cli.io.stfile import read_header  # noqa: E402
 
 DEFAULT_DATA = ROOT / "bench-data" / "llama2-7b-synth-32l"
 TARGET_TRANSFER, TARGET_RERUN, TARGET_FLOOR, TARGET_RSS = 1.05, 0.5, 1.3, 1.5e9

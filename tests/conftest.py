@@ -10,9 +10,9 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import builders
 import pytest
 from hypothesis import settings
+from support import builders
 from typer.testing import CliRunner, Result
 
 from safelora_cli.cli import app

@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 from typer.testing import Result
 
-from safelora_cli import stfile
-from safelora_cli.adapter import ADAPTER_FILE
-from safelora_cli.backups import store_root
-from safelora_cli.stfile import read_header
+from safelora_cli.adapters.peft import ADAPTER_FILE
+from safelora_cli.io import stfile
+from safelora_cli.io.stfile import read_header
+from safelora_cli.stores.backups import store_root
 
 Cli = Callable[..., Result]
 Pair = tuple[Path, Path]

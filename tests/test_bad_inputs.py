@@ -18,15 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import builders
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from support import builders
 from transformers import LlamaForCausalLM
 
-from safelora_cli import adapter as adapter_module
-from safelora_cli.adapter import ADAPTER_FILE, CONFIG_FILE
-from safelora_cli.pipeline import Settings, project_adapter
+from safelora_cli.adapters import peft as adapter_module
+from safelora_cli.adapters.peft import ADAPTER_FILE, CONFIG_FILE
+from safelora_cli.run.pipeline import Settings, project_adapter
 from safelora_cli.sources import open_local
 
 Q0_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"

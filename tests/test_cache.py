@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import Result
 
-from safelora_cli.adapter import ADAPTER_FILE
-from safelora_cli.cache import CorruptEntry, ProjectionCache, Stored, _checksum
+from safelora_cli.adapters.peft import ADAPTER_FILE
+from safelora_cli.io.stfile import read_header
 from safelora_cli.projection import Projector
-from safelora_cli.stfile import read_header
+from safelora_cli.stores.cache import CorruptEntry, ProjectionCache, Stored, _checksum
 
 Cli = Callable[..., Result]
 

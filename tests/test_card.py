@@ -15,10 +15,18 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safelora_cli import card, safefs
-from safelora_cli.card import CARD_FILE, card_section, remove_card_section, with_section, without_section, write_card
 from safelora_cli.errors import AdapterError
-from safelora_cli.pipeline import Report, Settings, project_adapter
+from safelora_cli.io import safefs
+from safelora_cli.outputs import card
+from safelora_cli.outputs.card import (
+    CARD_FILE,
+    card_section,
+    remove_card_section,
+    with_section,
+    without_section,
+    write_card,
+)
+from safelora_cli.run.pipeline import Report, Settings, project_adapter
 from safelora_cli.sources import open_local
 
 BEGIN = re.compile(r"<!-- safelora:begin(?: added=[a-z-]+)? -->")
@@ -268,8 +276,8 @@ def test_a_card_changed_while_running_is_not_overwritten(
 _READ_CARD = """
 import sys
 from pathlib import Path
-from safelora_cli import safefs
-from safelora_cli.card import remove_card_section
+from safelora_cli.io import safefs
+from safelora_cli.outputs.card import remove_card_section
 from safelora_cli.errors import AdapterError
 try:
     with safefs.Directory(Path(sys.argv[1]), AdapterError) as d:

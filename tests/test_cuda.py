@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import reference as ref
 import torch
+from support import reference as ref
 from test_projection import TOLERANCES, random_module
 from test_roundtrip import SCALE, TAU, adapter_file, expected, lora_key, project, projected_modules, rel_error
 from typer.testing import Result

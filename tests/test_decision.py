@@ -19,13 +19,14 @@ from markdown_it import MarkdownIt
 from markdown_it.token import Token
 from safetensors.torch import load_file, save_file
 
-from safelora_cli import __version__, decision
-from safelora_cli.adapter import ADAPTER_FILE
-from safelora_cli.decision import append_summary, histogram_lines, summary_markdown
+from safelora_cli import __version__
+from safelora_cli.adapters.peft import ADAPTER_FILE
 from safelora_cli.errors import ExtraFileError
-from safelora_cli.pipeline import LayerResult, Report, Settings, project_adapter
+from safelora_cli.outputs import decision
+from safelora_cli.outputs.decision import append_summary, histogram_lines, summary_markdown
+from safelora_cli.outputs.text import printable
+from safelora_cli.run.pipeline import LayerResult, Report, Settings, project_adapter
 from safelora_cli.sources import open_local
-from safelora_cli.text import printable
 
 HOSTILE = [
     "a|b|c",
@@ -411,7 +412,7 @@ def test_append_refuses_links_directories_and_devices(tmp_path: Path) -> None:
 _APPEND_SCRIPT = """
 import os, sys
 from pathlib import Path
-from safelora_cli.decision import append_summary
+from safelora_cli.outputs.decision import append_summary
 from safelora_cli.errors import ExtraFileError
 if sys.argv[2] == "swapped":
     # The file is swapped in after the check: the check saw nothing there, the open must still refuse.
@@ -733,7 +734,7 @@ def test_config_file_keys_for_the_extras(
 
 def test_the_api_offers_the_same(llama_pair: tuple[Path, Path], adapter_dir: Path, tmp_path: Path) -> None:
     import safelora_cli
-    from safelora_cli import card
+    from safelora_cli.outputs import card
 
     base, aligned = llama_pair
     out = tmp_path / "out"

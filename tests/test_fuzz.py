@@ -24,9 +24,10 @@ import safetensors
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safelora_cli import config, stfile, strict
-from safelora_cli.adapter import ADAPTER_FILE, CONFIG_FILE, opened
+from safelora_cli import config
+from safelora_cli.adapters.peft import ADAPTER_FILE, CONFIG_FILE, opened
 from safelora_cli.errors import FormatError, SafeLoraError
+from safelora_cli.io import stfile, strict
 
 FUZZ = settings(max_examples=200, deadline=None)
 

@@ -35,14 +35,14 @@ from typing import Any
 
 import pytest
 import torch
-from fakehub import ENDLESS, FakeHub
-from forkserver import ForkServer, Run
 from safetensors.torch import load_file, save_file
+from support.fakehub import ENDLESS, FakeHub
+from support.forkserver import ForkServer, Run
 from typer.testing import CliRunner
 
-from safelora_cli.adapter import ADAPTER_FILE, CONFIG_FILE, TMP_MARK
-from safelora_cli.cache import _checksum
+from safelora_cli.adapters.peft import ADAPTER_FILE, CONFIG_FILE, TMP_MARK
 from safelora_cli.cli import app
+from safelora_cli.stores.cache import _checksum
 
 TIMEOUT = 30.0
 MEMORY = 512 << 20  # bytes of RSS any run may use, beyond 4 × the largest legitimate tensor

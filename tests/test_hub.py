@@ -1,4 +1,4 @@
-"""Hub sources against a local fake Hub (tests/fakehub.py) that counts every byte it serves.
+"""Hub sources against a local fake Hub (tests/support/fakehub.py) that counts every byte it serves.
 
 The repos are the session's tiny Llama pair: ``org/base`` and ``org/aligned`` (branch ``main``; the
 aligned repo has a second commit ``v2`` equal to the base, so V = 0 there), plus a gated, a private,
@@ -20,21 +20,21 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import builders
 import pytest
 import torch
-from fakehub import ENDLESS, FakeHub, Proxy, targeted
 from huggingface_hub import snapshot_download
 from huggingface_hub.utils import _detect_agent
 from safetensors.torch import load_file
+from support import builders
+from support.fakehub import ENDLESS, FakeHub, Proxy, targeted
 from typer.testing import Result
 
 import safelora_cli
-from safelora_cli.adapter import ADAPTER_FILE
-from safelora_cli.cache import ProjectionCache
+from safelora_cli.adapters.peft import ADAPTER_FILE
+from safelora_cli.io.stfile import read_header
 from safelora_cli.sources import Hub, HubRef, QuietTransfer, parse_ref
 from safelora_cli.sources import hub as hub_module
-from safelora_cli.stfile import read_header
+from safelora_cli.stores.cache import ProjectionCache
 
 Cli = Callable[..., Result]
 Serve = Callable[..., FakeHub]

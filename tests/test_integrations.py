@@ -12,19 +12,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import builders
 import pytest
 import torch
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
+from support import builders
 from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from typer.testing import Result
 
 import safelora_cli
-from safelora_cli.adapter import ADAPTER_FILE, CONFIG_FILE
+from safelora_cli.adapters.peft import ADAPTER_FILE, CONFIG_FILE
 from safelora_cli.errors import AdapterError, MissingExtraError, SourceError, UsageError
+from safelora_cli.integrations.peft_model import ModelReport
 from safelora_cli.integrations.transformers import SafeLoraCallback
-from safelora_cli.model import ModelReport
 
 Pair = tuple[Path, Path]
 # At τ = 0.2 the adapter peft_model() builds (seed 0) has modules on both sides of the threshold.
@@ -531,7 +531,7 @@ def test_a_missing_transformers_is_one_line(monkeypatch: pytest.MonkeyPatch) -> 
 def test_importing_safelora_imports_neither_transformers_nor_peft() -> None:
     code = (
         "import sys\n"
-        "import safelora_cli, safelora_cli.model, safelora_cli.integrations\n"
+        "import safelora_cli, safelora_cli.integrations.peft_model, safelora_cli.integrations\n"
         "assert callable(safelora_cli.project_model)\n"
         "print(sorted(m for m in ('transformers', 'peft') if m in sys.modules))\n"
     )

@@ -14,18 +14,17 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import builders
 import pytest
-import reference
 import torch
 from safetensors.torch import load_file, save_file
+from support import builders, reference
 from transformers import GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM
 from typer.testing import CliRunner
 
 import safelora_cli
-from safelora_cli.adapter import ADAPTER_FILE
+from safelora_cli.adapters.peft import ADAPTER_FILE
 from safelora_cli.cli import app
-from safelora_cli.pipeline import Report, Settings, project_adapter
+from safelora_cli.run.pipeline import Report, Settings, project_adapter
 from safelora_cli.sources import open_local
 
 _LORA = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])(?:\.default)?\.weight$")

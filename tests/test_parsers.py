@@ -28,10 +28,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import Result
 
-from safelora_cli import config, stfile, strict
-from safelora_cli.adapter import ADAPTER_FILE
+from safelora_cli import config
+from safelora_cli.adapters.peft import ADAPTER_FILE
 from safelora_cli.cli import app
 from safelora_cli.errors import FormatError, SafeLoraError, UsageError
+from safelora_cli.io import stfile, strict
 
 Cli = Callable[..., Result]
 U64_MAX = 2**64 - 1

@@ -26,10 +26,10 @@ from peft import get_peft_model, get_peft_model_state_dict
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
 
-from safelora_cli import patterns
-from safelora_cli.adapter import CONFIG_FILE, PEFT_PREFIX, LoraConfig
+from safelora_cli.adapters import patterns
+from safelora_cli.adapters.patterns import BUDGET_S, MAX_UNITS, ConfigPatterns
+from safelora_cli.adapters.peft import CONFIG_FILE, PEFT_PREFIX, LoraConfig
 from safelora_cli.errors import AdapterError
-from safelora_cli.patterns import BUDGET_S, MAX_UNITS, ConfigPatterns
 
 MODULES = [
     # Llama, Qwen, Mistral

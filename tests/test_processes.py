@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from forkserver import ForkServer, Run
 from safetensors.torch import load_file, save_file
+from support.forkserver import ForkServer, Run
 from typer.testing import CliRunner
 
-from safelora_cli.adapter import ADAPTER_FILE, TMP_MARK
+from safelora_cli.adapters.peft import ADAPTER_FILE, TMP_MARK
 from safelora_cli.cli import app
 
 

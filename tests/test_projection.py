@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import reference as ref
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from support import reference as ref
 
 from safelora_cli.cli import describe
 from safelora_cli.errors import NumericError, PrecisionError

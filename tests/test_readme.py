@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from fakehub import FakeHub
+from support.fakehub import FakeHub
 from typer.testing import Result
 
 README = Path(__file__).resolve().parent.parent / "README.md"

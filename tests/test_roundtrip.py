@@ -10,17 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import reference as ref
 import torch
 from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from support import reference as ref
 from transformers import LlamaForCausalLM
 from typer.testing import Result
 
 from safelora_cli import __version__
-from safelora_cli.adapter import ADAPTER_FILE
-from safelora_cli.pipeline import Report, Settings, project_adapter
+from safelora_cli.adapters.peft import ADAPTER_FILE
+from safelora_cli.run.pipeline import Report, Settings, project_adapter
 from safelora_cli.sources import open_local
 
 Pair = tuple[Path, Path]

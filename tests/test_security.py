@@ -9,11 +9,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import builders
 import torch
 from safetensors.torch import load_file, save_file
+from support import builders
 
-from safelora_cli.adapter import ADAPTER_FILE
+from safelora_cli.adapters.peft import ADAPTER_FILE
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "safelora_cli"
 

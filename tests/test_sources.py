@@ -7,16 +7,16 @@ import os
 import pickle
 from pathlib import Path
 
-import builders
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from support import builders
 from typer.testing import CliRunner
 
-from safelora_cli.adapter import ADAPTER_FILE, opened
+from safelora_cli.adapters.peft import ADAPTER_FILE, opened
 from safelora_cli.cli import app
 from safelora_cli.errors import SourceError
-from safelora_cli.pipeline import Report, Settings, project_adapter
+from safelora_cli.run.pipeline import Report, Settings, project_adapter
 from safelora_cli.sources import Source, open_local
 
 LAYOUTS = ["safetensors", "safetensors-sharded", "bin", "bin-sharded"]

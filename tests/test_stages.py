@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from safelora_cli.pipeline import _on_thread
+from safelora_cli.run.pipeline import _on_thread
 
 
 def _live(name: str) -> list[threading.Thread]:

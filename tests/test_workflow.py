@@ -7,10 +7,10 @@ import re
 import shutil
 from pathlib import Path
 
-import builders
 import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from support import builders
 from typer.testing import CliRunner
 
 from safelora_cli import config

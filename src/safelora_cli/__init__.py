@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "AdapterError",
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
         SourceError,
         UsageError,
     )
-    from .model import ModelReport, project_model
+    from .integrations.peft_model import ModelReport, project_model
 
 # Where each public name lives: imported on first use, so that ``import safelora_cli`` (and the
 # command line's --help) does not pay for torch.
@@ -66,8 +66,8 @@ _HOMES = {
     "inspect": "api",
     "project": "api",
     "restore": "api",
-    "project_model": "model",
-    "ModelReport": "model",
+    "project_model": "integrations.peft_model",
+    "ModelReport": "integrations.peft_model",
     "MissingExtraError": "errors",
     "BackupError": "errors",
     "AdapterError": "errors",

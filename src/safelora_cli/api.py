@@ -13,10 +13,12 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Literal, Protocol, overload
 
-from . import adapter as adapter_io
-from . import audit, backups, config, pipeline, sources
-from .cache import PairCache, ProjectionCache
+from . import config, sources
+from .adapters import peft as adapter_io
 from .errors import MissingAlignedError, MissingBaseError, SafeLoraError, SourceError, UsageError
+from .run import audit, pipeline
+from .stores import backups
+from .stores.cache import PairCache, ProjectionCache
 
 StrPath = str | os.PathLike[str]
 Precision = Literal["float32", "float64"]

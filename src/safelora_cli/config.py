@@ -19,8 +19,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from . import safefs
 from .errors import SafeLoraError, UsageError
+from .io import safefs
 
 PRESET_PACKAGE = "safelora_cli.configs"
 MAX_BYTES = 1 << 20  # a config is a few lines; anything larger is not one

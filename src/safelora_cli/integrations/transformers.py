@@ -19,11 +19,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from .. import api, atomic, safefs, stfile
-from ..adapter import ADAPTER_FILE, CONFIG_FILE
+from .. import api
+from ..adapters.peft import ADAPTER_FILE, CONFIG_FILE
 from ..errors import AdapterError, SafeLoraError, UsageError
-from ..model import missing_extra, relabel
-from ..pipeline import Report
+from ..io import atomic, safefs, stfile
+from ..run.pipeline import Report
+from .peft_model import missing_extra, relabel
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments

@@ -17,9 +17,9 @@ from typing import Protocol
 
 import torch
 
-from .. import strict
-from ..cache import RefMemo
 from ..errors import SourceError
+from ..io import strict
+from ..stores.cache import RefMemo
 
 HF_PREFIX = "hf://"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")

@@ -56,8 +56,9 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import hf_raise_for_status
 
-from .. import __version__, safefs, stfile, strict
+from .._version import __version__
 from ..errors import HubAccessError, HubError, HubRepoNotFoundError, HubUnreachableError, SourceError, UsageError
+from ..io import safefs, stfile, strict
 from .base import (
     BIN_INDEX,
     BIN_SINGLE,

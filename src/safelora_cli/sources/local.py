@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .. import safefs, stfile
 from ..errors import SourceError
+from ..io import safefs, stfile
 from .base import (
     BIN_INDEX,
     BIN_SINGLE,

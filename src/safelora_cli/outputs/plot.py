@@ -17,13 +17,13 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import atomic, safefs, stfile
+from ..errors import ExtraFileError, MissingExtraError, UsageError
+from ..io import atomic, safefs, stfile
 from .decision import clip, finite
-from .errors import ExtraFileError, MissingExtraError, UsageError
 from .text import printable
 
 if TYPE_CHECKING:
-    from .pipeline import Report
+    from ..run.pipeline import Report
 
 FORMATS = (".png", ".svg")
 INSTALL_HINT = "pip install 'safelora[plot]'"

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import safefs
+from ..io import safefs
 
 DIR_MODE, FILE_MODE = 0o700, 0o600
 _MAX_LINKS = 40  # as the kernel's limit on symbolic links followed in one path

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 
 import regex
 
-from .errors import AdapterError
+from ..errors import AdapterError
 
 BUDGET_S = 1.0
 MAX_UNITS = 200_000  # pattern characters × repetition counts, over one config: ~50 MB and ~50 ms to compile

@@ -33,9 +33,11 @@ from dataclasses import dataclass, field
 from io import BufferedReader
 from pathlib import Path
 
-from . import atomic, card, ownership, safefs, stfile, strict
-from .adapter import ADAPTER_FILE, PROVENANCE_PREFIX, atomic_replace, file_digest, load_adapter, rewrite_lock
-from .errors import BackupError, BackupNotKeptError, ChangedSinceError, SafeLoraError
+from ..adapters.peft import ADAPTER_FILE, PROVENANCE_PREFIX, atomic_replace, file_digest, load_adapter, rewrite_lock
+from ..errors import BackupError, BackupNotKeptError, ChangedSinceError, SafeLoraError
+from ..io import atomic, safefs, stfile, strict
+from ..outputs import card
+from . import ownership
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _RECORD_LIMIT = 1 << 20

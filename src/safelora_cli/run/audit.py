@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .adapter import MODULES_TO_SAVE, PROVENANCE_PREFIX, Adapter, file_digest, load_adapter, opened
-from .backups import Backup, BackupStore
-from .safefs import Directory
+from ..adapters.peft import MODULES_TO_SAVE, PROVENANCE_PREFIX, Adapter, file_digest, load_adapter, opened
+from ..io.safefs import Directory
+from ..stores.backups import Backup, BackupStore
 
 CheckStatus = Literal["sanitized", "never_sanitized", "modified", "other_pair"]
 

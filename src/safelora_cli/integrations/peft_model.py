@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import adapter as adapter_io
-from . import api, strict
-from .adapter import PROVENANCE_PREFIX
-from .errors import AdapterError, MissingExtraError, SafeLoraError, UsageError
-from .pipeline import Report
+from .. import api
+from ..adapters import peft as adapter_io
+from ..adapters.peft import PROVENANCE_PREFIX
+from ..errors import AdapterError, MissingExtraError, SafeLoraError, UsageError
+from ..io import strict
+from ..run.pipeline import Report
 
 if TYPE_CHECKING:
     from peft import PeftModel

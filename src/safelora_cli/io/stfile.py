@@ -19,8 +19,8 @@ from typing import BinaryIO, Protocol
 
 import torch
 
+from ..errors import FormatError
 from . import safefs, strict
-from .errors import FormatError
 
 # What the safetensors library itself accepts (its MAX_HEADER_SIZE): a longer header is refused, so
 # a corrupt length can never make us allocate more.

@@ -24,13 +24,14 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from . import __version__, safefs
-from .errors import ExtraFileError
-from .projection import rounded
+from .._version import __version__
+from ..errors import ExtraFileError
+from ..io import safefs
+from ..projection import rounded
 from .text import printable
 
 if TYPE_CHECKING:
-    from .pipeline import LayerResult, Report, SourceInfo
+    from ..run.pipeline import LayerResult, Report, SourceInfo
 
 
 # --- the terminal histogram ---------------------------------------------------------------------

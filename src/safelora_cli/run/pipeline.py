@@ -18,8 +18,8 @@ from typing import Any, Literal, TypeVar, cast
 
 import torch
 
-from . import __version__, atomic, card, safefs
-from .adapter import (
+from .._version import __version__
+from ..adapters.peft import (
     ADAPTER_FILE,
     PROVENANCE_PREFIX,
     Adapter,
@@ -31,10 +31,7 @@ from .adapter import (
     rewrite_lock,
     write_adapter,
 )
-from .atomic import TMP_MARK
-from .backups import Backup, BackupStore
-from .cache import CorruptEntry, PairCache
-from .errors import (
+from ..errors import (
     AdapterError,
     AlreadyProjectedError,
     ChangedSinceError,
@@ -44,8 +41,13 @@ from .errors import (
     SafeLoraError,
     SourceError,
 )
-from .projection import Mode, ModuleMath, Operator, Projector, build_v, select
-from .sources import Source
+from ..io import atomic, safefs
+from ..io.atomic import TMP_MARK
+from ..outputs import card
+from ..projection import Mode, ModuleMath, Operator, Projector, build_v, select
+from ..sources import Source
+from ..stores.backups import Backup, BackupStore
+from ..stores.cache import CorruptEntry, PairCache
 
 Precision = Literal["float32", "float64"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -130,19 +132,19 @@ class Report:
 
     def summary_markdown(self) -> str:
         """This run's section for a GitHub step summary (Markdown, with a Mermaid chart)."""
-        from .decision import summary_markdown
+        from ..outputs.decision import summary_markdown
 
         return summary_markdown(self)
 
     def card_section(self) -> str:
         """This run's Safe LoRA section for a model card (between safelora's markers)."""
-        from .card import card_section
+        from ..outputs.card import card_section
 
         return card_section(self)
 
     def plot(self, path: str | os.PathLike[str]) -> None:
         """Draw per-module similarity to ``path`` (.png or .svg; needs the ``safelora[plot]`` extra)."""
-        from .plot import plot
+        from ..outputs.plot import plot
 
         plot(self, Path(path))
 

@@ -44,9 +44,10 @@ from typing import Any, cast
 
 import torch
 
-from . import ownership, safefs, stfile, strict
-from .errors import CacheError, FormatError, SafeLoraError
-from .projection import Operator, OperatorKind
+from ..errors import CacheError, FormatError, SafeLoraError
+from ..io import safefs, stfile, strict
+from ..projection import Operator, OperatorKind
+from . import ownership
 
 FORMAT = "3"  # bump when what an entry means changes; old pairs then simply stop matching
 _META = "safelora.cache."

@@ -22,11 +22,12 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperArgument, TyperCommand, TyperOption
 
-from . import __version__, config
-from . import errors as e_
-from .errors import SafeLoraError, UsageError
-from .text import console as _console
-from .text import discard, line
+from .. import config
+from .. import errors as e_
+from .._version import __version__
+from ..errors import SafeLoraError, UsageError
+from ..outputs.text import console as _console
+from ..outputs.text import discard, line
 
 
 class _Deferred:
@@ -40,23 +41,34 @@ class _Deferred:
 
 
 if TYPE_CHECKING:
-    from . import adapter as adapter_io
-    from . import api, backups, decision
-    from . import cache as projection_cache
-    from . import demo as demo_data
-    from . import plot as plotting
-    from . import report as rendering
-    from .api import Device, Precision
-    from .audit import CheckResult
-    from .decision import Sort
-    from .pipeline import Report
+    from .. import api
+    from .. import demo as demo_data
+    from ..adapters import peft as adapter_io
+    from ..api import Device, Precision
+    from ..outputs import decision
+    from ..outputs import plot as plotting
+    from ..outputs.decision import Sort
+    from ..run.audit import CheckResult
+    from ..run.pipeline import Report
+    from ..stores import backups
+    from ..stores import cache as projection_cache
+    from . import render as rendering
 else:
     Device = Precision = Sort = str
     # torch takes ~2 s to import: the modules that need it load when a command first uses them, so
     # --help, --version and shell completion answer at once.
     adapter_io, api, backups, decision, demo_data, plotting, projection_cache, rendering = (
-        _Deferred(f"{__package__}.{name}")
-        for name in ("adapter", "api", "backups", "decision", "demo", "plot", "cache", "report")
+        _Deferred(f"safelora_cli.{name}")
+        for name in (
+            "adapters.peft",
+            "api",
+            "stores.backups",
+            "outputs.decision",
+            "demo",
+            "outputs.plot",
+            "stores.cache",
+            "cli.render",
+        )
     )
 
 

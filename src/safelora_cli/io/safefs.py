@@ -18,7 +18,7 @@ from io import BufferedReader
 from pathlib import Path
 from types import TracebackType
 
-from .errors import SafeLoraError
+from ..errors import SafeLoraError
 
 _READ = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _KINDS = (

@@ -32,15 +32,15 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__
-from .audit import CheckResult, Inspection
-from .backups import Backup, Restored
-from .cache import PairSummary
-from .decision import Sort, histogram_lines, table_rows
-from .errors import SafeLoraError
-from .pipeline import LayerResult, Report
-from .text import console as make_console
-from .text import line, printable
+from .._version import __version__
+from ..errors import SafeLoraError
+from ..outputs.decision import Sort, histogram_lines, table_rows
+from ..outputs.text import console as make_console
+from ..outputs.text import line, printable
+from ..run.audit import CheckResult, Inspection
+from ..run.pipeline import LayerResult, Report
+from ..stores.backups import Backup, Restored
+from ..stores.cache import PairSummary
 
 
 class Sink:

@@ -24,13 +24,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import __version__, atomic, safefs, stfile
-from .adapter import atomic_replace
+from .._version import __version__
+from ..adapters.peft import atomic_replace
+from ..errors import AdapterError
+from ..io import atomic, safefs, stfile
 from .decision import code, counts_text, md, settings_text, similarity_text, source_text
-from .errors import AdapterError
 
 if TYPE_CHECKING:
-    from .pipeline import Report
+    from ..run.pipeline import Report
 
 CARD_FILE = "README.md"
 CARD_LIMIT = 4 << 20  # model cards are kilobytes; a larger README.md is not one

@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from . import atomic, safefs, stfile, strict
-from .atomic import TMP_MARK
-from .errors import AdapterError, InPlaceError, OutputError, OutputNotEmptyError, UsageError
+from ..errors import AdapterError, InPlaceError, OutputError, OutputNotEmptyError, UsageError
+from ..io import atomic, safefs, stfile, strict
+from ..io.atomic import TMP_MARK
+from ..sources import parse_ref
 from .patterns import ConfigPatterns, saved, show
-from .sources import parse_ref
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
