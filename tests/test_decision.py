@@ -21,11 +21,14 @@ from safetensors.torch import load_file, save_file
 
 from safelora_cli import __version__
 from safelora_cli.adapters.peft import ADAPTER_FILE
+from safelora_cli.api import LayerResult, Report
 from safelora_cli.errors import ExtraFileError
-from safelora_cli.outputs import decision
-from safelora_cli.outputs.decision import append_summary, histogram_lines, summary_markdown
+from safelora_cli.outputs import histogram, markdown, summary, table
+from safelora_cli.outputs.histogram import histogram_lines
+from safelora_cli.outputs.summary import append_summary, summary_markdown
 from safelora_cli.outputs.text import printable
-from safelora_cli.run.pipeline import LayerResult, Report, Settings, project_adapter
+from safelora_cli.results import Settings
+from safelora_cli.run.pipeline import project_adapter
 from safelora_cli.sources import open_local
 
 HOSTILE = [
@@ -221,7 +224,7 @@ def test_summary_without_projected_or_defined_modules(report: Report) -> None:
 
 
 def test_error_summary_is_short_and_escaped() -> None:
-    text = decision.error_summary_markdown(Path("/x/a|b\n## injected"), "bad `thing` <img src=x> | -->\nmore")
+    text = summary.error_summary_markdown(Path("/x/a|b\n## injected"), "bad `thing` <img src=x> | -->\nmore")
     toks = tokens(text)
     assert [t.type for t in toks] == [
         "heading_open",
@@ -236,15 +239,15 @@ def test_error_summary_is_short_and_escaped() -> None:
 
 
 def test_md_escapes_markdown_and_html_but_keeps_names_readable() -> None:
-    assert decision.md("model.layers.0.self_attn.q_proj") == "model.layers.0.self_attn.q_proj"
-    assert decision.md("_em_ a|b <c> `d` [e] \\") == ("&#95;em&#95; a&#124;b &#60;c&#62; &#96;d&#96; &#91;e&#93; &#92;")
+    assert markdown.md("model.layers.0.self_attn.q_proj") == "model.layers.0.self_attn.q_proj"
+    assert markdown.md("_em_ a|b <c> `d` [e] \\") == ("&#95;em&#95; a&#124;b &#60;c&#62; &#96;d&#96; &#91;e&#93; &#92;")
     long = "x" * 1000
-    assert len(decision.md(long)) == 199 and "…" in decision.md(long)
+    assert len(markdown.md(long)) == 199 and "…" in markdown.md(long)
 
 
 def test_numbers_are_exact_and_positional() -> None:
     for x in (0.1, 1e-05, -2.5e-07, 0.5716701156148856, 1.0, -0.0):
-        text = decision.number(x)
+        text = markdown.number(x)
         assert re.fullmatch(_NUMBER, text) and float(text) == x
 
 
@@ -264,7 +267,7 @@ def test_chart_labels_are_short_unique_and_safe() -> None:
         layer("model.layers.4.mlp.a|b", 4),
         layer("x" * 60, None),
     ]
-    assert decision.chart_labels(layers) == [
+    assert summary.chart_labels(layers) == [
         "L3 self_attn.q_proj",
         "L3 cross_attn.q_proj",
         "L3 down_proj",
@@ -275,7 +278,7 @@ def test_chart_labels_are_short_unique_and_safe() -> None:
 
 
 def test_chart_labels_of_hostile_names_never_collide(report: Report) -> None:
-    labels = decision.chart_labels(hostile(report).layers)
+    labels = summary.chart_labels(hostile(report).layers)
     assert len(set(labels)) == len(labels)
     assert all(re.fullmatch(r"[A-Za-z0-9_. ]+", label) for label in labels)
 
@@ -284,12 +287,12 @@ def test_chart_labels_of_hostile_names_never_collide(report: Report) -> None:
 
 
 def test_table_rows_sort_by_similarity_and_filter_projected(report: Report) -> None:
-    by_sim = decision.table_rows(report, "similarity")
+    by_sim = table.table_rows(report, "similarity")
     sims = [x.similarity for x in by_sim]
     defined = [s for s in sims if s is not None]
     assert defined == sorted(defined) and sims[len(defined) :] == [None] * (len(sims) - len(defined))
-    assert decision.table_rows(report) == report.layers
-    only = decision.table_rows(report, "layer", projected_only=True)
+    assert table.table_rows(report) == report.layers
+    only = table.table_rows(report, "layer", projected_only=True)
     assert only == [x for x in report.layers if x.projected] and only
 
 
@@ -325,7 +328,7 @@ def test_histogram_fits_the_width(width: int) -> None:
     flags = [s is not None and s <= 0.25 for s in sims]
     lines = histogram_lines(sims, 0.25, flags, width, k=17)
     assert all(len(line) <= width for line in lines)
-    assert len(_rows(lines)) <= decision.MAX_BINS + 1
+    assert len(_rows(lines)) <= histogram.MAX_BINS + 1
     text = "\n".join(lines)
     assert "28 projected · 32 kept · 1 undefined" in text and "τ_k = 0.25 (k = 17)" in text
 
@@ -346,7 +349,7 @@ def test_histogram_degenerate_inputs() -> None:
     assert high[-2].startswith("──── τ = 0.9 ")
     assert _rows(high)[0].startswith("(0.09, 0.10]") and _rows(high)[-1].startswith("(0.19, 0.20]")
     wide = histogram_lines([-40.0, 30.0], 0.5, [True, False], 60)  # not cosines, but drawn all the same
-    assert len(_rows(wide)) <= decision.MAX_BINS and "τ = 0.5" in "\n".join(wide)
+    assert len(_rows(wide)) <= histogram.MAX_BINS and "τ = 0.5" in "\n".join(wide)
     no_tau = histogram_lines([0.1, 0.2], None, [False, False], 60)
     assert not any("τ" in line for line in no_tau)
 
@@ -412,7 +415,7 @@ def test_append_refuses_links_directories_and_devices(tmp_path: Path) -> None:
 _APPEND_SCRIPT = """
 import os, sys
 from pathlib import Path
-from safelora_cli.outputs.decision import append_summary
+from safelora_cli.outputs.summary import append_summary
 from safelora_cli.errors import ExtraFileError
 if sys.argv[2] == "swapped":
     # The file is swapped in after the check: the check saw nothing there, the open must still refuse.
@@ -518,7 +521,7 @@ def test_summary_flag_appends_one_section_per_adapter(
     sections = _sections(text)
     assert len(sections) == 2
     for section, doc in zip(sections, docs, strict=True):
-        assert section.startswith(f"## Safe LoRA · {decision.code(doc['adapter'])} (dry run)")
+        assert section.startswith(f"## Safe LoRA · {markdown.code(doc['adapter'])} (dry run)")
         assert "**Dry run:** nothing was written." in section
         _check_section(section, doc)
 

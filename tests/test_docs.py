@@ -130,7 +130,7 @@ def _readme_block_after(marker: str) -> str:
 
 
 def test_the_readme_shows_the_demos_real_histogram_and_summary() -> None:
-    from safelora_cli.outputs.decision import histogram_lines
+    from safelora_cli.outputs.histogram import histogram_lines
 
     report = _render_module().demo_report()
     lines = histogram_lines(

@@ -44,12 +44,10 @@ if TYPE_CHECKING:
     from .. import api
     from .. import demo as demo_data
     from ..adapters import peft as adapter_io
-    from ..api import Device, Precision
-    from ..outputs import decision
+    from ..api import CheckResult, Device, Precision, Report
     from ..outputs import plot as plotting
-    from ..outputs.decision import Sort
-    from ..run.audit import CheckResult
-    from ..run.pipeline import Report
+    from ..outputs import summary as step_summary
+    from ..outputs.table import Sort
     from ..stores import backups
     from ..stores import cache as projection_cache
     from . import render as rendering
@@ -57,17 +55,17 @@ else:
     Device = Precision = Sort = str
     # torch takes ~2 s to import: the modules that need it load when a command first uses them, so
     # --help, --version and shell completion answer at once.
-    adapter_io, api, backups, decision, demo_data, plotting, projection_cache, rendering = (
+    adapter_io, api, backups, demo_data, plotting, projection_cache, rendering, step_summary = (
         _Deferred(f"safelora_cli.{name}")
         for name in (
             "adapters.peft",
             "api",
             "stores.backups",
-            "outputs.decision",
             "demo",
             "outputs.plot",
             "stores.cache",
             "cli.render",
+            "outputs.summary",
         )
     )
 
@@ -658,7 +656,7 @@ def _check_extras(summary: Path | None, plot: Path | None) -> None:
     neither .png nor .svg, or a --plot without matplotlib stop the run (exit 2)."""
     if summary is not None:
         try:
-            decision.check_summary_path(summary)
+            step_summary.check_summary_path(summary)
         except SafeLoraError as e:
             raise UsageError(f"--summary {e}") from None
     if plot is not None:
@@ -673,8 +671,8 @@ def _summarized_failure(summary: Path | None, adapters: Callable[[], list[Path] 
         yield
     except SafeLoraError as e:
         if summary is not None:
-            sections = "".join(decision.error_summary_markdown(a, describe(e)) for a in adapters())
-            _best_effort("the step summary", lambda: decision.append_summary(summary, sections))
+            sections = "".join(step_summary.error_summary_markdown(a, describe(e)) for a in adapters())
+            _best_effort("the step summary", lambda: step_summary.append_summary(summary, sections))
         raise
 
 
@@ -684,12 +682,12 @@ def _write_extras(
     """The step summary and the plots, after the adapters are written: each failure is a warning."""
     if summary is not None:
         sections = "".join(
-            decision.error_summary_markdown(o.adapter or "safelora project", describe(o))
+            step_summary.error_summary_markdown(o.adapter or "safelora project", describe(o))
             if isinstance(o, SafeLoraError)
             else o.summary_markdown()
             for o in outcomes
         )
-        if _best_effort("the step summary", lambda: decision.append_summary(summary, sections)):
+        if _best_effort("the step summary", lambda: step_summary.append_summary(summary, sections)):
             sink.show(partial(_said, f"summary appended to {summary}"))
     if plot is not None:
         for i, outcome in enumerate(outcomes, 1):
@@ -876,7 +874,7 @@ def check(
             except SafeLoraError as e:
                 e.adapter = path
                 results.append(e)
-    _deliver(sink, results, rendering.check_to_json, rendering.render_check)
+    _deliver(sink, results, lambda result: result.to_json(), rendering.render_check)
     sink.emit(batch=len(results) > 1)
     if sink.failed:
         raise typer.Exit(1)
@@ -913,7 +911,7 @@ def inspect_(
             except SafeLoraError as e:
                 sink.fail(path, describe(e))
                 continue
-            sink.add(rendering.inspection_to_json(info), partial(rendering.render_inspection, info))
+            sink.add(info.to_json(), partial(rendering.render_inspection, info))
     sink.emit(batch=len(paths()) > 1)
     if sink.failed:
         raise typer.Exit(1)
@@ -951,7 +949,7 @@ def restore(
     failed = sum(isinstance(o, SafeLoraError) for o in outcomes)
 
     def deliver() -> None:
-        _deliver(sink, outcomes, rendering.restored_to_json, rendering.render_restored)
+        _deliver(sink, outcomes, lambda restored: restored.to_json(), rendering.render_restored)
         sink.emit(batch=len(outcomes) > 1)
 
     _after_write(deliver)
@@ -1044,7 +1042,7 @@ def cache_rm(
                     store.forget(backup, d)
     kept_for_others = len(chosen) - len(gone)
     sink.add(
-        {"removed": [rendering.backup_to_json(b) for b in gone], "kept_for_other_adapters": kept_for_others},
+        {"removed": [b.to_json() for b in gone], "kept_for_other_adapters": kept_for_others},
         lambda c: c.print(
             line(f"removed {len(gone)} kept original(s); {kept_for_others} still kept for other adapters"),
             highlight=False,
@@ -1053,11 +1051,11 @@ def cache_rm(
     sink.emit(batch=False)
 
 
-def _backups_of(store: backups.BackupStore, targets: list[str]) -> list[tuple[backups.Backup, set[str]]]:
+def _backups_of(store: backups.BackupStore, targets: list[str]) -> list[tuple[api.Backup, set[str]]]:
     """The backups kept for these adapter directories: the one each one's provenance names, and any
     recorded for its path. Each with the directories (absolute) it is being removed for."""
     kept = store.all()
-    chosen: dict[str, tuple[backups.Backup, set[str]]] = {}
+    chosen: dict[str, tuple[api.Backup, set[str]]] = {}
     for target in targets:
         where = os.path.abspath(target)
         found = [b for b in kept if where in b.adapters]
@@ -1112,7 +1110,7 @@ def cache_clear(
             _confirm(f"{len(gone)} kept original(s), {rendering.size(sum(b.nbytes for b in gone))}", yes)
             store.remove(gone)
         sink.add(
-            {"removed": [rendering.backup_to_json(b) for b in gone]},
+            {"removed": [b.to_json() for b in gone]},
             lambda c: c.print(line(f"removed {len(gone)} kept original(s) from {store.root}"), highlight=False),
         )
         sink.emit(batch=False)

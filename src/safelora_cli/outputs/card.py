@@ -22,16 +22,13 @@ import re
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from .._version import __version__
 from ..adapters.peft import atomic_replace
 from ..errors import AdapterError
 from ..io import atomic, safefs, stfile
-from .decision import code, counts_text, md, settings_text, similarity_text, source_text
-
-if TYPE_CHECKING:
-    from ..run.pipeline import Report
+from ..results import Report
+from .markdown import code, counts_text, md, settings_text, similarity_text, source_text
 
 CARD_FILE = "README.md"
 CARD_LIMIT = 4 << 20  # model cards are kilobytes; a larger README.md is not one

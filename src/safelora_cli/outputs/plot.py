@@ -15,15 +15,12 @@ import re
 import stat
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..errors import ExtraFileError, MissingExtraError, UsageError
 from ..io import atomic, safefs, stfile
-from .decision import clip, finite
+from ..results import Report, finite
+from .markdown import clip
 from .text import printable
-
-if TYPE_CHECKING:
-    from ..run.pipeline import Report
 
 FORMATS = (".png", ".svg")
 INSTALL_HINT = "pip install 'safelora[plot]'"
