@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from safelora_cli import api, demo
-from safelora_cli.run.pipeline import Report, SourceInfo
+from safelora_cli.api import Report, SourceInfo
 
 HERE = Path(__file__).resolve().parent
 SUMMARY = HERE / "summary.md"

@@ -11,22 +11,27 @@ import os
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Literal, Protocol, overload
+from typing import Any, Protocol, overload
 
 from . import config, sources
 from .adapters import peft as adapter_io
 from .errors import MissingAlignedError, MissingBaseError, SafeLoraError, SourceError, UsageError
+from .outputs.report import Report as Report
+from .results import Backup as Backup
+from .results import CheckResult as CheckResult
+from .results import Device as Device
+from .results import Inspection as Inspection
+from .results import LayerResult as LayerResult
+from .results import Precision as Precision
+from .results import Restored as Restored
+from .results import Settings as Settings
+from .results import SourceInfo as SourceInfo
 from .run import audit, pipeline
+from .run import restore as restoring  # the module: ``restore`` here is this API's function
 from .stores import backups
 from .stores.cache import PairCache, ProjectionCache
 
 StrPath = str | os.PathLike[str]
-Precision = Literal["float32", "float64"]
-Device = Literal["auto", "cpu", "cuda"]
-Report = pipeline.Report
-CheckResult = audit.CheckResult
-Inspection = audit.Inspection
-Restored = backups.Restored
 
 _PRECISIONS = ("float32", "float64")
 _DEVICES = ("auto", "cpu", "cuda")
@@ -37,7 +42,7 @@ MAX_CONNECTIONS = 64
 class Events(Protocol):
     """What a run reports while it works (the command line draws progress bars from it)."""
 
-    def on_module(self, layer: pipeline.LayerResult, total: int) -> None:
+    def on_module(self, layer: LayerResult, total: int) -> None:
         """A module's similarity is known (before selection); ``total`` modules in the run."""
 
     def task(self, label: str, total: int) -> Any:
@@ -53,7 +58,7 @@ class Events(Protocol):
 class _Silent:
     """``Events`` that show nothing."""
 
-    def on_module(self, layer: pipeline.LayerResult, total: int) -> None:
+    def on_module(self, layer: LayerResult, total: int) -> None:
         pass
 
     def task(self, label: str, total: int) -> Any:
@@ -279,7 +284,7 @@ def _api_names(options: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-def settings_from(options: Mapping[str, Any]) -> pipeline.Settings:
+def settings_from(options: Mapping[str, Any]) -> Settings:
     """The pipeline's settings from ``project``'s options, checked (``UsageError`` names the option)."""
     threshold, num_layers = options.get("threshold"), options.get("num_layers")
     if threshold is not None and num_layers is not None:
@@ -300,7 +305,7 @@ def settings_from(options: Mapping[str, Any]) -> pipeline.Settings:
     if type(connections) is not int or not 1 <= connections <= MAX_CONNECTIONS:
         raise UsageError(f"connections {connections!r}: give a number from 1 to {MAX_CONNECTIONS}")
     output = options.get("output")
-    return pipeline.Settings(
+    return Settings(
         mode="number" if num_layers is not None else "threshold",
         threshold=DEFAULT_THRESHOLD if threshold is None else float(threshold),
         num_layers=num_layers,
@@ -504,7 +509,7 @@ def restore(adapter: StrPath | list[StrPath], *, force: bool = False) -> Restore
             try:
                 if named.dir is None:
                     raise named.error or SafeLoraError(f"{named.path}: cannot be read")
-                outcomes.append(backups.restore(named.dir, store, force=force))
+                outcomes.append(restoring.restore(named.dir, store, force=force))
             except SafeLoraError as e:
                 e.adapter = named.path
                 outcomes.append(e)

@@ -32,14 +32,12 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from .._version import __version__
+from ..api import Backup, CheckResult, Inspection, LayerResult, Report, Restored
 from ..errors import SafeLoraError
-from ..outputs.decision import Sort, histogram_lines, table_rows
+from ..outputs.histogram import histogram_lines
+from ..outputs.table import Sort, table_rows
 from ..outputs.text import console as make_console
 from ..outputs.text import line, printable
-from ..run.audit import CheckResult, Inspection
-from ..run.pipeline import LayerResult, Report
-from ..stores.backups import Backup, Restored
 from ..stores.cache import PairSummary
 
 
@@ -311,22 +309,9 @@ def pair_to_json(pair: PairSummary) -> dict[str, Any]:
     }
 
 
-def backup_to_json(backup: Backup) -> dict[str, Any]:
-    return {
-        "sha256": backup.sha256,
-        "bytes": backup.nbytes,
-        "path": str(backup.path),
-        "adapters": [{"adapter": a, "kept": _date(t)} for a, t in sorted(backup.adapters.items())],
-    }
-
-
-def _date(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-
-
 def cache_to_json(pairs: list[PairSummary], backups: list[Backup]) -> dict[str, Any]:
     """``safelora cache ls --json``: every pair with its modules, and every kept original."""
-    return {"pairs": [pair_to_json(p) for p in pairs], "backups": [backup_to_json(b) for b in backups]}
+    return {"pairs": [pair_to_json(p) for p in pairs], "backups": [b.to_json() for b in backups]}
 
 
 def _render_backups(backups: list[Backup], root: Path, console: Console) -> None:
@@ -385,39 +370,9 @@ def _render_pairs(pairs: list[PairSummary], console: Console, *, modules: bool) 
     console.print(f"{len(pairs)} pair(s), {size(total)}", highlight=False)
 
 
-def check_to_json(result: CheckResult) -> dict[str, Any]:
-    return {
-        "safelora_version": __version__,
-        "adapter": str(result.adapter),
-        "ok": result.ok,
-        "status": result.status,
-        "message": result.message,
-        "provenance": result.provenance,
-    }
-
-
 def render_check(result: CheckResult, console: Console) -> None:
     style = "bold green" if result.ok else "bold red"
     console.print(line((result.status, style), " ", result.adapter, ": ", result.message), highlight=False)
-
-
-def inspection_to_json(info: Inspection) -> dict[str, Any]:
-    return {
-        "safelora_version": __version__,
-        "adapter": str(info.adapter),
-        "modules": info.modules,
-        "ranks": {str(r): n for r, n in info.ranks.items()},
-        "dtypes": info.dtypes,
-        "size_bytes": info.size_bytes,
-        "target_modules": info.target_modules,
-        "base_model_name_or_path": info.base_model,
-        "dora": info.dora,
-        "embeddings": info.embeddings,
-        "modules_to_save": info.modules_to_save,
-        "skipped": [{"key": key, "reason": reason} for key, reason in info.skipped],
-        "provenance": info.provenance,
-        "backup": backup_to_json(info.backup) if info.backup is not None else None,
-    }
 
 
 def render_inspection(info: Inspection, console: Console) -> None:
@@ -458,17 +413,6 @@ def render_cleared(removed: list[PairSummary], kept: list[str], root: Path, cons
     console.print(line(f"removed {len(removed)} pair(s), {total} from {root}"), highlight=False)
     for message in kept:
         console.print(line(("kept:", "yellow"), " ", message), highlight=False)
-
-
-def restored_to_json(restored: Restored) -> dict[str, Any]:
-    b = restored.backup
-    return {
-        "adapter": str(restored.adapter),
-        "restored": True,
-        "sha256": b.sha256,
-        "bytes": b.nbytes,
-        "notes": list(restored.notes),
-    }
 
 
 def render_restored(restored: Restored, console: Console) -> None:

@@ -22,9 +22,9 @@ import torch
 from .. import api
 from ..adapters import peft as adapter_io
 from ..adapters.peft import PROVENANCE_PREFIX
+from ..api import Report
 from ..errors import AdapterError, MissingExtraError, SafeLoraError, UsageError
 from ..io import strict
-from ..run.pipeline import Report
 
 if TYPE_CHECKING:
     from peft import PeftModel

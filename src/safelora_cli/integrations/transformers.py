@@ -21,9 +21,9 @@ from typing import Any, Literal, cast
 
 from .. import api
 from ..adapters.peft import ADAPTER_FILE, CONFIG_FILE
+from ..api import Report
 from ..errors import AdapterError, SafeLoraError, UsageError
 from ..io import atomic, safefs, stfile
-from ..run.pipeline import Report
 from .peft_model import missing_extra, relabel
 
 try:

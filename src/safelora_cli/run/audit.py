@@ -5,29 +5,12 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from ..adapters.peft import MODULES_TO_SAVE, PROVENANCE_PREFIX, Adapter, file_digest, load_adapter, opened
 from ..io.safefs import Directory
-from ..stores.backups import Backup, BackupStore
-
-CheckStatus = Literal["sanitized", "never_sanitized", "modified", "other_pair"]
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """The verdict of ``safelora check``; ``ok`` is exit 0, anything else exit 3."""
-
-    adapter: Path
-    status: CheckStatus
-    message: str
-    provenance: dict[str, str]
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "sanitized"
+from ..results import CheckResult, Inspection
+from ..stores.backups import BackupStore
 
 
 @contextmanager
@@ -85,25 +68,6 @@ def _sanitized_line(adapter: Adapter) -> str:
         f"{prov.get(PROVENANCE_PREFIX + 'base')} → {prov.get(PROVENANCE_PREFIX + 'aligned')} "
         f"({len(projected)} modules projected)"
     )
-
-
-@dataclass(frozen=True)
-class Inspection:
-    """What an adapter is, as ``safelora inspect`` shows it."""
-
-    adapter: Path
-    modules: int
-    ranks: dict[int, int]  # rank -> number of modules
-    dtypes: dict[str, int]  # dtype -> number of tensors
-    size_bytes: int
-    target_modules: list[str] | str | None
-    base_model: str | None
-    dora: bool
-    embeddings: bool
-    modules_to_save: bool
-    skipped: list[tuple[str, str]]
-    provenance: dict[str, str]
-    backup: Backup | None = None  # the kept original its provenance names, when the store holds it
 
 
 def inspect(target: Path | Directory, store: BackupStore | None = None) -> Inspection:

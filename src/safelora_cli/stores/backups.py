@@ -2,8 +2,9 @@
 
 C·B cannot be undone (C is not invertible), so before an in-place ``project`` replaces
 ``adapter_model.safetensors`` it copies the file, byte for byte, into a private store, and the
-new file's provenance records the original's sha256 (``safelora.original``). ``restore`` puts the
-original back; a later ``project`` with other settings starts from it.
+new file's provenance records the original's sha256 (``safelora.original``). ``run/restore.py`` puts
+the original back; a later ``project`` with other settings starts from it. The store keeps bytes
+and their records; it reads no adapter and edits no model card.
 
 The store (``SAFELORA_BACKUPS``, else ``$XDG_DATA_HOME/safelora/originals``, else
 ``~/.local/share/safelora/originals``) is never inside the adapter directory (adapter directories
@@ -27,16 +28,14 @@ import os
 import re
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from io import BufferedReader
 from pathlib import Path
 
-from ..adapters.peft import ADAPTER_FILE, PROVENANCE_PREFIX, atomic_replace, file_digest, load_adapter, rewrite_lock
-from ..errors import BackupError, BackupNotKeptError, ChangedSinceError, SafeLoraError
+from ..errors import BackupError, BackupNotKeptError
 from ..io import atomic, safefs, stfile, strict
-from ..outputs import card
+from ..results import Backup
 from . import ownership
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
@@ -51,20 +50,6 @@ def store_root() -> Path:
         return Path(env).expanduser()
     xdg = os.environ.get("XDG_DATA_HOME")
     return (Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share") / "safelora" / "originals"
-
-
-@dataclass(frozen=True)
-class Backup:
-    """One original in the store."""
-
-    sha256: str
-    path: Path
-    nbytes: int
-    adapters: dict[str, float]  # absolute adapter directory → when it was backed up (Unix time)
-
-    @property
-    def created(self) -> float:
-        return min(self.adapters.values(), default=0.0)
 
 
 def _record_name(sha: str) -> str:
@@ -267,64 +252,3 @@ def _regular_size(store: safefs.Directory, name: str) -> int | None:
     """The size of ``name`` in the store when it is a regular file (never a link), else None."""
     st = store.lstat(name)
     return st.st_size if st is not None and stat.S_ISREG(st.st_mode) else None
-
-
-@dataclass(frozen=True)
-class Restored:
-    """What ``restore`` did for one adapter."""
-
-    adapter: Path
-    backup: Backup
-    notes: list[str] = field(default_factory=list)
-
-
-def restore(
-    directory: safefs.Directory, store: BackupStore, *, force: bool = False, on_wait: Callable[[], None] = lambda: None
-) -> Restored:
-    """Put an adapter's kept original back, byte for byte, in place of its projection.
-
-    The same locked, descriptor-based, atomic rewrite as ``project``: the adapter ends as the
-    projection or as the original, never a mix. Refused (``BackupError``) when the adapter carries
-    no provenance or names no backup, when the store does not hold it, and, unless ``force``, when
-    the adapter was changed since safelora wrote it (restoring would throw those changes away). The
-    Safe LoRA section of the adapter's model card goes too (a note says so when it cannot).
-    """
-    notes: list[str] = []
-    with rewrite_lock(directory, on_wait):
-        adapter = load_adapter(directory)
-        try:
-            provenance = adapter.provenance()
-            sha = provenance.get(PROVENANCE_PREFIX + "original")
-            if not provenance:
-                raise BackupError(f"{adapter.file}: carries no safelora provenance; nothing to restore")
-            if sha is None:
-                raise BackupError(
-                    f"{adapter.file}: projected without a backup of its original (with backups off, or by a "
-                    f"safelora from before backups); there is nothing in {store.root} to restore it from"
-                )
-            backup = store.find(sha)
-            if backup is None:
-                raise BackupError(
-                    f"{adapter.file}: its original (sha256 {sha[:12]}…) is not in the backup store {store.root}; it "
-                    "was removed, or kept under another SAFELORA_BACKUPS"
-                )
-            if not force and provenance.get(PROVENANCE_PREFIX + "digest") != file_digest(adapter):
-                raise ChangedSinceError(
-                    f"{adapter.file}: changed since safelora projected it; restoring would throw those changes away"
-                )
-            st = directory.lstat(ADAPTER_FILE)
-            if st is not None and stat.S_ISLNK(st.st_mode):
-                raise BackupError(
-                    f"{adapter.file}: is a symbolic link, and restoring in place would replace the link, not its "
-                    "target; replace the link with a copy first"
-                )
-            with store.open(backup) as original:
-                chunks = [stfile.FileRange(original.fileno(), 0, backup.nbytes)]
-                atomic_replace(directory, ADAPTER_FILE, chunks, adapter.stat.st_mode & 0o777, expect=adapter.stat)
-            try:
-                card.remove_card_section(directory)
-            except SafeLoraError as e:
-                notes.append(f"model card left as it is: {e}")
-        finally:
-            adapter.close()
-    return Restored(directory.path, backup, notes)

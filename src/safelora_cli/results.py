@@ -1,0 +1,261 @@
+"""What safelora's runs return: frozen data, each with the JSON document the command line prints.
+
+Nothing here computes or renders: the flow (``run/``) builds these, ``outputs/`` turns them into
+Markdown, cards and charts, and ``api`` re-exports them. So this module imports no other part of
+the package, and every part may import it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ._version import __version__
+
+# The same choices ``projection.select`` takes; spelled here too so results need no torch.
+Mode = Literal["threshold", "number"]
+Precision = Literal["float32", "float64"]
+Device = Literal["auto", "cpu", "cuda"]
+CheckStatus = Literal["sanitized", "never_sanitized", "modified", "other_pair"]
+
+
+def finite(x: float | None) -> float | None:
+    """The JSON report's rule: a number that is not finite is no number (null)."""
+    return x if x is not None and math.isfinite(x) else None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to project; everything a run's outcome depends on besides its inputs."""
+
+    mode: Mode = "threshold"
+    threshold: float = 0.5
+    num_layers: int | None = None
+    precision: Precision = "float32"
+    device: Device = "auto"
+    allow_dora: bool = False
+    force: bool = False
+    dry_run: bool = False
+    output: Path | None = None
+    backup: bool = True  # an in-place run keeps the original in the backup store first
+    model_card: bool = False  # write the Safe LoRA section into the written adapter's README.md
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    source: str
+    revision: str | None
+    fingerprint: str
+
+    @property
+    def identity(self) -> str:
+        """How provenance names the source: ``path@fingerprint`` or ``repo@sha``."""
+        return f"{self.source}@{self.revision or self.fingerprint}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "revision": self.revision, "fingerprint": self.fingerprint}
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    module: str
+    layer: int | None
+    similarity: float | None
+    projected: bool
+    reason: str | None
+    norm_ratio: float | None
+    cached: bool = False  # the operator came from the projection cache
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "module": self.module,
+            "layer": self.layer,
+            "similarity": finite(self.similarity),
+            "projected": self.projected,
+            "reason": self.reason,
+            "norm_ratio": finite(self.norm_ratio),
+            "cached": self.cached,
+        }
+
+
+@dataclass(frozen=True)
+class CacheUse:
+    """How the projection cache served a run: its pair key, entries read, entries computed."""
+
+    pair: str
+    served: int
+    computed: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pair": self.pair, "served": self.served, "computed": self.computed}
+
+
+@dataclass(frozen=True)
+class Backup:
+    """One original in the backup store."""
+
+    sha256: str
+    path: Path
+    nbytes: int
+    adapters: dict[str, float]  # absolute adapter directory → when it was backed up (Unix time)
+
+    @property
+    def created(self) -> float:
+        return min(self.adapters.values(), default=0.0)
+
+    def to_json(self) -> dict[str, Any]:
+        """The backup as ``safelora cache ls --json`` lists it: each adapter with when it was kept (UTC)."""
+        return {
+            "sha256": self.sha256,
+            "bytes": self.nbytes,
+            "path": str(self.path),
+            "adapters": [{"adapter": a, "kept": _date(t)} for a, t in sorted(self.adapters.items())],
+        }
+
+
+def _date(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything a run did, for the table, the JSON document and the tests."""
+
+    adapter: Path
+    output: Path | None
+    written: bool
+    dry_run: bool
+    base: SourceInfo
+    aligned: SourceInfo
+    mode: Mode
+    threshold: float | None
+    num_layers: int | None
+    layers: list[LayerResult]
+    skipped: list[tuple[str, str]]
+    seconds: float
+    bytes_read: int
+    device: str
+    notes: list[str] = field(default_factory=list)
+    cache: CacheUse | None = None
+    bytes_downloaded: int = 0
+    backup: Backup | None = None  # the kept original this adapter's provenance names
+    backup_created: bool = False  # kept by this run (else kept by an earlier one, or none)
+    precision: Precision = "float32"
+
+    @property
+    def projected_count(self) -> int:
+        return sum(layer.projected for layer in self.layers)
+
+    def to_json(self) -> dict[str, Any]:
+        """The document ``safelora project --json`` prints (see the README's "The JSON report"); every
+        number in it is finite or null."""
+        return {
+            "safelora_version": __version__,
+            "adapter": str(self.adapter),
+            "output": str(self.output) if self.output else None,
+            "written": self.written,
+            "dry_run": self.dry_run,
+            "base": self.base.to_json(),
+            "aligned": self.aligned.to_json(),
+            "mode": self.mode,
+            "threshold": finite(self.threshold),
+            "num_layers": self.num_layers,
+            "layer_count": len(self.layers),
+            "projected_count": self.projected_count,
+            "layers": [layer.to_json() for layer in self.layers],
+            "skipped": [{"key": key, "reason": reason} for key, reason in self.skipped],
+            "notes": self.notes,
+            "device": self.device,
+            "bytes_read": self.bytes_read,
+            "bytes_downloaded": self.bytes_downloaded,
+            "cache": self.cache.to_json() if self.cache is not None else None,
+            "precision": self.precision,
+            "backup": (
+                {"sha256": self.backup.sha256, "bytes": self.backup.nbytes, "created": self.backup_created}
+                if self.backup is not None
+                else None
+            ),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The verdict of ``safelora check``; ``ok`` is exit 0, anything else exit 3."""
+
+    adapter: Path
+    status: CheckStatus
+    message: str
+    provenance: dict[str, str]
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "sanitized"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "safelora_version": __version__,
+            "adapter": str(self.adapter),
+            "ok": self.ok,
+            "status": self.status,
+            "message": self.message,
+            "provenance": self.provenance,
+        }
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """What an adapter is, as ``safelora inspect`` shows it."""
+
+    adapter: Path
+    modules: int
+    ranks: dict[int, int]  # rank -> number of modules
+    dtypes: dict[str, int]  # dtype -> number of tensors
+    size_bytes: int
+    target_modules: list[str] | str | None
+    base_model: str | None
+    dora: bool
+    embeddings: bool
+    modules_to_save: bool
+    skipped: list[tuple[str, str]]
+    provenance: dict[str, str]
+    backup: Backup | None = None  # the kept original its provenance names, when the store holds it
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "safelora_version": __version__,
+            "adapter": str(self.adapter),
+            "modules": self.modules,
+            "ranks": {str(r): n for r, n in self.ranks.items()},
+            "dtypes": self.dtypes,
+            "size_bytes": self.size_bytes,
+            "target_modules": self.target_modules,
+            "base_model_name_or_path": self.base_model,
+            "dora": self.dora,
+            "embeddings": self.embeddings,
+            "modules_to_save": self.modules_to_save,
+            "skipped": [{"key": key, "reason": reason} for key, reason in self.skipped],
+            "provenance": self.provenance,
+            "backup": self.backup.to_json() if self.backup is not None else None,
+        }
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What ``restore`` did for one adapter."""
+
+    adapter: Path
+    backup: Backup
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "adapter": str(self.adapter),
+            "restored": True,
+            "sha256": self.backup.sha256,
+            "bytes": self.backup.nbytes,
+            "notes": list(self.notes),
+        }

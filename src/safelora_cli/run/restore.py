@@ -1,0 +1,69 @@
+"""Restore: an adapter's kept original back in place of its projection, and its card section out.
+
+A use case of the flow, not of the store: the store (``stores/backups.py``) finds and checks the
+bytes; rewriting the adapter and editing its model card happen here.
+"""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Callable
+
+from ..adapters.peft import ADAPTER_FILE, PROVENANCE_PREFIX, atomic_replace, file_digest, load_adapter, rewrite_lock
+from ..errors import BackupError, ChangedSinceError, SafeLoraError
+from ..io import safefs, stfile
+from ..outputs import card
+from ..results import Restored
+from ..stores.backups import BackupStore
+
+
+def restore(
+    directory: safefs.Directory, store: BackupStore, *, force: bool = False, on_wait: Callable[[], None] = lambda: None
+) -> Restored:
+    """Put an adapter's kept original back, byte for byte, in place of its projection.
+
+    The same locked, descriptor-based, atomic rewrite as ``project``: the adapter ends as the
+    projection or as the original, never a mix. Refused (``BackupError``) when the adapter carries
+    no provenance or names no backup, when the store does not hold it, and, unless ``force``, when
+    the adapter was changed since safelora wrote it (restoring would throw those changes away). The
+    Safe LoRA section of the adapter's model card goes too (a note says so when it cannot).
+    """
+    notes: list[str] = []
+    with rewrite_lock(directory, on_wait):
+        adapter = load_adapter(directory)
+        try:
+            provenance = adapter.provenance()
+            sha = provenance.get(PROVENANCE_PREFIX + "original")
+            if not provenance:
+                raise BackupError(f"{adapter.file}: carries no safelora provenance; nothing to restore")
+            if sha is None:
+                raise BackupError(
+                    f"{adapter.file}: projected without a backup of its original (with backups off, or by a "
+                    f"safelora from before backups); there is nothing in {store.root} to restore it from"
+                )
+            backup = store.find(sha)
+            if backup is None:
+                raise BackupError(
+                    f"{adapter.file}: its original (sha256 {sha[:12]}…) is not in the backup store {store.root}; it "
+                    "was removed, or kept under another SAFELORA_BACKUPS"
+                )
+            if not force and provenance.get(PROVENANCE_PREFIX + "digest") != file_digest(adapter):
+                raise ChangedSinceError(
+                    f"{adapter.file}: changed since safelora projected it; restoring would throw those changes away"
+                )
+            st = directory.lstat(ADAPTER_FILE)
+            if st is not None and stat.S_ISLNK(st.st_mode):
+                raise BackupError(
+                    f"{adapter.file}: is a symbolic link, and restoring in place would replace the link, not its "
+                    "target; replace the link with a copy first"
+                )
+            with store.open(backup) as original:
+                chunks = [stfile.FileRange(original.fileno(), 0, backup.nbytes)]
+                atomic_replace(directory, ADAPTER_FILE, chunks, adapter.stat.st_mode & 0o777, expect=adapter.stat)
+            try:
+                card.remove_card_section(directory)
+            except SafeLoraError as e:
+                notes.append(f"model card left as it is: {e}")
+        finally:
+            adapter.close()
+    return Restored(directory.path, backup, notes)
