@@ -26,7 +26,8 @@ from transformers import LlamaForCausalLM
 
 from safelora_cli.adapters import peft as adapter_module
 from safelora_cli.adapters.peft import ADAPTER_FILE, CONFIG_FILE
-from safelora_cli.run.pipeline import Settings, project_adapter
+from safelora_cli.results import Settings
+from safelora_cli.run.pipeline import project_adapter
 from safelora_cli.sources import open_local
 
 Q0_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"

@@ -15,6 +15,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from safelora_cli.api import Report
 from safelora_cli.errors import AdapterError
 from safelora_cli.io import safefs
 from safelora_cli.outputs import card
@@ -26,7 +27,8 @@ from safelora_cli.outputs.card import (
     without_section,
     write_card,
 )
-from safelora_cli.run.pipeline import Report, Settings, project_adapter
+from safelora_cli.results import Settings
+from safelora_cli.run.pipeline import project_adapter
 from safelora_cli.sources import open_local
 
 BEGIN = re.compile(r"<!-- safelora:begin(?: added=[a-z-]+)? -->")

@@ -19,9 +19,11 @@ from typer.testing import Result
 
 from safelora_cli import cli as cli_module
 from safelora_cli.adapters.peft import ADAPTER_FILE
+from safelora_cli.api import Report
 from safelora_cli.cli import render as report
+from safelora_cli.results import Settings
 from safelora_cli.run import pipeline
-from safelora_cli.run.pipeline import Report, Settings, project_adapter
+from safelora_cli.run.pipeline import project_adapter
 from safelora_cli.sources import open_local
 
 Cli = Callable[..., Result]

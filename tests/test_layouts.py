@@ -23,8 +23,10 @@ from typer.testing import CliRunner
 
 import safelora_cli
 from safelora_cli.adapters.peft import ADAPTER_FILE
+from safelora_cli.api import Report
 from safelora_cli.cli import app
-from safelora_cli.run.pipeline import Report, Settings, project_adapter
+from safelora_cli.results import Settings
+from safelora_cli.run.pipeline import project_adapter
 from safelora_cli.sources import open_local
 
 _LORA = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])(?:\.default)?\.weight$")

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from safelora_cli.api import Report
 from safelora_cli.errors import ExtraFileError, UsageError
 from safelora_cli.outputs import plot
-from safelora_cli.run.pipeline import Report, Settings, project_adapter
+from safelora_cli.results import Settings
+from safelora_cli.run.pipeline import project_adapter
 from safelora_cli.sources import open_local
 
 SVG = "{http://www.w3.org/2000/svg}"

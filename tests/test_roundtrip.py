@@ -20,7 +20,9 @@ from typer.testing import Result
 
 from safelora_cli import __version__
 from safelora_cli.adapters.peft import ADAPTER_FILE
-from safelora_cli.run.pipeline import Report, Settings, project_adapter
+from safelora_cli.api import Report
+from safelora_cli.results import Settings
+from safelora_cli.run.pipeline import project_adapter
 from safelora_cli.sources import open_local
 
 Pair = tuple[Path, Path]

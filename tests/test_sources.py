@@ -14,9 +14,11 @@ from support import builders
 from typer.testing import CliRunner
 
 from safelora_cli.adapters.peft import ADAPTER_FILE, opened
+from safelora_cli.api import Report
 from safelora_cli.cli import app
 from safelora_cli.errors import SourceError
-from safelora_cli.run.pipeline import Report, Settings, project_adapter
+from safelora_cli.results import Settings
+from safelora_cli.run.pipeline import project_adapter
 from safelora_cli.sources import Source, open_local
 
 LAYOUTS = ["safetensors", "safetensors-sharded", "bin", "bin-sharded"]

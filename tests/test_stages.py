@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from safelora_cli.run.pipeline import _on_thread
+from safelora_cli.run.stages import on_thread
 
 
 def _live(name: str) -> list[threading.Thread]:
@@ -42,7 +42,7 @@ def test_results_in_order_and_a_slot_is_never_reused_while_held() -> None:
         return item, id(slot)
 
     got = []
-    stage = _on_thread(iter(range(50)), work, [[0], [0]], "test-stage")
+    stage = on_thread(iter(range(50)), work, [[0], [0]], "test-stage")
     for (item, slot_id), release in stage:
         with lock:
             held.add(slot_id)
@@ -64,7 +64,7 @@ def test_an_error_on_the_thread_is_raised_in_the_consumer() -> None:
 
     seen = []
     with pytest.raises(ValueError, match="bad item 3"):
-        for item, release in _on_thread(items, work, [None, None], "test-stage"):
+        for item, release in on_thread(items, work, [None, None], "test-stage"):
             seen.append(item)
             release()
     assert seen == [0, 1, 2]
@@ -74,14 +74,14 @@ def test_an_error_on_the_thread_is_raised_in_the_consumer() -> None:
 
 def test_stopping_early_stops_every_stage() -> None:
     source = Tracked(1000)
-    first = _on_thread(source, lambda item, slot: item, [None, None], "test-first")
+    first = on_thread(source, lambda item, slot: item, [None, None], "test-first")
 
     def second_work(got: tuple[int, Callable[[], None]], slot: None) -> int:
         item, release = got
         release()
         return item
 
-    second = _on_thread(first, second_work, [None, None], "test-second")
+    second = on_thread(first, second_work, [None, None], "test-second")
     for item, release in second:
         release()
         if item == 5:

@@ -18,10 +18,12 @@ from typer.testing import Result
 
 from safelora_cli.adapters import peft as adapter_module
 from safelora_cli.adapters.peft import ADAPTER_FILE, TMP_MARK, rewrite_lock
+from safelora_cli.api import Report
 from safelora_cli.errors import AdapterError, OutputError
 from safelora_cli.io.atomic import clean_stale
 from safelora_cli.io.safefs import Directory
-from safelora_cli.run.pipeline import Report, Settings, project_adapter
+from safelora_cli.results import Settings
+from safelora_cli.run.pipeline import project_adapter
 from safelora_cli.sources import open_local
 
 Pair = tuple[Path, Path]

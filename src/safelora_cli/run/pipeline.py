@@ -1,24 +1,21 @@
-"""Walk an adapter's modules, stream the matching base/aligned weights, project, write, report."""
+"""Walk an adapter's modules, stream the matching base/aligned weights, project, write, report.
+
+The orchestration: plan the reads, produce each module's operator once for a batch (from the
+projection cache or the checkpoints, ``stages``), apply it to every adapter using it, and end each
+adapter's run (``write``).
+"""
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import queue
 import stat
-import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, nullcontext
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
 
 import torch
 
-from .._version import __version__
 from ..adapters.peft import (
     ADAPTER_FILE,
     PROVENANCE_PREFIX,
@@ -29,10 +26,8 @@ from ..adapters.peft import (
     load_adapter,
     open_all,
     rewrite_lock,
-    write_adapter,
 )
 from ..errors import (
-    AdapterError,
     AlreadyProjectedError,
     ChangedSinceError,
     DeviceError,
@@ -41,178 +36,20 @@ from ..errors import (
     SafeLoraError,
     SourceError,
 )
-from ..io import atomic, safefs
+from ..io import atomic
 from ..io.atomic import TMP_MARK
-from ..outputs import card
-from ..projection import Mode, ModuleMath, Operator, Projector, build_v, select
+from ..outputs.report import Report
+from ..projection import Operator, Projector
+from ..results import CacheUse, Device, LayerResult, Settings, SourceInfo
 from ..sources import Source
-from ..stores.backups import Backup, BackupStore
+from ..stores.backups import BackupStore
 from ..stores.cache import CorruptEntry, PairCache
-
-Precision = Literal["float32", "float64"]
-Device = Literal["auto", "cpu", "cuda"]
-
-
-@dataclass(frozen=True)
-class Settings:
-    """How to project; everything a run's outcome depends on besides its inputs."""
-
-    mode: Mode = "threshold"
-    threshold: float = 0.5
-    num_layers: int | None = None
-    precision: Precision = "float32"
-    device: Device = "auto"
-    allow_dora: bool = False
-    force: bool = False
-    dry_run: bool = False
-    output: Path | None = None
-    backup: bool = True  # an in-place run keeps the original in the backup store first
-    model_card: bool = False  # write the Safe LoRA section into the written adapter's README.md
-
-
-@dataclass(frozen=True)
-class SourceInfo:
-    source: str
-    revision: str | None
-    fingerprint: str
-
-    @property
-    def identity(self) -> str:
-        """How provenance names the source: ``path@fingerprint`` or ``repo@sha``."""
-        return f"{self.source}@{self.revision or self.fingerprint}"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"source": self.source, "revision": self.revision, "fingerprint": self.fingerprint}
-
-
-@dataclass(frozen=True)
-class LayerResult:
-    module: str
-    layer: int | None
-    similarity: float | None
-    projected: bool
-    reason: str | None
-    norm_ratio: float | None
-    cached: bool = False  # the operator came from the projection cache
-
-
-@dataclass(frozen=True)
-class CacheUse:
-    """How the projection cache served a run: its pair key, entries read, entries computed."""
-
-    pair: str
-    served: int
-    computed: int
-
-
-@dataclass(frozen=True)
-class Report:
-    """Everything a run did, for the table, the JSON document and the tests."""
-
-    adapter: Path
-    output: Path | None
-    written: bool
-    dry_run: bool
-    base: SourceInfo
-    aligned: SourceInfo
-    mode: Mode
-    threshold: float | None
-    num_layers: int | None
-    layers: list[LayerResult]
-    skipped: list[tuple[str, str]]
-    seconds: float
-    bytes_read: int
-    device: str
-    notes: list[str] = field(default_factory=list)
-    cache: CacheUse | None = None
-    bytes_downloaded: int = 0
-    backup: Backup | None = None  # the kept original this adapter's provenance names
-    backup_created: bool = False  # kept by this run (else kept by an earlier one, or none)
-    precision: Precision = "float32"
-
-    def summary_markdown(self) -> str:
-        """This run's section for a GitHub step summary (Markdown, with a Mermaid chart)."""
-        from ..outputs.decision import summary_markdown
-
-        return summary_markdown(self)
-
-    def card_section(self) -> str:
-        """This run's Safe LoRA section for a model card (between safelora's markers)."""
-        from ..outputs.card import card_section
-
-        return card_section(self)
-
-    def plot(self, path: str | os.PathLike[str]) -> None:
-        """Draw per-module similarity to ``path`` (.png or .svg; needs the ``safelora[plot]`` extra)."""
-        from ..outputs.plot import plot
-
-        plot(self, Path(path))
-
-    @property
-    def projected_count(self) -> int:
-        return sum(layer.projected for layer in self.layers)
-
-    def to_json(self) -> dict[str, Any]:
-        """The document ``safelora project --json`` prints (see the README's "The JSON report"); every
-        number in it is finite or null."""
-        return {
-            "safelora_version": __version__,
-            "adapter": str(self.adapter),
-            "output": str(self.output) if self.output else None,
-            "written": self.written,
-            "dry_run": self.dry_run,
-            "base": self.base.to_json(),
-            "aligned": self.aligned.to_json(),
-            "mode": self.mode,
-            "threshold": _finite(self.threshold),
-            "num_layers": self.num_layers,
-            "layer_count": len(self.layers),
-            "projected_count": self.projected_count,
-            "layers": [
-                {
-                    "module": layer.module,
-                    "layer": layer.layer,
-                    "similarity": _finite(layer.similarity),
-                    "projected": layer.projected,
-                    "reason": layer.reason,
-                    "norm_ratio": _finite(layer.norm_ratio),
-                    "cached": layer.cached,
-                }
-                for layer in self.layers
-            ],
-            "skipped": [{"key": key, "reason": reason} for key, reason in self.skipped],
-            "notes": self.notes,
-            "device": self.device,
-            "bytes_read": self.bytes_read,
-            "bytes_downloaded": self.bytes_downloaded,
-            "cache": (
-                {"pair": self.cache.pair, "served": self.cache.served, "computed": self.cache.computed}
-                if self.cache is not None
-                else None
-            ),
-            "precision": self.precision,
-            "backup": (
-                {"sha256": self.backup.sha256, "bytes": self.backup.nbytes, "created": self.backup_created}
-                if self.backup is not None
-                else None
-            ),
-            "seconds": round(self.seconds, 3),
-        }
-
-
-def _finite(x: float | None) -> float | None:
-    return x if x is not None and math.isfinite(x) else None
-
+from .batch import Group, Run
+from .stages import Job, prefetch, share_cores
+from .write import finish, same_run
 
 # Called after each module with its (unselected) result and the number of modules in the run.
 OnModule = Callable[[LayerResult, int], None] | None
-
-
-@dataclass(frozen=True)
-class _Job:
-    module: LoraModule
-    base_key: str
-    aligned_key: str
 
 
 def _device(requested: Device) -> torch.device:
@@ -223,21 +60,7 @@ def _device(requested: Device) -> torch.device:
     return torch.device(requested)
 
 
-def _check_weight_shape(adapter: Adapter, m: LoraModule, label: str, shape: tuple[int, ...]) -> None:
-    """The checkpoint weight (as stored) must be the matrix the adapter's A and B act on."""
-    out = adapter.header.tensors[m.b_key].shape[0]
-    inp = adapter.header.tensors[m.a_key].shape[1]
-    expected = (inp, out) if adapter.config.fan_in_fan_out else (out, inp)
-    if len(shape) != 2 or tuple(shape) != expected:
-        layout = "in×out (fan_in_fan_out)" if adapter.config.fan_in_fan_out else "out×in"
-        raise AdapterError(
-            f"{m.module}: the adapter expects a {layout} weight of {list(expected)} but "
-            f"{label} has {list(shape)}; the adapter was trained on another model, pass the "
-            "base/aligned pair it was trained on"
-        )
-
-
-def _plan(group: _Group, base: Source, aligned: Source, modules: list[LoraModule]) -> list[_Job]:
+def _plan(group: Group, base: Source, aligned: Source, modules: list[LoraModule]) -> list[Job]:
     """Pair modules with their weights by name, announce the reads and check shapes, before reading any tensor.
 
     A module no adapter can use any more (its shape check failed for all of them) is not read.
@@ -260,7 +83,7 @@ def _plan(group: _Group, base: Source, aligned: Source, modules: list[LoraModule
                 "base and aligned must be the same architecture and size"
             )
         if group.check(m, base.label, b_shape):
-            jobs.append(_Job(m, base_key, aligned_key))
+            jobs.append(Job(m, base_key, aligned_key))
     return jobs
 
 
@@ -271,191 +94,6 @@ def _adapter_wait(path: Path) -> str:
     return f"another safelora run is rewriting {path}; waiting for it"
 
 
-_SLOTS = 2  # per stage: one item being used downstream while the next one is made
-
-Item = TypeVar("Item")
-Slot = TypeVar("Slot")
-Result = TypeVar("Result")
-_DONE, _STOP = object(), object()  # "no more items", "no more slots"
-
-
-def _on_thread(
-    items: Iterator[Item], work: Callable[[Item, Slot], Result], slots: list[Slot], name: str
-) -> Generator[tuple[Result, Callable[[], None]], None, None]:
-    """``work(item, slot)`` for each item on a thread of its own, ahead of the consumer.
-
-    Yields each result with the function that hands its slot back: ``work`` writes into a slot, so
-    a result stays valid until that call, and the thread runs at most ``len(slots)`` items ahead.
-    Buffers are sized once and reused: no fresh allocation (and page faults) per item, and peak
-    memory stays bounded. An exception on the thread is raised in the consumer; when the consumer
-    stops early the thread stops too, and ``items`` is closed in either case.
-    """
-    free: queue.Queue[Slot | object] = queue.Queue()
-    for slot in slots:
-        free.put(slot)
-    ready: queue.Queue[tuple[Result, Slot] | BaseException | object] = queue.Queue()
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                slot = free.get()
-                if slot is _STOP or stop.is_set():
-                    return
-                ready.put((work(item, cast(Slot, slot)), slot))
-            ready.put(_DONE)
-        except BaseException as e:  # handed to the consumer, which re-raises it in its thread
-            ready.put(e)
-        finally:
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()
-
-    thread = threading.Thread(target=produce, name=name, daemon=True)
-    thread.start()
-    try:
-        while (got := ready.get()) is not _DONE:
-            if isinstance(got, BaseException):
-                raise got
-            result, slot = cast(tuple[Result, Slot], got)
-            yield result, partial(free.put, slot)
-    finally:
-        stop.set()
-        free.put(_STOP)  # wakes a producer waiting for a slot
-        thread.join()
-
-
-def _prefetch(
-    jobs: list[_Job], base: Source, aligned: Source, projector: Projector
-) -> Iterator[tuple[_Job, torch.Tensor, float]]:
-    """Each job's V and ‖V‖², made two stages ahead of the consumer: one thread reads a module's
-    weights while another builds the previous module's V from them and the caller uses the one
-    before (I/O, conversions and matmuls drop the GIL). From a warm page cache the build costs as
-    much as the reading and the products, so two threads each take a share of the cores' work.
-    """
-    size = max(max(base.nbytes(j.base_key), aligned.nbytes(j.aligned_key)) for j in jobs)
-    numel = max(math.prod(base.shape(j.base_key)) for j in jobs)
-
-    def read(job: _Job, slot: tuple[bytearray, bytearray]) -> tuple[_Job, torch.Tensor, torch.Tensor]:
-        w_base = _weight(base, job.base_key, base.read(job.base_key, slot[0]))
-        return job, w_base, _weight(aligned, job.aligned_key, aligned.read(job.aligned_key, slot[1]))
-
-    def build(
-        item: tuple[tuple[_Job, torch.Tensor, torch.Tensor], Callable[[], None]], v_slot: torch.Tensor
-    ) -> tuple[_Job, torch.Tensor, float]:
-        (job, w_base, w_aligned), release = item
-        try:
-            v = v_slot[: w_base.numel()].view(w_base.shape)
-            names = (f"{base.label}:{job.base_key}", f"{aligned.label}:{job.aligned_key}")
-            return job, v, build_v(w_base, w_aligned, v, names)
-        finally:
-            release()
-
-    reads = _on_thread(iter(jobs), read, [(bytearray(size), bytearray(size)) for _ in range(_SLOTS)], "safelora-read")
-    built = _on_thread(reads, build, [projector.workspace(numel) for _ in range(_SLOTS)], "safelora-build")
-    try:
-        for result, release in built:
-            yield result
-            release()
-    finally:
-        built.close()  # stops both threads when the caller stops early
-
-
-_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _weight(source: Source, name: str, t: torch.Tensor) -> torch.Tensor:
-    """A checkpoint weight as the method defines it: a float16, bfloat16, float32 or float64 matrix.
-
-    float8 would need a scale the file does not carry, complex numbers have no place in the method,
-    and integer weights are quantized: none is silently cast.
-    """
-    if t.dtype not in _WEIGHT_DTYPES:
-        raise SourceError(
-            f"{source.label}: {name} is {str(t.dtype).removeprefix('torch.')}; Safe LoRA computes on float16, "
-            "bfloat16, float32 or float64 weights: pass an unquantized checkpoint"
-        )
-    return t
-
-
-@contextmanager
-def _share_cores() -> Iterator[None]:
-    """Split the cores between the build thread and the caller's while a batch is computed.
-
-    OpenMP workers wait for one another at the end of every op, so one preempted by another thread
-    stalls the whole op: on 2 cores, 2 compute threads plus the reader ran the Llama-2-7B benchmark
-    4–15× slower than 1 compute thread plus the reader. Held for every module, cached or computed:
-    MKL's results depend on the thread count, and both must be applied alike to give identical bytes.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads // 2))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@dataclass
-class _Run:
-    """One adapter of a batch: where it is, what was found for it, and how it ended."""
-
-    named: Named
-    notes: list[str]
-    adapter: Adapter | None = None
-    original: Backup | None = None  # the kept original this run starts from, instead of the adapter's file
-    kept: Backup | None = None  # the backup the written file's provenance names
-    kept_now: bool = False
-    found: dict[str, tuple[ModuleMath, bool]] = field(default_factory=dict)
-    outcome: Report | SafeLoraError | None = None  # set once the run is over (a no-op or an error)
-
-    @property
-    def path(self) -> Path:
-        return self.named.path
-
-    def close(self) -> None:
-        if self.adapter is not None:
-            self.adapter.close()
-
-    @property
-    def loaded(self) -> Adapter:
-        """The adapter, once ``_prepare`` has read it (every later step runs after that)."""
-        if self.adapter is None:
-            raise RuntimeError(f"{self.path}: adapter used before it was loaded")
-        return self.adapter
-
-
-class _Group:
-    """The modules of a batch's adapters that share a layout: each operator is produced once for all."""
-
-    def __init__(self, runs: list[_Run], transpose: bool) -> None:
-        self.transpose = transpose
-        self.users: dict[str, list[tuple[_Run, LoraModule]]] = {}
-        for run in runs:
-            for m in run.loaded.modules:
-                self.users.setdefault(m.module, []).append((run, m))
-        self.modules = [users[0][1] for users in self.users.values()]
-
-    def live(self, module: str) -> list[tuple[_Run, LoraModule]]:
-        return [(run, m) for run, m in self.users[module] if run.outcome is None]
-
-    def fail(self, module: LoraModule, error: SafeLoraError) -> None:
-        """End the run of every adapter that needs ``module``."""
-        for run, _ in self.live(module.module):
-            run.outcome = error
-
-    def check(self, module: LoraModule, label: str, shape: tuple[int, ...]) -> bool:
-        """Check the weight's shape against every adapter using it; a mismatch ends that adapter's run.
-
-        Returns whether any adapter still needs the module.
-        """
-        for run, m in self.live(module.module):
-            try:
-                _check_weight_shape(run.loaded, m, label, shape)
-            except AdapterError as e:
-                run.outcome = e
-        return bool(self.live(module.module))
-
-
 def _weight_size(adapter: Adapter, m: LoraModule) -> int:
     """out × in of the weight the adapter's module acts on."""
     return adapter.header.tensors[m.b_key].shape[0] * adapter.header.tensors[m.a_key].shape[1]
@@ -463,7 +101,7 @@ def _weight_size(adapter: Adapter, m: LoraModule) -> int:
 
 def _cached(
     cache: PairCache,
-    group: _Group,
+    group: Group,
     modules: list[LoraModule],
     base: Source,
     projector: Projector,
@@ -491,7 +129,7 @@ def _cached(
 
 
 def _operators(
-    group: _Group,
+    group: Group,
     base: Source,
     aligned: Source,
     projector: Projector,
@@ -520,34 +158,11 @@ def _operators(
         jobs = [job for job in _plan(group, base, aligned, todo) if group.live(job.module.module)]
         if not jobs:
             return
-        for job, v, norm2 in _prefetch(jobs, base, aligned, projector):
+        for job, v, norm2 in prefetch(jobs, base, aligned, projector):
             op = projector.operator_from(v, norm2, transpose=group.transpose)
             if cache is not None:
                 cache.store(job.module.module, group.transpose, job.base_key, job.aligned_key, op)
             yield job.module, op, False
-
-
-def _settings_provenance(settings: Settings, tau: float | None) -> dict[str, str]:
-    p = {
-        "mode": settings.mode,
-        "threshold": json.dumps(tau),
-        "precision": settings.precision,
-    }
-    if settings.mode == "number":
-        p["num_layers"] = str(settings.num_layers)
-    return {PROVENANCE_PREFIX + k: v for k, v in p.items()}
-
-
-def _same_run(previous: dict[str, str], base: SourceInfo, aligned: SourceInfo, settings: Settings) -> bool:
-    """Whether provenance records this pair and these settings (in number mode τ_k is an outcome, not one)."""
-    want = {
-        PROVENANCE_PREFIX + "base": base.identity,
-        PROVENANCE_PREFIX + "aligned": aligned.identity,
-        **_settings_provenance(settings, settings.threshold),
-    }
-    if settings.mode == "number":
-        del want[PROVENANCE_PREFIX + "threshold"]
-    return all(previous.get(k) == v for k, v in want.items())
 
 
 def source_info(src: Source) -> SourceInfo:
@@ -619,13 +234,13 @@ def project_adapters(
         cache = None
     device = _device(settings.device)
     base_info, aligned_info = source_info(base), source_info(aligned)
-    runs = [_Run(named, [*shared_notes, *named.notes]) for named in adapters]
+    runs = [Run(named, [*shared_notes, *named.notes]) for named in adapters]
     for run in runs:
         if run.named.error is not None:
             run.outcome = run.named.error
     in_place = not settings.dry_run and settings.output is None
 
-    def report(run: _Run, layers: list[LayerResult], tau: float | None, written: bool) -> Report:
+    def report(run: Run, layers: list[LayerResult], tau: float | None, written: bool) -> Report:
         served = sum(cached for _, cached in run.found.values())
         return Report(
             adapter=run.path,
@@ -669,9 +284,9 @@ def project_adapters(
         projector = Projector(torch.float64 if settings.precision == "float64" else torch.float32, device)
         total = sum(len(run.loaded.modules) for run in live)
         compute_notes: list[str] = []
-        with _share_cores():
+        with share_cores():
             for transpose in sorted({run.loaded.config.fan_in_fan_out for run in live}):
-                group = _Group([run for run in live if run.loaded.config.fan_in_fan_out == transpose], transpose)
+                group = Group([run for run in live if run.loaded.config.fan_in_fan_out == transpose], transpose)
                 for m, op, cached in _operators(group, base, aligned, projector, cache, compute_notes, on_wait):
                     for run, mod in group.live(m.module):
                         _apply(run, mod, op, cached, projector, on_module, total)
@@ -682,19 +297,19 @@ def project_adapters(
         for run in live:
             if run.outcome is None:
                 try:
-                    run.outcome = _finish(run, settings, base_info, aligned_info, report, store, in_place)
+                    run.outcome = finish(run, settings, base_info, aligned_info, report, store, in_place)
                 except SafeLoraError as e:
                     run.outcome = e
     return [run.outcome for run in runs if run.outcome is not None]
 
 
 def _prepare(
-    run: _Run,
+    run: Run,
     settings: Settings,
     base_info: SourceInfo,
     aligned_info: SourceInfo,
     in_place: bool,
-    report: Callable[[_Run, list[LayerResult], float | None, bool], Report],
+    report: Callable[[Run, list[LayerResult], float | None, bool], Report],
     store: BackupStore,
 ) -> None:
     """Load the adapter and decide what to project; a no-op ends the run with its report.
@@ -709,7 +324,7 @@ def _prepare(
     run.notes.extend(adapter.warnings)
     previous = adapter.provenance()
     if previous:
-        if not settings.force and _same_run(previous, base_info, aligned_info, settings):
+        if not settings.force and same_run(previous, base_info, aligned_info, settings):
             run.notes.append("already projected with this pair and these settings: nothing to do")
             tau = adapter.provenance_value("threshold", "null", (int, float, type(None)))
             run.outcome = report(run, [], tau, False)
@@ -751,7 +366,7 @@ def _prepare(
 
 
 def _apply(
-    run: _Run,
+    run: Run,
     m: LoraModule,
     op: Operator,
     cached: bool,
@@ -771,66 +386,3 @@ def _apply(
         on_module(
             LayerResult(m.module, m.layer, math_.similarity, False, math_.reason, math_.norm_ratio, cached), total
         )
-
-
-def _finish(
-    run: _Run,
-    settings: Settings,
-    base_info: SourceInfo,
-    aligned_info: SourceInfo,
-    report: Callable[[_Run, list[LayerResult], float | None, bool], Report],
-    store: BackupStore,
-    in_place: bool,
-) -> Report:
-    """Select, keep the original (in place), write (unless a dry run) and report one adapter."""
-    adapter = run.loaded
-    modules = adapter.modules
-    results = [run.found[m.module][0] for m in modules]
-    tau, chosen = select([r.similarity for r in results], settings.mode, settings.threshold, settings.num_layers)
-    layers = [
-        LayerResult(m.module, m.layer, r.similarity, c, r.reason, r.norm_ratio, run.found[m.module][1])
-        for m, r, c in zip(modules, results, chosen, strict=True)
-    ]
-    if settings.dry_run:
-        return report(run, layers, tau, False)
-    replacements = {}
-    for m, r, c in zip(modules, results, chosen, strict=True):
-        if c and r.projected_b is not None:
-            replacements[m.b_key] = r.projected_b.to(adapter.tensor(m.b_key).dtype)
-    provenance = {
-        PROVENANCE_PREFIX + "version": __version__,
-        PROVENANCE_PREFIX + "base": base_info.identity,
-        PROVENANCE_PREFIX + "aligned": aligned_info.identity,
-        PROVENANCE_PREFIX + "projected": json.dumps([layer.module for layer in layers if layer.projected]),
-        **_settings_provenance(settings, tau),
-    }
-    if adapter.dora:
-        provenance[PROVENANCE_PREFIX + "dora"] = "lora_B projected; magnitude vectors unchanged"
-    run.kept = run.original
-    if in_place and run.kept is None:
-        if settings.backup:
-            # Before the rename: once the adapter is replaced, this copy is the only one of the original.
-            run.kept = store.save(adapter.handle, adapter.stat.st_size, adapter.path)
-            run.kept_now = True
-        else:
-            run.notes.append("no backup: no copy of the original was kept, and restore cannot undo this run")
-    if run.kept is not None:
-        provenance[PROVENANCE_PREFIX + "original"] = run.kept.sha256
-    write_adapter(adapter, replacements, provenance, settings.output, overwrite_output=settings.force, notes=run.notes)
-    result = report(run, layers, tau, True)
-    if settings.model_card:
-        _write_card(adapter.dir, settings.output, result)
-    return result
-
-
-def _write_card(source: safefs.Directory, output: Path | None, report: Report) -> None:
-    """The model card's Safe LoRA section, in the adapter's README.md (or the output's): after the
-    adapter is written, so a card that cannot be written is a note, not a failed run."""
-    try:
-        if output is None:
-            card.write_card(source, report)
-        else:
-            with safefs.Directory(output, AdapterError) as directory:
-                card.write_card(directory, report)
-    except SafeLoraError as e:
-        report.notes.append(f"model card not written: {e}")
