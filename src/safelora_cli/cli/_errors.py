@@ -9,7 +9,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -40,10 +40,27 @@ _HINTS: dict[type[SafeLoraError], str] = {
 }
 
 
+# Fixes the core words without flags (an error's ``fix``), as the command line words them.
+_FIXES: dict[type[SafeLoraError], Callable[[Any], str]] = {
+    e_.ConfigError: lambda e: "give --config a YAML file of option names and values",
+    e_.ConfigFileError: lambda e: "give --config a YAML file of option names and values",
+    e_.PlotFileError: lambda e: "choose another --plot path",
+    e_.AdapterNotLocalError: lambda e: (
+        f"download it first (hf download {e.repo} --local-dir DIR) and pass that directory"
+    ),
+}
+
+
 def describe(error: SafeLoraError) -> str:
     """The error's one line as the command line prints it: the problem, then the flag that helps."""
+    message = str(error)
+    if error.option is not None:
+        message = f"--{error.option.replace('_', '-')}{message.removeprefix(error.option)}"
+    reword = next((_FIXES[cls] for cls in type(error).__mro__ if cls in _FIXES), None)
+    if reword is not None and error.fix is not None and message.endswith(error.fix):
+        message = message.removesuffix(error.fix) + reword(error)
     hint = next((_HINTS[cls] for cls in type(error).__mro__ if cls in _HINTS), "")
-    return f"{error}{hint}"
+    return f"{message}{hint}"
 
 
 def err_console() -> Console:
