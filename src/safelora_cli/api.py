@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, overload
 
@@ -225,18 +225,15 @@ def _specs(adapter: StrPath | list[StrPath]) -> list[StrPath]:
 def _settings(options: Options) -> pipeline.Settings:
     from .run import pipeline
 
+    # Every other setting is the option of the same name.
+    same = {f.name: getattr(options, f.name) for f in fields(pipeline.Settings) if f.name in Options.names()}
     return pipeline.Settings(
-        mode="number" if options.num_layers is not None else "threshold",
-        threshold=options.threshold_or_default,
-        num_layers=options.num_layers,
-        precision=options.precision,
-        device=options.device,
-        allow_dora=options.allow_dora,
-        force=options.force,
-        dry_run=options.dry_run,
-        output=options.output_path,
-        backup=options.backup,
-        model_card=options.model_card,
+        **same
+        | {
+            "mode": "number" if options.num_layers is not None else "threshold",
+            "threshold": options.threshold_or_default,
+            "output": options.output_path,
+        }
     )
 
 

@@ -213,15 +213,12 @@ def complete(choices: Mapping[str, str]) -> Callable[[str], list[str]]:
     return lambda incomplete: [c for c in choices if c.startswith(incomplete)]
 
 
-SortOpt = Annotated[
-    str,
-    typer.Option(
-        metavar="KEY",
-        callback=_one_of(SORTS),
-        autocompletion=complete(SORTS),
-        help="Order of the table's rows: layer, or similarity (lowest first).",
-    ),
-]
+def _choice(choices: Mapping[str, str], metavar: str, help: str) -> Any:
+    """An option that takes one of ``choices``, checked while parsing and completed in the shell."""
+    return typer.Option(metavar=metavar, help=help, callback=_one_of(choices), autocompletion=complete(choices))
+
+
+SortOpt = Annotated[str, _choice(SORTS, "KEY", "Order of the table's rows: layer, or similarity (lowest first).")]
 ProjectedOnlyOpt = Annotated[
     bool, flag("--projected-only/--all-modules", "List only the projected modules in the table.")
 ]
@@ -231,24 +228,8 @@ def complete_preset(incomplete: str) -> list[str]:
     return [name for name in api.preset_names() if name.startswith(incomplete)]
 
 
-PrecisionOpt = Annotated[
-    str,
-    typer.Option(
-        metavar="float32|float64",
-        help="Compute precision.",
-        callback=_one_of(PRECISIONS),
-        autocompletion=complete(PRECISIONS),
-    ),
-]
-DeviceOpt = Annotated[
-    str,
-    typer.Option(
-        metavar="auto|cpu|cuda",
-        help="Where the math runs (auto: CUDA when present).",
-        callback=_one_of(DEVICES),
-        autocompletion=complete(DEVICES),
-    ),
-]
+PrecisionOpt = Annotated[str, _choice(PRECISIONS, "float32|float64", "Compute precision.")]
+DeviceOpt = Annotated[str, _choice(DEVICES, "auto|cpu|cuda", "Where the math runs (auto: CUDA when present).")]
 
 
 ConfigOpt = Annotated[
