@@ -14,12 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import typer
 from rich.console import Console
 from typer.testing import Result
 
-from safelora_cli import cli as cli_module
 from safelora_cli.adapters.peft import ADAPTER_FILE
 from safelora_cli.api import Report
+from safelora_cli.cli import _options as cli_options
+from safelora_cli.cli import app
 from safelora_cli.cli import render as report
 from safelora_cli.results import Settings
 from safelora_cli.run import pipeline
@@ -204,10 +206,10 @@ def test_adapters_are_positional_or_given_with_adapter(
 
 
 def test_completion_offers_presets_devices_precisions_and_sorts() -> None:
-    assert "llama-2-7b" in cli_module._complete_preset("llama-2")
-    assert cli_module._complete(cli_module.DEVICES)("c") == ["cpu", "cuda"]
-    assert cli_module._complete(cli_module.PRECISIONS)("float6") == ["float64"]
-    command = cli_module.typer.main.get_command(cli_module.app)
+    assert "llama-2-7b" in cli_options.complete_preset("llama-2")
+    assert cli_options.complete(cli_options.DEVICES)("c") == ["cpu", "cuda"]
+    assert cli_options.complete(cli_options.PRECISIONS)("float6") == ["float64"]
+    command = typer.main.get_command(app)
     project = command.commands["project"]  # type: ignore[attr-defined]
     by_name = {p.name: p for p in project.params}
     assert by_name["sort"].shell_complete(None, "s")[0].value == "similarity"  # type: ignore[arg-type]

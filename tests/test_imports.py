@@ -71,14 +71,22 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_graph_sees_lazy_and_type_checking_imports() -> None:
     graph = _graph()
-    assert "api" in graph["cli"]  # imported under TYPE_CHECKING only
-    assert "run.pipeline" in graph["api"]
+    assert "outputs.report" in graph["api"]  # imported under TYPE_CHECKING only
+    assert "run.pipeline" in graph["api"]  # imported inside a function
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 
 
 def test_no_module_imports_itself_back() -> None:
     cycle = _cycle(_graph())
     assert cycle is None, "import cycle: " + " → ".join(cycle or [])
+
+
+def test_the_command_line_goes_through_the_api() -> None:
+    allowed = {"api", "errors", "_version"}
+    for module, targets in _graph().items():
+        if module == "cli" or module.startswith("cli."):
+            wrong = sorted(t for t in targets if t not in allowed and not t.startswith("cli"))
+            assert not wrong, f"{module} imports {wrong}: the CLI imports only itself, api, errors and _version"
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from safelora_cli.api import Report
+from safelora_cli.cli._errors import describe
 from safelora_cli.errors import ExtraFileError, UsageError
 from safelora_cli.outputs import plot
 from safelora_cli.results import Settings
@@ -119,7 +120,8 @@ def test_without_matplotlib_the_error_says_how_to_install(
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an install without the extra looks like
     with pytest.raises(UsageError) as e:
         plot.require_matplotlib()
-    assert str(e.value) == "--plot needs matplotlib, which is not installed: pip install 'safelora[plot]'"
+    assert str(e.value) == "plot needs matplotlib, which is not installed: pip install 'safelora[plot]'"
+    assert describe(e.value) == "--plot needs matplotlib, which is not installed: pip install 'safelora[plot]'"
     assert e.value.exit_code == 2
     with pytest.raises(UsageError, match=r"pip install 'safelora\[plot\]'"):
         plot.plot(report, tmp_path / "chart.png")

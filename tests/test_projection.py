@@ -12,7 +12,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from support import reference as ref
 
-from safelora_cli.cli import describe
+from safelora_cli.cli._errors import describe
 from safelora_cli.errors import NumericError, PrecisionError
 from safelora_cli.projection import Projector, select
 

@@ -7,36 +7,70 @@ calls these functions, and renders what they return.
 
 from __future__ import annotations
 
+import importlib
 import os
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Protocol, overload
+from typing import TYPE_CHECKING, Any, Protocol, overload
 
-from . import config, sources
-from .adapters import peft as adapter_io
+from . import config
+from .config import ValueCheck
 from .errors import MissingAlignedError, MissingBaseError, SafeLoraError, SourceError, UsageError
-from .outputs.report import Report as Report
+from .options import Device, Options, Precision, StrPath, explicit_of, layered
+from .outputs.text import printable
 from .results import Backup as Backup
 from .results import CheckResult as CheckResult
-from .results import Device as Device
 from .results import Inspection as Inspection
 from .results import LayerResult as LayerResult
-from .results import Precision as Precision
 from .results import Restored as Restored
 from .results import Settings as Settings
 from .results import SourceInfo as SourceInfo
-from .run import audit, pipeline
-from .run import restore as restoring  # the module: ``restore`` here is this API's function
-from .stores import backups
-from .stores.cache import PairCache, ProjectionCache
 
-StrPath = str | os.PathLike[str]
+if TYPE_CHECKING:
+    # The names below are this module's too (``__getattr__`` imports them on first use).
+    from . import sources
+    from .adapters import peft as adapter_io
+    from .demo import build as build_demo
+    from .outputs.histogram import histogram_lines as histogram_lines
+    from .outputs.plot import check_plot_path as check_plot_path
+    from .outputs.plot import require_matplotlib as require_matplotlib
+    from .outputs.report import Report as Report
+    from .outputs.summary import append_summary as append_summary
+    from .outputs.summary import check_summary_path as check_summary_path
+    from .outputs.summary import error_summary_markdown as error_summary_markdown
+    from .outputs.table import Sort as Sort
+    from .outputs.table import table_rows as table_rows
+    from .stores.cache import PairCache, ProjectionCache
+    from .stores.cache import PairSummary as PairSummary
 
-_PRECISIONS = ("float32", "float64")
-_DEVICES = ("auto", "cpu", "cuda")
-DEFAULT_THRESHOLD = 0.5
-MAX_CONNECTIONS = 64
+__all__ = ["Device", "Options", "Precision", "StrPath", "build_demo", "printable"]
+
+# The names this module gives from the modules that import torch: each is imported on first use,
+# so that importing the API (and the command line's --help) does not pay for torch.
+_HOMES = {
+    "Report": "outputs.report",
+    "PairSummary": "stores.cache",
+    "Sort": "outputs.table",
+    "table_rows": "outputs.table",
+    "histogram_lines": "outputs.histogram",
+    "check_summary_path": "outputs.summary",
+    "append_summary": "outputs.summary",
+    "error_summary_markdown": "outputs.summary",
+    "check_plot_path": "outputs.plot",
+    "require_matplotlib": "outputs.plot",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "build_demo":
+        return importlib.import_module(f"{__package__}.demo").build
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__package__}.{home}"), name)
 
 
 class Events(Protocol):
@@ -71,113 +105,41 @@ class _Silent:
         pass
 
 
-# The options a config file or preset may set for ``project``, by the names the API takes.
-_OPTIONS = (
-    "base",
-    "aligned",
-    "base_revision",
-    "aligned_revision",
-    "threshold",
-    "num_layers",
-    "output",
-    "dry_run",
-    "precision",
-    "device",
-    "cache",
-    "backup",
-    "force",
-    "allow_dora",
-    "model_card",
-    "token",
-    "connections",
-)
-# Keys a config file may hold for the command line alone (output and presentation): accepted here,
-# and ignored, so one file serves both.
-_COMMAND_LINE_ONLY = ("json", "quiet", "summary", "plot", "sort", "projected_only")
-# Config keys the command line spells as negative flags: ``no_cache: true`` is ``cache=False``.
-_NEGATED = {"no_cache": "cache", "no_backup": "backup"}
-
-
 @overload
 def project(
     adapter: StrPath,
     *,
-    base: StrPath | None = None,
-    aligned: StrPath | None = None,
-    base_revision: str | None = None,
-    aligned_revision: str | None = None,
     preset: str | None = None,
     config: StrPath | Mapping[str, Any] | None = None,
-    threshold: float | None = None,
-    num_layers: int | None = None,
-    output: StrPath | None = None,
-    dry_run: bool = False,
-    precision: Precision = "float32",
-    device: Device = "auto",
-    cache: bool = True,
-    backup: bool = True,
-    force: bool = False,
-    allow_dora: bool = False,
-    model_card: bool = False,
-    token: str | None = None,
-    connections: int = 8,
     events: Events | None = None,
+    **options: Any,
 ) -> Report: ...
 @overload
 def project(
     adapter: list[StrPath],
     *,
-    base: StrPath | None = None,
-    aligned: StrPath | None = None,
-    base_revision: str | None = None,
-    aligned_revision: str | None = None,
     preset: str | None = None,
     config: StrPath | Mapping[str, Any] | None = None,
-    threshold: float | None = None,
-    num_layers: int | None = None,
-    output: StrPath | None = None,
-    dry_run: bool = False,
-    precision: Precision = "float32",
-    device: Device = "auto",
-    cache: bool = True,
-    backup: bool = True,
-    force: bool = False,
-    allow_dora: bool = False,
-    model_card: bool = False,
-    token: str | None = None,
-    connections: int = 8,
     events: Events | None = None,
+    **options: Any,
 ) -> list[Report | SafeLoraError]: ...
 
 
 def project(
     adapter: StrPath | list[StrPath],
     *,
-    base: StrPath | None = None,
-    aligned: StrPath | None = None,
-    base_revision: str | None = None,
-    aligned_revision: str | None = None,
     preset: str | None = None,
     config: StrPath | Mapping[str, Any] | None = None,
-    threshold: float | None = None,
-    num_layers: int | None = None,
-    output: StrPath | None = None,
-    dry_run: bool = False,
-    precision: Precision = "float32",
-    device: Device = "auto",
-    cache: bool = True,
-    backup: bool = True,
-    force: bool = False,
-    allow_dora: bool = False,
-    model_card: bool = False,
-    token: str | None = None,
-    connections: int = 8,
     events: Events | None = None,
+    **options: Any,
 ) -> Report | list[Report | SafeLoraError]:
     """Run Safe LoRA on a PEFT LoRA adapter directory (or several) against a (base, aligned) pair.
 
-    As ``safelora project``: the adapter's ``adapter_model.safetensors`` is rewritten in place
-    (atomically, after its original is kept in the backup store unless ``backup=False``), or
+    The keyword options are the fields of ``Options`` (``base``, ``aligned``, ``threshold``,
+    ``num_layers``, ``output``, ``dry_run``, ``precision``, ``device``, ``cache``, ``backup``,
+    ``force``, ``allow_dora``, ``model_card``, ``token``, ``connections``, the revisions), with its
+    defaults. As ``safelora project``: the adapter's ``adapter_model.safetensors`` is rewritten in
+    place (atomically, after its original is kept in the backup store unless ``backup=False``), or
     written to ``output`` as a complete adapter directory, or nothing is written (``dry_run``).
     ``base`` and ``aligned`` are local directories or Hub repo ids (``org/name[@revision]``);
     ``aligned`` defaults to the adapter config's ``base_model_name_or_path`` and ``base`` to the
@@ -186,44 +148,64 @@ def project(
 
     ``model_card`` writes the run's Safe LoRA section into the written adapter's README.md (a card
     that cannot be written is a note in the report); ``Report.summary_markdown()``,
-    ``Report.card_section()`` and ``Report.plot(path)`` give the rest of what the command line's
-    --summary, --model-card and --plot show.
+    ``Report.card_section()`` and ``Report.plot(path)`` give the rest of what the command line shows.
 
     ``preset`` (a shipped pair, such as ``"llama-2-7b"``) and ``config`` (a YAML file, or a mapping
     of the same keys) fill in the options left at their defaults; the config wins over the preset.
     Keys only the command line uses (``json``, ``quiet``, ``summary``, ``plot``, ``sort``,
-    ``projected_only``) are accepted and ignored, so one file serves both.
+    ``projected_only``, ``adapter``) are accepted and ignored, so one file serves both.
 
     One adapter (a path): returns its ``Report``, or raises its ``SafeLoraError``. A list (or a
     glob that matches several): returns one entry per adapter, its ``Report`` or the
     ``SafeLoraError`` raised for it (``error.adapter`` names it); an adapter's failure raises
     nothing, a checkpoint's failure (every adapter needs it) raises.
     """
-    given = {
-        "base": None if base is None else os.fspath(base),
-        "aligned": None if aligned is None else os.fspath(aligned),
-        "base_revision": base_revision,
-        "aligned_revision": aligned_revision,
-        "threshold": threshold,
-        "num_layers": num_layers,
-        "output": output,
-        "dry_run": dry_run,
-        "precision": precision,
-        "device": device,
-        "cache": cache,
-        "backup": backup,
-        "force": force,
-        "allow_dora": allow_dora,
-        "model_card": model_card,
-        "token": token,
-        "connections": connections,
-    }
-    options = _with_defaults(given, preset, config)
-    specs = _specs(adapter)
-    outcomes, paths = _project(specs, options, events or _Silent())
+    Options.check_names("project", options)
+    chosen = layered(explicit_of(options), preset=preset, config_doc=config).options
+    return run(adapter, chosen, events)
+
+
+def project_options(
+    explicit: Mapping[str, Any],
+    *,
+    preset: str | None = None,
+    config: StrPath | None = None,
+    check: ValueCheck | None = None,
+    parse: Callable[[str, Any], Any] | None = None,
+) -> tuple[Options, dict[str, Any]]:
+    """The command line's options (config keys, such as ``no_cache``): those it was given
+    ``explicit``ly over the config's, the preset's and the defaults (``options.layered``); with the
+    values of the keys only the command line uses."""
+    found = layered(explicit, preset=preset, config_doc=config, check=check, parse=parse)
+    return found.options, found.command_line
+
+
+def preset_names() -> list[str]:
+    """The shipped presets' names (for shell completion)."""
+    return config.preset_names()
+
+
+@overload
+def run(adapter: StrPath, options: Options, events: Events | None = None) -> Report: ...
+@overload
+def run(adapter: list[StrPath], options: Options, events: Events | None = None) -> list[Report | SafeLoraError]: ...
+
+
+def run(
+    adapter: StrPath | list[StrPath], options: Options, events: Events | None = None
+) -> Report | list[Report | SafeLoraError]:
+    """``project`` with its options as one ``Options``."""
+    options = options.checked()
+    outcomes, paths = _project(_specs(adapter), options, events or _Silent())
     for path, outcome in zip(paths, outcomes, strict=True):
         if isinstance(outcome, SafeLoraError):
             outcome.adapter = path
+    result: Report | list[Report | SafeLoraError] = _one_or_all(adapter, outcomes)
+    return result
+
+
+def _one_or_all(adapter: StrPath | list[StrPath], outcomes: list[Any]) -> Any:
+    """One adapter's outcome (raised when it is an error), or every adapter's for a list."""
     if not isinstance(adapter, list) and len(outcomes) == 1:
         only = outcomes[0]
         if isinstance(only, SafeLoraError):
@@ -236,128 +218,50 @@ def _specs(adapter: StrPath | list[StrPath]) -> list[StrPath]:
     return list(adapter) if isinstance(adapter, list) else [adapter]
 
 
-def _with_defaults(
-    given: dict[str, Any], preset: str | None, config_doc: StrPath | Mapping[str, Any] | None
-) -> dict[str, Any]:
-    """The options given, with those left at their defaults filled in from the config, then the preset."""
-    defaults: dict[str, Any] = {"threshold": None, "num_layers": None, "dry_run": False, "precision": "float32"}
-    defaults |= {"device": "auto", "cache": True, "backup": True, "force": False, "allow_dora": False}
-    defaults["model_card"] = False
-    defaults["connections"] = 8
-    layers: list[dict[str, Any]] = []
-    if config_doc is not None:
-        if isinstance(config_doc, Mapping):
-            layers.append(_api_names(config.checked_options(dict(config_doc), "config", _known()), "config"))
-        else:
-            layers.append(_api_names(config.load_file(Path(config_doc), _known()), str(config_doc)))
-    if preset is not None:
-        chosen = config.preset(preset)
-        layers.append(_api_names(config.checked_options(chosen.options, f"preset {preset}", _known()), preset))
-    options = dict(given)
-    explicit = {k for k, v in given.items() if v != defaults.get(k)}
-    for layer in layers:  # the config first: it wins over the preset
-        mode_set = bool({"threshold", "num_layers"} & explicit)
-        for key, value in layer.items():
-            if key in explicit or (key in ("threshold", "num_layers") and mode_set):
-                continue
-            options[key] = value
-            explicit.add(key)
-    return options
-
-
-def _known() -> set[str]:
-    return {*_OPTIONS, *_NEGATED, *_COMMAND_LINE_ONLY}
-
-
-def _api_names(options: dict[str, Any], where: str) -> dict[str, Any]:
-    """Config keys as the API names them (``no_cache: true`` → ``cache=False``)."""
-    out = {}
-    for key, value in options.items():
-        if key in _COMMAND_LINE_ONLY:
-            continue
-        if key in _NEGATED:
-            if not isinstance(value, bool):
-                raise UsageError(f"{where}: {key} must be true or false")
-            out[_NEGATED[key]] = not value
-        else:
-            out[key] = value
-    return out
-
-
-def settings_from(options: Mapping[str, Any]) -> Settings:
-    """The pipeline's settings from ``project``'s options, checked (``UsageError`` names the option)."""
-    threshold, num_layers = options.get("threshold"), options.get("num_layers")
-    if threshold is not None and num_layers is not None:
-        raise UsageError("give a threshold or a number of layers (num_layers), not both")
-    if threshold is not None and (type(threshold) not in (int, float) or not -1.0 <= threshold <= 1.0):
-        raise UsageError(f"threshold {threshold!r}: give a number from -1 to 1")
-    if num_layers is not None and (type(num_layers) is not int or num_layers < 1):
-        raise UsageError(f"num_layers {num_layers!r}: give a whole number of modules, at least 1")
-    precision, device = options.get("precision", "float32"), options.get("device", "auto")
-    if precision not in _PRECISIONS:
-        raise UsageError(f"precision {precision!r}: choose one of {', '.join(_PRECISIONS)}")
-    if device not in _DEVICES:
-        raise UsageError(f"device {device!r}: choose one of {', '.join(_DEVICES)}")
-    for key in ("dry_run", "cache", "backup", "force", "allow_dora", "model_card"):
-        if not isinstance(options.get(key, False), bool):
-            raise UsageError(f"{key} {options[key]!r}: give true or false")
-    connections = options.get("connections", 8)
-    if type(connections) is not int or not 1 <= connections <= MAX_CONNECTIONS:
-        raise UsageError(f"connections {connections!r}: give a number from 1 to {MAX_CONNECTIONS}")
-    output = options.get("output")
+def _settings(options: Options) -> Settings:
+    # Every other setting is the option of the same name.
+    same = {f.name: getattr(options, f.name) for f in fields(Settings) if f.name in Options.names()}
     return Settings(
-        mode="number" if num_layers is not None else "threshold",
-        threshold=DEFAULT_THRESHOLD if threshold is None else float(threshold),
-        num_layers=num_layers,
-        precision=precision,
-        device=device,
-        allow_dora=options.get("allow_dora", False),
-        force=options.get("force", False),
-        dry_run=options.get("dry_run", False),
-        output=None if output is None else Path(output),
-        backup=options.get("backup", True),
-        model_card=options.get("model_card", False),
+        **same
+        | {
+            "mode": "number" if options.num_layers is not None else "threshold",
+            "threshold": options.threshold_or_default,
+            "output": options.output_path,
+        }
     )
 
 
 def _project(
-    specs: Sequence[StrPath], options: Mapping[str, Any], events: Events
+    specs: Sequence[StrPath], options: Options, events: Events
 ) -> tuple[list[Report | SafeLoraError], list[Path]]:
-    settings = settings_from(options)
+    from . import sources
+    from .adapters import peft as adapter_io
+    from .run import pipeline
+    from .stores.cache import ProjectionCache
+
+    settings = _settings(options)
     notes: list[str] = []
     with ExitStack() as stack:
         store = None
-        if options.get("cache", True):
+        if options.cache:
             store = ProjectionCache()
             if (problem := store.problem()) is not None:
                 notes.append(problem)
                 store = None
-        hub = sources.Hub.from_env(options.get("token"), store.refs if store is not None else None)
+        hub = sources.Hub.from_env(options.token, store.refs if store is not None else None)
         adapters = stack.enter_context(adapter_io.open_all(specs))
-        aligned = options.get("aligned") or _aligned_default(adapters, notes)
-        base = options.get("base") or _base_from_preset(aligned, notes)
+        aligned = os.fspath(options.aligned) if options.aligned else _aligned_default(adapters, notes)
+        base = os.fspath(options.base) if options.base else _base_from_preset(aligned, notes)
         _note_swapped(base, aligned, adapters, notes)
-        connections = options.get("connections", 8)
-        base_src = sources.open_source(
-            base,
-            options.get("base_revision"),
-            role="base",
-            hub=hub,
-            transfer=events,
-            notes=notes,
-            connections=connections,
-        )
-        stack.callback(base_src.close)
-        aligned_src = sources.open_source(
-            aligned,
-            options.get("aligned_revision"),
-            role="aligned",
-            hub=hub,
-            transfer=events,
-            notes=notes,
-            connections=connections,
-        )
-        stack.callback(aligned_src.close)
+        opened = []
+        pair = ((base, options.base_revision, "base"), (aligned, options.aligned_revision, "aligned"))
+        for spec, revision, role in pair:
+            src = sources.open_source(
+                spec, revision, role=role, hub=hub, transfer=events, notes=notes, connections=options.connections
+            )
+            stack.callback(src.close)
+            opened.append(src)
+        base_src, aligned_src = opened
         _refuse_same(base_src, aligned_src)
         outcomes = pipeline.project_adapters(
             adapters,
@@ -401,6 +305,8 @@ def _refuse_same(base: sources.Source, aligned: sources.Source) -> None:
 
 
 def _note_swapped(base: str, aligned: str, adapters: list[adapter_io.Named], notes: list[str]) -> None:
+    from .adapters import peft as adapter_io
+
     """A note when base is the model the adapter was trained on and aligned is not: the pair may be
     swapped. A swapped pair gives the same similarities (V only changes sign), so no table shows it,
     and provenance would record the wrong pair."""
@@ -422,6 +328,8 @@ def _note_swapped(base: str, aligned: str, adapters: list[adapter_io.Named], not
 
 def _same_model(spec: str, name: str) -> bool:
     """Whether two model references name one model: one directory, or one Hub repo (any revision)."""
+    from . import sources
+
     if not spec.startswith(sources.HF_PREFIX) and os.path.lexists(spec):
         try:
             return os.path.exists(name) and os.path.samefile(spec, name)
@@ -433,6 +341,9 @@ def _same_model(spec: str, name: str) -> bool:
 
 def _aligned_default(adapters: list[adapter_io.Named], notes: list[str]) -> str:
     """No aligned model given: the first adapter's base_model_name_or_path, read through its open directory."""
+    from . import sources
+    from .adapters import peft as adapter_io
+
     first = adapters[0]
     if first.dir is None:
         raise first.error or SafeLoraError(f"{first.path}: cannot be read")
@@ -459,6 +370,9 @@ def check(
     """Whether an adapter is sanitized by safelora and unmodified since (and, with ``base`` and
     ``aligned``, against that pair). ``CheckResult.status`` is ``sanitized``, ``never_sanitized``,
     ``modified`` or ``other_pair``; ``ok`` is True only for ``sanitized``."""
+    from .adapters import peft as adapter_io
+    from .run import audit
+
     if (base is None) != (aligned is None):
         raise UsageError("give both base and aligned, or neither")
     pair = None
@@ -472,6 +386,10 @@ def check(
 
 def _identity(spec: StrPath, role: str, token: str | None) -> str:
     """How provenance names a checkpoint (``path@fingerprint`` or ``repo@sha``), reading no weights."""
+    from . import sources
+    from .run import pipeline
+    from .stores.cache import ProjectionCache
+
     store = ProjectionCache()
     hub = sources.Hub.from_env(token, store.refs if store.problem() is None else None)
     src = sources.open_source(os.fspath(spec), None, role=role, hub=hub, transfer=sources.QuietTransfer(), notes=[])
@@ -484,10 +402,14 @@ def _identity(spec: StrPath, role: str, token: str | None) -> str:
 def inspect(adapter: StrPath) -> Inspection:
     """What an adapter is (modules, ranks, dtypes, size, targets, DoRA…), its provenance, and whether
     the original of a projected adapter is kept in the backup store."""
+    from .adapters import peft as adapter_io
+    from .run import audit
+    from .stores.backups import BackupStore
+
     with adapter_io.open_all([adapter]) as [named]:
         if named.dir is None:
             raise named.error or SafeLoraError(f"{named.path}: cannot be read")
-        return audit.inspect(named.dir, backups.BackupStore())
+        return audit.inspect(named.dir, BackupStore())
 
 
 @overload
@@ -502,6 +424,10 @@ def restore(adapter: StrPath | list[StrPath], *, force: bool = False) -> Restore
     Refused (``BackupError``) when no original is kept and, unless ``force``, when the adapter was
     changed since safelora wrote it. A list returns one entry per adapter, as ``project`` does.
     """
+    from .adapters import peft as adapter_io
+    from .run import restore as restoring
+    from .stores import backups
+
     store = backups.BackupStore()
     outcomes: list[Restored | SafeLoraError] = []
     with adapter_io.open_all(_specs(adapter)) as opened:
@@ -513,9 +439,128 @@ def restore(adapter: StrPath | list[StrPath], *, force: bool = False) -> Restore
             except SafeLoraError as e:
                 e.adapter = named.path
                 outcomes.append(e)
-    if not isinstance(adapter, list) and len(outcomes) == 1:
-        only = outcomes[0]
-        if isinstance(only, SafeLoraError):
-            raise only
-        return only
-    return outcomes
+    result: Restored | list[Restored | SafeLoraError] = _one_or_all(adapter, outcomes)
+    return result
+
+
+def adapter_paths(specs: Sequence[StrPath]) -> list[Path]:
+    """The adapter directories ``specs`` name (globs expanded), without opening them."""
+    from .adapters import peft as adapter_io
+
+    return [path for path, _ in adapter_io.expand(specs)]
+
+
+def weights_file(adapter: Path) -> Path:
+    """The file ``project`` and ``restore`` rewrite in an adapter directory."""
+    from .adapters import peft as adapter_io
+
+    return adapter / adapter_io.ADAPTER_FILE
+
+
+# --- the projection cache and the kept originals ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CacheListing:
+    """What the projection cache and the backup store hold."""
+
+    pairs: list[PairSummary]
+    backups: list[Backup]
+    backups_root: Path
+
+
+@dataclass(frozen=True)
+class ClearedPairs:
+    """``cache_clear``: the pairs removed, and the keys of those kept (a running safelora computes them)."""
+
+    removed: list[PairSummary]
+    kept: list[str]
+    root: Path
+
+
+@dataclass(frozen=True)
+class RemovedBackups:
+    """Kept originals removed; ``kept_for_other_adapters`` counts those another adapter still needs."""
+
+    removed: list[Backup]
+    root: Path
+    kept_for_other_adapters: int = 0
+
+
+def cache_list() -> CacheListing:
+    """The cached pairs (with their modules) and the kept originals."""
+    from .stores.backups import BackupStore
+    from .stores.cache import ProjectionCache
+
+    store = BackupStore()
+    return CacheListing(ProjectionCache().pairs(), store.all(), store.root)
+
+
+def cache_remove(key: str) -> PairSummary:
+    """Remove one pair's cached operators, by its key or a unique prefix of it."""
+    from .stores.cache import ProjectionCache
+
+    return ProjectionCache().remove(key)
+
+
+def cache_clear() -> ClearedPairs:
+    """Remove every cached pair but those a running safelora is computing."""
+    from .stores.cache import ProjectionCache
+
+    cache = ProjectionCache()
+    removed, kept = cache.clear()
+    return ClearedPairs(removed, kept, cache.root)
+
+
+def backups_to_remove(adapters: Sequence[StrPath] = (), *, older_than_days: float | None = None) -> list[Backup]:
+    """The kept originals ``remove_backups`` would delete: those kept for ``adapters`` (when given) that
+    no other adapter needs, or every one kept more than ``older_than_days`` days ago (or every one)."""
+    if adapters:
+        return [b for b, dirs in _backups_of(adapters) if set(b.adapters) <= dirs or not b.adapters]
+    from .stores.backups import BackupStore
+
+    limit = time.time() - older_than_days * 86400 if older_than_days is not None else None
+    return [b for b in BackupStore().all() if limit is None or b.created < limit]
+
+
+def remove_backups(adapters: Sequence[StrPath] = (), *, older_than_days: float | None = None) -> RemovedBackups:
+    """Delete the kept originals ``backups_to_remove`` names; for ``adapters``, a backup another
+    adapter still needs is kept, and only these adapters are taken off its record."""
+    from .stores.backups import BackupStore
+
+    store = BackupStore()
+    if not adapters:
+        gone = backups_to_remove(older_than_days=older_than_days)
+        store.remove(gone)
+        return RemovedBackups(gone, store.root)
+    chosen = _backups_of(adapters)
+    gone = [b for b, dirs in chosen if set(b.adapters) <= dirs or not b.adapters]
+    store.remove(gone)
+    for backup, dirs in chosen:
+        if backup not in gone:
+            for d in dirs:
+                store.forget(backup, d)
+    return RemovedBackups(gone, store.root, len(chosen) - len(gone))
+
+
+def _backups_of(targets: Sequence[StrPath]) -> list[tuple[Backup, set[str]]]:
+    """The backups kept for these adapter directories: the one each one's provenance names, and any
+    recorded for its path. Each with the directories (absolute) it is being removed for."""
+    from .adapters import peft as adapter_io
+    from .stores.backups import BackupStore
+
+    store = BackupStore()
+    kept = store.all()
+    chosen: dict[str, tuple[Backup, set[str]]] = {}
+    for target in targets:
+        where = os.path.abspath(target)
+        found = [b for b in kept if where in b.adapters]
+        if os.path.isdir(target):
+            with adapter_io.opened(Path(target)) as opened:
+                sha = opened.provenance().get(adapter_io.PROVENANCE_PREFIX + "original")
+            found += [b for b in kept if b.sha256 == sha]
+        if not found:
+            raise SafeLoraError(f"{os.fspath(target)}: no kept original in {store.root}")
+        for b in found:
+            chosen.setdefault(b.sha256, (b, set()))[1].add(where)
+    return list(chosen.values())

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .errors import SafeLoraError, UsageError
+from .errors import ConfigError, ConfigFileError, UsageError
 from .io import safefs
 
 PRESET_PACKAGE = "safelora_cli.configs"
@@ -27,7 +27,7 @@ MAX_BYTES = 1 << 20  # a config is a few lines; anything larger is not one
 MAX_DEPTH = 8  # mapping → list of adapters → scalar is 3; room to spare, none for a recursion bomb
 _INT_MIN, _INT_MAX = -(2**63), 2**64
 _MAX_INT_CHARS = 70  # 0b and 64 binary digits, with room for a sign
-_FIX = "give --config a YAML file of option names and values"
+_FIX = ConfigError.fix
 _REINSTALL = "the installed presets are damaged; reinstall safelora"
 
 # Checks one option value the way the command line would ("threshold", 7): the reason it is
@@ -136,14 +136,14 @@ def _parse(text: str, where: str, fix: str) -> tuple[object, dict[str, int]]:
         finally:
             loader.dispose()
     except _Refused as e:
-        raise UsageError(f"{where}:{e.line}: {e}") from None
+        raise ConfigError(f"{where}:{e.line}: {e}") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         at = f":{mark.line + 1}" if mark is not None else ""
-        raise UsageError(f"{where}{at}: not valid YAML ({e.problem or e.context}); {fix}") from None
+        raise ConfigError(f"{where}{at}: not valid YAML ({e.problem or e.context}); {fix}") from None
     except yaml.reader.ReaderError as e:
         row = text.count("\n", 0, e.position) + 1
-        raise UsageError(f"{where}:{row}: not valid YAML ({str(e).splitlines()[0]}); {fix}") from None
+        raise ConfigError(f"{where}:{row}: not valid YAML ({str(e).splitlines()[0]}); {fix}") from None
     lines = {}
     if isinstance(node, yaml.MappingNode):
         lines = {str(k.value): k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
@@ -162,7 +162,7 @@ def load_options(text: str, where: str, known: Collection[str], check: ValueChec
         for key, value in options.items():
             reason = check(key, value)
             if reason is not None:
-                raise UsageError(f"{_at(where, lines, key)}: {key}: {reason}")
+                raise ConfigError(f"{_at(where, lines, key)}: {key}: {reason}")
     return options
 
 
@@ -179,12 +179,12 @@ def _at(where: str, lines: Mapping[str, int], key: str) -> str:
 
 def _checked(doc: object, where: str, known: Collection[str], lines: Mapping[str, int]) -> dict[str, Any]:
     if not isinstance(doc, dict) or not all(isinstance(k, str) for k in doc):
-        raise UsageError(f"{where}: expected a mapping of option names to values; {_FIX}")
+        raise ConfigError(f"{where}: expected a mapping of option names to values; {_FIX}")
     options: dict[str, Any] = {}
     for key, value in doc.items():
         name = key.replace("-", "_")
         if name in options:
-            raise UsageError(f"{_at(where, lines, key)}: {key} repeats an option given above; name each option once")
+            raise ConfigError(f"{_at(where, lines, key)}: {key} repeats an option given above; name each option once")
         options[name] = value
     unknown = [k for k in doc if k.replace("-", "_") not in known]
     if unknown:
@@ -193,7 +193,7 @@ def _checked(doc: object, where: str, known: Collection[str], lines: Mapping[str
             close = difflib.get_close_matches(key.replace("-", "_"), list(known), n=1)
             hint = f" (did you mean {close[0].replace('_', '-') if '-' in key else close[0]}?)" if close else ""
             problems.append(f"{_at(where, lines, key)}: unknown key {key}{hint}")
-        raise UsageError(f"{'; '.join(problems)}; known keys: {', '.join(sorted(known))}")
+        raise ConfigError(f"{'; '.join(problems)}; known keys: {', '.join(sorted(known))}")
     return options
 
 
@@ -203,12 +203,12 @@ def load_file(path: Path, known: Collection[str], check: ValueCheck | None = Non
     A file that cannot be read as such (missing, a FIFO or device, too large, an OS error) is an
     input error, exit 1; what it says is judged as usage, exit 2.
     """
-    raw, _ = safefs.read_small(path, SafeLoraError, MAX_BYTES, fix=_FIX)
+    raw, _ = safefs.read_small(path, ConfigFileError, MAX_BYTES, fix=_FIX)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
-        raise UsageError(f"{path}:{line}: not UTF-8 (byte {e.start}); save the config as UTF-8") from None
+        raise ConfigError(f"{path}:{line}: not UTF-8 (byte {e.start}); save the config as UTF-8") from None
     return load_options(text, str(path), known, check)
 
 
@@ -236,7 +236,7 @@ def presets() -> dict[str, Preset]:
             name = entry.name.removesuffix(".yaml")
             doc, _ = _parse(entry.read_text(encoding="utf-8"), f"preset {name}", _REINSTALL)
             if not (isinstance(doc, dict) and isinstance(doc.get("base"), str) and isinstance(doc.get("aligned"), str)):
-                raise UsageError(f"preset {name}: needs base and aligned repo ids; {_REINSTALL}")
+                raise ConfigError(f"preset {name}: needs base and aligned repo ids; {_REINSTALL}")
             found[name] = Preset(name, doc["base"], doc["aligned"], doc)
     return dict(sorted(found.items()))
 
@@ -245,7 +245,7 @@ def preset(name: str) -> Preset:
     """The preset called ``name``; a usage error listing the choices otherwise."""
     all_presets = presets()
     if name not in all_presets:
-        raise UsageError(f"--preset {name}: no such preset; choose one of {', '.join(all_presets)}")
+        raise UsageError(f"preset {name}: no such preset; choose one of {', '.join(all_presets)}", option="preset")
     return all_presets[name]
 
 

@@ -1,6 +1,6 @@
 """The tool's error types. A message states the problem; what to do about it in terms of command-line
-flags is added by the command line, from the error's type (``cli._HINTS``), so the Python API's
-messages never name flags.
+flags is added by the command line, from the error's type and fields (``cli/_errors.py``), so the
+Python API's messages never name flags.
 """
 
 from __future__ import annotations
@@ -16,6 +16,15 @@ class SafeLoraError(Exception):
 
     exit_code = 1
     adapter: Path | None = None
+    # The option the message starts with, by its Python name ("preset", "plot"): the command line
+    # writes it as its flag (--preset), so that the message itself names none.
+    option: str | None = None
+    # How the message ends, when it ends in a fix the command line words in flags instead.
+    fix: str | None = None
+
+    def __init__(self, *args: object, option: str | None = None) -> None:
+        super().__init__(*args)
+        self.option = option
 
 
 class SourceError(SafeLoraError):
@@ -79,6 +88,22 @@ class ExtraFileError(SafeLoraError):
     """A file asked for besides the adapter (a summary, a plot) cannot be written as asked."""
 
 
+class PlotFileError(ExtraFileError):
+    """The plot's path names something other than a regular file."""
+
+    fix = "choose another path"
+
+
+class AdapterNotLocalError(AdapterError):
+    """An adapter given as a Hub repo id: adapters are local directories."""
+
+    fix = "download it first and pass that directory"
+
+    def __init__(self, problem: str, repo: str) -> None:
+        super().__init__(f"{problem}; {self.fix}")
+        self.repo = repo
+
+
 class NumericError(SafeLoraError):
     """A tensor holds NaN or Inf."""
 
@@ -103,6 +128,18 @@ class UsageError(SafeLoraError):
     """Options that contradict each other; exit 2 like any usage error."""
 
     exit_code = 2
+
+
+class ConfigFileError(SafeLoraError):
+    """A config file that cannot be read as one (missing, not a regular file, too large)."""
+
+    fix = "give a YAML file of option names and values"
+
+
+class ConfigError(UsageError):
+    """A config that is not a mapping of known option names to values the options take."""
+
+    fix = ConfigFileError.fix
 
 
 class MissingBaseError(UsageError):

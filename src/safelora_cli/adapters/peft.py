@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..errors import AdapterError, InPlaceError, OutputError, OutputNotEmptyError, UsageError
+from ..errors import AdapterError, AdapterNotLocalError, InPlaceError, OutputError, OutputNotEmptyError, UsageError
 from ..io import atomic, safefs, stfile, strict
 from ..io.atomic import TMP_MARK
 from ..sources import parse_ref
@@ -309,9 +309,8 @@ def open_dir(path: Path) -> safefs.Directory:
             ref = parse_ref(str(path))
             if ref is not None and ref.revision is None:
                 # A Hub repo id (``org/name``) given where a directory is expected: say what to do instead.
-                raise AdapterError(
-                    f"{path}: no such directory, and adapters are local directories; download it first "
-                    f"(hf download {path} --local-dir DIR) and pass that directory"
+                raise AdapterNotLocalError(
+                    f"{path}: no such directory, and adapters are local directories", str(path)
                 ) from None
         raise
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich import box
 from rich.console import Console, Group
@@ -32,13 +32,14 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from ..api import Backup, CheckResult, Inspection, LayerResult, Report, Restored
+from .. import api
+from ..api import printable
 from ..errors import SafeLoraError
-from ..outputs.histogram import histogram_lines
-from ..outputs.table import Sort, table_rows
-from ..outputs.text import console as make_console
-from ..outputs.text import line, printable
-from ..stores.cache import PairSummary
+from .console import console as make_console
+from .console import line
+
+if TYPE_CHECKING:
+    from ..api import Backup, CheckResult, Inspection, LayerResult, PairSummary, Report, Restored, Sort
 
 
 class Sink:
@@ -99,7 +100,7 @@ def render(report: Report, console: Console, *, sort: Sort = "layer", projected_
     """The per-module table (in ``sort`` order, all modules or ``projected_only``), the histogram of
     the similarities, the skipped tensors, notes and a one-line summary."""
     if report.layers:
-        rows = table_rows(report, sort, projected_only)
+        rows = api.table_rows(report, sort, projected_only)
         # The heading is a line of its own, not the table's title, which would wrap a long path.
         console.print(line(("Safe LoRA · ", "italic"), (report.adapter, "italic")), highlight=False, soft_wrap=True)
         if rows:
@@ -140,7 +141,7 @@ def _histogram(report: Report, console: Console) -> None:
     except (UnicodeEncodeError, LookupError):
         ascii = True
     k = report.num_layers if report.mode == "number" else None
-    lines = histogram_lines(
+    lines = api.histogram_lines(
         [layer.similarity for layer in report.layers],
         report.threshold,
         [layer.projected for layer in report.layers],

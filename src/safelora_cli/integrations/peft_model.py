@@ -151,21 +151,12 @@ def project_model(
     *,
     base: api.StrPath,
     aligned: api.StrPath,
-    threshold: float | None = None,
-    num_layers: int | None = None,
     adapter_name: str = "default",
-    precision: api.Precision = "float32",
-    device: api.Device | None = None,
-    cache: bool = True,
-    base_revision: str | None = None,
-    aligned_revision: str | None = None,
-    allow_dora: bool = False,
-    token: str | None = None,
-    connections: int = 8,
+    **options: Any,
 ) -> ModelReport:
     """Run Safe LoRA on a loaded ``peft.PeftModel``'s LoRA adapter, patching its lora_B in place.
 
-    The options are ``project``'s. ``device`` is where the projection is computed: by default CUDA
+    The options are ``project``'s (``Options``). ``device`` is where the projection is computed: by default CUDA
     when the adapter's lora_B parameters are on a CUDA device, else the CPU; the parameters stay on
     their own device and in their own dtype either way. The adapter is projected as PEFT saves it,
     so the result equals ``project`` on ``model.save_pretrained(DIR)``; the model is patched only
@@ -178,28 +169,13 @@ def project_model(
     started = time.perf_counter()
     _check_model(model, adapter_name, "project_model")
     params = _lora_b(model, adapter_name)
-    if device is None:
-        device = "cuda" if any(p.device.type == "cuda" for p in params.values()) else "cpu"
+    if options.get("device") is None:
+        options["device"] = "cuda" if any(p.device.type == "cuda" for p in params.values()) else "cpu"
     label = _label(adapter_name)
     with tempfile.TemporaryDirectory(prefix="safelora-model-") as tmp:
         saved = _save(model, adapter_name, Path(tmp) / "saved")
         try:
-            report = api.project(
-                saved,
-                base=base,
-                aligned=aligned,
-                base_revision=base_revision,
-                aligned_revision=aligned_revision,
-                threshold=threshold,
-                num_layers=num_layers,
-                output=Path(tmp) / "projected",
-                precision=precision,
-                device=device,
-                cache=cache,
-                allow_dora=allow_dora,
-                token=token,
-                connections=connections,
-            )
+            report = api.project(saved, base=base, aligned=aligned, output=Path(tmp) / "projected", **options)
             with adapter_io.opened(Path(tmp) / "projected") as projected:
                 updates = _updates(projected, report, params, adapter_name)
                 provenance = projected.provenance()

@@ -50,7 +50,7 @@ class SafeLoraCallback(TrainerCallback):
     passes. The checkpoint's own files are never changed (only a ``safelora/`` an earlier run left
     for the same step is replaced), so ``resume_from_checkpoint`` resumes the real training state;
     the adapter the Trainer loads from ``safelora/`` when resuming is dropped (``on_train_begin``).
-    The options are ``project``'s, checked here rather than at the first save (``model_card``
+    The options are ``project``'s (``Options``), checked here rather than at the first save (``model_card``
     writes the Safe LoRA section into ``safelora/README.md``).
 
     ``Trainer.save_model()`` fires no callback: run ``safelora_cli.project(out_dir, base=…,
@@ -67,36 +67,12 @@ class SafeLoraCallback(TrainerCallback):
         *,
         base: api.StrPath,
         aligned: api.StrPath,
-        threshold: float | None = None,
-        num_layers: int | None = None,
         adapter_name: str = "default",
-        precision: api.Precision = "float32",
-        device: api.Device = "auto",
-        cache: bool = True,
-        base_revision: str | None = None,
-        aligned_revision: str | None = None,
-        allow_dora: bool = False,
-        token: str | None = None,
-        connections: int = 8,
-        model_card: bool = False,
         on_error: Literal["warn", "raise"] = "warn",
+        **options: Any,
     ) -> None:
-        self.options: dict[str, Any] = {
-            "base": base,
-            "aligned": aligned,
-            "base_revision": base_revision,
-            "aligned_revision": aligned_revision,
-            "threshold": threshold,
-            "num_layers": num_layers,
-            "precision": precision,
-            "device": device,
-            "cache": cache,
-            "allow_dora": allow_dora,
-            "token": token,
-            "connections": connections,
-            "model_card": model_card,
-        }
-        api.settings_from(self.options)
+        api.Options.check_names("SafeLoraCallback", options)
+        self.options = api.Options(base=base, aligned=aligned, **options).checked()
         if adapter_name == SANITIZED:
             raise UsageError(
                 f"adapter_name {SANITIZED!r}: PEFT saves that adapter where the sanitized copy goes "
@@ -166,7 +142,7 @@ class SafeLoraCallback(TrainerCallback):
             scratch = Path(tmp)
             _copy_adapter(source, scratch)
             try:
-                report = api.project(scratch, output=checkpoint / SANITIZED, **self.options)
+                report = api.run(scratch, replace(self.options, output=checkpoint / SANITIZED))
             except SafeLoraError as e:
                 raise relabel(e, scratch, str(source)) from None
         return replace(report, adapter=source, notes=[n.replace(str(scratch), str(source)) for n in report.notes])

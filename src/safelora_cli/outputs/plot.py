@@ -16,7 +16,7 @@ import stat
 import warnings
 from pathlib import Path
 
-from ..errors import ExtraFileError, MissingExtraError, UsageError
+from ..errors import ExtraFileError, MissingExtraError, PlotFileError, UsageError
 from ..io import atomic, safefs, stfile
 from ..results import Report, finite
 from .markdown import clip
@@ -40,7 +40,9 @@ def require_matplotlib() -> None:
     try:
         importlib.import_module("matplotlib")
     except ImportError:
-        raise MissingExtraError(f"--plot needs matplotlib, which is not installed: {INSTALL_HINT}") from None
+        raise MissingExtraError(
+            f"plot needs matplotlib, which is not installed: {INSTALL_HINT}", option="plot"
+        ) from None
 
 
 def check_plot_path(path: Path) -> str:
@@ -48,7 +50,7 @@ def check_plot_path(path: Path) -> str:
     a ``UsageError`` naming the choices."""
     suffix = path.suffix.lower()
     if suffix not in FORMATS or not path.stem:
-        raise UsageError(f"--plot {printable(path)}: the chart is written as FILE.png or FILE.svg")
+        raise UsageError(f"plot {printable(path)}: the chart is written as FILE.png or FILE.svg", option="plot")
     return suffix[1:]
 
 
@@ -195,9 +197,7 @@ def _write(path: Path, data: bytes) -> None:
     with safefs.Directory(path.parent, ExtraFileError, fix="create the directory first") as directory:
         st = directory.lstat(name)
         if st is not None and not stat.S_ISREG(st.st_mode):
-            raise ExtraFileError(
-                f"{path}: is {safefs.kind(st.st_mode)}, not a regular file; choose another --plot path"
-            )
+            raise PlotFileError(f"{path}: is {safefs.kind(st.st_mode)}, not a regular file; {PlotFileError.fix}")
         try:
             atomic.write_file(directory, name, [data], 0o644)
             stfile.fsync(directory.fd)

@@ -1,0 +1,261 @@
+"""What the commands share: the command class that makes --help read well, and the option aliases."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.markup import escape
+from typer.core import TyperArgument, TyperCommand, TyperOption
+
+from .. import api
+
+if TYPE_CHECKING:
+    from ..api import Sort
+
+
+class Command(TyperCommand):
+    """A command whose --help reads well: positional arguments show their metavar, not Typer's
+    ``<list[str]>``, -h/--help shows no ``<bool>``, the docstring's paragraphs are re-flowed to
+    the terminal's width instead of keeping the source's line breaks, and brackets in the text
+    (``org/name[@revision]``, ``safelora[plot]``) stay text instead of being read as Rich markup."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if isinstance(param, TyperArgument) and param.metavar:
+                param.display_type_rich = lambda ctx: None  # type: ignore[method-assign]
+            if getattr(param, "help", None):
+                param.help = escape(param.help)  # type: ignore[attr-defined]
+        if self.help:
+            paragraphs = inspect.cleandoc(self.help).split("\n\n")
+            self.help = escape("\n\n".join(" ".join(p.split("\n")) for p in paragraphs))
+        if self.epilog:
+            self.epilog = escape(self.epilog)
+
+    def get_help_option(self, ctx: Any) -> TyperOption | None:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.display_type_rich = lambda ctx: None  # type: ignore[method-assign]
+        return option
+
+
+def flag(names: str, help: str, *short: str) -> Any:
+    """A boolean flag with its --no- form: no metavar, and the default shown as the flag that is on."""
+    return typer.Option(names, *short, help=help, metavar="")
+
+
+BaseOpt = Annotated[
+    str | None,
+    typer.Option(
+        metavar="REF",
+        help="The unaligned base model: a local directory (safetensors, single or sharded, or .bin), or a Hub "
+        "repo org/name[@revision]. An existing local path wins; hf://org/name always means the Hub. "
+        "Default: the preset's base when --aligned is a preset's aligned model.",
+        show_default=False,
+    ),
+]
+AlignedOpt = Annotated[
+    str | None,
+    typer.Option(
+        metavar="REF",
+        help="The aligned (chat) model, as --base. Default: adapter_config.json's base_model_name_or_path when "
+        "it is a local directory or a Hub repo id.",
+        show_default=False,
+    ),
+]
+BaseRevisionOpt = Annotated[
+    str | None,
+    typer.Option(metavar="REV", help="Branch, tag or commit sha of a Hub --base (default: main).", show_default=False),
+]
+AlignedRevisionOpt = Annotated[
+    str | None,
+    typer.Option(
+        metavar="REV", help="Branch, tag or commit sha of a Hub --aligned (default: main).", show_default=False
+    ),
+]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        metavar="TOKEN",
+        help="Hugging Face token for gated or private repos. Default: HF_TOKEN, then the stored login. "
+        "Never printed or stored.",
+        show_default=False,
+    ),
+]
+ConnectionsOpt = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        max=64,
+        metavar="N",
+        help="HTTP connections for Hub downloads, shared by --base and --aligned: the byte ranges a run "
+        "needs are fetched over this many at once.",
+    ),
+]
+NoCacheOpt = Annotated[
+    bool, flag("--no-cache/--cache", "Neither read nor write the projection cache (SAFELORA_CACHE).")
+]
+AdapterArgs = Annotated[
+    list[str] | None,
+    typer.Argument(
+        metavar="ADAPTER",
+        help="PEFT LoRA adapter directories (or quoted globs such as 'adapters/*'), as --adapter.",
+        show_default=False,
+    ),
+]
+AdaptersOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--adapter",
+        metavar="DIR",
+        help="A PEFT LoRA adapter directory. Repeat it, or give a quoted glob ('adapters/*'), for several "
+        "against one pair: each projection operator is read or computed once for all. A path that exists "
+        "is taken as it is, never as a glob.",
+        show_default=False,
+    ),
+]
+ThresholdOpt = Annotated[
+    float | None,
+    typer.Option(
+        min=-1.0,
+        max=1.0,
+        metavar="τ",
+        help="Project every module whose similarity (rounded to 5 decimals) is ≤ τ. [default: 0.5]",
+    ),
+]
+NumLayersOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=1, metavar="K", help="Number mode: project the K modules with the lowest similarities (ties included)."
+    ),
+]
+OutputOpt = Annotated[
+    Path | None,
+    typer.Option(
+        metavar="DIR",
+        help="Write a complete patched adapter directory here and leave the source untouched.",
+        show_default=False,
+    ),
+]
+DryRunOpt = Annotated[bool, flag("--dry-run/--no-dry-run", "Compute and report; write nothing.")]
+JsonOpt = Annotated[
+    bool, flag("--json/--no-json", "One JSON document on stdout (an array for several); the rest goes to stderr.")
+]
+QuietOpt = Annotated[bool, flag("--quiet/--no-quiet", "Print nothing but errors (and the JSON with --json).", "-q")]
+AllowDoraOpt = Annotated[
+    bool,
+    flag("--allow-dora/--no-allow-dora", "Project lora_B of a DoRA adapter; magnitudes are left unchanged."),
+]
+NoBackupOpt = Annotated[
+    bool,
+    flag(
+        "--no-backup/--backup",
+        "Keep no copy of the original before an in-place rewrite (SAFELORA_BACKUPS): restore then cannot undo the run.",
+    ),
+]
+ForceOpt = Annotated[
+    bool,
+    flag(
+        "--force/--no-force",
+        "Project an adapter changed since safelora projected it, or one whose original is not kept (again, on "
+        "top of the projection); reuse a non-empty --output.",
+    ),
+]
+ModelCardOpt = Annotated[
+    bool,
+    flag(
+        "--model-card/--no-model-card",
+        "Write a Safe LoRA section (version, pair, settings, projected modules) into the written adapter's "
+        "README.md, between markers (a rerun replaces it), and tag the card safelora.",
+    ),
+]
+SummaryOpt = Annotated[
+    Path | None,
+    typer.Option(
+        metavar="FILE",
+        help="Append a Markdown section per adapter to FILE: the pair, the settings, the counts, a Mermaid chart "
+        "of the similarities and the projected modules. Default: $GITHUB_STEP_SUMMARY when set (GitHub "
+        "Actions); --quiet does not stop it.",
+        show_default=False,
+    ),
+]
+PlotOpt = Annotated[
+    Path | None,
+    typer.Option(
+        metavar="FILE",
+        help="Draw each module's similarity, by layer, with τ, to FILE.png or FILE.svg (needs safelora[plot]). "
+        "Several adapters: FILE-1.png, FILE-2.png, … in the order they are reported.",
+        show_default=False,
+    ),
+]
+SORTS: dict[str, Sort] = {"layer": "layer", "similarity": "similarity"}
+PRECISIONS: dict[str, api.Precision] = {"float32": "float32", "float64": "float64"}
+DEVICES: dict[str, api.Device] = {"auto": "auto", "cpu": "cpu", "cuda": "cuda"}
+
+
+def _one_of(choices: Mapping[str, str]) -> Callable[[str], str]:
+    """An option's check of its value against ``choices``: part of parsing the option, so that the
+    same value from a --config file is refused with the file and line."""
+
+    def check(value: str) -> str:
+        if value not in choices:
+            raise typer.BadParameter(f"expected one of {', '.join(choices)}")
+        return value
+
+    return check
+
+
+def complete(choices: Mapping[str, str]) -> Callable[[str], list[str]]:
+    return lambda incomplete: [c for c in choices if c.startswith(incomplete)]
+
+
+def _choice(choices: Mapping[str, str], metavar: str, help: str) -> Any:
+    """An option that takes one of ``choices``, checked while parsing and completed in the shell."""
+    return typer.Option(metavar=metavar, help=help, callback=_one_of(choices), autocompletion=complete(choices))
+
+
+SortOpt = Annotated[str, _choice(SORTS, "KEY", "Order of the table's rows: layer, or similarity (lowest first).")]
+ProjectedOnlyOpt = Annotated[
+    bool, flag("--projected-only/--all-modules", "List only the projected modules in the table.")
+]
+
+
+def complete_preset(incomplete: str) -> list[str]:
+    return [name for name in api.preset_names() if name.startswith(incomplete)]
+
+
+PrecisionOpt = Annotated[str, _choice(PRECISIONS, "float32|float64", "Compute precision.")]
+DeviceOpt = Annotated[str, _choice(DEVICES, "auto|cpu|cuda", "Where the math runs (auto: CUDA when present).")]
+
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        metavar="FILE",
+        help="YAML file with any of these options (keys like num_layers or num-layers); flags given here win.",
+        show_default=False,
+    ),
+]
+PresetOpt = Annotated[
+    str | None,
+    typer.Option(
+        metavar="NAME",
+        autocompletion=complete_preset,
+        help="A shipped pair: llama-2-7b, llama-2-13b, llama-3-8b, llama-3.1-8b, mistral-7b, qwen2.5-7b, gemma-2-9b.",
+        show_default=False,
+    ),
+]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.", metavar="")]
+
+
+def adapter_specs(positional: list[str] | None, option: list[str] | None) -> list[str]:
+    """Adapters given as arguments and with --adapter, in that order; at least one."""
+    specs = [*(positional or []), *(option or [])]
+    if not specs:
+        raise typer.BadParameter("give an adapter directory (as an argument or with --adapter)", param_hint="ADAPTER")
+    return specs

@@ -1,0 +1,143 @@
+"""``safelora check``, ``inspect`` and ``restore``: an adapter's provenance, judged, shown or undone."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Annotated
+
+import typer
+
+from .. import api
+from ..errors import SafeLoraError, UsageError
+from . import render as rendering
+from ._batch import deliver, expanded, interruptible
+from ._errors import after_write, describe, errors
+from ._options import AdapterArgs, AdaptersOpt, JsonOpt, QuietOpt, TokenOpt, adapter_specs, flag
+
+CHECK_EXAMPLES = """Examples:
+
+  safelora check ./my-adapter
+
+  safelora check 'adapters/*' --base meta-llama/Llama-2-7b-hf --aligned meta-llama/Llama-2-7b-chat-hf --json
+"""
+
+
+def check(
+    adapters: AdapterArgs = None,
+    adapter: AdaptersOpt = None,
+    base: Annotated[
+        str | None,
+        typer.Option(
+            metavar="REF", help="Also require this base model (a directory or a Hub repo).", show_default=False
+        ),
+    ] = None,
+    aligned: Annotated[
+        str | None,
+        typer.Option(
+            metavar="REF", help="Also require this aligned model (a directory or a Hub repo).", show_default=False
+        ),
+    ] = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Gate: is each adapter sanitized by safelora, unmodified since, and (optionally) against this pair?
+
+    Every adapter given is judged. Exit codes: 0 all sanitized; 3 any never sanitized, sanitized
+    against another pair, or modified since (and none errored); 1 any error (unreadable adapter or
+    checkpoint); 2 usage.
+    """
+    specs = adapter_specs(adapters, adapter)
+    if (base is None) != (aligned is None):
+        raise typer.BadParameter("give both --base and --aligned, or neither", param_hint="--base/--aligned")
+    sink = rendering.Sink(as_json=as_json, quiet=quiet)
+    paths = expanded(specs)
+    results: list[api.CheckResult | SafeLoraError] = []
+    with errors(sink, paths), interruptible(paths, in_place=False):
+        for path in paths():
+            try:
+                results.append(api.check(path, base=base, aligned=aligned, token=token))
+            except UsageError:
+                raise
+            except SafeLoraError as e:
+                e.adapter = path
+                results.append(e)
+    deliver(sink, results, api.CheckResult.to_json, rendering.render_check)
+    sink.emit(batch=len(results) > 1)
+    if sink.failed:
+        raise typer.Exit(1)
+    if not all(not isinstance(r, SafeLoraError) and r.ok for r in results):
+        raise typer.Exit(3)
+
+
+INSPECT_EXAMPLES = """Examples:
+
+  safelora inspect ./my-adapter
+
+  safelora inspect ./my-adapter --json
+"""
+
+
+def inspect_(
+    adapters: AdapterArgs = None,
+    adapter: AdaptersOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Show what an adapter is (modules, ranks, dtypes, size, targets, DoRA…), its provenance, and
+    whether the original of a projected adapter is kept (restore can bring it back)."""
+    specs = adapter_specs(adapters, adapter)
+    sink = rendering.Sink(as_json=as_json, quiet=quiet)
+    paths = expanded(specs)
+    with errors(sink, paths):
+        for path in paths():
+            try:
+                info = api.inspect(path)
+            except UsageError:
+                raise
+            except SafeLoraError as e:
+                sink.fail(path, describe(e))
+                continue
+            sink.add(info.to_json(), partial(rendering.render_inspection, info))
+    sink.emit(batch=len(paths()) > 1)
+    if sink.failed:
+        raise typer.Exit(1)
+
+
+RESTORE_EXAMPLES = """Examples:
+
+  safelora restore ./my-adapter
+
+  safelora restore 'adapters/*' --json
+"""
+
+
+def restore(
+    adapters: AdapterArgs = None,
+    adapter: AdaptersOpt = None,
+    force: Annotated[
+        bool, flag("--force/--no-force", "Restore an adapter changed since safelora projected it (losing the change).")
+    ] = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Put back the original adapter_model.safetensors that an in-place project kept, byte for byte.
+
+    The original comes from the backup store (SAFELORA_BACKUPS), found by the sha256 in the
+    adapter's provenance; the rewrite is atomic and locked, as project's. Refused for an adapter
+    changed since safelora wrote it (its edits would be lost), unless --force.
+    """
+    specs = adapter_specs(adapters, adapter)
+    sink = rendering.Sink(as_json=as_json, quiet=quiet)
+    paths = expanded(specs)
+    with errors(sink, paths), interruptible(paths, in_place=True):
+        outcomes = api.restore(list(specs), force=force)
+    failed = sum(isinstance(o, SafeLoraError) for o in outcomes)
+
+    def show() -> None:
+        deliver(sink, outcomes, api.Restored.to_json, rendering.render_restored)
+        sink.emit(batch=len(outcomes) > 1)
+
+    after_write(show)
+    if failed:
+        raise typer.Exit(1)
