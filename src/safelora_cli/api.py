@@ -327,30 +327,18 @@ def _project(
             if (problem := store.problem()) is not None:
                 notes.append(problem)
                 store = None
-        hub = sources.Hub.from_env(options.get("token"), store.refs if store is not None else None)
+        refs = store.refs if store is not None else None
+        hub = sources.Hub.from_env(options.get("token"), refs, options.get("connections", 8))
         adapters = stack.enter_context(adapter_io.open_all(specs))
         aligned = options.get("aligned") or _aligned_default(adapters, notes)
         base = options.get("base") or _base_from_preset(aligned, notes)
         _note_swapped(base, aligned, adapters, notes)
-        connections = options.get("connections", 8)
         base_src = sources.open_source(
-            base,
-            options.get("base_revision"),
-            role="base",
-            hub=hub,
-            transfer=events,
-            notes=notes,
-            connections=connections,
+            base, options.get("base_revision"), role="base", transfer=events, notes=notes, settings=[hub]
         )
         stack.callback(base_src.close)
         aligned_src = sources.open_source(
-            aligned,
-            options.get("aligned_revision"),
-            role="aligned",
-            hub=hub,
-            transfer=events,
-            notes=notes,
-            connections=connections,
+            aligned, options.get("aligned_revision"), role="aligned", transfer=events, notes=notes, settings=[hub]
         )
         stack.callback(aligned_src.close)
         _refuse_same(base_src, aligned_src)
@@ -469,7 +457,9 @@ def _identity(spec: StrPath, role: str, token: str | None) -> str:
     """How provenance names a checkpoint (``path@fingerprint`` or ``repo@sha``), reading no weights."""
     store = ProjectionCache()
     hub = sources.Hub.from_env(token, store.refs if store.problem() is None else None)
-    src = sources.open_source(os.fspath(spec), None, role=role, hub=hub, transfer=sources.QuietTransfer(), notes=[])
+    src = sources.open_source(
+        os.fspath(spec), None, role=role, transfer=sources.QuietTransfer(), notes=[], settings=[hub]
+    )
     try:
         return pipeline.source_info(src).identity
     finally:
