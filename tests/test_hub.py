@@ -292,6 +292,30 @@ def test_offline_without_caches_fails_naming_what_is_missing(
     assert hub.requests == []
 
 
+def test_offline_with_the_commit_known_but_no_files_names_the_download_on_the_command_line(
+    cli: Cli,
+    hub: FakeHub,
+    llama_adapter: Path,
+    llama_pair: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The error carries the repo and commit; the command line words them as the download to run."""
+    sha = hub.sha("org/base", "main")
+    refs = tmp_path / "hf" / "models--org--base" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text(sha)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    line = one_line_error(cli("project", llama_adapter, "--base", "org/base", "--aligned", llama_pair[1], "--dry-run"))
+    assert line == (
+        f"error: HF_HUB_OFFLINE=1: org/base@{sha[:12]} needs model.safetensors or model.safetensors.index.json "
+        f"and its shards, not in the Hugging Face cache ({tmp_path / 'hf'}); download once online "
+        f"(hf download org/base --revision {sha}) or unset HF_HUB_OFFLINE"
+    )
+    assert hub.requests == []
+
+
 def test_offline_runs_from_the_projection_cache(
     cli: Cli, hub: FakeHub, llama_adapter: Path, other_adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -112,7 +112,8 @@ app = typer.Typer(
 
 # What to do about an error, in flags: the core's messages state the problem, the command line
 # adds how to get past it (the most specific type wins).
-_HINTS: dict[type[SafeLoraError], str] = {
+# A hint is a suffix, or a function of the error when its fields say what to do.
+_HINTS: dict[type[SafeLoraError], str | Callable[[Any], str]] = {
     e_.InPlaceError: "; pass --output DIR for a patched copy",
     e_.OutputError: "; choose another --output",
     e_.OutputNotEmptyError: "; choose another --output, or pass --force to reuse it",
@@ -123,6 +124,7 @@ _HINTS: dict[type[SafeLoraError], str] = {
     e_.DeviceError: "; use --device cpu or auto",
     e_.BackupNotKeptError: ", or pass --no-backup",
     e_.HubAccessError: " (--token or HF_TOKEN)",
+    e_.HubOfflineError: lambda e: f" (hf download {e.repo_id} --revision {e.revision}) or unset HF_HUB_OFFLINE",
     e_.MissingBaseError: "; pass --base (or --preset)",
     e_.MissingAlignedError: "; pass --aligned (or --preset)",
 }
@@ -131,7 +133,7 @@ _HINTS: dict[type[SafeLoraError], str] = {
 def describe(error: SafeLoraError) -> str:
     """The error's one line as the command line prints it: the problem, then the flag that helps."""
     hint = next((_HINTS[cls] for cls in type(error).__mro__ if cls in _HINTS), "")
-    return f"{error}{hint}"
+    return f"{error}{hint if isinstance(hint, str) else hint(error)}"
 
 
 def _flag(names: str, help: str, *short: str) -> Any:

@@ -22,7 +22,7 @@ import torch
 from huggingface_hub import get_token, hf_hub_download, hf_hub_url
 
 from ..._version import __version__
-from ...errors import HubError, SourceError, UsageError
+from ...errors import HubError, HubOfflineError, SourceError, UsageError
 from ...io import safefs, stfile
 from ..base import (
     BIN_INDEX,
@@ -174,11 +174,12 @@ class HubSource(Source):
         path = self.hub.snapshot(self.repo_id, self.sha) / filename
         return path if exists(path) else None
 
-    def _offline_missing(self, filenames: Collection[str]) -> HubError:
-        return HubError(
+    def _offline_missing(self, filenames: Collection[str]) -> HubOfflineError:
+        return HubOfflineError(
             f"HF_HUB_OFFLINE=1: {self.where()} needs {', '.join(sorted(filenames))}, not in the Hugging Face "
-            f"cache ({self.hub.hf_cache}); download once online (hf download {self.repo_id} --revision "
-            f"{self.sha}) or unset HF_HUB_OFFLINE"
+            f"cache ({self.hub.hf_cache}); download once online",
+            repo_id=self.repo_id,
+            revision=self.sha,
         )
 
     def _listing(self) -> set[str]:
