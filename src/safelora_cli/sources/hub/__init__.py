@@ -11,12 +11,11 @@ from __future__ import annotations
 from ...errors import HubRepoNotFoundError, HubUnreachableError, SourceError, UsageError
 from ..base import Source
 from ..registry import Register, Request, SourceKind
-from .settings import DEFAULT_CONNECTIONS, HF_PREFIX, MAX_CONNECTIONS, Hub, HubRef, RefMemo, hf_cache_dir, parse_ref
+from .settings import DEFAULT_CONNECTIONS, HF_PREFIX, Hub, HubRef, RefMemo, hf_cache_dir, parse_ref
 
 __all__ = [
     "DEFAULT_CONNECTIONS",
     "HF_PREFIX",
-    "MAX_CONNECTIONS",
     "Hub",
     "HubRef",
     "RefMemo",
