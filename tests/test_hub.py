@@ -31,9 +31,11 @@ from typer.testing import Result
 
 import safelora_cli
 from safelora_cli.adapters.peft import ADAPTER_FILE
+from safelora_cli.errors import HubError
 from safelora_cli.io.stfile import read_header
 from safelora_cli.sources import Hub, HubRef, QuietTransfer, parse_ref
-from safelora_cli.sources import hub as hub_module
+from safelora_cli.sources.hub import DEFAULT_CONNECTIONS, prefetch, resolve, transport
+from safelora_cli.sources.hub.source import HubSource, open_hub
 from safelora_cli.stores.cache import ProjectionCache
 
 Cli = Callable[..., Result]
@@ -168,7 +170,7 @@ def test_first_run_fetches_only_the_targeted_bytes_and_matches_the_local_run_bit
     # After resolving the branch once, every file request names the commit.
     assert not [path for _, path in hub.requests if "/resolve/main/" in path]
     assert all(path.startswith("/api/models/org/") or "/resolve/" in path for _, path in hub.requests)
-    assert hub.peak <= hub_module.DEFAULT_CONNECTIONS
+    assert hub.peak <= DEFAULT_CONNECTIONS
 
 
 def test_a_second_adapter_on_the_same_pair_transfers_no_tensor_bytes(
@@ -287,6 +289,30 @@ def test_offline_without_caches_fails_naming_what_is_missing(
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     line = one_line_error(cli("project", "--adapter", llama_adapter, "--base", "org/base", "--aligned", "org/aligned"))
     assert "HF_HUB_OFFLINE=1" in line and "org/base@main" in line
+    assert hub.requests == []
+
+
+def test_offline_with_the_commit_known_but_no_files_names_the_download_on_the_command_line(
+    cli: Cli,
+    hub: FakeHub,
+    llama_adapter: Path,
+    llama_pair: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The error carries the repo and commit; the command line words them as the download to run."""
+    sha = hub.sha("org/base", "main")
+    refs = tmp_path / "hf" / "models--org--base" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text(sha)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    line = one_line_error(cli("project", llama_adapter, "--base", "org/base", "--aligned", llama_pair[1], "--dry-run"))
+    assert line == (
+        f"error: HF_HUB_OFFLINE=1: org/base@{sha[:12]} needs model.safetensors or model.safetensors.index.json "
+        f"and its shards, not in the Hugging Face cache ({tmp_path / 'hf'}); download once online "
+        f"(hf download org/base --revision {sha}) or unset HF_HUB_OFFLINE"
+    )
     assert hub.requests == []
 
 
@@ -447,7 +473,7 @@ def test_a_dropped_connection_is_resumed_where_it_stopped(
     monkeypatch: pytest.MonkeyPatch,
     cdn: bool,
 ) -> None:
-    monkeypatch.setattr(hub_module, "_BACKOFF", 0.0)
+    monkeypatch.setattr(transport, "_BACKOFF", 0.0)
     hub = serve(cdn=cdn)
     base, aligned = llama_pair
     run(cli, llama_adapter, tmp_path / "local", "--base", base, "--aligned", aligned, "--no-cache")
@@ -505,9 +531,11 @@ def _wait_for(proc: subprocess.Popen[bytes], text: str) -> str:
 # -- parallel ranged reads ---------------------------------------------------------------------------
 
 
-def open_repo(hub: FakeHub, tmp_path: Path, connections: int, repo: str = "org/base") -> hub_module.HubSource:
-    settings = Hub(endpoint=hub.url, token=None, hf_cache=tmp_path / "hf-cache", offline=False, refs=None)
-    return hub_module.open_hub(HubRef(repo, None), settings, QuietTransfer(), connections)
+def open_repo(hub: FakeHub, tmp_path: Path, connections: int, repo: str = "org/base") -> HubSource:
+    settings = Hub(
+        endpoint=hub.url, token=None, hf_cache=tmp_path / "hf-cache", offline=False, refs=None, connections=connections
+    )
+    return open_hub(HubRef(repo, None), settings, QuietTransfer())
 
 
 def local_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -522,7 +550,7 @@ def header_bytes(model_dir: Path) -> int:
 def test_every_tensor_arrives_intact_over_1_or_8_connections_in_small_pieces(
     serve: Serve, llama_pair: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, connections: int
 ) -> None:
-    monkeypatch.setattr(hub_module, "_RANGE_BYTES", 4096)  # tensors span pieces, pieces span tensors
+    monkeypatch.setattr(prefetch, "_RANGE_BYTES", 4096)  # tensors span pieces, pieces span tensors
     hub = serve(cdn=True)
     expected = local_tensors(llama_pair[0])
     source = open_repo(hub, tmp_path, connections)
@@ -545,7 +573,7 @@ def test_every_tensor_arrives_intact_over_1_or_8_connections_in_small_pieces(
 def test_base_and_aligned_share_the_connections_and_keep_all_of_them_busy(
     serve: Serve, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, connections: int
 ) -> None:
-    monkeypatch.setattr(hub_module, "_RANGE_BYTES", 4096)
+    monkeypatch.setattr(prefetch, "_RANGE_BYTES", 4096)
     hub = serve(cdn=True, latency=0.1)  # every answer late: requests overlap
     base = open_repo(hub, tmp_path, connections, "org/base")
     aligned = open_repo(hub, tmp_path, connections, "org/aligned")
@@ -571,7 +599,7 @@ def test_what_is_fetched_ahead_stays_within_the_byte_budget(
     serve: Serve, llama_pair: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     piece, connections = 4096, 4
-    monkeypatch.setattr(hub_module, "_RANGE_BYTES", piece)
+    monkeypatch.setattr(prefetch, "_RANGE_BYTES", piece)
     hub = serve()
     source = open_repo(hub, tmp_path, connections)
     ahead = []
@@ -805,12 +833,17 @@ def test_server_error_text_is_one_short_line(cli: Cli, hub: FakeHub, llama_adapt
 
 
 def test_redirects_are_http_and_never_downgrade() -> None:
-    here = hub_module.httpx2.URL("https://huggingface.co/org/name/resolve/abc/model.safetensors")
-    assert str(hub_module._redirect(here, "https://cdn.example/x?sig=1", "f")) == "https://cdn.example/x?sig=1"
-    assert str(hub_module._redirect(here, "/api/resolve-cache/x", "f")) == "https://huggingface.co/api/resolve-cache/x"
+    settings = Hub(endpoint="https://huggingface.co", token=None, hf_cache=Path("hf-cache"), offline=False, refs=None)
+    server = resolve.server(settings, "org/name")
+    here = transport.httpx2.URL("https://huggingface.co/org/name/resolve/abc/model.safetensors")
+    assert str(transport._redirect(here, "https://cdn.example/x?sig=1", server, "f")) == "https://cdn.example/x?sig=1"
+    assert (
+        str(transport._redirect(here, "/api/resolve-cache/x", server, "f"))
+        == "https://huggingface.co/api/resolve-cache/x"
+    )
     for location in ("http://cdn.example/x", "file:///etc/passwd", "", None):
-        with pytest.raises(hub_module.HubError, match="redirect"):
-            hub_module._redirect(here, location, "f")
+        with pytest.raises(HubError, match="redirect"):
+            transport._redirect(here, location, server, "f")
 
 
 @pytest.mark.parametrize("fifo", ["shard", "index", "ref"])

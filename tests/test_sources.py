@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,13 +15,14 @@ from safetensors.torch import load_file, save_file
 from support import builders
 from typer.testing import CliRunner
 
+from safelora_cli import sources
 from safelora_cli.adapters.peft import ADAPTER_FILE, opened
 from safelora_cli.api import Report
 from safelora_cli.cli import app
 from safelora_cli.errors import SourceError
 from safelora_cli.results import Settings
 from safelora_cli.run.pipeline import project_adapter
-from safelora_cli.sources import Source, open_local
+from safelora_cli.sources import Source, open_local, registry
 
 LAYOUTS = ["safetensors", "safetensors-sharded", "bin", "bin-sharded"]
 
@@ -224,3 +227,59 @@ def test_an_index_naming_a_missing_shard_is_an_error(layouts: dict[str, tuple[Pa
 
     with pytest.raises(SourceError, match=f"{missing.name}.*missing"):
         open_local(sharded)
+
+
+# ---------------------------------------------------------------- kinds of source
+
+
+@dataclass(frozen=True)
+class Mem:
+    """A made-up kind's own settings: its models by name."""
+
+    models: dict[str, Path]
+
+
+def test_the_built_in_kinds_register_as_any_other_and_a_prefix_claims_before_every_rule(
+    llama_pair: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registered: list[sources.SourceKind[Any]] = []
+    sources.local.register_sources(registered.append)
+    sources.hub.register_sources(registered.append)
+    assert [(k.name, k.open) for k in registered] == [(k.name, k.open) for k in sources.kinds()]
+
+    asked: list[sources.Request] = []
+
+    def open_mem(request: sources.Request, mem: Mem) -> Source:
+        asked.append(request)
+        return open_local(mem.models[request.spec.removeprefix("mem://")])
+
+    monkeypatch.setattr(registry, "_KINDS", list(registry._KINDS))  # a registration lasts the process: undone after
+    mem_kind = sources.SourceKind(name="mem", settings=Mem, defaults=lambda: Mem({}), open=open_mem, prefix="mem://")
+    sources.register(mem_kind)
+    with pytest.raises(ValueError, match="registered already"):
+        sources.register(mem_kind)
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mem:" / "base").mkdir(parents=True)  # "mem://base" names this directory too: the prefix wins
+    hub = sources.Hub.from_env(None, None)
+    src = sources.open_source(
+        "mem://base",
+        None,
+        role="base",
+        transfer=sources.QuietTransfer(),
+        notes=[],
+        settings=[hub, Mem({"base": llama_pair[0]})],
+    )
+    local = open_local(llama_pair[0])
+    try:
+        assert src.fingerprint() == local.fingerprint()
+    finally:
+        src.close()
+        local.close()
+    assert [(r.spec, r.role) for r in asked] == [("mem://base", "base")]
+
+    # Every other spec falls through to the built-in rules, as before.
+    specs = ["mem://base", "mem:/base", str(llama_pair[0]), "org/name", "hf://org/name", "no/such/dir"]
+    assert [sources.kind_for(s).name for s in specs] == ["mem", "local", "local", "hub", "hub", "local"]
+    with pytest.raises(SourceError, match="no/such/dir: no such directory"):
+        sources.open_source("no/such/dir", None, role="base", transfer=sources.QuietTransfer(), notes=[])

@@ -248,7 +248,8 @@ def _project(
             if (problem := store.problem()) is not None:
                 notes.append(problem)
                 store = None
-        hub = sources.Hub.from_env(options.token, store.refs if store is not None else None)
+        refs = store.refs if store is not None else None
+        hub = sources.Hub.from_env(options.token, refs, options.connections)
         adapters = stack.enter_context(adapter_io.open_all(specs))
         aligned = os.fspath(options.aligned) if options.aligned else _aligned_default(adapters, notes)
         base = os.fspath(options.base) if options.base else _base_from_preset(aligned, notes)
@@ -256,9 +257,7 @@ def _project(
         opened = []
         pair = ((base, options.base_revision, "base"), (aligned, options.aligned_revision, "aligned"))
         for spec, revision, role in pair:
-            src = sources.open_source(
-                spec, revision, role=role, hub=hub, transfer=events, notes=notes, connections=options.connections
-            )
+            src = sources.open_source(spec, revision, role=role, transfer=events, notes=notes, settings=[hub])
             stack.callback(src.close)
             opened.append(src)
         base_src, aligned_src = opened
@@ -392,7 +391,9 @@ def _identity(spec: StrPath, role: str, token: str | None) -> str:
 
     store = ProjectionCache()
     hub = sources.Hub.from_env(token, store.refs if store.problem() is None else None)
-    src = sources.open_source(os.fspath(spec), None, role=role, hub=hub, transfer=sources.QuietTransfer(), notes=[])
+    src = sources.open_source(
+        os.fspath(spec), None, role=role, transfer=sources.QuietTransfer(), notes=[], settings=[hub]
+    )
     try:
         return pipeline.source_info(src).identity
     finally:

@@ -51,6 +51,16 @@ class HubAccessError(HubError):
     """The repo is gated or private: a token with access to it is needed."""
 
 
+class HubOfflineError(HubError):
+    """HF_HUB_OFFLINE=1, and files the run needs are not in the Hugging Face cache: they are in
+    ``repo_id`` at commit ``revision``, to download once online."""
+
+    def __init__(self, message: str, *, repo_id: str, revision: str) -> None:
+        super().__init__(message)
+        self.repo_id = repo_id
+        self.revision = revision
+
+
 class CacheError(SafeLoraError):
     """The projection cache cannot be used as asked (an unknown pair, a pair busy in another run)."""
 

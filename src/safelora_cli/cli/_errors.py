@@ -23,8 +23,9 @@ if TYPE_CHECKING:
 
 
 # What to do about an error, in flags: the core's messages state the problem, the command line
-# adds how to get past it (the most specific type wins).
-_HINTS: dict[type[SafeLoraError], str] = {
+# adds how to get past it (the most specific type wins). A hint is a suffix, or a function of the
+# error when its fields say what to do.
+_HINTS: dict[type[SafeLoraError], str | Callable[[Any], str]] = {
     e_.InPlaceError: "; pass --output DIR for a patched copy",
     e_.OutputError: "; choose another --output",
     e_.OutputNotEmptyError: "; choose another --output, or pass --force to reuse it",
@@ -35,6 +36,7 @@ _HINTS: dict[type[SafeLoraError], str] = {
     e_.DeviceError: "; use --device cpu or auto",
     e_.BackupNotKeptError: ", or pass --no-backup",
     e_.HubAccessError: " (--token or HF_TOKEN)",
+    e_.HubOfflineError: lambda e: f" (hf download {e.repo_id} --revision {e.revision}) or unset HF_HUB_OFFLINE",
     e_.MissingBaseError: "; pass --base (or --preset)",
     e_.MissingAlignedError: "; pass --aligned (or --preset)",
 }
@@ -60,7 +62,7 @@ def describe(error: SafeLoraError) -> str:
     if reword is not None and error.fix is not None and message.endswith(error.fix):
         message = message.removesuffix(error.fix) + reword(error)
     hint = next((_HINTS[cls] for cls in type(error).__mro__ if cls in _HINTS), "")
-    return f"{message}{hint}"
+    return f"{message}{hint if isinstance(hint, str) else hint(error)}"
 
 
 def err_console() -> Console:

@@ -1,6 +1,9 @@
 """Local checkpoints: a directory with ``model.safetensors``, sharded safetensors and their index, or
 ``pytorch_model.bin`` (+ index), or a single ``.safetensors`` file. Every file is opened through
 ``safefs`` (regular files only), and ``.bin`` files are unpickled only with ``weights_only=True``.
+
+As a source kind, local claims an existing path, and opens whatever no kind claims, so that a path
+that is not there is named as such.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import SourceError
+from ..errors import SourceError, UsageError
 from ..io import safefs, stfile
 from .base import (
     BIN_INDEX,
@@ -28,6 +31,7 @@ from .base import (
     Source,
     parse_index,
 )
+from .registry import Register, Request, SourceKind
 
 _ZIP_MAGIC = b"PK\x03\x04"
 
@@ -248,6 +252,28 @@ def open_local(path: Path) -> Source:
     raise SourceError(
         f"{path}: no {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, {BIN_SINGLE} or {BIN_INDEX}; pass a model directory"
     )
+
+
+def register_sources(register: Register) -> None:
+    """Register the local kind: an existing path, and the fallback for any spec no kind claims."""
+    register(
+        SourceKind(
+            name="local",
+            settings=type(None),
+            defaults=lambda: None,
+            open=_open,
+            claims=os.path.lexists,
+            fallback=True,
+        )
+    )
+
+
+def _open(request: Request, settings: None) -> Source:
+    if request.revision is not None:
+        raise UsageError(
+            f"{request.role} revision {request.revision}: {request.spec} is a local path; revisions apply to Hub repos"
+        )
+    return open_local(Path(request.spec))
 
 
 def _lexists(path: Path) -> bool:
