@@ -18,7 +18,7 @@ from rich.console import Console
 from typer.testing import Result
 
 from safelora_cli import cli as cli_module
-from safelora_cli.adapters.peft import ADAPTER_FILE
+from safelora_cli.adapters.peft_config import ADAPTER_FILE
 from safelora_cli.cli import render as report
 from safelora_cli.run import pipeline
 from safelora_cli.run.pipeline import Report, Settings, project_adapter

@@ -22,7 +22,7 @@ from transformers import GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM
 from typer.testing import CliRunner
 
 import safelora_cli
-from safelora_cli.adapters.peft import ADAPTER_FILE
+from safelora_cli.adapters.peft_config import ADAPTER_FILE
 from safelora_cli.cli import app
 from safelora_cli.run.pipeline import Report, Settings, project_adapter
 from safelora_cli.sources import open_local

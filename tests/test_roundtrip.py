@@ -19,7 +19,7 @@ from transformers import LlamaForCausalLM
 from typer.testing import Result
 
 from safelora_cli import __version__
-from safelora_cli.adapters.peft import ADAPTER_FILE
+from safelora_cli.adapters.peft_config import ADAPTER_FILE
 from safelora_cli.run.pipeline import Report, Settings, project_adapter
 from safelora_cli.sources import open_local
 

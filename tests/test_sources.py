@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from support import builders
 from typer.testing import CliRunner
 
-from safelora_cli.adapters.peft import ADAPTER_FILE, opened
+from safelora_cli.adapters import opened
+from safelora_cli.adapters.peft_config import ADAPTER_FILE
 from safelora_cli.cli import app
 from safelora_cli.errors import SourceError
 from safelora_cli.run.pipeline import Report, Settings, project_adapter

@@ -13,8 +13,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Literal, Protocol, overload
 
+from . import adapters as adapter_io
 from . import config, sources
-from .adapters import peft as adapter_io
 from .errors import MissingAlignedError, MissingBaseError, SafeLoraError, SourceError, UsageError
 from .run import audit, pipeline
 from .stores import backups

@@ -41,9 +41,10 @@ class _Deferred:
 
 
 if TYPE_CHECKING:
+    from .. import adapters as adapter_io
     from .. import api
     from .. import demo as demo_data
-    from ..adapters import peft as adapter_io
+    from ..adapters import peft_config
     from ..api import Device, Precision
     from ..outputs import decision
     from ..outputs import plot as plotting
@@ -57,14 +58,15 @@ else:
     Device = Precision = Sort = str
     # torch takes ~2 s to import: the modules that need it load when a command first uses them, so
     # --help, --version and shell completion answer at once.
-    adapter_io, api, backups, decision, demo_data, plotting, projection_cache, rendering = (
+    adapter_io, api, backups, decision, demo_data, peft_config, plotting, projection_cache, rendering = (
         _Deferred(f"safelora_cli.{name}")
         for name in (
-            "adapters.peft",
+            "adapters",
             "api",
             "stores.backups",
             "outputs.decision",
             "demo",
+            "adapters.peft_config",
             "outputs.plot",
             "stores.cache",
             "cli.render",
@@ -412,7 +414,7 @@ def _interruptible(paths: Callable[[], list[Path]], in_place: bool) -> Iterator[
 
 def _weights_identity(adapter: Path) -> tuple[int, int, int, int] | None:
     try:
-        st = os.lstat(adapter / adapter_io.ADAPTER_FILE)
+        st = os.lstat(adapter / peft_config.ADAPTER_FILE)
     except OSError:
         return None
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

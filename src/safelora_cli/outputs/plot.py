@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ExtraFileError, MissingExtraError, UsageError
-from ..io import atomic, safefs, stfile
+from ..io import atomic, ranges, safefs
 from .decision import clip, finite
 from .text import printable
 
@@ -203,6 +203,6 @@ def _write(path: Path, data: bytes) -> None:
             )
         try:
             atomic.write_file(directory, name, [data], 0o644)
-            stfile.fsync(directory.fd)
+            ranges.fsync(directory.fd)
         except OSError as e:
             raise ExtraFileError(safefs.os_error(path, e)) from None

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..adapters.peft import MODULES_TO_SAVE, PROVENANCE_PREFIX, Adapter, file_digest, load_adapter, opened
+from ..adapters import PROVENANCE_PREFIX, Adapter, file_digest, load_adapter, opened
+from ..adapters.peft_config import MODULES_TO_SAVE
 from ..io.safefs import Directory
 from ..stores.backups import Backup, BackupStore
 

@@ -19,8 +19,7 @@ from typing import Any, Literal, TypeVar, cast
 import torch
 
 from .._version import __version__
-from ..adapters.peft import (
-    ADAPTER_FILE,
+from ..adapters import (
     PROVENANCE_PREFIX,
     Adapter,
     LoraModule,
@@ -29,7 +28,6 @@ from ..adapters.peft import (
     load_adapter,
     open_all,
     rewrite_lock,
-    write_adapter,
 )
 from ..errors import (
     AdapterError,
@@ -738,16 +736,16 @@ def _prepare(
         if not settings.allow_dora:
             raise DoraError(f"{adapter.file}: a DoRA adapter (lora_magnitude_vector); Safe LoRA does not define DoRA")
         run.notes.append("DoRA: lora_B projected, magnitude vectors left unchanged")
-    if in_place:
-        st = adapter.dir.lstat(ADAPTER_FILE)
+    for name in adapter.format.kept_files(adapter) if in_place else ():
+        st = adapter.dir.lstat(name)
         if st is not None and stat.S_ISLNK(st.st_mode):
             # os.replace would swap the link for a regular file and leave its target (often a shared
             # blob, as in the Hugging Face cache) as it was: rarely what anyone meant.
             raise InPlaceError(
-                f"{adapter.file}: is a symbolic link, and rewriting it in place would replace the link, not "
-                f"its target; replace the link with a copy of {ADAPTER_FILE}"
+                f"{adapter.dir.path / name}: is a symbolic link, and rewriting it in place would replace the link, "
+                f"not its target; replace the link with a copy of {name}"
             )
-        atomic.clean_stale(adapter.dir, f".{ADAPTER_FILE}{TMP_MARK}")
+        atomic.clean_stale(adapter.dir, f".{name}{TMP_MARK}")
 
 
 def _apply(
@@ -816,7 +814,9 @@ def _finish(
             run.notes.append("no backup: no copy of the original was kept, and restore cannot undo this run")
     if run.kept is not None:
         provenance[PROVENANCE_PREFIX + "original"] = run.kept.sha256
-    write_adapter(adapter, replacements, provenance, settings.output, overwrite_output=settings.force, notes=run.notes)
+    adapter.format.write(
+        adapter, replacements, provenance, settings.output, overwrite_output=settings.force, notes=run.notes
+    )
     result = report(run, layers, tau, True)
     if settings.model_card:
         _write_card(adapter.dir, settings.output, result)

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import SourceError
 from ..io import strict
-from ..stores.cache import RefMemo
+from ..stores.refs import RefMemo
 
 HF_PREFIX = "hf://"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")

@@ -20,7 +20,6 @@ that sha256 before it is used.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -33,9 +32,10 @@ from dataclasses import dataclass, field
 from io import BufferedReader
 from pathlib import Path
 
-from ..adapters.peft import ADAPTER_FILE, PROVENANCE_PREFIX, atomic_replace, file_digest, load_adapter, rewrite_lock
+from ..adapters import PROVENANCE_PREFIX, file_digest, load_adapter, rewrite_lock
+from ..adapters.peft_config import ADAPTER_FILE
 from ..errors import BackupError, BackupNotKeptError, ChangedSinceError, SafeLoraError
-from ..io import atomic, safefs, stfile, strict
+from ..io import atomic, locks, ranges, safefs, strict
 from ..outputs import card
 from . import ownership
 
@@ -98,12 +98,8 @@ class BackupStore:
     @contextmanager
     def _locked(self) -> Iterator[None]:
         """The store's lock, while a record is read and rewritten."""
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, ownership.FILE_MODE)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with locks.file_held(self.root / ".lock", ownership.FILE_MODE, ownership.mkdirs):
             yield
-        finally:
-            os.close(fd)
 
     # --- keeping an original ---------------------------------------------------------------------
 
@@ -125,7 +121,7 @@ class BackupStore:
                     record = self._read_record(sha) or Backup(sha, self.root / _blob_name(sha), size, {})
                     record.adapters[os.path.abspath(adapter_dir)] = time.time()
                     self._write_record(store, record)
-                stfile.fsync(store.fd)
+                ranges.fsync(store.fd)
         except OSError as e:
             raise BackupNotKeptError(
                 f"{safefs.os_error(self.root, e)}: cannot keep the original, so the adapter was not changed; "
@@ -140,11 +136,11 @@ class BackupStore:
         try:
             try:
                 # One read: each chunk is hashed and written; a hole is hashed as zeros and skipped.
-                for start, end, hole in stfile.FileRange(weights.fileno(), 0, size).segments():
-                    for chunk in stfile.FileRange(weights.fileno(), start, end).chunks():
+                for start, end, hole in ranges.FileRange(weights.fileno(), 0, size).segments():
+                    for chunk in ranges.FileRange(weights.fileno(), start, end).chunks():
                         h.update(chunk)
                         if not hole:
-                            stfile.write_all(fd, chunk)
+                            ranges.write_all(fd, chunk)
                     if hole:
                         os.lseek(fd, end - start, os.SEEK_CUR)
                 os.ftruncate(fd, size)
@@ -205,7 +201,7 @@ class BackupStore:
         try:
             size = os.fstat(f.fileno()).st_size
             h = hashlib.sha256()
-            for chunk in stfile.FileRange(f.fileno(), 0, size).chunks():
+            for chunk in ranges.FileRange(f.fileno(), 0, size).chunks():
                 h.update(chunk)
         except OSError as e:
             f.close()
@@ -250,7 +246,7 @@ class BackupStore:
                         pass
                     except OSError as e:
                         raise BackupError(safefs.os_error(self.root / name, e)) from None
-            stfile.fsync(store.fd)
+            ranges.fsync(store.fd)
 
     def forget(self, backup: Backup, adapter_dir: str) -> None:
         """Drop one adapter directory from a backup that others still use."""
@@ -319,8 +315,8 @@ def restore(
                     "target; replace the link with a copy first"
                 )
             with store.open(backup) as original:
-                chunks = [stfile.FileRange(original.fileno(), 0, backup.nbytes)]
-                atomic_replace(directory, ADAPTER_FILE, chunks, adapter.stat.st_mode & 0o777, expect=adapter.stat)
+                chunks = [ranges.FileRange(original.fileno(), 0, backup.nbytes)]
+                atomic.replace(directory, ADAPTER_FILE, chunks, adapter.stat.st_mode & 0o777, expect=adapter.stat)
             try:
                 card.remove_card_section(directory)
             except SafeLoraError as e:
