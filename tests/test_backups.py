@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 from typer.testing import Result
 
-from safelora_cli.adapters.peft import ADAPTER_FILE
-from safelora_cli.io import stfile
+from safelora_cli.adapters.peft_config import ADAPTER_FILE
+from safelora_cli.io import ranges
 from safelora_cli.io.stfile import read_header
 from safelora_cli.stores.backups import store_root
 
@@ -117,7 +117,7 @@ def test_no_backup_no_rewrite(
         def full(fd: int, data: Any) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        monkeypatch.setattr(stfile, "write_all", full)
+        monkeypatch.setattr(ranges, "write_all", full)
     else:
         store().mkdir(parents=True, mode=0o700)
         store().chmod(0o777)

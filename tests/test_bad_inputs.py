@@ -24,8 +24,9 @@ from safetensors.torch import load_file, save_file
 from support import builders
 from transformers import LlamaForCausalLM
 
-from safelora_cli.adapters import peft as adapter_module
-from safelora_cli.adapters.peft import ADAPTER_FILE, CONFIG_FILE
+from safelora_cli.adapters.lora_config import CONFIG_FILE
+from safelora_cli.adapters.peft_config import ADAPTER_FILE
+from safelora_cli.io import atomic, locks, ranges
 from safelora_cli.results import Settings
 from safelora_cli.run.pipeline import project_adapter
 from safelora_cli.sources import open_local
@@ -472,14 +473,14 @@ def _(i: Inputs) -> tuple[str, ...]:
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
             return real_open(path, flags, *args, dir_fd=dir_fd, **kwargs)
 
-        i.monkeypatch.setattr(adapter_module.os, "open", denied)
+        i.monkeypatch.setattr(atomic.os, "open", denied)
     i.project()
     return str(i.adapter), "cannot create a file", "--output"
 
 
 @case("disk full while writing")
 def _(i: Inputs) -> tuple[str, ...]:
-    real_write = adapter_module.stfile.write_chunks
+    real_write = ranges.write_chunks
 
     def fills_up(fd: int, chunks: Iterable[Any]) -> None:
         """The disk fills up after the first chunk, as ENOSPC surfaces mid-file."""
@@ -487,20 +488,20 @@ def _(i: Inputs) -> tuple[str, ...]:
         real_write(fd, [first])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    i.monkeypatch.setattr(adapter_module.stfile, "write_chunks", fills_up)
+    i.monkeypatch.setattr(ranges, "write_chunks", fills_up)
     i.project("--no-backup")  # the adapter's own write fills the disk (the backup's is the next case)
     return str(i.adapter_file), "No space left on device", "--output"
 
 
 @case("disk full while keeping the original")
 def _(i: Inputs) -> tuple[str, ...]:
-    real_write = adapter_module.stfile.write_all
+    real_write = ranges.write_all
 
     def fills_up(fd: int, data: bytes | memoryview) -> None:
         real_write(fd, data[: len(data) // 2])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    i.monkeypatch.setattr(adapter_module.stfile, "write_all", fills_up)
+    i.monkeypatch.setattr(ranges, "write_all", fills_up)
     i.project()
     return "No space left on device", "cannot keep the original", "adapter was not changed", "--no-backup"
 
@@ -510,7 +511,7 @@ def _(i: Inputs) -> tuple[str, ...]:
     def no_locks(fd: int, operation: int) -> None:
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
-    i.monkeypatch.setattr(adapter_module.fcntl, "flock", no_locks)
+    i.monkeypatch.setattr(locks.fcntl, "flock", no_locks)
     i.project()
     return str(i.adapter), "cannot lock", "--output"
 

@@ -20,10 +20,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import Result
 
-from safelora_cli.adapters.peft import ADAPTER_FILE
+from safelora_cli.adapters.peft_config import ADAPTER_FILE
 from safelora_cli.io.stfile import read_header
 from safelora_cli.projection import Projector
-from safelora_cli.stores.cache import CorruptEntry, ProjectionCache, Stored, _checksum
+from safelora_cli.stores.cache import CorruptEntry, ProjectionCache, Stored
+from safelora_cli.stores.cache_entries import checksum
 
 Cli = Callable[..., Result]
 
@@ -252,7 +253,7 @@ def edit_entry(path: Path, meta: dict[str, str], shape: list[int] | None = None,
         header["operator"]["shape"] = shape
     data = raw[8 + n :]
     if forge:
-        header["__metadata__"]["safelora.cache.crc32"] = _checksum(
+        header["__metadata__"]["safelora.cache.crc32"] = checksum(
             header["__metadata__"], "F32", header["operator"]["shape"], memoryview(data)
         )
     text = json.dumps(header).encode()

@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 from typer.testing import Result
 
 from safelora_cli import __version__
-from safelora_cli.adapters.peft import ADAPTER_FILE, CONFIG_FILE
+from safelora_cli.adapters.lora_config import CONFIG_FILE
+from safelora_cli.adapters.peft_config import ADAPTER_FILE
 
 Cli = Callable[..., Result]
 

@@ -20,7 +20,7 @@ from markdown_it.token import Token
 from safetensors.torch import load_file, save_file
 
 from safelora_cli import __version__
-from safelora_cli.adapters.peft import ADAPTER_FILE
+from safelora_cli.adapters.peft_config import ADAPTER_FILE
 from safelora_cli.api import LayerResult, Report
 from safelora_cli.errors import ExtraFileError
 from safelora_cli.outputs import histogram, markdown, summary, table

@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from typer.testing import Result
 
-from safelora_cli.adapters.peft import ADAPTER_FILE
+from safelora_cli.adapters.peft_config import ADAPTER_FILE
 from safelora_cli.api import Report
 from safelora_cli.cli import _options as cli_options
 from safelora_cli.cli import app

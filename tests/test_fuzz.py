@@ -25,7 +25,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from safelora_cli import config
-from safelora_cli.adapters.peft import ADAPTER_FILE, CONFIG_FILE, opened
+from safelora_cli.adapters import opened
+from safelora_cli.adapters.lora_config import CONFIG_FILE
+from safelora_cli.adapters.peft_config import ADAPTER_FILE
 from safelora_cli.errors import FormatError, SafeLoraError
 from safelora_cli.io import stfile, strict
 

@@ -40,9 +40,11 @@ from support.fakehub import ENDLESS, FakeHub
 from support.forkserver import ForkServer, Run
 from typer.testing import CliRunner
 
-from safelora_cli.adapters.peft import ADAPTER_FILE, CONFIG_FILE, TMP_MARK
+from safelora_cli.adapters.lora_config import CONFIG_FILE
+from safelora_cli.adapters.peft_config import ADAPTER_FILE
 from safelora_cli.cli import app
-from safelora_cli.stores.cache import _checksum
+from safelora_cli.io.atomic import TMP_MARK
+from safelora_cli.stores import cache_entries
 
 TIMEOUT = 30.0
 MEMORY = 512 << 20  # bytes of RSS any run may use, beyond 4 × the largest legitimate tensor
@@ -757,7 +759,8 @@ def _forge(entry: Path, norm_factor: float, *, checksum: bool) -> None:
     meta = header["__metadata__"]
     meta["safelora.cache.norm"] = repr(float(meta["safelora.cache.norm"]) * norm_factor)
     if checksum:
-        meta["safelora.cache.crc32"] = _checksum(meta, "F32", header["operator"]["shape"], memoryview(body))
+        shape = header["operator"]["shape"]
+        meta["safelora.cache.crc32"] = cache_entries.checksum(meta, "F32", shape, memoryview(body))
     write_raw(entry, list(header.items()), body)
 
 

@@ -30,7 +30,7 @@ from support.fakehub import ENDLESS, FakeHub, Proxy, targeted
 from typer.testing import Result
 
 import safelora_cli
-from safelora_cli.adapters.peft import ADAPTER_FILE
+from safelora_cli.adapters.peft_config import ADAPTER_FILE
 from safelora_cli.errors import HubError
 from safelora_cli.io.stfile import read_header
 from safelora_cli.sources import Hub, HubRef, QuietTransfer, parse_ref

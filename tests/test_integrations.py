@@ -21,7 +21,8 @@ from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainerCont
 from typer.testing import Result
 
 import safelora_cli
-from safelora_cli.adapters.peft import ADAPTER_FILE, CONFIG_FILE
+from safelora_cli.adapters.lora_config import CONFIG_FILE
+from safelora_cli.adapters.peft_config import ADAPTER_FILE
 from safelora_cli.errors import AdapterError, MissingExtraError, SourceError, UsageError
 from safelora_cli.integrations.peft_model import ModelReport
 from safelora_cli.integrations.transformers import SafeLoraCallback

@@ -22,7 +22,7 @@ from transformers import GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM
 from typer.testing import CliRunner
 
 import safelora_cli
-from safelora_cli.adapters.peft import ADAPTER_FILE
+from safelora_cli.adapters.peft_config import ADAPTER_FILE
 from safelora_cli.api import Report
 from safelora_cli.cli import app
 from safelora_cli.results import Settings

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from typer.testing import Result
 
 from safelora_cli import config
-from safelora_cli.adapters.peft import ADAPTER_FILE
+from safelora_cli.adapters.peft_config import ADAPTER_FILE
 from safelora_cli.cli import app
 from safelora_cli.errors import FormatError, SafeLoraError, UsageError
 from safelora_cli.io import stfile, strict

@@ -27,8 +27,8 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
 
 from safelora_cli.adapters import patterns
+from safelora_cli.adapters.lora_config import CONFIG_FILE, PEFT_PREFIX, LoraConfig
 from safelora_cli.adapters.patterns import BUDGET_S, MAX_UNITS, ConfigPatterns
-from safelora_cli.adapters.peft import CONFIG_FILE, PEFT_PREFIX, LoraConfig
 from safelora_cli.errors import AdapterError
 
 MODULES = [

@@ -21,8 +21,9 @@ from safetensors.torch import load_file, save_file
 from support.forkserver import ForkServer, Run
 from typer.testing import CliRunner
 
-from safelora_cli.adapters.peft import ADAPTER_FILE, TMP_MARK
+from safelora_cli.adapters.peft_config import ADAPTER_FILE
 from safelora_cli.cli import app
+from safelora_cli.io.atomic import TMP_MARK
 
 
 def sha256(data: bytes) -> str:

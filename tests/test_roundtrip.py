@@ -19,7 +19,7 @@ from transformers import LlamaForCausalLM
 from typer.testing import Result
 
 from safelora_cli import __version__
-from safelora_cli.adapters.peft import ADAPTER_FILE
+from safelora_cli.adapters.peft_config import ADAPTER_FILE
 from safelora_cli.api import Report
 from safelora_cli.results import Settings
 from safelora_cli.run.pipeline import project_adapter

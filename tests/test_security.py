@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from support import builders
 
-from safelora_cli.adapters.peft import ADAPTER_FILE
+from safelora_cli.adapters.peft_config import ADAPTER_FILE
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "safelora_cli"
 

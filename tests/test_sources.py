@@ -16,7 +16,8 @@ from support import builders
 from typer.testing import CliRunner
 
 from safelora_cli import sources
-from safelora_cli.adapters.peft import ADAPTER_FILE, opened
+from safelora_cli.adapters import opened
+from safelora_cli.adapters.peft_config import ADAPTER_FILE
 from safelora_cli.api import Report
 from safelora_cli.cli import app
 from safelora_cli.errors import SourceError

@@ -16,11 +16,12 @@ from typing import Any
 import pytest
 from typer.testing import Result
 
-from safelora_cli.adapters import peft as adapter_module
-from safelora_cli.adapters.peft import ADAPTER_FILE, TMP_MARK, rewrite_lock
+from safelora_cli.adapters import rewrite_lock
+from safelora_cli.adapters.peft_config import ADAPTER_FILE
 from safelora_cli.api import Report
 from safelora_cli.errors import AdapterError, OutputError
-from safelora_cli.io.atomic import clean_stale
+from safelora_cli.io import atomic, ranges
+from safelora_cli.io.atomic import TMP_MARK, clean_stale
 from safelora_cli.io.safefs import Directory
 from safelora_cli.results import Settings
 from safelora_cli.run.pipeline import project_adapter
@@ -64,7 +65,7 @@ def test_failed_rename_leaves_the_original_and_no_temp_file(
 ) -> None:
     """The last step before the new file exists: a full disk there must change nothing."""
     before = snapshot(adapter_dir)
-    monkeypatch.setattr(adapter_module.os, "rename", _raise(OSError(errno.ENOSPC, "No space left on device")))
+    monkeypatch.setattr(atomic.os, "rename", _raise(OSError(errno.ENOSPC, "No space left on device")))
 
     with pytest.raises(AdapterError, match=r"No space left on device.*original file is unchanged"):
         project(llama_pair, adapter_dir)
@@ -90,7 +91,7 @@ def test_failed_output_leaves_no_directory_and_no_temp_files(
     out = tmp_path / "out"
     if existing:
         out.mkdir()
-    monkeypatch.setattr(adapter_module.os, "rename", _raise(failure))
+    monkeypatch.setattr(atomic.os, "rename", _raise(failure))
 
     with (
         pytest.raises(type(failure))
@@ -141,7 +142,7 @@ def test_interrupt_before_the_rename_leaves_the_original_and_no_temp_file(
     llama_pair: Pair, adapter_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     before = snapshot(adapter_dir)
-    monkeypatch.setattr(adapter_module.os, "rename", _raise(KeyboardInterrupt()))
+    monkeypatch.setattr(atomic.os, "rename", _raise(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         project(llama_pair, adapter_dir)
     assert snapshot(adapter_dir) == before
@@ -151,7 +152,7 @@ def test_failure_after_the_rename_does_not_claim_the_original_survived(
     llama_pair: Pair, adapter_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     before = (adapter_dir / ADAPTER_FILE).read_bytes()
-    monkeypatch.setattr(adapter_module.stfile, "fsync", _raise(OSError(errno.EIO, "Input/output error")))
+    monkeypatch.setattr(ranges, "fsync", _raise(OSError(errno.EIO, "Input/output error")))
     with pytest.raises(AdapterError) as info:
         project(llama_pair, adapter_dir)
     assert "written" in str(info.value) and "unchanged" not in str(info.value)
@@ -193,7 +194,7 @@ def read_only_adapter(request: pytest.FixtureRequest, adapter_dir: Path, monkeyp
                 raise PermissionError(errno.EACCES, "Permission denied")
             return real_open(path, flags, *args, dir_fd=dir_fd, **kwargs)
 
-        monkeypatch.setattr(adapter_module.os, "open", denied)
+        monkeypatch.setattr(atomic.os, "open", denied)
     return adapter_dir
 
 

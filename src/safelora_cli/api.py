@@ -10,15 +10,15 @@ from __future__ import annotations
 import importlib
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, overload
 
 from . import config
 from .config import ValueCheck
-from .errors import MissingAlignedError, MissingBaseError, SafeLoraError, SourceError, UsageError
+from .errors import AdapterNotLocalError, MissingAlignedError, MissingBaseError, SafeLoraError, SourceError, UsageError
 from .options import Device, Options, Precision, StrPath, explicit_of, layered
 from .outputs.text import printable
 from .results import Backup as Backup
@@ -31,8 +31,8 @@ from .results import SourceInfo as SourceInfo
 
 if TYPE_CHECKING:
     # The names below are this module's too (``__getattr__`` imports them on first use).
+    from . import adapters as adapter_io
     from . import sources
-    from .adapters import peft as adapter_io
     from .demo import build as build_demo
     from .outputs.histogram import histogram_lines as histogram_lines
     from .outputs.plot import check_plot_path as check_plot_path
@@ -235,7 +235,6 @@ def _project(
     specs: Sequence[StrPath], options: Options, events: Events
 ) -> tuple[list[Report | SafeLoraError], list[Path]]:
     from . import sources
-    from .adapters import peft as adapter_io
     from .run import pipeline
     from .stores.cache import ProjectionCache
 
@@ -250,7 +249,7 @@ def _project(
                 store = None
         refs = store.refs if store is not None else None
         hub = sources.Hub.from_env(options.token, refs, options.connections)
-        adapters = stack.enter_context(adapter_io.open_all(specs))
+        adapters = stack.enter_context(_open_adapters(specs))
         aligned = os.fspath(options.aligned) if options.aligned else _aligned_default(adapters, notes)
         base = os.fspath(options.base) if options.base else _base_from_preset(aligned, notes)
         _note_swapped(base, aligned, adapters, notes)
@@ -304,7 +303,7 @@ def _refuse_same(base: sources.Source, aligned: sources.Source) -> None:
 
 
 def _note_swapped(base: str, aligned: str, adapters: list[adapter_io.Named], notes: list[str]) -> None:
-    from .adapters import peft as adapter_io
+    from . import adapters as adapter_io
 
     """A note when base is the model the adapter was trained on and aligned is not: the pair may be
     swapped. A swapped pair gives the same similarities (V only changes sign), so no table shows it,
@@ -340,8 +339,8 @@ def _same_model(spec: str, name: str) -> bool:
 
 def _aligned_default(adapters: list[adapter_io.Named], notes: list[str]) -> str:
     """No aligned model given: the first adapter's base_model_name_or_path, read through its open directory."""
+    from . import adapters as adapter_io
     from . import sources
-    from .adapters import peft as adapter_io
 
     first = adapters[0]
     if first.dir is None:
@@ -369,7 +368,6 @@ def check(
     """Whether an adapter is sanitized by safelora and unmodified since (and, with ``base`` and
     ``aligned``, against that pair). ``CheckResult.status`` is ``sanitized``, ``never_sanitized``,
     ``modified`` or ``other_pair``; ``ok`` is True only for ``sanitized``."""
-    from .adapters import peft as adapter_io
     from .run import audit
 
     if (base is None) != (aligned is None):
@@ -377,7 +375,7 @@ def check(
     pair = None
     if base is not None and aligned is not None:
         pair = (_identity(base, "base", token), _identity(aligned, "aligned", token))
-    with adapter_io.open_all([adapter]) as [named]:
+    with _open_adapters([adapter]) as [named]:
         if named.dir is None:
             raise named.error or SafeLoraError(f"{named.path}: cannot be read")
         return audit.check(named.dir, pair)
@@ -403,11 +401,10 @@ def _identity(spec: StrPath, role: str, token: str | None) -> str:
 def inspect(adapter: StrPath) -> Inspection:
     """What an adapter is (modules, ranks, dtypes, size, targets, DoRA…), its provenance, and whether
     the original of a projected adapter is kept in the backup store."""
-    from .adapters import peft as adapter_io
     from .run import audit
     from .stores.backups import BackupStore
 
-    with adapter_io.open_all([adapter]) as [named]:
+    with _open_adapters([adapter]) as [named]:
         if named.dir is None:
             raise named.error or SafeLoraError(f"{named.path}: cannot be read")
         return audit.inspect(named.dir, BackupStore())
@@ -425,13 +422,12 @@ def restore(adapter: StrPath | list[StrPath], *, force: bool = False) -> Restore
     Refused (``BackupError``) when no original is kept and, unless ``force``, when the adapter was
     changed since safelora wrote it. A list returns one entry per adapter, as ``project`` does.
     """
-    from .adapters import peft as adapter_io
     from .run import restore as restoring
     from .stores import backups
 
     store = backups.BackupStore()
     outcomes: list[Restored | SafeLoraError] = []
-    with adapter_io.open_all(_specs(adapter)) as opened:
+    with _open_adapters(_specs(adapter)) as opened:
         for named in opened:
             try:
                 if named.dir is None:
@@ -446,16 +442,33 @@ def restore(adapter: StrPath | list[StrPath], *, force: bool = False) -> Restore
 
 def adapter_paths(specs: Sequence[StrPath]) -> list[Path]:
     """The adapter directories ``specs`` name (globs expanded), without opening them."""
-    from .adapters import peft as adapter_io
+    from . import adapters as adapter_io
 
     return [path for path, _ in adapter_io.expand(specs)]
 
 
+@contextmanager
+def _open_adapters(specs: Sequence[StrPath]) -> Iterator[list[adapter_io.Named]]:
+    """Every adapter expanded and opened once (``adapters.open_all``), where a Hub repo id given as an
+    adapter that is no local path is named as such."""
+    from . import adapters as adapter_io
+    from . import sources
+
+    with adapter_io.open_all(specs) as opened:
+        for named in opened:
+            ref = sources.parse_ref(str(named.path))
+            if named.error is not None and ref is not None and ref.revision is None and not os.path.lexists(named.path):
+                named.error = AdapterNotLocalError(
+                    f"{named.path}: no such directory, and adapters are local directories", str(named.path)
+                )
+        yield opened
+
+
 def weights_file(adapter: Path) -> Path:
     """The file ``project`` and ``restore`` rewrite in an adapter directory."""
-    from .adapters import peft as adapter_io
+    from .adapters.peft_config import ADAPTER_FILE
 
-    return adapter / adapter_io.ADAPTER_FILE
+    return adapter / ADAPTER_FILE
 
 
 # --- the projection cache and the kept originals ---------------------------------------------------------
@@ -547,7 +560,7 @@ def remove_backups(adapters: Sequence[StrPath] = (), *, older_than_days: float |
 def _backups_of(targets: Sequence[StrPath]) -> list[tuple[Backup, set[str]]]:
     """The backups kept for these adapter directories: the one each one's provenance names, and any
     recorded for its path. Each with the directories (absolute) it is being removed for."""
-    from .adapters import peft as adapter_io
+    from . import adapters as adapter_io
     from .stores.backups import BackupStore
 
     store = BackupStore()

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .. import adapters as adapter_io
 from .. import api
-from ..adapters import peft as adapter_io
-from ..adapters.peft import PROVENANCE_PREFIX
+from ..adapters import PROVENANCE_PREFIX
 from ..api import Report
 from ..errors import AdapterError, MissingExtraError, SafeLoraError, UsageError
 from ..io import strict
@@ -142,7 +142,7 @@ class ModelReport(Report):
                     "save_adapter"
                 )
             provenance = {k: v for k, v in self.provenance.items() if k != _DIGEST}
-            adapter_io.write_adapter(fresh, {}, provenance, Path(directory), overwrite_output=overwrite)
+            fresh.format.write(fresh, {}, provenance, Path(directory), overwrite_output=overwrite)
         return Path(directory)
 
 

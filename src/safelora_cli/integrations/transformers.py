@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from .. import api
-from ..adapters.peft import ADAPTER_FILE, CONFIG_FILE
+from ..adapters.lora_config import CONFIG_FILE
+from ..adapters.peft_config import ADAPTER_FILE
 from ..api import Report
 from ..errors import AdapterError, SafeLoraError, UsageError
-from ..io import atomic, safefs, stfile
+from ..io import atomic, ranges, safefs
 from .peft_model import missing_extra, relabel
 
 try:
@@ -160,7 +161,7 @@ def _copy_adapter(source: Path, scratch: Path) -> None:
             with src.open(name, fix="the checkpoint's adapter files must be regular files") as f:
                 st = os.fstat(f.fileno())
                 try:
-                    atomic.write_file(dst, name, [stfile.FileRange(f.fileno(), 0, st.st_size)], st.st_mode & 0o777)
+                    atomic.write_file(dst, name, [ranges.FileRange(f.fileno(), 0, st.st_size)], st.st_mode & 0o777)
                 except OSError as e:
                     raise AdapterError(
                         f"{safefs.os_error(scratch / name, e)}: cannot copy {source / name} there; free space in "

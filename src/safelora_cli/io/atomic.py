@@ -3,7 +3,7 @@
 A temp file is created beside the target through the directory's descriptor (``O_EXCL``,
 ``O_NOFOLLOW``: never through a link), written, fsync'd and renamed over the target (``renameat``: a
 link there is replaced, not followed). Every writer of a file safelora hands back — the adapter,
-the files of an ``--output``, the backups of originals — goes through here.
+the files of an ``--output``, the backups of originals, the model card — goes through here.
 """
 
 from __future__ import annotations
@@ -11,10 +11,14 @@ from __future__ import annotations
 import os
 import secrets
 import stat
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
-from . import safefs, stfile
+from ..errors import AdapterError, InPlaceError
+from . import ranges, safefs
+from .ranges import Data
 
 TMP_MARK = ".safelora-tmp-"
 
@@ -54,7 +58,7 @@ def finish(
     fd: int,
     tmp: str,
     name: str,
-    chunks: Sequence[stfile.Data],
+    chunks: Sequence[Data],
     mode: int,
     expect: os.stat_result | None = None,
 ) -> None:
@@ -67,7 +71,7 @@ def finish(
     try:
         try:
             pause()
-            stfile.write_chunks(fd, _paused(chunks))
+            ranges.write_chunks(fd, _paused(chunks))
             os.fchmod(fd, mode)
             os.fsync(fd)
         finally:
@@ -83,13 +87,68 @@ def finish(
         raise
 
 
-def write_file(directory: safefs.Directory, name: str, chunks: Sequence[stfile.Data], mode: int) -> None:
+def write_file(directory: safefs.Directory, name: str, chunks: Sequence[Data], mode: int) -> None:
     """Replace (or create) ``name`` in ``directory`` by a whole, fsync'd file; raises ``OSError``."""
     fd, tmp = create_temp(directory, name)
     finish(directory, fd, tmp, name, chunks, mode)
 
 
-def _paused(chunks: Sequence[stfile.Data]) -> Iterator[stfile.Data]:
+def replace(
+    directory: safefs.Directory,
+    name: str,
+    chunks: Sequence[Data],
+    mode: int = 0o644,
+    *,
+    expect: os.stat_result | None = None,
+) -> None:
+    """Replace ``name`` in ``directory`` in place, so that readers and crashes see old or new, never a mix.
+
+    ``finish``, then the directory is fsync'd. With ``expect``, the rename happens only if ``name``
+    is still that very file: a file swapped or edited since it was read is never overwritten.
+    """
+    target = directory.path / name
+    try:
+        fd, tmp = create_temp(directory, name)
+    except OSError as e:
+        raise InPlaceError(f"{directory.path}: cannot create a file here ({e.strerror})") from None
+    try:
+        finish(directory, fd, tmp, name, chunks, mode, expect)
+    except Changed:
+        raise AdapterError(
+            f"{target}: changed on disk while safelora was running; nothing was written. Run again"
+        ) from None
+    except OSError as e:
+        raise InPlaceError(
+            f"{target}: write failed ({e.strerror}); the original file is unchanged. Free some space"
+        ) from None
+    # After the rename the new file is in place: a failure now must not claim the old one survived.
+    try:
+        ranges.fsync(directory.fd)
+    except OSError as e:
+        raise AdapterError(
+            f"{target}: written, but syncing {directory.path} failed ({e.strerror}); a crash may still undo the write"
+        ) from None
+
+
+def write_unsynced(target: Path, chunks: Sequence[Data], mode: int, prefix: str) -> None:
+    """A temp file (named ``prefix``…, mode ``mode``) beside ``target``, then a rename: readers see all
+    or nothing. Nothing is fsync'd: for files that carry their own checksum (the projection cache),
+    where a torn file is detected and rewritten, and an fsync per file would make a run wait on the disk.
+    Raises ``OSError``."""
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=target.parent)
+    try:
+        try:
+            os.fchmod(fd, mode)
+            ranges.write_chunks(fd, chunks)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _paused(chunks: Sequence[Data]) -> Iterator[Data]:
     for chunk in chunks:
         yield chunk
         pause()

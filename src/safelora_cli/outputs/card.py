@@ -24,9 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .._version import __version__
-from ..adapters.peft import atomic_replace
 from ..errors import AdapterError
-from ..io import atomic, safefs, stfile
+from ..io import atomic, ranges, safefs
 from ..results import Report
 from .markdown import code, counts_text, md, settings_text, similarity_text, source_text
 
@@ -361,14 +360,14 @@ def _edit(directory: safefs.Directory, change: Callable[[str | None], str | None
         if st is None and directory.lstat(CARD_FILE) is not None:
             raise AdapterError(f"{where}: appeared while safelora was running; nothing was written. Run again")
         mode = 0o644 if st is None else stat.S_IMODE(st.st_mode)
-        atomic_replace(directory, CARD_FILE, [new.encode()], mode, expect=st)
+        atomic.replace(directory, CARD_FILE, [new.encode()], mode, expect=st)
         return
     now = directory.lstat(CARD_FILE)
     if st is None or now is None or not atomic.same_file(now, st):
         raise AdapterError(f"{where}: changed on disk while safelora was running; nothing was removed. Run again")
     try:
         os.unlink(CARD_FILE, dir_fd=directory.fd)
-        stfile.fsync(directory.fd)
+        ranges.fsync(directory.fd)
     except OSError as e:
         raise AdapterError(safefs.os_error(where, e)) from None
 

@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import ExtraFileError, MissingExtraError, PlotFileError, UsageError
-from ..io import atomic, safefs, stfile
+from ..io import atomic, ranges, safefs
 from ..results import Report, finite
 from .markdown import clip
 from .text import printable
@@ -200,6 +200,6 @@ def _write(path: Path, data: bytes) -> None:
             raise PlotFileError(f"{path}: is {safefs.kind(st.st_mode)}, not a regular file; {PlotFileError.fix}")
         try:
             atomic.write_file(directory, name, [data], 0o644)
-            stfile.fsync(directory.fd)
+            ranges.fsync(directory.fd)
         except OSError as e:
             raise ExtraFileError(safefs.os_error(path, e)) from None

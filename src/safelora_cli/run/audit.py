@@ -7,7 +7,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..adapters.peft import MODULES_TO_SAVE, PROVENANCE_PREFIX, Adapter, file_digest, load_adapter, opened
+from ..adapters import PROVENANCE_PREFIX, Adapter, file_digest, load_adapter, opened
+from ..adapters.peft_config import MODULES_TO_SAVE
 from ..io.safefs import Directory
 from ..results import CheckResult, Inspection
 from ..stores.backups import BackupStore

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..adapters.peft import Adapter, LoraModule, Named
+from ..adapters import Adapter, LoraModule, Named
 from ..errors import AdapterError, SafeLoraError
 from ..outputs.report import Report
 from ..projection import ModuleMath

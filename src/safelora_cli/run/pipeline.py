@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapters.peft import (
-    ADAPTER_FILE,
+from ..adapters import (
     PROVENANCE_PREFIX,
     Adapter,
     LoraModule,
@@ -353,16 +352,16 @@ def _prepare(
         if not settings.allow_dora:
             raise DoraError(f"{adapter.file}: a DoRA adapter (lora_magnitude_vector); Safe LoRA does not define DoRA")
         run.notes.append("DoRA: lora_B projected, magnitude vectors left unchanged")
-    if in_place:
-        st = adapter.dir.lstat(ADAPTER_FILE)
+    for name in adapter.format.kept_files(adapter) if in_place else ():
+        st = adapter.dir.lstat(name)
         if st is not None and stat.S_ISLNK(st.st_mode):
             # os.replace would swap the link for a regular file and leave its target (often a shared
             # blob, as in the Hugging Face cache) as it was: rarely what anyone meant.
             raise InPlaceError(
-                f"{adapter.file}: is a symbolic link, and rewriting it in place would replace the link, not "
-                f"its target; replace the link with a copy of {ADAPTER_FILE}"
+                f"{adapter.dir.path / name}: is a symbolic link, and rewriting it in place would replace the link, "
+                f"not its target; replace the link with a copy of {name}"
             )
-        atomic.clean_stale(adapter.dir, f".{ADAPTER_FILE}{TMP_MARK}")
+        atomic.clean_stale(adapter.dir, f".{name}{TMP_MARK}")
 
 
 def _apply(

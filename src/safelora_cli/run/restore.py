@@ -9,9 +9,10 @@ from __future__ import annotations
 import stat
 from collections.abc import Callable
 
-from ..adapters.peft import ADAPTER_FILE, PROVENANCE_PREFIX, atomic_replace, file_digest, load_adapter, rewrite_lock
+from ..adapters import PROVENANCE_PREFIX, file_digest, load_adapter, rewrite_lock
+from ..adapters.peft_config import ADAPTER_FILE
 from ..errors import BackupError, ChangedSinceError, SafeLoraError
-from ..io import safefs, stfile
+from ..io import atomic, ranges, safefs
 from ..outputs import card
 from ..results import Restored
 from ..stores.backups import BackupStore
@@ -58,8 +59,8 @@ def restore(
                     "target; replace the link with a copy first"
                 )
             with store.open(backup) as original:
-                chunks = [stfile.FileRange(original.fileno(), 0, backup.nbytes)]
-                atomic_replace(directory, ADAPTER_FILE, chunks, adapter.stat.st_mode & 0o777, expect=adapter.stat)
+                chunks = [ranges.FileRange(original.fileno(), 0, backup.nbytes)]
+                atomic.replace(directory, ADAPTER_FILE, chunks, adapter.stat.st_mode & 0o777, expect=adapter.stat)
             try:
                 card.remove_card_section(directory)
             except SafeLoraError as e:

@@ -13,7 +13,7 @@ from typing import TypeVar, cast
 
 import torch
 
-from ..adapters.peft import LoraModule
+from ..adapters import LoraModule
 from ..errors import SourceError
 from ..projection import Projector, build_v
 from ..sources import Source

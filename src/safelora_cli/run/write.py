@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .._version import __version__
-from ..adapters.peft import PROVENANCE_PREFIX, write_adapter
+from ..adapters import PROVENANCE_PREFIX
 from ..errors import AdapterError, SafeLoraError
 from ..io import safefs
 from ..outputs import card
@@ -84,7 +84,9 @@ def finish(
             run.notes.append("no backup: no copy of the original was kept, and restore cannot undo this run")
     if run.kept is not None:
         provenance[PROVENANCE_PREFIX + "original"] = run.kept.sha256
-    write_adapter(adapter, replacements, provenance, settings.output, overwrite_output=settings.force, notes=run.notes)
+    adapter.format.write(
+        adapter, replacements, provenance, settings.output, overwrite_output=settings.force, notes=run.notes
+    )
     result = report(run, layers, tau, True)
     if settings.model_card:
         _write_card(adapter.dir, settings.output, result)

@@ -21,7 +21,6 @@ that sha256 before it is used.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -34,7 +33,7 @@ from io import BufferedReader
 from pathlib import Path
 
 from ..errors import BackupError, BackupNotKeptError
-from ..io import atomic, safefs, stfile, strict
+from ..io import atomic, locks, ranges, safefs, strict
 from ..results import Backup
 from . import ownership
 
@@ -83,12 +82,8 @@ class BackupStore:
     @contextmanager
     def _locked(self) -> Iterator[None]:
         """The store's lock, while a record is read and rewritten."""
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, ownership.FILE_MODE)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with locks.file_held(self.root / ".lock", ownership.FILE_MODE, ownership.mkdirs):
             yield
-        finally:
-            os.close(fd)
 
     # --- keeping an original ---------------------------------------------------------------------
 
@@ -110,7 +105,7 @@ class BackupStore:
                     record = self._read_record(sha) or Backup(sha, self.root / _blob_name(sha), size, {})
                     record.adapters[os.path.abspath(adapter_dir)] = time.time()
                     self._write_record(store, record)
-                stfile.fsync(store.fd)
+                ranges.fsync(store.fd)
         except OSError as e:
             raise BackupNotKeptError(
                 f"{safefs.os_error(self.root, e)}: cannot keep the original, so the adapter was not changed; "
@@ -125,11 +120,11 @@ class BackupStore:
         try:
             try:
                 # One read: each chunk is hashed and written; a hole is hashed as zeros and skipped.
-                for start, end, hole in stfile.FileRange(weights.fileno(), 0, size).segments():
-                    for chunk in stfile.FileRange(weights.fileno(), start, end).chunks():
+                for start, end, hole in ranges.FileRange(weights.fileno(), 0, size).segments():
+                    for chunk in ranges.FileRange(weights.fileno(), start, end).chunks():
                         h.update(chunk)
                         if not hole:
-                            stfile.write_all(fd, chunk)
+                            ranges.write_all(fd, chunk)
                     if hole:
                         os.lseek(fd, end - start, os.SEEK_CUR)
                 os.ftruncate(fd, size)
@@ -190,7 +185,7 @@ class BackupStore:
         try:
             size = os.fstat(f.fileno()).st_size
             h = hashlib.sha256()
-            for chunk in stfile.FileRange(f.fileno(), 0, size).chunks():
+            for chunk in ranges.FileRange(f.fileno(), 0, size).chunks():
                 h.update(chunk)
         except OSError as e:
             f.close()
@@ -235,7 +230,7 @@ class BackupStore:
                         pass
                     except OSError as e:
                         raise BackupError(safefs.os_error(self.root / name, e)) from None
-            stfile.fsync(store.fd)
+            ranges.fsync(store.fd)
 
     def forget(self, backup: Backup, adapter_dir: str) -> None:
         """Drop one adapter directory from a backup that others still use."""

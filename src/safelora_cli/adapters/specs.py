@@ -1,0 +1,74 @@
+"""Adapter paths as the user gave them: patterns expanded, each location opened once."""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import AdapterError, UsageError
+from ..io import safefs
+
+
+@dataclass
+class Named:
+    """An adapter directory as the user named it, opened once (or why it could not be)."""
+
+    path: Path
+    dir: safefs.Directory | None
+    error: AdapterError | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def expand(specs: Sequence[str | os.PathLike[str]]) -> list[tuple[Path, str | None]]:
+    """Adapter paths from what the user gave, each with a note when it came from a pattern.
+
+    A path that exists is taken literally, even if it holds ``*``, ``?`` or ``[``; a pattern is
+    expanded (sorted, directories only) only when no such path exists; one that matches no directory
+    is a usage error.
+    """
+    out: list[tuple[Path, str | None]] = []
+    for spec in specs:
+        text = os.fspath(spec)
+        if os.path.lexists(text) or not glob.has_magic(text):
+            out.append((Path(text), None))
+            continue
+        matches = [m for m in sorted(glob.glob(text)) if os.path.isdir(m)]
+        if not matches:
+            raise UsageError(f"{text!r}: no such directory, and as a pattern it matches no adapter directory")
+        note = f"{text!r} matched {len(matches)} director{'y' if len(matches) == 1 else 'ies'}: " + ", ".join(matches)
+        out.extend((Path(m), note) for m in matches)
+    return out
+
+
+@contextmanager
+def open_all(
+    specs: Sequence[str | os.PathLike[str]], open_one: Callable[[Path], safefs.Directory]
+) -> Iterator[list[Named]]:
+    """Expand and open every adapter once (``open_one``); closed on exit.
+
+    The same directory named twice (directly, via ``..`` or a symlink alias, or by two patterns)
+    is processed once, with a note: a batch never waits on its own lock.
+    """
+    with ExitStack() as stack:
+        named: list[Named] = []
+        seen: dict[tuple[int, int], Named] = {}
+        for path, note in expand(specs):
+            notes = [note] if note else []
+            try:
+                directory = stack.enter_context(open_one(path))
+            except AdapterError as e:
+                if not any(n.path == path and n.error is not None for n in named):
+                    named.append(Named(path, None, e, notes))
+                continue
+            first = seen.get(directory.identity)
+            if first is not None:
+                if path != first.path:
+                    first.notes.append(f"{path} is the same adapter directory as {first.path}: processed once")
+                continue
+            seen[directory.identity] = item = Named(path, directory, None, notes)
+            named.append(item)
+        yield named
