@@ -6,8 +6,9 @@ server once and ask it for them. One JSON document per line; the test writes
 
     {"runs": [{"argv": [...], "out": path, "err": path, "kill_at": seconds | null}, ...], "env": {...}}
 
-and the server forks every run at once (``env`` added to each child's environment), sends SIGKILL
-to each child still running ``kill_at`` seconds after the fork, and answers
+and the server forks every run at once (``env`` is each child's whole environment: the test's own
+with the run's additions, as a process the test started would have), sends SIGKILL to each child
+still running ``kill_at`` seconds after the fork, and answers
 
     {"status": [exit code or -signal, ...], "seconds": [time from fork to exit, ...],
      "maxrss": [peak resident set size in bytes, ...]}
@@ -40,7 +41,9 @@ from safelora_cli import cli
 
 
 def _child(run: dict[str, Any], env: dict[str, str]) -> None:
-    os.environ.pop("GITHUB_STEP_SUMMARY", None)  # a CI job's own summary is not the tests' to write
+    # The test's environment, not the server's: its own HOME, XDG directories, caches and backup
+    # store, and no CI step summary unless the run sets one.
+    os.environ.clear()
     os.environ.update(env)
     for fd, path in ((1, run["out"]), (2, run["err"])):
         if path is None:
@@ -165,17 +168,12 @@ class ForkServer:
     def run(self, runs: list[Run], env: dict[str, str] | None = None) -> Outcome:
         """Fork every run at once and wait for all of them."""
         assert self.proc.stdin is not None
-        # The server started before this test's fixtures: hand the children this test's caches.
-        caches = {
-            k: os.environ[k]
-            for k in ("SAFELORA_CACHE", "SAFELORA_BACKUPS", "HF_HOME", "HF_HUB_CACHE")
-            if k in os.environ
-        }
+        # The server started before this test's fixtures: hand the children this test's environment.
         request = {
             "runs": [
                 {"argv": r.argv, "out": r.out and str(r.out), "err": str(r.err), "kill_at": r.kill_at} for r in runs
             ],
-            "env": {**caches, **(env or {})},
+            "env": {**os.environ, **(env or {})},
         }
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
