@@ -22,13 +22,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from support import builders
+from support.run import project_adapter
 from transformers import LlamaForCausalLM
 
 from safelora_cli.adapters.lora_config import CONFIG_FILE
 from safelora_cli.adapters.peft_config import ADAPTER_FILE
 from safelora_cli.io import atomic, locks, ranges
 from safelora_cli.results import Settings
-from safelora_cli.run.pipeline import project_adapter
 from safelora_cli.sources import open_local
 
 Q0_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"

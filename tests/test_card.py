@@ -14,6 +14,7 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.run import project_adapter
 
 from safelora_cli.api import Report
 from safelora_cli.errors import AdapterError
@@ -28,7 +29,6 @@ from safelora_cli.outputs.card import (
     write_card,
 )
 from safelora_cli.results import Settings
-from safelora_cli.run.pipeline import project_adapter
 from safelora_cli.sources import open_local
 
 BEGIN = re.compile(r"<!-- safelora:begin(?: added=[a-z-]+)? -->")
@@ -295,5 +295,6 @@ def test_a_fifo_card_is_refused_without_blocking(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", _READ_CARD, str(tmp_path)], capture_output=True, text=True, timeout=30)
     assert done.returncode == 1, done.stderr
     assert done.stdout.strip() == (
-        f"{tmp_path / CARD_FILE}: is a FIFO, not a regular file; replace it with a regular file, or pass --output DIR"
+        f"{tmp_path / CARD_FILE}: is a FIFO, not a regular file; "
+        "replace it with a regular file, or write the adapter to another output directory"
     )

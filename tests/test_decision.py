@@ -18,6 +18,7 @@ import torch
 from markdown_it import MarkdownIt
 from markdown_it.token import Token
 from safetensors.torch import load_file, save_file
+from support.run import project_adapter
 
 from safelora_cli import __version__
 from safelora_cli.adapters.peft_config import ADAPTER_FILE
@@ -28,7 +29,6 @@ from safelora_cli.outputs.histogram import histogram_lines
 from safelora_cli.outputs.summary import append_summary, summary_markdown
 from safelora_cli.outputs.text import printable
 from safelora_cli.results import Settings
-from safelora_cli.run.pipeline import project_adapter
 from safelora_cli.sources import open_local
 
 HOSTILE = [

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import typer
 from rich.console import Console
+from support.run import project_adapter
 from typer.testing import Result
 
 from safelora_cli.adapters.peft_config import ADAPTER_FILE
@@ -25,7 +26,6 @@ from safelora_cli.cli import app
 from safelora_cli.cli import render as report
 from safelora_cli.results import Settings
 from safelora_cli.run import pipeline
-from safelora_cli.run.pipeline import project_adapter
 from safelora_cli.sources import open_local
 
 Cli = Callable[..., Result]

@@ -93,9 +93,18 @@ def test_the_command_line_goes_through_the_api() -> None:
     ("part", "never", "why"),
     [
         ("results", ("adapters", "api", "cli", "io", "outputs", "run", "sources", "stores"), "results are plain data"),
-        ("outputs", ("run", "api", "cli"), "outputs render a finished Report; they run nothing"),
+        ("outputs", ("run", "api", "cli", "adapters", "sources", "stores"), "outputs render a finished Report"),
         ("stores", ("outputs", "adapters", "run", "api", "cli"), "a store keeps bytes; restore is a use case"),
         ("run", ("api", "cli"), "the core never imports the package face"),
+        ("sources", ("run", "api", "cli", "stores", "adapters", "outputs"), "sources know nothing of the run"),
+        ("adapters", ("sources", "run", "api", "cli", "stores", "outputs"), "an adapter knows no checkpoints"),
+        ("projection", ("io", "sources", "adapters", "stores", "run", "outputs", "api", "cli"), "no I/O in the math"),
+        ("integrations", ("run", "adapters", "sources", "stores", "outputs", "cli"), "integrations use the API alone"),
+        (
+            "io",
+            ("adapters", "sources", "stores", "run", "outputs", "results", "api", "cli", "projection"),
+            "the file layer moves bytes",
+        ),
     ],
 )
 def test_parts_keep_their_distance(part: str, never: tuple[str, ...], why: str) -> None:
@@ -103,3 +112,10 @@ def test_parts_keep_their_distance(part: str, never: tuple[str, ...], why: str) 
         if module == part or module.startswith(part + "."):
             wrong = sorted(t for t in targets if t.split(".")[0] in never)
             assert not wrong, f"{module} imports {wrong}: {why}"
+
+
+def test_the_file_layer_knows_no_format() -> None:
+    codecs = {"io.stfile", "io.strict"}
+    for module, targets in _graph().items():
+        if module.startswith("io.") and module not in codecs:
+            assert not targets & codecs, f"{module} imports {sorted(targets & codecs)}: the file layer moves bytes"

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from support import builders, reference
+from support.run import project_adapter
 from transformers import GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM
 from typer.testing import CliRunner
 
@@ -26,7 +27,6 @@ from safelora_cli.adapters.peft_config import ADAPTER_FILE
 from safelora_cli.api import Report
 from safelora_cli.cli import app
 from safelora_cli.results import Settings
-from safelora_cli.run.pipeline import project_adapter
 from safelora_cli.sources import open_local
 
 _LORA = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])(?:\.default)?\.weight$")

@@ -10,13 +10,13 @@ import zlib
 from pathlib import Path
 
 import pytest
+from support.run import project_adapter
 
 from safelora_cli.api import Report
 from safelora_cli.cli._errors import describe
 from safelora_cli.errors import ExtraFileError, UsageError
 from safelora_cli.outputs import plot
 from safelora_cli.results import Settings
-from safelora_cli.run.pipeline import project_adapter
 from safelora_cli.sources import open_local
 
 SVG = "{http://www.w3.org/2000/svg}"

@@ -15,6 +15,7 @@ from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from support import reference as ref
+from support.run import project_adapter
 from transformers import LlamaForCausalLM
 from typer.testing import Result
 
@@ -22,7 +23,6 @@ from safelora_cli import __version__
 from safelora_cli.adapters.peft_config import ADAPTER_FILE
 from safelora_cli.api import Report
 from safelora_cli.results import Settings
-from safelora_cli.run.pipeline import project_adapter
 from safelora_cli.sources import open_local
 
 Pair = tuple[Path, Path]

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from support import builders
+from support.run import project_adapter
 from typer.testing import CliRunner
 
 from safelora_cli import sources
@@ -22,7 +23,6 @@ from safelora_cli.api import Report
 from safelora_cli.cli import app
 from safelora_cli.errors import SourceError
 from safelora_cli.results import Settings
-from safelora_cli.run.pipeline import project_adapter
 from safelora_cli.sources import Source, open_local, registry
 
 LAYOUTS = ["safetensors", "safetensors-sharded", "bin", "bin-sharded"]

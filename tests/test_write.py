@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.run import project_adapter
 from typer.testing import Result
 
 from safelora_cli.adapters import rewrite_lock
@@ -24,7 +25,6 @@ from safelora_cli.io import atomic, ranges
 from safelora_cli.io.atomic import TMP_MARK, clean_stale
 from safelora_cli.io.safefs import Directory
 from safelora_cli.results import Settings
-from safelora_cli.run.pipeline import project_adapter
 from safelora_cli.sources import open_local
 
 Pair = tuple[Path, Path]

@@ -33,6 +33,12 @@ if TYPE_CHECKING:
     # The names below are this module's too (``__getattr__`` imports them on first use).
     from . import adapters as adapter_io
     from . import sources
+    from .adapters import Adapter as Adapter
+    from .adapters import file_digest as file_digest
+    from .adapters import opened as opened
+    from .adapters.base import PROVENANCE_PREFIX as PROVENANCE_PREFIX
+    from .adapters.lora_config import CONFIG_FILE as CONFIG_FILE
+    from .adapters.peft_config import ADAPTER_FILE as ADAPTER_FILE
     from .demo import build as build_demo
     from .outputs.histogram import histogram_lines as histogram_lines
     from .outputs.plot import check_plot_path as check_plot_path
@@ -51,6 +57,13 @@ __all__ = ["Device", "Options", "Precision", "StrPath", "build_demo", "printable
 # The names this module gives from the modules that import torch: each is imported on first use,
 # so that importing the API (and the command line's --help) does not pay for torch.
 _HOMES = {
+    # What the integrations read of an adapter safelora wrote: they go through the API alone.
+    "Adapter": "adapters",
+    "opened": "adapters",
+    "file_digest": "adapters",
+    "PROVENANCE_PREFIX": "adapters.base",
+    "CONFIG_FILE": "adapters.lora_config",
+    "ADAPTER_FILE": "adapters.peft_config",
     "Report": "outputs.report",
     "PairSummary": "stores.cache",
     "Sort": "outputs.table",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from io import BufferedReader
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,8 @@ _SKIP_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
 def load_config(directory: safefs.Directory) -> tuple[LoraConfig, bytes, int]:
     """The config, the bytes it was read from and their file's mode (an ``--output`` copy writes those)."""
     cfg_path = directory.path / CONFIG_FILE
-    data, mode = directory.read_small(CONFIG_FILE, CONFIG_LIMIT, fix="pass a PEFT adapter directory")
+    data, st = directory.read_small(CONFIG_FILE, CONFIG_LIMIT, fix="pass a PEFT adapter directory")
+    mode = stat.S_IMODE(st.st_mode)
     try:
         raw = strict.loads(data)
     except strict.InvalidJSON as e:

@@ -19,10 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .. import adapters as adapter_io
 from .. import api
-from ..adapters import PROVENANCE_PREFIX
-from ..api import Report
+from ..api import PROVENANCE_PREFIX, Report
 from ..errors import AdapterError, MissingExtraError, SafeLoraError, UsageError
 from ..io import strict
 
@@ -132,10 +130,10 @@ class ModelReport(Report):
         _check_model(model, self.adapter_name, "save_adapter")
         with (
             tempfile.TemporaryDirectory(prefix="safelora-save-") as tmp,
-            adapter_io.opened(_save(model, self.adapter_name, Path(tmp))) as fresh,
+            api.opened(_save(model, self.adapter_name, Path(tmp))) as fresh,
         ):
             same_config = strict.loads(fresh.config_bytes) == strict.loads(self.adapter_config)
-            if not same_config or adapter_io.file_digest(fresh) != self.provenance.get(_DIGEST):
+            if not same_config or api.file_digest(fresh) != self.provenance.get(_DIGEST):
                 raise AdapterError(
                     f"{_label(self.adapter_name)}: changed since project_model projected it (its tensors or "
                     "its config differ); its provenance would be false. Call project_model again, then "
@@ -176,7 +174,7 @@ def project_model(
         saved = _save(model, adapter_name, Path(tmp) / "saved")
         try:
             report = api.project(saved, base=base, aligned=aligned, output=Path(tmp) / "projected", **options)
-            with adapter_io.opened(Path(tmp) / "projected") as projected:
+            with api.opened(Path(tmp) / "projected") as projected:
                 updates = _updates(projected, report, params, adapter_name)
                 provenance = projected.provenance()
                 config = projected.config_bytes
@@ -191,7 +189,7 @@ def project_model(
 
 
 def _updates(
-    projected: adapter_io.Adapter, report: Report, params: Mapping[str, torch.nn.Parameter], adapter_name: str
+    projected: api.Adapter, report: Report, params: Mapping[str, torch.nn.Parameter], adapter_name: str
 ) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
     """Each projected module's lora_B parameter with its new value, all found before any is patched.
 

@@ -20,9 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from .. import api
-from ..adapters.lora_config import CONFIG_FILE
-from ..adapters.peft_config import ADAPTER_FILE
-from ..api import Report
+from ..api import ADAPTER_FILE, CONFIG_FILE, Report
 from ..errors import AdapterError, SafeLoraError, UsageError
 from ..io import atomic, ranges, safefs
 from .peft_model import missing_extra, relabel

@@ -89,13 +89,15 @@ def read_small(
     dir_fd: int | None = None,
     where: object = None,
     fix: str = "replace it with a regular file",
-) -> tuple[bytes, int]:
-    """The whole content of a small regular file (a JSON config or index) and its mode bits.
+    follow: bool = True,
+) -> tuple[bytes, os.stat_result]:
+    """The whole content of a small regular file (a JSON config or index, a model card) and the
+    ``fstat`` of the file read (``follow=False`` refuses a symbolic link, as ``open_file``).
 
     A file larger than ``limit`` is refused before it is read.
     """
     where = path if where is None else where
-    with open_file(path, error, dir_fd=dir_fd, where=where, fix=fix) as f:
+    with open_file(path, error, dir_fd=dir_fd, where=where, fix=fix, follow=follow) as f:
         try:
             st = os.fstat(f.fileno())
             if st.st_size > limit:
@@ -105,7 +107,7 @@ def read_small(
             raise error(os_error(where, e)) from None
     if len(data) > limit:
         raise error(f"{where}: more than the {limit} bytes such a file may have; {fix}")
-    return data, stat.S_IMODE(st.st_mode)
+    return data, st
 
 
 class Directory:
@@ -134,8 +136,10 @@ class Directory:
     def open(self, name: str, *, fix: str = "replace it with a regular file", follow: bool = True) -> BufferedReader:
         return open_file(name, self.error, dir_fd=self.fd, where=self.path / name, fix=fix, follow=follow)
 
-    def read_small(self, name: str, limit: int, *, fix: str = "replace it with a regular file") -> tuple[bytes, int]:
-        return read_small(name, self.error, limit, dir_fd=self.fd, where=self.path / name, fix=fix)
+    def read_small(
+        self, name: str, limit: int, *, fix: str = "replace it with a regular file", follow: bool = True
+    ) -> tuple[bytes, os.stat_result]:
+        return read_small(name, self.error, limit, dir_fd=self.fd, where=self.path / name, fix=fix, follow=follow)
 
     def lstat(self, name: str) -> os.stat_result | None:
         """The entry ``name`` itself (a link is not followed); None when there is none."""

@@ -372,7 +372,7 @@ def _edit(directory: safefs.Directory, change: Callable[[str | None], str | None
         raise AdapterError(safefs.os_error(where, e)) from None
 
 
-_CARD_FIX = "replace it with a regular file, or pass --output DIR"
+_CARD_FIX = "replace it with a regular file, or write the adapter to another output directory"
 
 
 def _read(directory: safefs.Directory) -> tuple[str | None, os.stat_result | None]:
@@ -385,16 +385,7 @@ def _read(directory: safefs.Directory) -> tuple[str | None, os.stat_result | Non
         raise AdapterError(f"{where}: is a symbolic link, and safelora never writes through one; {_CARD_FIX}")
     if not stat.S_ISREG(st.st_mode):
         raise AdapterError(f"{where}: is {safefs.kind(st.st_mode)}, not a regular file; {_CARD_FIX}")
-    with directory.open(CARD_FILE, follow=False, fix=_CARD_FIX) as f:
-        try:
-            st = os.fstat(f.fileno())
-            if st.st_size > CARD_LIMIT:
-                raise AdapterError(f"{where}: {st.st_size} bytes, more than the {CARD_LIMIT} a model card may have")
-            data = f.read(CARD_LIMIT + 1)
-        except OSError as e:
-            raise AdapterError(safefs.os_error(where, e)) from None
-    if len(data) > CARD_LIMIT:
-        raise AdapterError(f"{where}: more than the {CARD_LIMIT} bytes a model card may have")
+    data, st = directory.read_small(CARD_FILE, CARD_LIMIT, fix=_CARD_FIX, follow=False)
     try:
         return data.decode("utf-8"), st
     except UnicodeDecodeError as e:

@@ -23,7 +23,6 @@ from ..adapters import (
     Named,
     file_digest,
     load_adapter,
-    open_all,
     rewrite_lock,
 )
 from ..errors import (
@@ -166,36 +165,6 @@ def _operators(
 
 def source_info(src: Source) -> SourceInfo:
     return SourceInfo(src.label, src.revision, src.fingerprint())
-
-
-def project_adapter(
-    adapter_path: Path,
-    base: Source,
-    aligned: Source,
-    settings: Settings,
-    *,
-    notes: list[str] | None = None,
-    on_module: OnModule = None,
-    cache: PairCache | None = None,
-    on_wait: Callable[[str], None] = lambda message: None,
-    backups: BackupStore | None = None,
-) -> Report:
-    """Run Safe LoRA on one adapter against one (base, aligned) pair. Raises its error."""
-    with open_all([adapter_path]) as named:
-        [outcome] = project_adapters(
-            named,
-            base,
-            aligned,
-            settings,
-            notes=notes,
-            on_module=on_module,
-            cache=cache,
-            on_wait=on_wait,
-            backups=backups,
-        )
-    if isinstance(outcome, SafeLoraError):
-        raise outcome
-    return outcome
 
 
 def project_adapters(
