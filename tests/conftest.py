@@ -15,6 +15,7 @@ fails the session and is named.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import stat
@@ -29,6 +30,16 @@ from typing import Any
 
 REAL_ENVIRONMENT = dict(os.environ)
 SESSION_ROOT = Path(tempfile.mkdtemp(prefix="safelora-tests-")).resolve()
+_CREATOR = os.getpid()
+
+
+@atexit.register
+def _remove_session_root() -> None:
+    """At exit, whatever the exit (``pytest --help`` and usage errors end no session); never in a forked child."""
+    if os.getpid() == _CREATOR:
+        shutil.rmtree(SESSION_ROOT, ignore_errors=True)
+
+
 # Variables that would move a store out of HOME or HF_HOME: unset, so that nothing follows them out.
 UNSET = (
     "GITHUB_STEP_SUMMARY",
@@ -162,7 +173,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             else:
                 print(line)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
-    shutil.rmtree(SESSION_ROOT, ignore_errors=True)
 
 
 # --- each module's stores and each test's ------------------------------------------------------------------
