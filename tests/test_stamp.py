@@ -336,3 +336,42 @@ def test_force_restores_an_edited_adapter_whose_lora_a_is_the_backups(
     one_error(cli("restore", sanitized))
     assert cli("restore", sanitized, "--force").exit_code == 0
     assert (sanitized / WEIGHTS).read_bytes() == (llama_adapter / WEIGHTS).read_bytes()
+
+
+def test_the_unverified_line_names_the_ways_to_verify(
+    cli: Cli, sanitized: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SAFELORA_BACKUPS", str(tmp_path / "elsewhere"))
+    result = cli("check", sanitized)
+    assert result.exit_code == 3
+    [line] = result.stdout.strip().splitlines()
+    assert line.startswith("unverified") and "--original" in line and "--trust-stamp" in line
+
+
+def test_recomputation_verifies_a_half_precision_adapter(
+    cli: Cli, adapter_dir: Path, llama_pair: Pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    half = {k: v.half() for k, v in load_file(adapter_dir / WEIGHTS).items()}
+    save_file(half, adapter_dir / WEIGHTS, metadata={"format": "pt"})
+    original = Path(shutil.copytree(adapter_dir, tmp_path / "original"))
+    project(cli, llama_pair, adapter_dir, "--threshold", "0.3")
+    monkeypatch.setenv("SAFELORA_BACKUPS", str(tmp_path / "elsewhere"))
+    code, doc = check(cli, adapter_dir, *pair_args(llama_pair), "--original", original)
+    assert (code, doc["verified_by"]) == (0, "recomputation"), doc
+
+
+def test_a_projection_undone_under_a_forged_stamp_does_not_reproduce(
+    cli: Cli, llama_adapter: Path, adapter_dir: Path, llama_pair: Pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One projected module's lora_B put back to the original's, the stamp's digest recomputed."""
+    project(cli, llama_pair, adapter_dir)
+    tensors = load_file(adapter_dir / WEIGHTS)
+    pristine = load_file(llama_adapter / WEIGHTS)
+    key = next(k for k in tensors if "lora_B" in k)
+    tensors[key] = pristine[key]
+    rewrite(adapter_dir, metadata(adapter_dir), tensors)
+    forge(adapter_dir, {k: v for k, v in metadata(adapter_dir).items() if k.startswith("safelora.")})
+    monkeypatch.setenv("SAFELORA_BACKUPS", str(tmp_path / "elsewhere"))
+    code, doc = check(cli, adapter_dir, *pair_args(llama_pair), "--original", llama_adapter)
+    assert (code, doc["status"]) == (3, "unverified"), doc
+    assert "projected" in doc["message"]

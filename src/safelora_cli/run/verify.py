@@ -195,6 +195,7 @@ def _close(b: torch.Tensor, want: torch.Tensor) -> bool:
         w = want.double()
         _, exp = torch.frexp(w)
         ulp = torch.clamp(torch.pow(2.0, (exp - 1 - bits).double()), min=2.0**least)
+        ulp = torch.where(w == 0, torch.full_like(w, 2.0**least), ulp)  # frexp(0) is (0, 0)
         return bool(((b.double() - w).abs() <= ulp).all())
     diff = torch.linalg.norm((b.double() - want.double()).flatten())
     return bool(diff <= FP32_RTOL * torch.linalg.norm(want.double().flatten()))
