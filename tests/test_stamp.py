@@ -375,3 +375,30 @@ def test_a_projection_undone_under_a_forged_stamp_does_not_reproduce(
     code, doc = check(cli, adapter_dir, *pair_args(llama_pair), "--original", llama_adapter)
     assert (code, doc["status"]) == (3, "unverified"), doc
     assert "projected" in doc["message"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_widening_is_exact_however_the_bytes_are_chunked(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An element split across two reads (a sparse file's segments) widens as a whole one does."""
+    from safelora_cli.adapters import digest as stamp
+    from safelora_cli.io import stfile
+
+    values = torch.randn(1001, generator=torch.Generator().manual_seed(1)).to(dtype)
+    raw = stfile.tensor_bytes(values)
+    name = stfile.DTYPE_NAMES[dtype]
+    whole = b"".join(bytes(p) for p in stamp._float32_pieces(name, raw))
+    monkeypatch.setattr(stamp.ranges, "pieces", lambda data: iter([data[:7], data[7:1001], data[1001:]]))
+    split = b"".join(bytes(p) for p in stamp._float32_pieces(name, raw))
+    assert whole == split == stfile.tensor_bytes(values.float())
+
+
+def test_a_bfloat16_widening_keeps_the_stamp(cli: Cli, adapter_dir: Path, llama_pair: Pair) -> None:
+    bf16 = {k: v.bfloat16() for k, v in load_file(adapter_dir / WEIGHTS).items()}
+    save_file(bf16, adapter_dir / WEIGHTS, metadata={"format": "pt"})
+    project(cli, llama_pair, adapter_dir)
+    wide = {k: v.float() for k, v in load_file(adapter_dir / WEIGHTS).items()}
+    save_file(wide, adapter_dir / WEIGHTS, metadata=metadata(adapter_dir))
+    assert check(cli, adapter_dir)[1]["verified_by"] == "local-record"
+    narrow = {k: v.half() for k, v in wide.items()}  # lossy: another adapter
+    save_file(narrow, adapter_dir / WEIGHTS, metadata=metadata(adapter_dir))
+    assert check(cli, adapter_dir)[1]["status"] == "modified"

@@ -22,7 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping
+import sys
+import warnings
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -31,6 +33,8 @@ from ..io import ranges, safefs, stfile
 from .base import PROVENANCE_PREFIX, Adapter
 from .lora_config import PEFT_PREFIX
 
+_LITTLE = sys.byteorder == "little"
+_SERIAL = 1 << 15  # elements widened per copy: torch's grain size, so each copy runs on this thread
 STAMP_VERSION = "2"
 DIGEST_KEY = PROVENANCE_PREFIX + "digest"
 VERSION_KEY = PROVENANCE_PREFIX + "stamp_version"
@@ -76,18 +80,33 @@ def _frame(data: bytes) -> bytes:
     return len(data).to_bytes(8, "big") + data
 
 
-def _float32_pieces(dtype: str, data: ranges.Data) -> Iterable[bytes]:
-    """The values of a float16/bfloat16/float32 tensor as float32 little-endian bytes, a chunk at a time."""
+def _float32_pieces(dtype: str, data: ranges.Data) -> Iterator[bytes | memoryview]:
+    """The values of a float16/bfloat16/float32 tensor as float32 little-endian bytes, a chunk at a
+    time (float32 as it is: safetensors is little-endian; the others widened into one reused buffer)."""
+    if dtype == "F32" and _LITTLE:
+        yield from ranges.pieces(data)
+        return
     width = stfile.DTYPE_BITS[dtype] // 8
     tdtype = stfile.DTYPES[dtype]
+    out = bytearray()
     rest = b""
-    for piece in ranges.pieces(data):
-        buf = rest + bytes(piece)
-        whole = len(buf) - len(buf) % width
-        rest = buf[whole:]
-        if whole:
-            t = torch.frombuffer(bytearray(buf[:whole]), dtype=tdtype).to(torch.float32)
-            yield t.numpy().astype("<f4", copy=False).tobytes()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")  # read, never written
+        for chunk in ranges.pieces(data):
+            piece = rest + bytes(chunk) if rest else chunk  # an element split across chunks: rare
+            n = len(piece) // width
+            rest = bytes(piece[n * width :])
+            if n == 0:
+                continue
+            if len(out) < 4 * n:
+                out = bytearray(4 * n)
+            wide = torch.frombuffer(out, dtype=torch.float32, count=n)
+            narrow = torch.frombuffer(piece, dtype=tdtype, count=n)
+            for i in range(0, n, _SERIAL):  # below torch's grain size: no thread pool woken per tensor
+                wide[i : i + _SERIAL].copy_(narrow[i : i + _SERIAL])
+            if not _LITTLE:
+                wide.view(torch.uint8).view(n, 4).copy_(wide.view(torch.uint8).view(n, 4).flip(1))
+            yield memoryview(out)[: 4 * n]
     if rest:
         raise AdapterError("a tensor's byte length is not a whole number of elements")
 
