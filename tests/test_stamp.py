@@ -402,3 +402,14 @@ def test_a_bfloat16_widening_keeps_the_stamp(cli: Cli, adapter_dir: Path, llama_
     narrow = {k: v.half() for k, v in wide.items()}  # lossy: another adapter
     save_file(narrow, adapter_dir / WEIGHTS, metadata=metadata(adapter_dir))
     assert check(cli, adapter_dir)[1]["status"] == "modified"
+
+
+def test_a_record_in_a_store_others_can_write_verifies_nothing(cli: Cli, sanitized: Path) -> None:
+    root = Path(os.environ["SAFELORA_BACKUPS"])
+    assert check(cli, sanitized)[0] == 0
+    root.chmod(0o777)  # anyone could have planted the record
+    try:
+        code, doc = check(cli, sanitized)
+        assert (code, doc["status"]) == (3, "unverified")
+    finally:
+        root.chmod(0o700)
