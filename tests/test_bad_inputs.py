@@ -25,6 +25,8 @@ from support import builders
 from support.run import project_adapter
 from transformers import LlamaForCausalLM
 
+from safelora_cli.adapters import opened
+from safelora_cli.adapters.digest import file_digest
 from safelora_cli.adapters.lora_config import CONFIG_FILE
 from safelora_cli.adapters.peft_config import ADAPTER_FILE
 from safelora_cli.io import atomic, locks, ranges
@@ -526,8 +528,8 @@ def _(i: Inputs) -> tuple[str, ...]:
         base.close()
         aligned.close()
     edit_header(i.adapter_file, lambda h: h["__metadata__"].update({"safelora.threshold": "{oops"}))
-    i.project("--num-layers", "2")  # the same pair and settings: a no-op that reads the recorded τ
-    return str(i.adapter_file), "safelora.threshold", "original adapter"
+    i.project("--num-layers", "2")  # the same pair and settings: an edited stamp is no reason to skip the work
+    return str(i.adapter_file), "nothing verifies the stamp", "--original"
 
 
 @case("provenance from a hostile writer, checked")
@@ -538,9 +540,12 @@ def _(i: Inputs) -> tuple[str, ...]:
     finally:
         base.close()
         aligned.close()
-    # the digest covers the tensors, not the metadata: a forged list still passes the digest check
+    # the digest covers the stamp, but anyone can recompute it: a forged list with its digest, trusted
     edit_header(i.adapter_file, lambda h: h["__metadata__"].update({"safelora.projected": "7"}))
-    i.args = ["check", "--adapter", str(i.adapter)]
+    with opened(i.adapter) as forged:
+        digest = file_digest(forged)
+    edit_header(i.adapter_file, lambda h: h["__metadata__"].update({"safelora.digest": digest}))
+    i.args = ["check", "--adapter", str(i.adapter), "--trust-stamp"]
     return str(i.adapter_file), "safelora.projected", "original adapter"
 
 

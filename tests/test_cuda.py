@@ -17,6 +17,7 @@ from test_projection import TOLERANCES, random_module
 from test_roundtrip import SCALE, TAU, adapter_file, expected, lora_key, project, projected_modules, rel_error
 from typer.testing import Result
 
+import safelora_cli
 from safelora_cli.projection import Projector, select
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -64,8 +65,22 @@ def test_cuda_run_matches_the_cpu_run(llama_pair: Pair, llama_adapter: Path, tmp
         assert projected_modules(report) == {m for m, e in want.items() if round(e.similarity, 5) <= TAU}
     gpu, meta = adapter_file(outs["cuda"])
     cpu, cpu_meta = adapter_file(outs["cpu"])
-    digest = "safelora.digest"  # of the bytes written, and lora_B's last bits depend on the device
-    assert {k: v for k, v in meta.items() if k != digest} == {k: v for k, v in cpu_meta.items() if k != digest}
+    # the digest covers the bytes written, and lora_B's last bits depend on the device; so do the
+    # similarities' last digits in safelora.layers (the decisions do not)
+    device_bound = ("safelora.digest", "safelora.layers")
+    assert {k: v for k, v in meta.items() if k not in device_bound} == {
+        k: v for k, v in cpu_meta.items() if k not in device_bound
+    }
+    layers, cpu_layers = json.loads(meta["safelora.layers"]), json.loads(cpu_meta["safelora.layers"])
+    assert [(x["module"], x["projected"]) for x in layers] == [(x["module"], x["projected"]) for x in cpu_layers]
+    for x, y in zip(layers, cpu_layers, strict=True):
+        assert x["similarity"] == pytest.approx(y["similarity"], abs=1e-5)
+    # the CUDA result is verified on the CPU by recomputation from the original
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAFELORA_BACKUPS", str(tmp_path / "another-machine"))
+        assert safelora_cli.check(outs["cuda"]).status == "unverified"
+        verdict = safelora_cli.check(outs["cuda"], base=llama_pair[0], aligned=llama_pair[1], original=llama_adapter)
+        assert verdict.ok and verdict.verified_by == "recomputation", verdict.message
     for module, e in want.items():
         b = gpu[lora_key(module, "lora_B")]
         if round(e.similarity, 5) <= TAU:

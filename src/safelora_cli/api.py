@@ -376,39 +376,45 @@ def _base_from_preset(aligned: str, notes: list[str]) -> str:
 
 
 def check(
-    adapter: StrPath, *, base: StrPath | None = None, aligned: StrPath | None = None, token: str | None = None
+    adapter: StrPath,
+    *,
+    base: StrPath | None = None,
+    aligned: StrPath | None = None,
+    token: str | None = None,
+    original: StrPath | None = None,
+    trust_stamp: bool = False,
 ) -> CheckResult:
-    """Whether an adapter is sanitized by safelora and unmodified since (and, with ``base`` and
-    ``aligned``, against that pair). ``CheckResult.status`` is ``sanitized``, ``never_sanitized``,
-    ``modified`` or ``other_pair``; ``ok`` is True only for ``sanitized``."""
-    from .run import audit
+    """Whether an adapter is sanitized by safelora, unmodified since, verified, and (with ``base`` and
+    ``aligned``) against that pair. Verified: by recomputation (``original``, the adapter before
+    projection, projected again against ``base``/``aligned`` reproduces it), by safelora's local
+    record (it wrote these bytes on this machine), or, with ``trust_stamp``, by an intact stamp alone
+    (a guard against accidents only). ``CheckResult.status`` is ``sanitized``, ``never_sanitized``,
+    ``modified``, ``other_pair`` or ``unverified``; ``ok`` is True only for ``sanitized``, and
+    ``verified_by`` says how."""
+    from .run import audit, verify
 
     if (base is None) != (aligned is None):
         raise UsageError("give both base and aligned, or neither")
-    pair = None
-    if base is not None and aligned is not None:
-        pair = (_identity(base, "base", token), _identity(aligned, "aligned", token))
-    with _open_adapters([adapter]) as [named]:
-        if named.dir is None:
-            raise named.error or SafeLoraError(f"{named.path}: cannot be read")
-        return audit.check(named.dir, pair)
+    if original is not None and base is None:
+        raise UsageError("verifying with the original needs the pair: give base and aligned too")
+    with ExitStack() as stack:
+        pair = None
+        recompute = None
+        if base is not None and aligned is not None:
+            pair = verify.open_pair(stack, os.fspath(base), os.fspath(aligned), token)
+        if original is not None and pair is not None:
+            [first] = stack.enter_context(_open_adapters([original]))
+            recompute = verify.recomputer(_dir_of(first), *pair)
+        [named] = stack.enter_context(_open_adapters([adapter]))
+        infos = (verify.source_info(pair[0]), verify.source_info(pair[1])) if pair is not None else None
+        return audit.check(_dir_of(named), infos, trust_stamp=trust_stamp, recompute=recompute)
+    raise AssertionError("unreachable")
 
 
-def _identity(spec: StrPath, role: str, token: str | None) -> str:
-    """How provenance names a checkpoint (``path@fingerprint`` or ``repo@sha``), reading no weights."""
-    from . import sources
-    from .run import pipeline
-    from .stores.cache import ProjectionCache
-
-    store = ProjectionCache()
-    hub = sources.Hub.from_env(token, store.refs if store.problem() is None else None)
-    src = sources.open_source(
-        os.fspath(spec), None, role=role, transfer=sources.QuietTransfer(), notes=[], settings=[hub]
-    )
-    try:
-        return pipeline.source_info(src).identity
-    finally:
-        src.close()
+def _dir_of(named: adapter_io.Named) -> Any:
+    if named.dir is None:
+        raise named.error or SafeLoraError(f"{named.path}: cannot be read")
+    return named.dir
 
 
 def inspect(adapter: StrPath) -> Inspection:
@@ -418,9 +424,7 @@ def inspect(adapter: StrPath) -> Inspection:
     from .stores.backups import BackupStore
 
     with _open_adapters([adapter]) as [named]:
-        if named.dir is None:
-            raise named.error or SafeLoraError(f"{named.path}: cannot be read")
-        return audit.inspect(named.dir, BackupStore())
+        return audit.inspect(_dir_of(named), BackupStore())
 
 
 @overload
@@ -443,9 +447,7 @@ def restore(adapter: StrPath | list[StrPath], *, force: bool = False) -> Restore
     with _open_adapters(_specs(adapter)) as opened:
         for named in opened:
             try:
-                if named.dir is None:
-                    raise named.error or SafeLoraError(f"{named.path}: cannot be read")
-                outcomes.append(restoring.restore(named.dir, store, force=force))
+                outcomes.append(restoring.restore(_dir_of(named), store, force=force))
             except SafeLoraError as e:
                 e.adapter = named.path
                 outcomes.append(e)
@@ -558,7 +560,8 @@ def remove_backups(adapters: Sequence[StrPath] = (), *, older_than_days: float |
     store = BackupStore()
     if not adapters:
         gone = backups_to_remove(older_than_days=older_than_days)
-        store.remove(gone)
+        store.remove(gone)  # and the local records of what was written, of that age
+        store.remove_written(None if older_than_days is None else time.time() - older_than_days * 86400)
         return RemovedBackups(gone, store.root)
     chosen = _backups_of(adapters)
     gone = [b for b, dirs in chosen if set(b.adapters) <= dirs or not b.adapters]

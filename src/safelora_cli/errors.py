@@ -86,6 +86,11 @@ class AlreadyProjectedError(AdapterError):
     """The adapter already carries safelora provenance, and its original is not kept to start from."""
 
 
+class UnverifiedStampError(AlreadyProjectedError):
+    """The adapter's stamp says this pair and these settings, but nothing verifies the stamp: the
+    run does not skip the work on its word."""
+
+
 class ChangedSinceError(AdapterError):
     """The adapter changed since safelora wrote it: starting from the kept original would lose that change."""
 

@@ -19,7 +19,9 @@ from ._version import __version__
 Mode = Literal["threshold", "number"]
 Precision = Literal["float32", "float64"]
 Device = Literal["auto", "cpu", "cuda"]
-CheckStatus = Literal["sanitized", "never_sanitized", "modified", "other_pair"]
+CheckStatus = Literal["sanitized", "never_sanitized", "modified", "other_pair", "unverified"]
+# How a ``sanitized`` verdict was verified (None for any other verdict).
+VerifiedBy = Literal["local-record", "recomputation", "trust-stamp"]
 
 
 def finite(x: float | None) -> float | None:
@@ -101,6 +103,7 @@ class Backup:
     path: Path
     nbytes: int
     adapters: dict[str, float]  # absolute adapter directory → when it was backed up (Unix time)
+    results: list[str] = field(default_factory=list)  # stamp digests of the results written from it
 
     @property
     def created(self) -> float:
@@ -113,6 +116,7 @@ class Backup:
             "bytes": self.nbytes,
             "path": str(self.path),
             "adapters": [{"adapter": a, "kept": _date(t)} for a, t in sorted(self.adapters.items())],
+            "results": list(self.results),
         }
 
 
@@ -190,6 +194,8 @@ class CheckResult:
     status: CheckStatus
     message: str
     provenance: dict[str, str]
+    verified_by: VerifiedBy | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -202,6 +208,8 @@ class CheckResult:
             "ok": self.ok,
             "status": self.status,
             "message": self.message,
+            "verified_by": self.verified_by,
+            "notes": list(self.notes),
             "provenance": self.provenance,
         }
 

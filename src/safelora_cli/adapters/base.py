@@ -129,6 +129,11 @@ class AdapterFormat(Protocol):
     # The config fields that change what the adapter does to the model (a different value: another adapter).
     effect_fields: frozenset[str]
 
+    def covered_config(self, adapter: Adapter) -> bytes:
+        """The config as the stamp digest covers it (canonical bytes): every field that can change what
+        the adapter does, defaults filled in, only a documented inert list left out."""
+        ...
+
     def detect(self, location: safefs.Directory) -> bool:
         """Whether ``location`` holds an adapter of this format, by what is there (not by its name)."""
         ...

@@ -18,9 +18,9 @@ from ..errors import AdapterError
 from ..io import atomic, ranges, safefs, stfile
 from . import output as output_dir
 from .base import PROVENANCE_PREFIX, Adapter, Weights
-from .digest import blobs, digest
+from .digest import DIGEST_KEY, STAMP_VERSION, VERSION_KEY, blobs, stamp_digest
 from .lora_config import CONFIG_FILE, LoraConfig
-from .peft_config import ADAPTER_FILE, load_config, weights
+from .peft_config import ADAPTER_FILE, covered_config, load_config, weights
 
 # Initialisations after which the saved B·A is the update only once PEFT converted it.
 _CONVERTED_INITS = {"pissa", "olora", "loftq", "corda", "eva"}
@@ -52,6 +52,9 @@ class PeftFormat:
             "bias",
         }
     )
+
+    def covered_config(self, adapter: Adapter) -> bytes:
+        return covered_config(adapter.config_bytes, adapter.path / CONFIG_FILE)
 
     def detect(self, location: safefs.Directory) -> bool:
         # Whatever is named adapter_config.json: a broken one is PEFT's to refuse, with its own message.
@@ -141,11 +144,10 @@ class PeftFormat:
                 raise AssertionError(f"replacement for {key} changed shape or dtype")
         tensors = blobs(adapter, replacements)
         metadata = {k: v for k, v in adapter.header.metadata.items() if not k.startswith(PROVENANCE_PREFIX)}
-        metadata.update(provenance)
-        try:
-            metadata[PROVENANCE_PREFIX + "digest"] = digest(tensors)
-        except OSError as e:
-            raise AdapterError(safefs.os_error(adapter.file, e)) from None
+        stamp = {k: v for k, v in provenance.items() if k != DIGEST_KEY} | {VERSION_KEY: STAMP_VERSION}
+        metadata.update(stamp)
+        # The caller may have computed the digest already (to record it before writing); it is the same.
+        metadata[DIGEST_KEY] = provenance.get(DIGEST_KEY) or stamp_digest(adapter, replacements, stamp)
         chunks = stfile.serialize(tensors, metadata)
         mode = adapter.stat.st_mode & 0o777
         if output is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -226,3 +227,42 @@ def _module(
             "not belong together"
         )
     return LoraModule(module, a_key, b_key, rank, layer)
+
+
+# What the stamp covers of adapter_config.json (``covered_config``), deny-by-default: the whole parsed
+# config, with PEFT's defaults filled in for the keys a config may leave out (so a config that spells
+# a default and one that omits it digest alike), less only the keys below, which change nothing the
+# adapter does to a model at inference. Every other key counts, unknown ones included.
+CONFIG_DEFAULTS: dict[str, object] = {
+    "peft_type": "LORA",
+    "r": 8,
+    "lora_alpha": 8,
+    "fan_in_fan_out": False,
+    "bias": "none",
+    "use_rslora": False,
+    "use_dora": False,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "target_modules": None,
+    "exclude_modules": None,
+    "layers_to_transform": None,
+    "layers_pattern": None,
+    "modules_to_save": None,
+    "init_lora_weights": True,
+    "task_type": None,
+    "base_model_name_or_path": None,
+}
+INERT_CONFIG = frozenset({"inference_mode", "revision", "peft_version", "auto_mapping", "lora_dropout"})
+
+
+def covered_config(data: bytes, where: Path) -> bytes:
+    """``adapter_config.json``'s bytes as the stamp covers them: canonical JSON (sorted keys, no
+    whitespace, ASCII) of the parsed object with ``CONFIG_DEFAULTS`` filled in and ``INERT_CONFIG`` removed."""
+    try:
+        raw = strict.loads(data)
+    except strict.InvalidJSON as e:
+        raise AdapterError(f"{where}: not valid JSON ({e}); restore it from your training run") from None
+    if not isinstance(raw, dict):
+        raise AdapterError(f"{where}: expected a JSON object")
+    covered = {k: v for k, v in (CONFIG_DEFAULTS | raw).items() if k not in INERT_CONFIG}
+    return json.dumps(covered, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()

@@ -30,6 +30,9 @@ _HINTS: dict[type[SafeLoraError], str | Callable[[Any], str]] = {
     e_.OutputError: "; choose another --output",
     e_.OutputNotEmptyError: "; choose another --output, or pass --force to reuse it",
     e_.AlreadyProjectedError: ". Start from the original adapter, or pass --force",
+    e_.UnverifiedStampError: (
+        " (verify: safelora check --original DIR --base B --aligned A; restore: safelora restore; force: --force)"
+    ),
     e_.ChangedSinceError: "; pass --force to do so anyway",
     e_.DoraError: ". Pass --allow-dora to project lora_B and leave the magnitudes unchanged",
     e_.PrecisionError: "; use --precision float64",

@@ -161,8 +161,9 @@ ForceOpt = Annotated[
     bool,
     flag(
         "--force/--no-force",
-        "Project an adapter changed since safelora projected it, or one whose original is not kept (again, on "
-        "top of the projection); reuse a non-empty --output.",
+        "Project what is there: an adapter whose stamp is not verified or whose original is not kept is "
+        "projected again, on top of the earlier projection (a double projection); one changed since starts "
+        "from its kept original if that original's lora_A is still its own; reuse a non-empty --output.",
     ),
 ]
 ModelCardOpt = Annotated[

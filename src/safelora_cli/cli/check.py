@@ -37,26 +37,50 @@ def check(
             metavar="REF", help="Also require this aligned model (a directory or a Hub repo).", show_default=False
         ),
     ] = None,
+    original: Annotated[
+        str | None,
+        typer.Option(
+            metavar="DIR",
+            help="Verify by recomputation: project this original adapter (before projection) against --base "
+            "and --aligned again, from the checkpoints' weights (never the shared projection cache), with the "
+            "settings the stamp records; it must reproduce the adapter. Needs --base and --aligned.",
+            show_default=False,
+        ),
+    ] = None,
+    trust_stamp: Annotated[
+        bool,
+        flag(
+            "--trust-stamp/--no-trust-stamp",
+            "Pass an intact stamp without verifying it (the behaviour before 0.2). This only guards against "
+            "accidents: anyone who can write the adapter's files can write a stamp that passes.",
+        ),
+    ] = False,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Gate: is each adapter sanitized by safelora, unmodified since, and (optionally) against this pair?
+    """Gate: is each adapter sanitized by safelora, unmodified since, verified, and (optionally)
+    against this pair?
 
-    Every adapter given is judged. Exit codes: 0 all sanitized; 3 any never sanitized, sanitized
-    against another pair, or modified since (and none errored); 1 any error (unreadable adapter or
-    checkpoint); 2 usage.
+    Verified means: safelora's local record says it wrote these exact bytes on this machine; or
+    --original reproduces it; or --trust-stamp. Every adapter given is judged. Exit codes: 0 all
+    sanitized and verified; 3 any never sanitized, sanitized against another pair, modified since,
+    or unverified (and none errored); 1 any error (unreadable adapter or checkpoint); 2 usage.
     """
     specs = adapter_specs(adapters, adapter)
     if (base is None) != (aligned is None):
         raise typer.BadParameter("give both --base and --aligned, or neither", param_hint="--base/--aligned")
+    if original is not None and base is None:
+        raise typer.BadParameter("--original needs --base and --aligned", param_hint="--original")
     sink = rendering.Sink(as_json=as_json, quiet=quiet)
     paths = expanded(specs)
     results: list[api.CheckResult | SafeLoraError] = []
     with errors(sink, paths), interruptible(paths, in_place=False):
         for path in paths():
             try:
-                results.append(api.check(path, base=base, aligned=aligned, token=token))
+                results.append(
+                    api.check(path, base=base, aligned=aligned, token=token, original=original, trust_stamp=trust_stamp)
+                )
             except UsageError:
                 raise
             except SafeLoraError as e:

@@ -373,7 +373,11 @@ def _render_pairs(pairs: list[PairSummary], console: Console, *, modules: bool) 
 
 def render_check(result: CheckResult, console: Console) -> None:
     style = "bold green" if result.ok else "bold red"
-    console.print(line((result.status, style), " ", result.adapter, ": ", result.message), highlight=False)
+    how = f" (verified by {result.verified_by})" if result.verified_by else ""
+    if result.status == "unverified":  # the ways to verify, in flags
+        how = " (--original DIR --base B --aligned A; or --trust-stamp)"
+    notes = "".join(f"; {n}" for n in result.notes)
+    console.print(line((result.status, style), " ", result.adapter, ": ", result.message, how, notes), highlight=False)
 
 
 def render_inspection(info: Inspection, console: Console) -> None:

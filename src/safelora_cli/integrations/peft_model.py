@@ -133,7 +133,7 @@ class ModelReport(Report):
             api.opened(_save(model, self.adapter_name, Path(tmp))) as fresh,
         ):
             same_config = strict.loads(fresh.config_bytes) == strict.loads(self.adapter_config)
-            if not same_config or api.file_digest(fresh) != self.provenance.get(_DIGEST):
+            if not same_config or api.file_digest(fresh, self.provenance) != self.provenance.get(_DIGEST):
                 raise AdapterError(
                     f"{_label(self.adapter_name)}: changed since project_model projected it (its tensors or "
                     "its config differ); its provenance would be false. Call project_model again, then "

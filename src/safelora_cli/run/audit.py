@@ -3,15 +3,40 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..adapters import PROVENANCE_PREFIX, Adapter, file_digest, load_adapter, opened
+from ..adapters import PROVENANCE_PREFIX, Adapter, load_adapter, opened
+from ..adapters.digest import DIGEST_KEY, STAMP_VERSION, intact, stamp_version
 from ..adapters.peft_config import MODULES_TO_SAVE
 from ..io.safefs import Directory
-from ..results import CheckResult, Inspection
+from ..results import CheckResult, Inspection, SourceInfo
 from ..stores.backups import BackupStore
+
+# Recomputes the adapter from its original against the pair: None when it reproduces it, else why not.
+Recompute = Callable[[Adapter], str | None]
+WAYS_TO_VERIFY = (
+    "verify it with the original adapter and the pair (recomputation), a signature, or trust the stamp "
+    "(which only guards against accidents)"
+)
+BASE_KEY = PROVENANCE_PREFIX + "base"
+ALIGNED_KEY = PROVENANCE_PREFIX + "aligned"
+
+
+def same_pair(recorded: Mapping[str, str], base: SourceInfo, aligned: SourceInfo) -> bool:
+    """Whether the stamp ``recorded`` names this base and this aligned model. The one place the
+    recorded pair is compared with checkpoints: every caller goes through it."""
+    return recorded.get(BASE_KEY) == base.identity and recorded.get(ALIGNED_KEY) == aligned.identity
+
+
+def verified_by_record(adapter: Adapter, store: BackupStore) -> bool:
+    """Whether the stamp is intact and safelora on this machine recorded writing exactly this result."""
+    return (
+        stamp_version(adapter) == STAMP_VERSION
+        and intact(adapter)
+        and store.written(adapter.provenance().get(DIGEST_KEY)) is not None
+    )
 
 
 @contextmanager
@@ -27,38 +52,81 @@ def _adapter(target: Path | Directory) -> Iterator[Adapter]:
         adapter.close()
 
 
-def check(target: Path | Directory, pair: tuple[str, str] | None = None) -> CheckResult:
-    """Whether the adapter carries valid provenance, is unmodified since, and (optionally) used ``pair``.
-
-    ``pair`` is the (base, aligned) identity as provenance records it (``source@revision-or-fingerprint``).
+def check(
+    target: Path | Directory,
+    pair: tuple[SourceInfo, SourceInfo] | None = None,
+    *,
+    store: BackupStore | None = None,
+    trust_stamp: bool = False,
+    recompute: Recompute | None = None,
+) -> CheckResult:
+    """Whether the adapter is sanitized by safelora, unmodified since, (optionally) against ``pair``,
+    and verified: by ``recompute`` (the original projected again reproduces it), by the local record
+    in ``store`` (safelora on this machine wrote these bytes), or, with ``trust_stamp``, by an intact
+    stamp alone. Anything else with an intact stamp is ``unverified``.
     """
     with _adapter(target) as adapter:
-        return _check(adapter, pair)
+        return _check(adapter, pair, store if store is not None else BackupStore(), trust_stamp, recompute)
 
 
-def _check(adapter: Adapter, pair: tuple[str, str] | None) -> CheckResult:
-    adapter_path = adapter.path
+def _check(
+    adapter: Adapter,
+    pair: tuple[SourceInfo, SourceInfo] | None,
+    store: BackupStore,
+    trust_stamp: bool,
+    recompute: Recompute | None,
+) -> CheckResult:
+    path = adapter.path
     prov = adapter.provenance()
     if not prov:
-        return CheckResult(adapter_path, "never_sanitized", "no safelora provenance: never sanitized", prov)
-    recorded = prov.get(PROVENANCE_PREFIX + "digest")
-    if recorded is None or recorded != file_digest(adapter):
+        return CheckResult(path, "never_sanitized", "no safelora provenance: never sanitized", prov)
+    version = stamp_version(adapter)
+    if version is not None and version != STAMP_VERSION and version.isdigit() and int(version) > int(STAMP_VERSION):
         return CheckResult(
-            adapter_path,
+            path, "unverified", f"stamp version {version} is newer than this safelora reads; upgrade safelora", prov
+        )
+    if not intact(adapter):
+        return CheckResult(
+            path,
             "modified",
-            "tensors differ from what safelora wrote: modified since it was sanitized",
+            "tensors, config or stamp differ from what safelora wrote: modified since it was sanitized",
             prov,
         )
-    if pair is not None:
-        had = (prov.get(PROVENANCE_PREFIX + "base"), prov.get(PROVENANCE_PREFIX + "aligned"))
-        if had != pair:
-            return CheckResult(
-                adapter_path,
-                "other_pair",
-                f"sanitized against {had[0]} → {had[1]}, not {pair[0]} → {pair[1]}",
-                prov,
-            )
-    return CheckResult(adapter_path, "sanitized", _sanitized_line(adapter), prov)
+    if pair is not None and not same_pair(prov, *pair):
+        return CheckResult(
+            path,
+            "other_pair",
+            f"sanitized against {prov.get(BASE_KEY)} → {prov.get(ALIGNED_KEY)}, not {pair[0].identity} → "
+            f"{pair[1].identity}",
+            prov,
+        )
+    if version is None:  # a version 1 stamp: the tensors only; only trusted as it is
+        notes = ["config not covered"]
+        if trust_stamp:
+            return CheckResult(path, "sanitized", _sanitized_line(adapter), prov, "trust-stamp", notes)
+        return CheckResult(
+            path,
+            "unverified",
+            "a version 1 stamp (config not covered), which only a trusted stamp passes; project the original "
+            "again to stamp it anew",
+            prov,
+            notes=notes,
+        )
+    if recompute is not None:
+        failed = recompute(adapter)
+        if failed is not None:
+            return CheckResult(path, "unverified", f"the original does not reproduce it: {failed}", prov)
+        return CheckResult(path, "sanitized", _sanitized_line(adapter), prov, "recomputation")
+    if store.written(prov.get(DIGEST_KEY)) is not None:
+        return CheckResult(path, "sanitized", _sanitized_line(adapter), prov, "local-record")
+    if trust_stamp:
+        return CheckResult(path, "sanitized", _sanitized_line(adapter), prov, "trust-stamp")
+    return CheckResult(
+        path,
+        "unverified",
+        f"stamp intact, but no record of safelora writing it on this machine; {WAYS_TO_VERIFY}",
+        prov,
+    )
 
 
 def _sanitized_line(adapter: Adapter) -> str:

@@ -21,18 +21,18 @@ from ..adapters import (
     Adapter,
     LoraModule,
     Named,
-    file_digest,
     load_adapter,
     rewrite_lock,
 )
+from ..adapters.digest import normalized_names
 from ..errors import (
     AlreadyProjectedError,
-    ChangedSinceError,
     DeviceError,
     DoraError,
     InPlaceError,
     SafeLoraError,
     SourceError,
+    UnverifiedStampError,
 )
 from ..io import atomic
 from ..io.atomic import TMP_MARK
@@ -42,7 +42,9 @@ from ..results import CacheUse, Device, LayerResult, Settings, SourceInfo
 from ..sources import Source
 from ..stores.backups import BackupStore
 from ..stores.cache import CorruptEntry, PairCache
+from .audit import verified_by_record
 from .batch import Group, Run
+from .binding import require_bound
 from .stages import Job, prefetch, share_cores
 from .write import finish, same_run
 
@@ -290,20 +292,24 @@ def _prepare(
         raise RuntimeError(f"{run.path}: prepared without an open directory")
     run.adapter = adapter = load_adapter(run.named.dir)
     run.notes.extend(adapter.warnings)
+    normalized_names(adapter)  # two keys for one tensor: refused before any work (the stamp could not cover both)
     previous = adapter.provenance()
     if previous:
         if not settings.force and same_run(previous, base_info, aligned_info, settings):
+            if not verified_by_record(adapter, store):
+                # A stamp anyone could have pasted: skipping the work on its word would ship the adapter unprojected.
+                raise UnverifiedStampError(
+                    f"{adapter.file}: its stamp says it was projected with this pair and these settings, but nothing "
+                    "verifies the stamp (no record of safelora writing it on this machine); verify it, restore the "
+                    "original, or force a projection of what is there"
+                )
             run.notes.append("already projected with this pair and these settings: nothing to do")
             tau = adapter.provenance_value("threshold", "null", (int, float, type(None)))
-            run.outcome = report(run, [], tau, False)
+            run.outcome = report(run, _recorded_layers(adapter), tau, False)
             return
         original = store.find(previous.get(PROVENANCE_PREFIX + "original"))
         if original is not None:
-            if not settings.force and previous.get(PROVENANCE_PREFIX + "digest") != file_digest(adapter):
-                raise ChangedSinceError(
-                    f"{adapter.file}: changed since safelora projected it; projecting again starts from the "
-                    f"original (backup {original.sha256[:12]}) and would throw those changes away"
-                )
+            require_bound(adapter, original, store, settings.force, "projecting again from the original")
             run.adapter = adapter = adapter.with_weights(store.open(original), original.path)
             run.original = original
             run.notes.append(f"started from the original adapter (backup {original.sha256[:12]}), not its projection")
@@ -331,6 +337,21 @@ def _prepare(
                 f"not its target; replace the link with a copy of {name}"
             )
         atomic.clean_stale(adapter.dir, f".{name}{TMP_MARK}")
+
+
+def _recorded_layers(adapter: Adapter) -> list[LayerResult]:
+    """The modules' similarities and decisions as a verified stamp records them (``safelora.layers``)."""
+    recorded = adapter.provenance_value("layers", "[]", (list,))
+    by_module = {m.module: m for m in adapter.modules}
+    out = []
+    for item in recorded:
+        if not (isinstance(item, dict) and item.get("module") in by_module):
+            continue
+        sim = item.get("similarity")
+        similarity = float(sim) if isinstance(sim, (int, float)) and not isinstance(sim, bool) else None
+        layer = by_module[item["module"]].layer
+        out.append(LayerResult(item["module"], layer, similarity, item.get("projected") is True, None, None))
+    return out
 
 
 def _apply(

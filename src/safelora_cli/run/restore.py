@@ -9,13 +9,14 @@ from __future__ import annotations
 import stat
 from collections.abc import Callable
 
-from ..adapters import PROVENANCE_PREFIX, file_digest, load_adapter, rewrite_lock
+from ..adapters import PROVENANCE_PREFIX, load_adapter, rewrite_lock
 from ..adapters.peft_config import ADAPTER_FILE
-from ..errors import BackupError, ChangedSinceError, SafeLoraError
+from ..errors import BackupError, SafeLoraError
 from ..io import atomic, ranges, safefs
 from ..outputs import card
 from ..results import Restored
 from ..stores.backups import BackupStore
+from .binding import require_bound
 
 
 def restore(
@@ -25,8 +26,10 @@ def restore(
 
     The same locked, descriptor-based, atomic rewrite as ``project``: the adapter ends as the
     projection or as the original, never a mix. Refused (``BackupError``) when the adapter carries
-    no provenance or names no backup, when the store does not hold it, and, unless ``force``, when
-    the adapter was changed since safelora wrote it (restoring would throw those changes away). The
+    no provenance or names no backup, when the store does not hold it, and when the backup did not
+    produce the adapter as it is now (``binding``: changed since, or a stamp naming another adapter's
+    backup); with ``force``, an adapter changed since is restored if the backup's lora_A tensors and
+    module shapes are still its own. The
     Safe LoRA section of the adapter's model card goes too (a note says so when it cannot).
     """
     notes: list[str] = []
@@ -48,10 +51,7 @@ def restore(
                     f"{adapter.file}: its original (sha256 {sha[:12]}…) is not in the backup store {store.root}; it "
                     "was removed, or kept under another SAFELORA_BACKUPS"
                 )
-            if not force and provenance.get(PROVENANCE_PREFIX + "digest") != file_digest(adapter):
-                raise ChangedSinceError(
-                    f"{adapter.file}: changed since safelora projected it; restoring would throw those changes away"
-                )
+            require_bound(adapter, backup, store, force, "restoring")
             st = directory.lstat(ADAPTER_FILE)
             if st is not None and stat.S_ISLNK(st.st_mode):
                 raise BackupError(

@@ -8,13 +8,15 @@ from pathlib import Path
 
 from .._version import __version__
 from ..adapters import PROVENANCE_PREFIX
+from ..adapters.digest import DIGEST_KEY, STAMP_VERSION, VERSION_KEY, stamp_digest
 from ..errors import AdapterError, SafeLoraError
 from ..io import safefs
 from ..outputs import card
 from ..outputs.report import Report
 from ..projection import select
-from ..results import LayerResult, Settings, SourceInfo
+from ..results import LayerResult, Settings, SourceInfo, finite
 from ..stores.backups import BackupStore
+from .audit import same_pair
 from .batch import Run
 
 
@@ -31,14 +33,20 @@ def _settings_provenance(settings: Settings, tau: float | None) -> dict[str, str
 
 def same_run(previous: dict[str, str], base: SourceInfo, aligned: SourceInfo, settings: Settings) -> bool:
     """Whether provenance records this pair and these settings (in number mode τ_k is an outcome, not one)."""
-    want = {
-        PROVENANCE_PREFIX + "base": base.identity,
-        PROVENANCE_PREFIX + "aligned": aligned.identity,
-        **_settings_provenance(settings, settings.threshold),
-    }
+    want = _settings_provenance(settings, settings.threshold)
     if settings.mode == "number":
         del want[PROVENANCE_PREFIX + "threshold"]
-    return all(previous.get(k) == v for k, v in want.items())
+    return same_pair(previous, base, aligned) and all(previous.get(k) == v for k, v in want.items())
+
+
+def layers_provenance(layers: list[LayerResult]) -> str:
+    """``safelora.layers``: each module's similarity and decision, so a no-op can report them."""
+    return json.dumps(
+        [
+            {"module": layer.module, "similarity": finite(layer.similarity), "projected": layer.projected}
+            for layer in layers
+        ]
+    )
 
 
 def finish(
@@ -70,6 +78,8 @@ def finish(
         PROVENANCE_PREFIX + "base": base_info.identity,
         PROVENANCE_PREFIX + "aligned": aligned_info.identity,
         PROVENANCE_PREFIX + "projected": json.dumps([layer.module for layer in layers if layer.projected]),
+        PROVENANCE_PREFIX + "layers": layers_provenance(layers),
+        VERSION_KEY: STAMP_VERSION,
         **_settings_provenance(settings, tau),
     }
     if adapter.dora:
@@ -84,6 +94,8 @@ def finish(
             run.notes.append("no backup: no copy of the original was kept, and restore cannot undo this run")
     if run.kept is not None:
         provenance[PROVENANCE_PREFIX + "original"] = run.kept.sha256
+    provenance[DIGEST_KEY] = stamp_digest(adapter, replacements, provenance)
+    _record(store, provenance, settings, run)
     adapter.format.write(
         adapter, replacements, provenance, settings.output, overwrite_output=settings.force, notes=run.notes
     )
@@ -91,6 +103,23 @@ def finish(
     if settings.model_card:
         _write_card(adapter.dir, settings.output, result)
     return result
+
+
+def _record(store: BackupStore, provenance: dict[str, str], settings: Settings, run: Run) -> None:
+    """The local record of what is about to be written (before the write: a crash after the rename
+    leaves no unrecorded result), and the kept original bound to it. A store that cannot take it is a
+    note: ``check`` on this machine will then say ``unverified``."""
+    kept = run.kept.sha256 if run.kept is not None else None
+    record: dict[str, object] = {
+        "adapter": str(run.path),
+        "output": str(settings.output) if settings.output is not None else None,
+        "stamp": {k: v for k, v in provenance.items() if k != DIGEST_KEY},
+        "original": kept,
+    }
+    try:
+        store.record_written(provenance[DIGEST_KEY], record, kept)
+    except SafeLoraError as e:
+        run.notes.append(f"no local record kept ({e}): check on this machine cannot verify this adapter")
 
 
 def _write_card(source: safefs.Directory, output: Path | None, report: Report) -> None:

@@ -12,8 +12,15 @@ get uploaded: shipping the unsafe original beside the sanitized one would undo t
 the projection cache (CI systems share that one). It follows the ownership rule, and holds:
 
     <sha256>.safetensors   an original, byte for byte (holes of a sparse file stay holes), mode 0600
-    <sha256>.json          its record: size, and each adapter directory it was taken from, with when
+    <sha256>.json          its record: size, each adapter directory it was taken from, with when, and
+                           the stamp digests of the results safelora wrote from it (``results``)
+    written-<digest>.json  the local record of one adapter safelora wrote on this machine, keyed by
+                           the written result's stamp digest: settings, pair, original, time
     .lock                  flock'd while records change
+
+The local records are what ``check`` trusts without the original: safelora on this machine wrote
+those bytes. They live here, never in the projection cache (CI systems share that one, so anyone
+with a runner could plant one there).
 
 A backup is found by the sha256 in the adapter's provenance, and its content is checked against
 that sha256 before it is used.
@@ -57,6 +64,10 @@ def _record_name(sha: str) -> str:
 
 def _blob_name(sha: str) -> str:
     return f"{sha}.safetensors"
+
+
+def _written_name(digest: str) -> str:
+    return f"written-{digest}.json"
 
 
 def _store_file(name: str) -> bool | None:
@@ -147,15 +158,17 @@ class BackupStore:
             doc = strict.loads(raw)
             adapters = doc["adapters"]
             nbytes = doc["bytes"]
+            results = doc.get("results", [])
             if not (isinstance(adapters, dict) and type(nbytes) is int and doc.get("sha256") == sha):
                 return None
             kept = {k: float(v) for k, v in adapters.items() if isinstance(k, str) and isinstance(v, (int, float))}
+            produced = [d for d in results if isinstance(d, str) and _SHA.match(d)] if isinstance(results, list) else []
         except (BackupError, strict.InvalidJSON, KeyError, TypeError, ValueError):
             return None
-        return Backup(sha, self.root / _blob_name(sha), nbytes, kept)
+        return Backup(sha, self.root / _blob_name(sha), nbytes, kept, produced)
 
     def _write_record(self, store: safefs.Directory, backup: Backup) -> None:
-        doc = {"sha256": backup.sha256, "bytes": backup.nbytes, "adapters": backup.adapters}
+        doc = {"sha256": backup.sha256, "bytes": backup.nbytes, "adapters": backup.adapters, "results": backup.results}
         atomic.write_file(store, _record_name(backup.sha256), [json.dumps(doc, indent=2).encode()], 0o600)
 
     # --- finding and using an original --------------------------------------------------------------
@@ -176,7 +189,9 @@ class BackupStore:
         if size is None:
             return None
         record = self._read_record(sha)
-        return Backup(sha, self.root / _blob_name(sha), size, record.adapters if record else {})
+        if record is None:
+            return Backup(sha, self.root / _blob_name(sha), size, {})
+        return Backup(sha, self.root / _blob_name(sha), size, record.adapters, record.results)
 
     def open(self, backup: Backup) -> BufferedReader:
         """The original, opened and checked against its sha256 (read once, a chunk at a time)."""
@@ -214,7 +229,8 @@ class BackupStore:
                         size = _regular_size(store, name)
                         if size is not None:
                             record = self._read_record(sha)
-                            found.append(Backup(sha, self.root / name, size, record.adapters if record else {}))
+                            kept = record.adapters if record else {}
+                            found.append(Backup(sha, self.root / name, size, kept, record.results if record else []))
         except OSError as e:
             raise BackupError(safefs.os_error(self.root, e)) from None
         return sorted(found, key=lambda b: (b.created, b.sha256))
@@ -231,6 +247,66 @@ class BackupStore:
                     except OSError as e:
                         raise BackupError(safefs.os_error(self.root / name, e)) from None
             ranges.fsync(store.fd)
+
+    # --- local records of what safelora wrote -------------------------------------------------------
+
+    def record_written(self, digest: str, record: dict[str, object], original: str | None) -> None:
+        """Keep the local record of a result whose stamp digest is ``digest`` and, when it was written
+        from the kept original ``original``, bind that backup to it (``Backup.results``).
+
+        Raises ``BackupError`` when the store cannot be used or written."""
+        if not _SHA.match(digest):
+            raise ValueError(f"not a stamp digest: {digest!r}")
+        self._usable()
+        try:
+            ownership.mkdirs(self.root)
+            with safefs.Directory(self.root, BackupError) as store, self._locked():
+                doc = {"digest": digest, "written": time.time(), **record}
+                atomic.write_file(store, _written_name(digest), [json.dumps(doc, indent=2).encode()], 0o600)
+                if original is not None:
+                    backup = self._read_record(original)
+                    if backup is not None and digest not in backup.results:
+                        backup.results.append(digest)
+                        self._write_record(store, backup)
+                ranges.fsync(store.fd)
+        except OSError as e:
+            raise BackupError(safefs.os_error(self.root, e)) from None
+
+    def written(self, digest: str | None) -> dict[str, object] | None:
+        """The local record of the result whose stamp digest is ``digest``, or None. Only this store is
+        looked in; a store that breaks the ownership rule is not trusted (None)."""
+        if digest is None or not _SHA.match(digest) or self.problem() is not None:
+            return None
+        try:
+            raw, _ = safefs.read_small(self.root / _written_name(digest), BackupError, _RECORD_LIMIT)
+            doc = strict.loads(raw)
+        except (BackupError, strict.InvalidJSON):
+            return None
+        return doc if isinstance(doc, dict) and doc.get("digest") == digest else None
+
+    def remove_written(self, older_than: float | None = None) -> int:
+        """Delete the local records (those written before ``older_than``, Unix time, when given)."""
+        if ownership.lstat(self.root) is None:
+            return 0
+        gone = 0
+        with safefs.Directory(self.root, BackupError) as store, self._locked():
+            for name in store.names():
+                if not (name.startswith("written-") and name.endswith(".json")):
+                    continue
+                if older_than is not None:
+                    doc = self.written(name.removeprefix("written-").removesuffix(".json"))
+                    when = doc.get("written") if doc is not None else None
+                    if isinstance(when, (int, float)) and when >= older_than:
+                        continue
+                try:
+                    os.unlink(name, dir_fd=store.fd)
+                    gone += 1
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    raise BackupError(safefs.os_error(self.root / name, e)) from None
+            ranges.fsync(store.fd)
+        return gone
 
     def forget(self, backup: Backup, adapter_dir: str) -> None:
         """Drop one adapter directory from a backup that others still use."""
