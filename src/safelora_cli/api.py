@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from .outputs.table import table_rows as table_rows
     from .stores.cache import PairCache, ProjectionCache
     from .stores.cache import PairSummary as PairSummary
+    from .stores.digests import DigestMemo
 
 __all__ = ["Device", "Options", "Precision", "StrPath", "build_demo", "printable"]
 
@@ -260,19 +261,13 @@ def _project(
             if (problem := store.problem()) is not None:
                 notes.append(problem)
                 store = None
-        refs = store.refs if store is not None else None
-        hub = sources.Hub.from_env(options.token, refs, options.connections)
+        hub = sources.Hub.from_env(options.token, store.refs if store is not None else None, options.connections)
         adapters = stack.enter_context(_open_adapters(specs))
         aligned = os.fspath(options.aligned) if options.aligned else _aligned_default(adapters, notes)
         base = os.fspath(options.base) if options.base else _base_from_preset(aligned, notes)
         _note_swapped(base, aligned, adapters, notes)
-        opened = []
-        pair = ((base, options.base_revision, "base"), (aligned, options.aligned_revision, "aligned"))
-        for spec, revision, role in pair:
-            src = sources.open_source(spec, revision, role=role, transfer=events, notes=notes, settings=[hub])
-            stack.callback(src.close)
-            opened.append(src)
-        base_src, aligned_src = opened
+        pair = ((base, options.base_revision), (aligned, options.aligned_revision))
+        base_src, aligned_src = _open_pair(stack, pair, hub, events, notes, None)
         _refuse_same(base_src, aligned_src)
         outcomes = pipeline.project_adapters(
             adapters,
@@ -285,6 +280,27 @@ def _project(
             on_wait=events.say,
         )
         return outcomes, [named.path for named in adapters]
+
+
+def _open_pair(
+    stack: ExitStack,
+    pair: tuple[tuple[StrPath, str | None], tuple[StrPath, str | None]],
+    hub: sources.Hub,
+    transfer: sources.Transfer,
+    notes: list[str],
+    memo: DigestMemo | None,
+) -> tuple[sources.Source, sources.Source]:
+    """Base and aligned opened (closed with ``stack``), each with the digests ``memo`` keeps for it."""
+    from . import sources
+
+    opened = []
+    for (spec, revision), role in zip(pair, ("base", "aligned"), strict=True):
+        src = sources.open_source(os.fspath(spec), revision, role=role, transfer=transfer, notes=notes, settings=[hub])
+        stack.callback(src.close)
+        src.memo = memo
+        src.digests.update(memo.load(src.cache_identity()) if memo is not None else {})
+        opened.append(src)
+    return opened[0], opened[1]
 
 
 def _pair(
@@ -301,8 +317,8 @@ def _pair(
 
 
 def _refuse_same(base: sources.Source, aligned: sources.Source) -> None:
-    """Base and aligned that are one checkpoint (the same files, or the same Hub commit): every V
-    would be 0, and every module undefined."""
+    """Base and aligned that are one checkpoint (every V would be 0), when that costs no read: the same
+    files by any path, one Hub commit. Other copies of one content: the run, once it has hashed them."""
     same = base.cache_identity() == aligned.cache_identity()
     if base.revision is not None and aligned.revision is not None:
         same = same or base.revision == aligned.revision  # one commit sha is one tree
@@ -380,35 +396,26 @@ def check(
 ) -> CheckResult:
     """Whether an adapter is sanitized by safelora and unmodified since (and, with ``base`` and
     ``aligned``, against that pair). ``CheckResult.status`` is ``sanitized``, ``never_sanitized``,
-    ``modified`` or ``other_pair``; ``ok`` is True only for ``sanitized``."""
+    ``modified`` or ``other_pair``; ``ok`` is True only for ``sanitized``. The pair is compared by
+    content (``audit.same_pair``), its digests memoized in the backup store, never the shared cache."""
+    from . import sources
     from .run import audit
+    from .stores.backups import BackupStore
+    from .stores.cache import ProjectionCache
 
     if (base is None) != (aligned is None):
         raise UsageError("give both base and aligned, or neither")
-    pair = None
-    if base is not None and aligned is not None:
-        pair = (_identity(base, "base", token), _identity(aligned, "aligned", token))
-    with _open_adapters([adapter]) as [named]:
+    with ExitStack() as stack:
+        pair = None
+        if base is not None and aligned is not None:
+            cache = ProjectionCache()  # only its memo of Hub refs: a branch names the commit it had
+            hub = sources.Hub.from_env(token, cache.refs if cache.problem() is None else None)
+            memo = BackupStore().digests()
+            pair = _open_pair(stack, ((base, None), (aligned, None)), hub, sources.QuietTransfer(), [], memo)
+        named = stack.enter_context(_open_adapters([adapter]))[0]
         if named.dir is None:
             raise named.error or SafeLoraError(f"{named.path}: cannot be read")
         return audit.check(named.dir, pair)
-
-
-def _identity(spec: StrPath, role: str, token: str | None) -> str:
-    """How provenance names a checkpoint (``path@fingerprint`` or ``repo@sha``), reading no weights."""
-    from . import sources
-    from .run import pipeline
-    from .stores.cache import ProjectionCache
-
-    store = ProjectionCache()
-    hub = sources.Hub.from_env(token, store.refs if store.problem() is None else None)
-    src = sources.open_source(
-        os.fspath(spec), None, role=role, transfer=sources.QuietTransfer(), notes=[], settings=[hub]
-    )
-    try:
-        return pipeline.source_info(src).identity
-    finally:
-        src.close()
 
 
 def inspect(adapter: StrPath) -> Inspection:

@@ -43,9 +43,13 @@ def check(
 ) -> None:
     """Gate: is each adapter sanitized by safelora, unmodified since, and (optionally) against this pair?
 
-    Every adapter given is judged. Exit codes: 0 all sanitized; 3 any never sanitized, sanitized
-    against another pair, or modified since (and none errored); 1 any error (unreadable adapter or
-    checkpoint); 2 usage.
+    Every adapter given is judged. --base/--aligned compare by content: the weights the adapter was
+    projected with, as its provenance lists them, by digest of dtype, shape and bytes, so a copy, a
+    Hugging Face cache snapshot or the Hub repo of the same weights passes. With an empty memo this
+    reads those targeted tensors of both checkpoints once; their digests are then kept by file stat
+    in the private backup store (never taken from the shared projection cache). Exit codes: 0 all
+    sanitized; 3 any never sanitized, sanitized against another pair, or modified since (and none
+    errored); 1 any error (unreadable adapter or checkpoint); 2 usage.
     """
     specs = adapter_specs(adapters, adapter)
     if (base is None) != (aligned is None):

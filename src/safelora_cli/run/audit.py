@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from ..adapters import PROVENANCE_PREFIX, Adapter, file_digest, load_adapter, opened
 from ..adapters.peft_config import MODULES_TO_SAVE
 from ..io.safefs import Directory
-from ..results import CheckResult, Inspection
+from ..results import CheckResult, Inspection, SourceInfo
+from ..sources import Source, identity
 from ..stores.backups import BackupStore
 
 
@@ -27,16 +28,62 @@ def _adapter(target: Path | Directory) -> Iterator[Adapter]:
         adapter.close()
 
 
-def check(target: Path | Directory, pair: tuple[str, str] | None = None) -> CheckResult:
-    """Whether the adapter carries valid provenance, is unmodified since, and (optionally) used ``pair``.
+def source_info(src: Source, names: Sequence[str] = ()) -> SourceInfo:
+    """``src`` as reports and provenance name it, identified by the content of ``names`` (read and
+    hashed now unless their digests are known)."""
+    tensors = src.digest(names) if names else {}
+    content = identity.combined(tensors) if tensors else ""
+    return SourceInfo(src.given, src.revision, src.fingerprint(), src.public_name(), tensors, content)
 
-    ``pair`` is the (base, aligned) identity as provenance records it (``source@revision-or-fingerprint``).
+
+def _recorded(recorded: Mapping[str, str], role: str) -> dict[str, str] | None:
+    """The digest map provenance records for ``role`` (``safelora.base_tensors``…), or None."""
+    return identity.parse_map(recorded.get(f"{PROVENANCE_PREFIX}{role}_tensors"))
+
+
+def same_pair(recorded: Mapping[str, str], base: Source, aligned: Source) -> bool:
+    """Whether provenance ``recorded`` names this (base, aligned) pair: the one place it is decided.
+
+    By content: each checkpoint must hold every tensor the stamp lists (``safelora.base_tensors``,
+    ``safelora.aligned_tensors``), with the same digest of dtype, shape and bytes; paths, inodes,
+    times and where the files came from (a copy, a Hugging Face cache snapshot, the Hub) do not
+    count. Digests the source does not know yet (``Source.digests``, filled from a memo by whoever
+    opened it) are read and hashed now, those tensors only. A stamp that lists no tensors proves
+    no pair, except one written before content identity (no map at all), compared by name as then.
     """
+    for role, src in (("base", base), ("aligned", aligned)):
+        tensors = _recorded(recorded, role)
+        if tensors is None:
+            if f"{PROVENANCE_PREFIX}{role}_tensors" in recorded:
+                return False  # present but malformed
+            legacy = f"{src.label}@{src.revision or src.fingerprint()}"
+            if recorded.get(PROVENANCE_PREFIX + role) != legacy:
+                return False
+            continue
+        names = src.names()
+        if not tensors or not all(name in names for name in tensors):
+            return False
+        if src.digest(sorted(tensors)) != tensors:
+            return False
+    return True
+
+
+def recorded_infos(recorded: Mapping[str, str], base: Source, aligned: Source) -> tuple[SourceInfo, SourceInfo]:
+    """The pair as a no-op run reports it: identified by the tensors provenance lists (known by now)."""
+    return (
+        source_info(base, sorted(_recorded(recorded, "base") or {})),
+        source_info(aligned, sorted(_recorded(recorded, "aligned") or {})),
+    )
+
+
+def check(target: Path | Directory, pair: tuple[Source, Source] | None = None) -> CheckResult:
+    """Whether the adapter carries valid provenance, is unmodified since, and (optionally) used ``pair``
+    (the base and aligned checkpoints, compared by ``same_pair``)."""
     with _adapter(target) as adapter:
         return _check(adapter, pair)
 
 
-def _check(adapter: Adapter, pair: tuple[str, str] | None) -> CheckResult:
+def _check(adapter: Adapter, pair: tuple[Source, Source] | None) -> CheckResult:
     adapter_path = adapter.path
     prov = adapter.provenance()
     if not prov:
@@ -49,15 +96,15 @@ def _check(adapter: Adapter, pair: tuple[str, str] | None) -> CheckResult:
             "tensors differ from what safelora wrote: modified since it was sanitized",
             prov,
         )
-    if pair is not None:
+    if pair is not None and not same_pair(prov, *pair):
         had = (prov.get(PROVENANCE_PREFIX + "base"), prov.get(PROVENANCE_PREFIX + "aligned"))
-        if had != pair:
-            return CheckResult(
-                adapter_path,
-                "other_pair",
-                f"sanitized against {had[0]} → {had[1]}, not {pair[0]} → {pair[1]}",
-                prov,
-            )
+        return CheckResult(
+            adapter_path,
+            "other_pair",
+            f"sanitized against {had[0]} → {had[1]}, not {pair[0].given} → {pair[1].given} "
+            "(the weights it was projected with differ from these)",
+            prov,
+        )
     return CheckResult(adapter_path, "sanitized", _sanitized_line(adapter), prov)
 
 

@@ -14,6 +14,7 @@ the projection cache (CI systems share that one). It follows the ownership rule,
     <sha256>.safetensors   an original, byte for byte (holes of a sparse file stay holes), mode 0600
     <sha256>.json          its record: size, and each adapter directory it was taken from, with when
     .lock                  flock'd while records change
+    digests/<key>.json     ``check``'s memo of checkpoint digests by file stat (see ``digests.py``)
 
 A backup is found by the sha256 in the adapter's provenance, and its content is checked against
 that sha256 before it is used.
@@ -36,6 +37,7 @@ from ..errors import BackupError, BackupNotKeptError
 from ..io import atomic, locks, ranges, safefs, strict
 from ..results import Backup
 from . import ownership
+from .digests import DigestMemo
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _RECORD_LIMIT = 1 << 20
@@ -73,6 +75,10 @@ class BackupStore:
     def problem(self) -> str | None:
         """Why the store must not be used (the ownership rule), as one line that names the path and the fix."""
         return RULE.checked(lambda: RULE.root(self.root) or RULE.contents(self.root, _store_file), self.root)
+
+    def digests(self) -> DigestMemo:
+        """``check``'s own memo of checkpoint digests (``digests/``): private, never the shared cache's."""
+        return DigestMemo(self.root, RULE, self.problem())
 
     def _usable(self, hint: str = "") -> None:
         problem = self.problem()
