@@ -261,6 +261,14 @@ def test_nothing_written_names_a_local_path(
         before = pristine.get(f.name, b"").decode("utf-8", "replace").splitlines()
         added = "\n".join(line for line in text.splitlines() if line not in before)  # the user's own lines aside
         assert not [p for p in prefixes if p in added], f.name
+    # A note naming a path (the aligned model taken from adapter_config.json) is published by name too.
+    summary.unlink()
+    r = cli(
+        "project", "--adapter", adapter_dir.absolute(), "--base", base, "--dry-run", "--force", "--summary", summary
+    )
+    assert r.exit_code == 0, r.stderr
+    text = summary.read_text()
+    assert "base_model_name_or_path: aligned" in text and not [p for p in prefixes if p in text]
     meta = metadata(adapter_dir)
     assert meta["safelora.base"].startswith("base@blake3:") and meta["safelora.aligned"].startswith("aligned@blake3:")
     # The JSON report names paths as they were given: relative ones stay relative.

@@ -65,6 +65,14 @@ def _shown(path: Path) -> str:
     return path.name if path.is_absolute() else str(path)
 
 
+def _published(note: str, report: Report) -> str:
+    """A note with the run's own absolute paths (adapter, output, base, aligned) shortened to base names."""
+    given = [report.adapter, report.output, Path(report.base.source), Path(report.aligned.source)]
+    for path in sorted((p for p in given if p is not None and p.is_absolute()), key=lambda p: -len(str(p))):
+        note = note.replace(str(path), path.name)
+    return note
+
+
 def _status(report: Report) -> str:
     if report.dry_run:
         return "**Dry run:** nothing was written."
@@ -169,7 +177,7 @@ def summary_markdown(report: Report) -> str:
         ]
         out += ["", "</details>", ""]
     if report.notes:
-        out += ["**Notes:**", ""] + [f"- {md(note)}" for note in report.notes] + [""]
+        out += ["**Notes:**", ""] + [f"- {md(_published(note, report))}" for note in report.notes] + [""]
     out += [f"<sub>safelora {md(__version__)}</sub>", "", ""]
     return "\n".join(out)
 
