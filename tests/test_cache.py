@@ -423,7 +423,8 @@ def test_a_first_run_under_umask_002_makes_a_cache_it_can_use(
     assert again["cache"]["served"] == first["layer_count"]
     assert not any("not used" in note for note in first["notes"] + again["notes"])
     made = [root().parent, root(), *root().rglob("*")]  # root().parent too: safelora made it
-    assert len(made) == 6 + first["layer_count"]  # 4 directories, .lock, pair.json and the entries
+    # 4 directories, .lock, pair.json and the entries; digests/ and its two memos (base, aligned)
+    assert len(made) == 6 + first["layer_count"] + 3
     assert all(stat.S_IMODE(p.lstat().st_mode) == (0o700 if p.is_dir() else 0o600) for p in made)
 
 

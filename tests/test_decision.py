@@ -183,7 +183,9 @@ def test_summary_structure_matches_the_json_report(report: Report) -> None:
     assert text.startswith("## Safe LoRA · <code>")
     assert "(dry run)" in text.splitlines()[0] and "**Dry run:** nothing was written." in text
     assert "τ_k = " in text and f"the {report.num_layers} least similar modules" in text
-    assert f"fingerprint <code>{report.base.fingerprint}</code>" in text
+    # Named by content, never by this machine's paths or file stat (issue 18).
+    assert f"<code>base</code>, content <code>blake3:{report.base.content[:16]}</code>" in text
+    assert report.base.fingerprint not in text
     assert "1 with an undefined similarity (never projected)" in text
 
 
@@ -194,16 +196,16 @@ def test_hostile_names_leave_the_structure_intact(report: Report) -> None:
     for raw in ("-->", "<script", "<!-- safelora", "`", "<b>", "](", "%%"):
         assert raw not in outside_chart
     assert "line\\nbreak" in html.unescape(text)
-    # The adapter path and the note stay on their own line, as text.
+    # The adapter's name (an absolute path is never published) and the note stay on their own line, as text.
     first = tokens(text)[1]
-    assert html.unescape(_rendered(first)).startswith("Safe LoRA · /tmp/ad|apter `x` <b>--> \\n [y]")
+    assert html.unescape(_rendered(first)).startswith("Safe LoRA · ad|apter `x` <b>--> \\n [y]")
     assert "note with | and ` and <!-- and -->\\nsecond line" in [
         _rendered(t) for t in tokens(text)[:-3] if t.type == "inline"
     ]
 
 
 def test_summary_of_a_written_run_and_of_a_hub_pair(report: Report) -> None:
-    hub = dataclasses.replace(report.base, source="org/model", revision="0123abcd" * 5)
+    hub = dataclasses.replace(report.base, source="org/model", name="org/model", revision="0123abcd" * 5)
     written = dataclasses.replace(report, dry_run=False, written=True, output=Path("out dir"), base=hub)
     text = summary_markdown(written)
     assert "(dry run)" not in text and "**Written:** <code>out dir</code>." in text
@@ -234,7 +236,7 @@ def test_error_summary_is_short_and_escaped() -> None:
         "inline",
         "paragraph_close",
     ]
-    assert html.unescape(_rendered(toks[1])) == "Safe LoRA · /x/a|b\\n## injected (failed)"
+    assert html.unescape(_rendered(toks[1])) == "Safe LoRA · a|b\\n## injected (failed)"
     assert html.unescape(_rendered(toks[4])) == "Error: bad `thing` <img src=x> | -->\\nmore"
 
 
@@ -521,7 +523,7 @@ def test_summary_flag_appends_one_section_per_adapter(
     sections = _sections(text)
     assert len(sections) == 2
     for section, doc in zip(sections, docs, strict=True):
-        assert section.startswith(f"## Safe LoRA · {markdown.code(doc['adapter'])} (dry run)")
+        assert section.startswith(f"## Safe LoRA · {markdown.code(Path(doc['adapter']).name)} (dry run)")
         assert "**Dry run:** nothing was written." in section
         _check_section(section, doc)
 

@@ -165,7 +165,15 @@ def test_first_run_fetches_only_the_targeted_bytes_and_matches_the_local_run_bit
     sent = hub.sent_bytes(".safetensors")
     assert b_data + a_data <= sent <= (b_data + a_data + b_head + a_head) * 1.05
     sha = hub.sha("org/base", "main")
-    assert remote["base"] == {"source": "org/base", "revision": sha, "fingerprint": sha}
+    assert remote["base"] | {"content": None} == {
+        "source": "org/base",
+        "revision": sha,
+        "fingerprint": sha,
+        "identity": f"org/base@{sha}",
+        "content": None,
+        "tensors": len(remote["layers"]),
+    }
+    assert remote["base"]["content"] == local["base"]["content"]  # the same weights: the same content identity
     assert (remote["cache"]["served"], remote["cache"]["computed"]) == (0, len(names))
     # After resolving the branch once, every file request names the commit.
     assert not [path for _, path in hub.requests if "/resolve/main/" in path]
@@ -231,15 +239,27 @@ def test_a_revision_pin_holds_when_the_branch_moves(
         "--aligned-revision",
         sha,
     )
-    moved = run(cli, llama_adapter, tmp_path / "moved", "--base", "org/base", "--aligned", "org/aligned")
+    moved = cli(
+        "project",
+        "--adapter",
+        llama_adapter,
+        "--output",
+        tmp_path / "moved",
+        "--json",
+        "--base",
+        "org/base",
+        "--aligned",
+        "org/aligned",
+    )
 
     for report, out in ((pinned, "pinned"), (flag, "flag")):
         assert report["aligned"]["revision"] == sha
         assert report["layers"] == [{**layer, "cached": True} for layer in first["layers"]]
         assert same_tensors(tmp_path / "first", tmp_path / out)
-    assert moved["aligned"]["revision"] == hub.sha("org/aligned", "v2") != sha
-    assert moved["projected_count"] == 0  # v2 equals the base: V = 0 everywhere
-    assert {layer["reason"] for layer in moved["layers"]} == {"V = 0: aligned equals base for this module"}
+    # v2 holds the base's weights: by content it is the same checkpoint (V = 0 everywhere), refused
+    # once the weights are hashed, before anything is written.
+    assert moved.exit_code == 1 and "same checkpoint" in moved.stderr
+    assert not (tmp_path / "moved").exists()
 
 
 def test_the_revision_is_given_once(cli: Cli, hub: FakeHub, llama_adapter: Path, llama_pair: tuple[Path, Path]) -> None:

@@ -158,10 +158,11 @@ def test_threshold_mode_in_place(llama_pair: Pair, adapter_dir: Path) -> None:
 
     assert meta["format"] == "pt" == before_meta["format"]
     assert meta["safelora.version"] == __version__
-    assert meta["safelora.base"].startswith(str(llama_pair[0]))
-    assert report.base.fingerprint in meta["safelora.base"]
-    assert meta["safelora.aligned"].startswith(str(llama_pair[1]))
-    assert report.aligned.fingerprint in meta["safelora.aligned"]
+    # Named by content and the directory's base name: nothing of this machine (issue 18).
+    assert meta["safelora.base"] == f"{llama_pair[0].name}@blake3:{report.base.content[:16]}"
+    assert meta["safelora.aligned"] == f"{llama_pair[1].name}@blake3:{report.aligned.content[:16]}"
+    assert json.loads(meta["safelora.base_tensors"]) == report.base.tensors
+    assert len(report.base.tensors) == len(report.layers)
     assert meta["safelora.mode"] == "threshold"
     assert float(meta["safelora.threshold"]) == TAU
     assert json.loads(meta["safelora.projected"]) == [layer.module for layer in report.layers if layer.projected]

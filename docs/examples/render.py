@@ -25,7 +25,7 @@ PLOT = HERE / "similarity.png"
 
 
 def demo_report() -> Report:
-    """The demo example's report, with machine-specific paths and fingerprints made stable."""
+    """The demo example's report, with machine-specific paths, fingerprints and digests made stable."""
     with tempfile.TemporaryDirectory(prefix="safelora-docs-") as tmp:
         base, aligned, adapter = demo.build(Path(tmp))
         report = api.project(
@@ -35,8 +35,8 @@ def demo_report() -> Report:
         report,
         adapter=Path("demo/adapter"),
         output=Path("demo/sanitized"),
-        base=SourceInfo("demo/base", None, "<fingerprint>"),
-        aligned=SourceInfo("demo/aligned", None, "<fingerprint>"),
+        base=SourceInfo("demo/base", None, "<fingerprint>", name="base", content="<content>"),
+        aligned=SourceInfo("demo/aligned", None, "<fingerprint>", name="aligned", content="<content>"),
     )
 
 

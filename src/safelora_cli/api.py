@@ -9,16 +9,23 @@ from __future__ import annotations
 
 import importlib
 import os
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, overload
 
 from . import config
 from .config import ValueCheck
 from .errors import AdapterNotLocalError, MissingAlignedError, MissingBaseError, SafeLoraError, SourceError, UsageError
+from .housekeeping import CacheListing as CacheListing
+from .housekeeping import ClearedPairs as ClearedPairs
+from .housekeeping import RemovedBackups as RemovedBackups
+from .housekeeping import backups_to_remove as backups_to_remove
+from .housekeeping import cache_clear as cache_clear
+from .housekeeping import cache_list as cache_list
+from .housekeeping import cache_remove as cache_remove
+from .housekeeping import remove_backups as remove_backups
 from .options import Device, Options, Precision, StrPath, explicit_of, layered
 from .outputs.text import printable
 from .results import Backup as Backup
@@ -51,6 +58,7 @@ if TYPE_CHECKING:
     from .outputs.table import table_rows as table_rows
     from .stores.cache import PairCache, ProjectionCache
     from .stores.cache import PairSummary as PairSummary
+    from .stores.digests import DigestMemo
 
 __all__ = ["Device", "Options", "Precision", "StrPath", "build_demo", "printable"]
 
@@ -260,19 +268,13 @@ def _project(
             if (problem := store.problem()) is not None:
                 notes.append(problem)
                 store = None
-        refs = store.refs if store is not None else None
-        hub = sources.Hub.from_env(options.token, refs, options.connections)
+        hub = sources.Hub.from_env(options.token, store.refs if store is not None else None, options.connections)
         adapters = stack.enter_context(_open_adapters(specs))
         aligned = os.fspath(options.aligned) if options.aligned else _aligned_default(adapters, notes)
         base = os.fspath(options.base) if options.base else _base_from_preset(aligned, notes)
         _note_swapped(base, aligned, adapters, notes)
-        opened = []
-        pair = ((base, options.base_revision, "base"), (aligned, options.aligned_revision, "aligned"))
-        for spec, revision, role in pair:
-            src = sources.open_source(spec, revision, role=role, transfer=events, notes=notes, settings=[hub])
-            stack.callback(src.close)
-            opened.append(src)
-        base_src, aligned_src = opened
+        pair = ((base, options.base_revision), (aligned, options.aligned_revision))
+        base_src, aligned_src = _open_pair(stack, pair, hub, events, notes, None)
         _refuse_same(base_src, aligned_src)
         outcomes = pipeline.project_adapters(
             adapters,
@@ -285,6 +287,27 @@ def _project(
             on_wait=events.say,
         )
         return outcomes, [named.path for named in adapters]
+
+
+def _open_pair(
+    stack: ExitStack,
+    pair: tuple[tuple[StrPath, str | None], tuple[StrPath, str | None]],
+    hub: sources.Hub,
+    transfer: sources.Transfer,
+    notes: list[str],
+    memo: DigestMemo | None,
+) -> tuple[sources.Source, sources.Source]:
+    """Base and aligned opened (closed with ``stack``), each with the digests ``memo`` keeps for it."""
+    from . import sources
+
+    opened = []
+    for (spec, revision), role in zip(pair, ("base", "aligned"), strict=True):
+        src = sources.open_source(os.fspath(spec), revision, role=role, transfer=transfer, notes=notes, settings=[hub])
+        stack.callback(src.close)
+        src.memo = memo
+        src.digests.update(memo.load(src.cache_identity()) if memo is not None else {})
+        opened.append(src)
+    return opened[0], opened[1]
 
 
 def _pair(
@@ -301,8 +324,8 @@ def _pair(
 
 
 def _refuse_same(base: sources.Source, aligned: sources.Source) -> None:
-    """Base and aligned that are one checkpoint (the same files, or the same Hub commit): every V
-    would be 0, and every module undefined."""
+    """Base and aligned that are one checkpoint (every V would be 0), when that costs no read: the same
+    files by any path, one Hub commit. Other copies of one content: the run, once it has hashed them."""
     same = base.cache_identity() == aligned.cache_identity()
     if base.revision is not None and aligned.revision is not None:
         same = same or base.revision == aligned.revision  # one commit sha is one tree
@@ -391,7 +414,10 @@ def check(
     (a guard against accidents only). ``CheckResult.status`` is ``sanitized``, ``never_sanitized``,
     ``modified``, ``other_pair`` or ``unverified``; ``ok`` is True only for ``sanitized``, and
     ``verified_by`` says how."""
+    from . import sources
     from .run import audit, verify
+    from .stores.backups import BackupStore
+    from .stores.cache import ProjectionCache
 
     if (base is None) != (aligned is None):
         raise UsageError("give both base and aligned, or neither")
@@ -401,13 +427,15 @@ def check(
         pair = None
         recompute = None
         if base is not None and aligned is not None:
-            pair = verify.open_pair(stack, os.fspath(base), os.fspath(aligned), token)
+            cache = ProjectionCache()  # only its memo of Hub refs: a branch names the commit it had
+            hub = sources.Hub.from_env(token, cache.refs if cache.problem() is None else None)
+            memo = BackupStore().digests()  # check's own digest memo, never the shared cache's
+            pair = _open_pair(stack, ((base, None), (aligned, None)), hub, sources.QuietTransfer(), [], memo)
         if original is not None and pair is not None:
             [first] = stack.enter_context(_open_adapters([original]))
             recompute = verify.recomputer(_dir_of(first), *pair)
         [named] = stack.enter_context(_open_adapters([adapter]))
-        infos = (verify.source_info(pair[0]), verify.source_info(pair[1])) if pair is not None else None
-        return audit.check(_dir_of(named), infos, trust_stamp=trust_stamp, recompute=recompute)
+        return audit.check(_dir_of(named), pair, trust_stamp=trust_stamp, recompute=recompute)
     raise AssertionError("unreachable")
 
 
@@ -484,113 +512,3 @@ def weights_file(adapter: Path) -> Path:
     from .adapters.peft_config import ADAPTER_FILE
 
     return adapter / ADAPTER_FILE
-
-
-# --- the projection cache and the kept originals ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CacheListing:
-    """What the projection cache and the backup store hold."""
-
-    pairs: list[PairSummary]
-    backups: list[Backup]
-    backups_root: Path
-
-
-@dataclass(frozen=True)
-class ClearedPairs:
-    """``cache_clear``: the pairs removed, and the keys of those kept (a running safelora computes them)."""
-
-    removed: list[PairSummary]
-    kept: list[str]
-    root: Path
-
-
-@dataclass(frozen=True)
-class RemovedBackups:
-    """Kept originals removed; ``kept_for_other_adapters`` counts those another adapter still needs."""
-
-    removed: list[Backup]
-    root: Path
-    kept_for_other_adapters: int = 0
-
-
-def cache_list() -> CacheListing:
-    """The cached pairs (with their modules) and the kept originals."""
-    from .stores.backups import BackupStore
-    from .stores.cache import ProjectionCache
-
-    store = BackupStore()
-    return CacheListing(ProjectionCache().pairs(), store.all(), store.root)
-
-
-def cache_remove(key: str) -> PairSummary:
-    """Remove one pair's cached operators, by its key or a unique prefix of it."""
-    from .stores.cache import ProjectionCache
-
-    return ProjectionCache().remove(key)
-
-
-def cache_clear() -> ClearedPairs:
-    """Remove every cached pair but those a running safelora is computing."""
-    from .stores.cache import ProjectionCache
-
-    cache = ProjectionCache()
-    removed, kept = cache.clear()
-    return ClearedPairs(removed, kept, cache.root)
-
-
-def backups_to_remove(adapters: Sequence[StrPath] = (), *, older_than_days: float | None = None) -> list[Backup]:
-    """The kept originals ``remove_backups`` would delete: those kept for ``adapters`` (when given) that
-    no other adapter needs, or every one kept more than ``older_than_days`` days ago (or every one)."""
-    if adapters:
-        return [b for b, dirs in _backups_of(adapters) if set(b.adapters) <= dirs or not b.adapters]
-    from .stores.backups import BackupStore
-
-    limit = time.time() - older_than_days * 86400 if older_than_days is not None else None
-    return [b for b in BackupStore().all() if limit is None or b.created < limit]
-
-
-def remove_backups(adapters: Sequence[StrPath] = (), *, older_than_days: float | None = None) -> RemovedBackups:
-    """Delete the kept originals ``backups_to_remove`` names; for ``adapters``, a backup another
-    adapter still needs is kept, and only these adapters are taken off its record."""
-    from .stores.backups import BackupStore
-
-    store = BackupStore()
-    if not adapters:
-        gone = backups_to_remove(older_than_days=older_than_days)
-        store.remove(gone)  # and the local records of what was written, of that age
-        store.remove_written(None if older_than_days is None else time.time() - older_than_days * 86400)
-        return RemovedBackups(gone, store.root)
-    chosen = _backups_of(adapters)
-    gone = [b for b, dirs in chosen if set(b.adapters) <= dirs or not b.adapters]
-    store.remove(gone)
-    for backup, dirs in chosen:
-        if backup not in gone:
-            for d in dirs:
-                store.forget(backup, d)
-    return RemovedBackups(gone, store.root, len(chosen) - len(gone))
-
-
-def _backups_of(targets: Sequence[StrPath]) -> list[tuple[Backup, set[str]]]:
-    """The backups kept for these adapter directories: the one each one's provenance names, and any
-    recorded for its path. Each with the directories (absolute) it is being removed for."""
-    from . import adapters as adapter_io
-    from .stores.backups import BackupStore
-
-    store = BackupStore()
-    kept = store.all()
-    chosen: dict[str, tuple[Backup, set[str]]] = {}
-    for target in targets:
-        where = os.path.abspath(target)
-        found = [b for b in kept if where in b.adapters]
-        if os.path.isdir(target):
-            with adapter_io.opened(Path(target)) as opened:
-                sha = opened.provenance().get(adapter_io.PROVENANCE_PREFIX + "original")
-            found += [b for b in kept if b.sha256 == sha]
-        if not found:
-            raise SafeLoraError(f"{os.fspath(target)}: no kept original in {store.root}")
-        for b in found:
-            chosen.setdefault(b.sha256, (b, set()))[1].add(where)
-    return list(chosen.values())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -48,17 +49,39 @@ class Settings:
 
 @dataclass(frozen=True)
 class SourceInfo:
+    """A checkpoint as a run used it.
+
+    ``source`` is the spec as the user gave it (a relative path stays relative: reports only);
+    ``name`` is what published files call it (a local directory's base name, a Hub repo id);
+    ``tensors`` maps each tensor the run used to its content digest, ``content`` is one digest over
+    that map (see ``sources/identity.py``). ``fingerprint`` is the local files' stat or the commit.
+    """
+
     source: str
     revision: str | None
     fingerprint: str
+    name: str = ""
+    tensors: Mapping[str, str] = field(default_factory=dict)
+    content: str = ""
 
     @property
     def identity(self) -> str:
-        """How provenance names the source: ``path@fingerprint`` or ``repo@sha``."""
-        return f"{self.source}@{self.revision or self.fingerprint}"
+        """How provenance names the source, with nothing of this machine in it: ``repo@sha`` for a Hub
+        commit, ``name@blake3:<content digest, 16 hex>`` for local files."""
+        name = self.name or self.source
+        if self.revision:
+            return f"{name}@{self.revision}"
+        return f"{name}@blake3:{self.content[:16]}" if self.content else f"{name}@{self.fingerprint}"
 
     def to_json(self) -> dict[str, Any]:
-        return {"source": self.source, "revision": self.revision, "fingerprint": self.fingerprint}
+        return {
+            "source": self.source,
+            "revision": self.revision,
+            "fingerprint": self.fingerprint,
+            "identity": self.identity,
+            "content": self.content or None,
+            "tensors": len(self.tensors),
+        }
 
 
 @dataclass(frozen=True)

@@ -63,9 +63,14 @@ def check(
     against this pair?
 
     Verified means: safelora's local record says it wrote these exact bytes on this machine; or
-    --original reproduces it; or --trust-stamp. Every adapter given is judged. Exit codes: 0 all
-    sanitized and verified; 3 any never sanitized, sanitized against another pair, modified since,
-    or unverified (and none errored); 1 any error (unreadable adapter or checkpoint); 2 usage.
+    --original reproduces it; or --trust-stamp. --base/--aligned compare by content: the weights the
+    adapter was projected with, as its provenance lists them, by digest of dtype, shape and bytes, so
+    a copy, a Hugging Face cache snapshot or the Hub repo of the same weights passes. With an empty
+    memo this reads those targeted tensors of both checkpoints once; their digests are then kept by
+    file stat in the private backup store (never taken from the shared projection cache). Every
+    adapter given is judged. Exit codes: 0 all sanitized and verified; 3 any never sanitized,
+    sanitized against another pair, modified since, or unverified (and none errored); 1 any error
+    (unreadable adapter or checkpoint); 2 usage.
     """
     specs = adapter_specs(adapters, adapter)
     if (base is None) != (aligned is None):

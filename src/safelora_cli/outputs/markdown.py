@@ -63,10 +63,14 @@ def similarity_text(layer: LayerResult) -> str:
 
 
 def source_text(info: SourceInfo) -> str:
-    """A checkpoint as the summary and the card name it: the source and its commit or fingerprint."""
+    """A checkpoint as the summary and the card name it, with nothing of this machine: a Hub repo and
+    its commit, or a local directory's base name and its content digest (no path, no file stat)."""
+    name = info.name or info.source
     if info.revision:
-        return f"{code(info.source)} at commit {code(info.revision)}"
-    return f"{code(info.source)}, fingerprint {code(info.fingerprint)}"
+        return f"{code(name)} at commit {code(info.revision)}"
+    if info.content:
+        return f"{code(name)}, content {code('blake3:' + info.content[:16])}"
+    return code(name)
 
 
 def settings_text(report: Report) -> str:

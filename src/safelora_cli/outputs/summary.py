@@ -60,11 +60,24 @@ def chart_labels(layers: Sequence[LayerResult]) -> list[str]:
     ]
 
 
+def _shown(path: Path) -> str:
+    """A path as a published summary shows it: as given when relative, else by its base name only."""
+    return path.name if path.is_absolute() else str(path)
+
+
+def _published(note: str, report: Report) -> str:
+    """A note with the run's own absolute paths (adapter, output, base, aligned) shortened to base names."""
+    given = [report.adapter, report.output, Path(report.base.source), Path(report.aligned.source)]
+    for path in sorted((p for p in given if p is not None and p.is_absolute()), key=lambda p: -len(str(p))):
+        note = note.replace(str(path), path.name)
+    return note
+
+
 def _status(report: Report) -> str:
     if report.dry_run:
         return "**Dry run:** nothing was written."
     if report.written:
-        return f"**Written:** {code(report.output or report.adapter)}."
+        return f"**Written:** {code(_shown(report.output or report.adapter))}."
     return "**Nothing written.**"
 
 
@@ -125,7 +138,7 @@ def summary_markdown(report: Report) -> str:
     heading. Ends with a blank line, so sections can be appended one after another.
     """
     labels = chart_labels(report.layers)
-    heading = f"## Safe LoRA · {code(report.adapter)}" + (" (dry run)" if report.dry_run else "")
+    heading = f"## Safe LoRA · {code(_shown(report.adapter))}" + (" (dry run)" if report.dry_run else "")
     out = [heading, "", _status(report), ""]
     out += [
         f"- **Base:** {source_text(report.base)}",
@@ -164,14 +177,16 @@ def summary_markdown(report: Report) -> str:
         ]
         out += ["", "</details>", ""]
     if report.notes:
-        out += ["**Notes:**", ""] + [f"- {md(note)}" for note in report.notes] + [""]
+        out += ["**Notes:**", ""] + [f"- {md(_published(note, report))}" for note in report.notes] + [""]
     out += [f"<sub>safelora {md(__version__)}</sub>", "", ""]
     return "\n".join(out)
 
 
 def error_summary_markdown(adapter_path: Path | str, message: str) -> str:
     """The short section of an adapter whose run failed: its path and the error."""
-    return "\n".join([f"## Safe LoRA · {code(adapter_path)} (failed)", "", f"**Error:** {md(message)}", "", ""])
+    return "\n".join(
+        [f"## Safe LoRA · {code(_shown(Path(adapter_path)))} (failed)", "", f"**Error:** {md(message)}", "", ""]
+    )
 
 
 _APPEND = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -12,6 +12,7 @@ from ..adapters.digest import DIGEST_KEY, STAMP_VERSION, intact, stamp_version
 from ..adapters.peft_config import MODULES_TO_SAVE
 from ..io.safefs import Directory
 from ..results import CheckResult, Inspection, SourceInfo
+from ..sources import Source, identity
 from ..stores.backups import BackupStore
 
 # Recomputes the adapter from its original against the pair: None when it reproduces it, else why not.
@@ -22,12 +23,6 @@ WAYS_TO_VERIFY = (
 )
 BASE_KEY = PROVENANCE_PREFIX + "base"
 ALIGNED_KEY = PROVENANCE_PREFIX + "aligned"
-
-
-def same_pair(recorded: Mapping[str, str], base: SourceInfo, aligned: SourceInfo) -> bool:
-    """Whether the stamp ``recorded`` names this base and this aligned model. The one place the
-    recorded pair is compared with checkpoints: every caller goes through it."""
-    return recorded.get(BASE_KEY) == base.identity and recorded.get(ALIGNED_KEY) == aligned.identity
 
 
 def verified_by_record(adapter: Adapter, store: BackupStore) -> bool:
@@ -52,9 +47,57 @@ def _adapter(target: Path | Directory) -> Iterator[Adapter]:
         adapter.close()
 
 
+def source_info(src: Source, names: Sequence[str] = ()) -> SourceInfo:
+    """``src`` as reports and provenance name it, identified by the content of ``names`` (read and
+    hashed now unless their digests are known)."""
+    tensors = src.digest(names) if names else {}
+    content = identity.combined(tensors) if tensors else ""
+    return SourceInfo(src.given, src.revision, src.fingerprint(), src.public_name(), tensors, content)
+
+
+def _recorded(recorded: Mapping[str, str], role: str) -> dict[str, str] | None:
+    """The digest map provenance records for ``role`` (``safelora.base_tensors``…), or None."""
+    return identity.parse_map(recorded.get(f"{PROVENANCE_PREFIX}{role}_tensors"))
+
+
+def same_pair(recorded: Mapping[str, str], base: Source, aligned: Source) -> bool:
+    """Whether provenance ``recorded`` names this (base, aligned) pair: the one place it is decided.
+
+    By content: each checkpoint must hold every tensor the stamp lists (``safelora.base_tensors``,
+    ``safelora.aligned_tensors``), with the same digest of dtype, shape and bytes; paths, inodes,
+    times and where the files came from (a copy, a Hugging Face cache snapshot, the Hub) do not
+    count. Digests the source does not know yet (``Source.digests``, filled from a memo by whoever
+    opened it) are read and hashed now, those tensors only. A stamp that lists no tensors proves
+    no pair, except one written before content identity (no map at all), compared by name as then.
+    """
+    for role, src in (("base", base), ("aligned", aligned)):
+        tensors = _recorded(recorded, role)
+        if tensors is None:
+            if f"{PROVENANCE_PREFIX}{role}_tensors" in recorded:
+                return False  # present but malformed
+            legacy = f"{src.label}@{src.revision or src.fingerprint()}"
+            if recorded.get(PROVENANCE_PREFIX + role) != legacy:
+                return False
+            continue
+        names = src.names()
+        if not tensors or not all(name in names for name in tensors):
+            return False
+        if src.digest(sorted(tensors)) != tensors:
+            return False
+    return True
+
+
+def recorded_infos(recorded: Mapping[str, str], base: Source, aligned: Source) -> tuple[SourceInfo, SourceInfo]:
+    """The pair as a no-op run reports it: identified by the tensors provenance lists (known by now)."""
+    return (
+        source_info(base, sorted(_recorded(recorded, "base") or {})),
+        source_info(aligned, sorted(_recorded(recorded, "aligned") or {})),
+    )
+
+
 def check(
     target: Path | Directory,
-    pair: tuple[SourceInfo, SourceInfo] | None = None,
+    pair: tuple[Source, Source] | None = None,
     *,
     store: BackupStore | None = None,
     trust_stamp: bool = False,
@@ -71,7 +114,7 @@ def check(
 
 def _check(
     adapter: Adapter,
-    pair: tuple[SourceInfo, SourceInfo] | None,
+    pair: tuple[Source, Source] | None,
     store: BackupStore,
     trust_stamp: bool,
     recompute: Recompute | None,
@@ -93,11 +136,12 @@ def _check(
             prov,
         )
     if pair is not None and not same_pair(prov, *pair):
+        had = (prov.get(BASE_KEY), prov.get(ALIGNED_KEY))
         return CheckResult(
             path,
             "other_pair",
-            f"sanitized against {prov.get(BASE_KEY)} → {prov.get(ALIGNED_KEY)}, not {pair[0].identity} → "
-            f"{pair[1].identity}",
+            f"sanitized against {had[0]} → {had[1]}, not {pair[0].given} → {pair[1].given} "
+            "(the weights it was projected with differ from these)",
             prov,
         )
     if version is None:  # a version 1 stamp: the tensors only; only trusted as it is

@@ -9,7 +9,7 @@ from ..adapters import Adapter, LoraModule, Named
 from ..errors import AdapterError, SafeLoraError
 from ..outputs.report import Report
 from ..projection import ModuleMath
-from ..results import Backup
+from ..results import Backup, SourceInfo
 
 
 def _check_weight_shape(adapter: Adapter, m: LoraModule, label: str, shape: tuple[int, ...]) -> None:
@@ -37,6 +37,7 @@ class Run:
     kept: Backup | None = None  # the backup the written file's provenance names
     kept_now: bool = False
     found: dict[str, tuple[ModuleMath, bool]] = field(default_factory=dict)
+    infos: tuple[SourceInfo, SourceInfo] | None = None  # the pair as this adapter used it (content identity)
     outcome: Report | SafeLoraError | None = None  # set once the run is over (a no-op or an error)
 
     @property

@@ -42,7 +42,7 @@ from ..results import CacheUse, Device, LayerResult, Settings, SourceInfo
 from ..sources import Source
 from ..stores.backups import BackupStore
 from ..stores.cache import CorruptEntry, PairCache
-from .audit import verified_by_record
+from .audit import recorded_infos, source_info, verified_by_record
 from .batch import Group, Run
 from .binding import require_bound
 from .stages import Job, prefetch, share_cores
@@ -107,6 +107,7 @@ def _cached(
     projector: Projector,
     notes: list[str],
     misses: list[LoraModule],
+    keys: dict[str, tuple[str, str]],
 ) -> Iterator[tuple[LoraModule, Operator, bool]]:
     """The modules the cache has, with their operators; the others are appended to ``misses``.
 
@@ -125,6 +126,7 @@ def _cached(
         else:
             out, inp = stored.out_features, stored.in_features
             if group.check(m, base.label, (inp, out) if transpose else (out, inp)):
+                keys[m.module] = (stored.base_key, stored.aligned_key)
                 yield m, projector.load(stored.kind, stored.data, stored.norm, out, inp), True
 
 
@@ -136,6 +138,7 @@ def _operators(
     cache: PairCache | None,
     notes: list[str],
     on_wait: Callable[[str], None],
+    keys: dict[str, tuple[str, str]],
 ) -> Iterator[tuple[LoraModule, Operator, bool]]:
     """Each module's operator and whether the cache served it, cached ones first.
 
@@ -146,13 +149,13 @@ def _operators(
     todo = list(group.modules)
     if cache is not None:
         todo = []
-        yield from _cached(cache, group, group.modules, base, projector, notes, todo)
+        yield from _cached(cache, group, group.modules, base, projector, notes, todo, keys)
         if not todo:
             return
     with cache.locked(lambda: on_wait(_CACHE_WAIT)) if cache is not None else nullcontext():
         if cache is not None:
             missing, todo = todo, []
-            yield from _cached(cache, group, missing, base, projector, [], todo)
+            yield from _cached(cache, group, missing, base, projector, [], todo, keys)
             if not todo:
                 return
         jobs = [job for job in _plan(group, base, aligned, todo) if group.live(job.module.module)]
@@ -162,11 +165,42 @@ def _operators(
             op = projector.operator_from(v, norm2, transpose=group.transpose)
             if cache is not None:
                 cache.store(job.module.module, group.transpose, job.base_key, job.aligned_key, op)
+            keys[job.module.module] = (job.base_key, job.aligned_key)
             yield job.module, op, False
+        for source in (base, aligned):  # under the pair's lock: a run waiting for it finds them
+            source.remember()
 
 
-def source_info(src: Source) -> SourceInfo:
-    return SourceInfo(src.label, src.revision, src.fingerprint())
+def _remembered(source: Source, cache: PairCache) -> None:
+    """Give ``source`` the digest memo beside the cache's pairs (unless it has one), and what it knows:
+    a run the cache serves reads no checkpoint byte, and still names the pair by content."""
+    if source.memo is None:
+        source.memo = cache.digests()
+        source.digests.update(source.memo.load(source.cache_identity()))
+
+
+def _pair_infos(
+    run: Run, base: Source, aligned: Source, keys: dict[str, tuple[str, str]]
+) -> tuple[SourceInfo, SourceInfo]:
+    """The pair as ``run``'s adapter used it: the digests of the weights of the modules it was computed on."""
+    used = [keys[m.module] for m in run.loaded.modules if m.module in run.found and m.module in keys]
+    run.infos = (source_info(base, [b for b, _ in used]), source_info(aligned, [a for _, a in used]))
+    return run.infos
+
+
+def _refuse_same_content(base: Source, aligned: Source, keys: dict[str, tuple[str, str]]) -> None:
+    """Base and aligned whose every weight used has one content (a copy of one checkpoint): every V
+    is 0. Checked once the digests are known, before anything is written."""
+    pairs = list(keys.values())
+    if not pairs:
+        return
+    base_digests = base.digest([b for b, _ in pairs])
+    aligned_digests = aligned.digest([a for _, a in pairs])
+    if all(base_digests[b] == aligned_digests[a] for b, a in pairs):
+        raise SourceError(
+            f"base {base.label} and aligned {aligned.label} are the same checkpoint (the same content): every "
+            "V = W_aligned − W_base would be 0; pass the unaligned base model as base and the chat model as aligned"
+        )
 
 
 def project_adapters(
@@ -203,6 +237,9 @@ def project_adapters(
         shared_notes.append("projection cache not used: it holds float32 operators and this run is float64")
         cache = None
     device = _device(settings.device)
+    if cache is not None:
+        _remembered(base, cache)
+        _remembered(aligned, cache)
     base_info, aligned_info = source_info(base), source_info(aligned)
     runs = [Run(named, [*shared_notes, *named.notes]) for named in adapters]
     for run in runs:
@@ -212,13 +249,14 @@ def project_adapters(
 
     def report(run: Run, layers: list[LayerResult], tau: float | None, written: bool) -> Report:
         served = sum(cached for _, cached in run.found.values())
+        used_base, used_aligned = run.infos or (base_info, aligned_info)
         return Report(
             adapter=run.path,
             output=settings.output,
             written=written,
             dry_run=settings.dry_run,
-            base=base_info,
-            aligned=aligned_info,
+            base=used_base,
+            aligned=used_aligned,
             mode=settings.mode,
             threshold=tau,
             num_layers=settings.num_layers,
@@ -247,27 +285,30 @@ def project_adapters(
             if run.outcome is None:
                 held.callback(run.close)
                 try:
-                    _prepare(run, settings, base_info, aligned_info, in_place, report, store)
+                    _prepare(run, settings, base, aligned, in_place, report, store)
                 except SafeLoraError as e:
                     run.outcome = e
         live = [run for run in runs if run.outcome is None]
         projector = Projector(torch.float64 if settings.precision == "float64" else torch.float32, device)
         total = sum(len(run.loaded.modules) for run in live)
         compute_notes: list[str] = []
+        keys: dict[str, tuple[str, str]] = {}  # module → (base key, aligned key) of its weight
         with share_cores():
             for transpose in sorted({run.loaded.config.fan_in_fan_out for run in live}):
                 group = Group([run for run in live if run.loaded.config.fan_in_fan_out == transpose], transpose)
-                for m, op, cached in _operators(group, base, aligned, projector, cache, compute_notes, on_wait):
+                for m, op, cached in _operators(group, base, aligned, projector, cache, compute_notes, on_wait, keys):
                     for run, mod in group.live(m.module):
                         _apply(run, mod, op, cached, projector, on_module, total)
                     if all(run.outcome is not None for run in live):
                         break
         for run in live:
             run.notes.extend(compute_notes)
+        _refuse_same_content(base, aligned, keys)
         for run in live:
             if run.outcome is None:
+                used_base, used_aligned = _pair_infos(run, base, aligned, keys)
                 try:
-                    run.outcome = finish(run, settings, base_info, aligned_info, report, store, in_place)
+                    run.outcome = finish(run, settings, used_base, used_aligned, report, store, in_place)
                 except SafeLoraError as e:
                     run.outcome = e
     return [run.outcome for run in runs if run.outcome is not None]
@@ -276,8 +317,8 @@ def project_adapters(
 def _prepare(
     run: Run,
     settings: Settings,
-    base_info: SourceInfo,
-    aligned_info: SourceInfo,
+    base: Source,
+    aligned: Source,
     in_place: bool,
     report: Callable[[Run, list[LayerResult], float | None, bool], Report],
     store: BackupStore,
@@ -295,7 +336,7 @@ def _prepare(
     normalized_names(adapter)  # two keys for one tensor: refused before any work (the stamp could not cover both)
     previous = adapter.provenance()
     if previous:
-        if not settings.force and same_run(previous, base_info, aligned_info, settings):
+        if not settings.force and same_run(previous, base, aligned, settings):
             if not verified_by_record(adapter, store):
                 # A stamp anyone could have pasted: skipping the work on its word would ship the adapter unprojected.
                 raise UnverifiedStampError(
@@ -303,6 +344,7 @@ def _prepare(
                     "verifies the stamp (no record of safelora writing it on this machine); verify it, restore the "
                     "original, or force a projection of what is there"
                 )
+            run.infos = recorded_infos(previous, base, aligned)
             run.notes.append("already projected with this pair and these settings: nothing to do")
             tau = adapter.provenance_value("threshold", "null", (int, float, type(None)))
             run.outcome = report(run, _recorded_layers(adapter), tau, False)

@@ -6,8 +6,9 @@ import math
 import queue
 import threading
 from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TypeVar, cast
 
@@ -16,7 +17,7 @@ import torch
 from ..adapters import LoraModule
 from ..errors import SourceError
 from ..projection import Projector, build_v
-from ..sources import Source
+from ..sources import Source, identity
 
 
 @dataclass(frozen=True)
@@ -89,13 +90,31 @@ def prefetch(
     weights while another builds the previous module's V from them and the caller uses the one
     before (I/O, conversions and matmuls drop the GIL). From a warm page cache the build costs as
     much as the reading and the products, so two threads each take a share of the cores' work.
+
+    Each weight whose content digest the source does not know yet is hashed as it is read, from the
+    bytes the reader already has, on a fourth thread (``safelora-hash``, BLAKE3 drops the GIL): a
+    read buffer is reused only once its hash is done, so hashing never reads a byte twice and never
+    waits on the main thread. The digests are in ``Source.digests`` when this generator ends.
     """
     size = max(max(base.nbytes(j.base_key), aligned.nbytes(j.aligned_key)) for j in jobs)
     numel = max(math.prod(base.shape(j.base_key)) for j in jobs)
+    hasher = ThreadPoolExecutor(1, thread_name_prefix="safelora-hash")
+    hashing: list[Future[None]] = []
 
-    def read(job: Job, slot: tuple[bytearray, bytearray]) -> tuple[Job, torch.Tensor, torch.Tensor]:
-        w_base = _weight(base, job.base_key, base.read(job.base_key, slot[0]))
-        return job, w_base, _weight(aligned, job.aligned_key, aligned.read(job.aligned_key, slot[1]))
+    def digest_into(source: Source, name: str, t: torch.Tensor) -> None:
+        source.digests[name] = identity.tensor_digest(t)
+
+    def read(job: Job, slot: _ReadSlot) -> tuple[Job, torch.Tensor, torch.Tensor]:
+        for pending in slot.hashing:  # the buffers' last weights must be hashed before they are reused
+            pending.result()
+        slot.hashing.clear()
+        w_base = _weight(base, job.base_key, base.read(job.base_key, slot.base))
+        w_aligned = _weight(aligned, job.aligned_key, aligned.read(job.aligned_key, slot.aligned))
+        for source, name, t in ((base, job.base_key, w_base), (aligned, job.aligned_key, w_aligned)):
+            if name not in source.digests:
+                slot.hashing.append(hasher.submit(digest_into, source, name, t))
+                hashing.append(slot.hashing[-1])
+        return job, w_base, w_aligned
 
     def build(
         item: tuple[tuple[Job, torch.Tensor, torch.Tensor], Callable[[], None]], v_slot: torch.Tensor
@@ -108,7 +127,9 @@ def prefetch(
         finally:
             release()
 
-    reads = on_thread(iter(jobs), read, [(bytearray(size), bytearray(size)) for _ in range(_SLOTS)], "safelora-read")
+    reads = on_thread(
+        iter(jobs), read, [_ReadSlot(bytearray(size), bytearray(size)) for _ in range(_SLOTS)], "safelora-read"
+    )
     built = on_thread(reads, build, [projector.workspace(numel) for _ in range(_SLOTS)], "safelora-build")
     try:
         for result, release in built:
@@ -116,6 +137,18 @@ def prefetch(
             release()
     finally:
         built.close()  # stops both threads when the caller stops early
+        hasher.shutdown(wait=True)
+    for pending in hashing:  # a hash that failed fails the run, as a failed read would
+        pending.result()
+
+
+@dataclass
+class _ReadSlot:
+    """Two read buffers, and the hashes still reading them."""
+
+    base: bytearray
+    aligned: bytearray
+    hashing: list[Future[None]] = field(default_factory=list)
 
 
 _WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

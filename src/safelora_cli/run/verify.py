@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import tempfile
 from collections.abc import Callable
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -36,29 +35,14 @@ from ..projection import ROUND_DECIMALS, select
 from ..results import Precision, Settings
 from ..sources import Source
 from ..stores.backups import BackupStore
-from .pipeline import project_adapters, source_info
+from .pipeline import project_adapters
 
-__all__ = ["open_pair", "recompute", "recomputer", "source_info"]
+__all__ = ["recompute", "recomputer"]
 
 NEAR = 1e-6  # how close to a boundary a recomputed similarity may go either way
 FP32_RTOL = 1e-5
 _WIDENED = frozenset({"F16", "BF16", "F32"})
 _MANTISSA = {torch.float16: (10, -24), torch.bfloat16: (7, -133)}  # mantissa bits, log2 of the least subnormal
-
-
-def open_pair(stack: ExitStack, base: str, aligned: str, token: str | None) -> tuple[Source, Source]:
-    """Both checkpoints opened as ``check`` names them (reading no weights until asked), closed with ``stack``."""
-    from .. import sources
-    from ..stores.cache import ProjectionCache
-
-    store = ProjectionCache()
-    hub = sources.Hub.from_env(token, store.refs if store.problem() is None else None)
-    opened = []
-    for spec, role in ((base, "base"), (aligned, "aligned")):
-        src = sources.open_source(spec, None, role=role, transfer=sources.QuietTransfer(), notes=[], settings=[hub])
-        stack.callback(src.close)
-        opened.append(src)
-    return opened[0], opened[1]
 
 
 def recomputer(original: safefs.Directory, base: Source, aligned: Source) -> Callable[[Adapter], str | None]:

@@ -15,6 +15,7 @@ from ..outputs import card
 from ..outputs.report import Report
 from ..projection import select
 from ..results import LayerResult, Settings, SourceInfo, finite
+from ..sources import Source, identity
 from ..stores.backups import BackupStore
 from .audit import same_pair
 from .batch import Run
@@ -31,12 +32,13 @@ def _settings_provenance(settings: Settings, tau: float | None) -> dict[str, str
     return {PROVENANCE_PREFIX + k: v for k, v in p.items()}
 
 
-def same_run(previous: dict[str, str], base: SourceInfo, aligned: SourceInfo, settings: Settings) -> bool:
-    """Whether provenance records this pair and these settings (in number mode τ_k is an outcome, not one)."""
+def same_run(previous: dict[str, str], base: Source, aligned: Source, settings: Settings) -> bool:
+    """Whether provenance records these settings (in number mode τ_k is an outcome, not one) and this
+    pair (``audit.same_pair``: by content)."""
     want = _settings_provenance(settings, settings.threshold)
     if settings.mode == "number":
         del want[PROVENANCE_PREFIX + "threshold"]
-    return same_pair(previous, base, aligned) and all(previous.get(k) == v for k, v in want.items())
+    return all(previous.get(k) == v for k, v in want.items()) and same_pair(previous, base, aligned)
 
 
 def layers_provenance(layers: list[LayerResult]) -> str:
@@ -77,6 +79,9 @@ def finish(
         PROVENANCE_PREFIX + "version": __version__,
         PROVENANCE_PREFIX + "base": base_info.identity,
         PROVENANCE_PREFIX + "aligned": aligned_info.identity,
+        # The weights it was computed with (tensor name → BLAKE3 of dtype, shape, bytes): ``check`` compares these.
+        PROVENANCE_PREFIX + "base_tensors": identity.dump_map(base_info.tensors),
+        PROVENANCE_PREFIX + "aligned_tensors": identity.dump_map(aligned_info.tensors),
         PROVENANCE_PREFIX + "projected": json.dumps([layer.module for layer in layers if layer.projected]),
         PROVENANCE_PREFIX + "layers": layers_provenance(layers),
         VERSION_KEY: STAMP_VERSION,

@@ -7,7 +7,7 @@ checkpoint's index, from disk or from the Hub; a ``Transfer`` is how a remote so
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -15,6 +15,7 @@ import torch
 
 from ..errors import SourceError
 from ..io import strict
+from . import identity
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -39,6 +40,14 @@ def _renamed(key: str) -> list[str]:
     return [other + key.removeprefix(prefix) for prefix, other in _RENAMES if key.startswith(prefix)]
 
 
+class DigestStore(Protocol):
+    """A memo of content digests by file stat (``stores.digests.DigestMemo``): load and save never raise."""
+
+    def load(self, identity: str) -> dict[str, str]: ...
+
+    def save(self, identity: str, tensors: Mapping[str, str]) -> None: ...
+
+
 class Source(ABC):
     """A checkpoint we can read single tensors from, by name."""
 
@@ -47,6 +56,11 @@ class Source(ABC):
         self.revision = revision
         self.bytes_read = 0  # tensor bytes read
         self.bytes_downloaded = 0  # bytes received over the network (headers and indexes included)
+        self.given = label  # the spec as the user gave it (``open_source`` sets it): what reports name
+        # Content identity: tensor name → digest (``identity.tensor_digest``) of each tensor known so far,
+        # hashed as the run streams it, or filled in from a memo by whoever opened the source.
+        self.digests: dict[str, str] = {}
+        self.memo: DigestStore | None = None  # where digests are kept between runs (set by whoever opens it)
 
     @abstractmethod
     def names(self) -> Collection[str]:
@@ -74,6 +88,29 @@ class Source(ABC):
 
     def plan(self, names: Sequence[str]) -> None:  # noqa: B027 - an optional hook: local files need no plan
         """Announce the tensors about to be read, in reading order (lets the Hub source coalesce)."""
+
+    def public_name(self) -> str:
+        """How published files name the checkpoint: a local one by its directory's (or file's) base name."""
+        return Path(self.label).name or self.label
+
+    def digest(self, names: Sequence[str]) -> dict[str, str]:
+        """The content digest of each of ``names``: known ones as they are, then the memo's (another
+        run may have added them since), the others read (once) and hashed, and remembered."""
+        missing = identity.wanted(names, self.digests)
+        if missing and self.memo is not None:
+            self.digests.update(self.memo.load(self.cache_identity()))
+            missing = identity.wanted(names, self.digests)
+        if missing:
+            self.plan(missing)
+            for name in missing:
+                self.digests[name] = identity.tensor_digest(self.read(name))
+            self.remember()
+        return {name: self.digests[name] for name in names}
+
+    def remember(self) -> None:
+        """Keep the digests known so far in the memo, if the source has one."""
+        if self.memo is not None:
+            self.memo.save(self.cache_identity(), self.digests)
 
     def cache_identity(self) -> str:
         """What the projection cache keys this checkpoint by: its resolved path and fingerprint."""

@@ -89,4 +89,6 @@ def open_source(
     """
     kind = kind_for(spec)
     given = next((s for s in settings if isinstance(s, kind.settings)), None)
-    return kind.open(Request(spec, revision, role, transfer, notes), kind.defaults() if given is None else given)
+    source = kind.open(Request(spec, revision, role, transfer, notes), kind.defaults() if given is None else given)
+    source.given = spec
+    return source

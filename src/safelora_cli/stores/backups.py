@@ -17,6 +17,7 @@ the projection cache (CI systems share that one). It follows the ownership rule,
     written-<digest>.json  the local record of one adapter safelora wrote on this machine, keyed by
                            the written result's stamp digest: settings, pair, original, time
     .lock                  flock'd while records change
+    digests/<key>.json     ``check``'s memo of checkpoint digests by file stat (see ``digests.py``)
 
 The local records are what ``check`` trusts without the original: safelora on this machine wrote
 those bytes. They live here, never in the projection cache (CI systems share that one, so anyone
@@ -43,6 +44,7 @@ from ..errors import BackupError, BackupNotKeptError
 from ..io import atomic, locks, ranges, safefs, strict
 from ..results import Backup
 from . import ownership
+from .digests import DigestMemo
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _RECORD_LIMIT = 1 << 20
@@ -84,6 +86,10 @@ class BackupStore:
     def problem(self) -> str | None:
         """Why the store must not be used (the ownership rule), as one line that names the path and the fix."""
         return RULE.checked(lambda: RULE.root(self.root) or RULE.contents(self.root, _store_file), self.root)
+
+    def digests(self) -> DigestMemo:
+        """``check``'s own memo of checkpoint digests (``digests/``): private, never the shared cache's."""
+        return DigestMemo(self.root, RULE, self.problem())
 
     def _usable(self, hint: str = "") -> None:
         problem = self.problem()

@@ -6,6 +6,7 @@ Layout under the root (``SAFELORA_CACHE``, else ``$XDG_CACHE_HOME/safelora``, el
     pairs/<pair key>/<entry key>.safetensors  one module's operator (V, float32) and its metadata
     pairs/<pair key>/.lock                    flock'd by the run that computes missing entries
     refs/<key>.json                           the last commit seen for each Hub branch or tag
+    digests/<key>.json                        each checkpoint's tensor digests, by file stat (``digests.py``)
 
 Every file name is a hash, so no repo id or path can make a name that leaves the root. Entries are
 written to a temp file and renamed into place, so a reader sees a whole entry or none, and each
@@ -138,7 +139,7 @@ class ProjectionCache:
         return pair
 
     def clear(self) -> tuple[list[PairSummary], list[str]]:
-        """Delete every pair and the refs memo; returns the pairs removed and the messages of those kept.
+        """Delete every pair and the refs and digest memos; returns the pairs removed and the messages of those kept.
 
         A pair that a running safelora holds locked is kept (and named), not waited for. Links and
         other stray files in the cache are removed themselves, never what they point to.
@@ -156,7 +157,7 @@ class ProjectionCache:
             strays = [self.root / "pairs"]
         else:
             strays = [pairs_dir / name for name in _names(pairs_dir) if not _is_dir(pairs_dir / name)]
-        for path in [*strays, self.refs.dir]:
+        for path in [*strays, self.refs.dir, self.root / "digests"]:
             try:
                 _remove(path)
             except OSError as e:

@@ -62,6 +62,8 @@ class Stored:
     norm: float
     out_features: int
     in_features: int
+    base_key: str = ""  # the checkpoint tensors it was computed from
+    aligned_key: str = ""
 
 
 @dataclass(frozen=True)

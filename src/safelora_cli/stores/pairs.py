@@ -21,6 +21,7 @@ from ..projection import Operator
 from . import cache_entries as entries
 from . import ownership
 from .cache_entries import FORMAT, CorruptEntry, Stored
+from .digests import DigestMemo
 
 
 def _pair_file(name: str) -> bool | None:
@@ -70,6 +71,10 @@ class PairCache:
             self._writable = False
             self.warnings.append(problem)
         return problem is not None
+
+    def digests(self) -> DigestMemo:
+        """The memo of checkpoint digests beside the pairs (``digests.py``), under the cache's rule."""
+        return DigestMemo(self._cache.root, entries.RULE, self._cache.problem())
 
     def _entry_path(self, module: str, transpose: bool) -> Path:
         return self.dir / f"{entries.hash_key(module, str(int(transpose)), length=32)}.safetensors"
@@ -149,7 +154,10 @@ class PairCache:
         )
         if checksum != header.metadata[entries.CHECKSUM]:
             raise CorruptEntry("its metadata or data do not match its CRC-32")
-        return Stored(kind, data, norm, out, inp)
+        keys = header.metadata.get(entries.META + "base_key"), header.metadata.get(entries.META + "aligned_key")
+        if not all(keys):
+            raise CorruptEntry("metadata is missing or malformed")
+        return Stored(kind, data, norm, out, inp, str(keys[0]), str(keys[1]))
 
     def store(self, module: str, transpose: bool, base_key: str, aligned_key: str, op: Operator) -> None:
         """Write one entry atomically, on a thread: the run goes on to the next module meanwhile.

@@ -147,6 +147,9 @@ class HubSource(Source):
     def cache_identity(self) -> str:
         return f"hub:{self.repo_id}@{self.sha}"
 
+    def public_name(self) -> str:
+        return self.repo_id
+
     # -- network -------------------------------------------------------------------------------
 
     def _net(self) -> Pool:
