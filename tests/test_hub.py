@@ -803,7 +803,15 @@ def test_ctrl_c_stops_the_transfers_and_exits_130(serve: Serve, llama_adapter: P
     env = {**os.environ, "PYTHONPATH": src, "HF_HUB_DOWNLOAD_TIMEOUT": "120"}
     cmd = [sys.executable, "-m", "safelora_cli", "project", "--adapter", str(llama_adapter), "--dry-run",
            "--base", "org/base", "--aligned", "org/aligned"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # Ctrl-C as a terminal sends it, whatever this test runner inherited: a runner started in the
+    # background by a non-interactive shell ignores SIGINT, and its children would inherit that.
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline, quiet = time.monotonic() + 30, 0
         while quiet < 10 and proc.poll() is None and time.monotonic() < deadline:
