@@ -37,17 +37,23 @@ _SKIP_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
 )
 
 
+def _config_object(data: bytes, where: Path) -> dict[str, Any]:
+    """``adapter_config.json``'s bytes parsed (strict JSON) into the object a config must be."""
+    try:
+        raw = strict.loads(data)
+    except strict.InvalidJSON as e:
+        raise AdapterError(f"{where}: not valid JSON ({e}); restore it from your training run") from None
+    if not isinstance(raw, dict):
+        raise AdapterError(f"{where}: expected a JSON object")
+    return raw
+
+
 def load_config(directory: safefs.Directory) -> tuple[LoraConfig, bytes, int]:
     """The config, the bytes it was read from and their file's mode (an ``--output`` copy writes those)."""
     cfg_path = directory.path / CONFIG_FILE
     data, st = directory.read_small(CONFIG_FILE, CONFIG_LIMIT, fix="pass a PEFT adapter directory")
     mode = stat.S_IMODE(st.st_mode)
-    try:
-        raw = strict.loads(data)
-    except strict.InvalidJSON as e:
-        raise AdapterError(f"{cfg_path}: not valid JSON ({e}); restore it from your training run") from None
-    if not isinstance(raw, dict):
-        raise AdapterError(f"{cfg_path}: expected a JSON object")
+    raw = _config_object(data, cfg_path)
     peft_type = raw.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise AdapterError(f"{cfg_path}: peft_type is {peft_type!r}; Safe LoRA applies to LoRA adapters only")
@@ -258,11 +264,6 @@ INERT_CONFIG = frozenset({"inference_mode", "revision", "peft_version", "auto_ma
 def covered_config(data: bytes, where: Path) -> bytes:
     """``adapter_config.json``'s bytes as the stamp covers them: canonical JSON (sorted keys, no
     whitespace, ASCII) of the parsed object with ``CONFIG_DEFAULTS`` filled in and ``INERT_CONFIG`` removed."""
-    try:
-        raw = strict.loads(data)
-    except strict.InvalidJSON as e:
-        raise AdapterError(f"{where}: not valid JSON ({e}); restore it from your training run") from None
-    if not isinstance(raw, dict):
-        raise AdapterError(f"{where}: expected a JSON object")
+    raw = _config_object(data, where)
     covered = {k: v for k, v in (CONFIG_DEFAULTS | raw).items() if k not in INERT_CONFIG}
     return json.dumps(covered, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
