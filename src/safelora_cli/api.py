@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from .adapters.lora_config import CONFIG_FILE as CONFIG_FILE
     from .adapters.peft_config import ADAPTER_FILE as ADAPTER_FILE
     from .demo import build as build_demo
+    from .io import safefs
     from .outputs.histogram import histogram_lines as histogram_lines
     from .outputs.plot import check_plot_path as check_plot_path
     from .outputs.plot import require_matplotlib as require_matplotlib
@@ -378,10 +379,7 @@ def _aligned_default(adapters: list[adapter_io.Named], notes: list[str]) -> str:
     from . import adapters as adapter_io
     from . import sources
 
-    first = adapters[0]
-    if first.dir is None:
-        raise first.error or SafeLoraError(f"{first.path}: cannot be read")
-    name = adapter_io.read_config(first.dir).base_model_name_or_path
+    name = adapter_io.read_config(_dir_of(adapters[0])).base_model_name_or_path
     if name is None or not (os.path.isdir(name) or sources.parse_ref(name) is not None):
         named = f" (adapter_config.json names {name!r}, neither a local directory nor a Hub repo id)" if name else ""
         raise MissingAlignedError(f"no aligned model given{named}")
@@ -435,11 +433,12 @@ def check(
             [first] = stack.enter_context(_open_adapters([original]))
             recompute = verify.recomputer(_dir_of(first), *pair)
         [named] = stack.enter_context(_open_adapters([adapter]))
-        return audit.check(_dir_of(named), pair, trust_stamp=trust_stamp, recompute=recompute)
-    raise AssertionError("unreachable")
+        result = audit.check(_dir_of(named), pair, trust_stamp=trust_stamp, recompute=recompute)
+    return result
 
 
-def _dir_of(named: adapter_io.Named) -> Any:
+def _dir_of(named: adapter_io.Named) -> safefs.Directory:
+    """The adapter's opened location, or the error that kept it from opening."""
     if named.dir is None:
         raise named.error or SafeLoraError(f"{named.path}: cannot be read")
     return named.dir
