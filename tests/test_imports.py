@@ -99,6 +99,11 @@ def test_the_command_line_goes_through_the_api() -> None:
         ("sources", ("run", "api", "cli", "stores", "adapters", "outputs"), "sources know nothing of the run"),
         ("adapters", ("sources", "run", "api", "cli", "stores", "outputs"), "an adapter knows no checkpoints"),
         ("projection", ("io", "sources", "adapters", "stores", "run", "outputs", "api", "cli"), "no I/O in the math"),
+        (
+            "attest",
+            ("run", "api", "cli", "stores", "outputs"),
+            "an attestation knows keys, envelopes and adapters; its use cases are run's",
+        ),
         ("integrations", ("run", "adapters", "sources", "stores", "outputs", "cli"), "integrations use the API alone"),
         (
             "io",

@@ -34,6 +34,7 @@ from .results import Inspection as Inspection
 from .results import LayerResult as LayerResult
 from .results import Restored as Restored
 from .results import Settings as Settings
+from .results import Signed as Signed
 from .results import SourceInfo as SourceInfo
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from .adapters.base import PROVENANCE_PREFIX as PROVENANCE_PREFIX
     from .adapters.lora_config import CONFIG_FILE as CONFIG_FILE
     from .adapters.peft_config import ADAPTER_FILE as ADAPTER_FILE
+    from .attest.keys import Signer
     from .demo import build as build_demo
     from .io import safefs
     from .outputs.histogram import histogram_lines as histogram_lines
@@ -57,6 +59,7 @@ if TYPE_CHECKING:
     from .outputs.summary import error_summary_markdown as error_summary_markdown
     from .outputs.table import Sort as Sort
     from .outputs.table import table_rows as table_rows
+    from .run import verify
     from .stores.cache import PairCache, ProjectionCache
     from .stores.cache import PairSummary as PairSummary
     from .stores.digests import DigestMemo
@@ -261,6 +264,7 @@ def _project(
     from .stores.cache import ProjectionCache
 
     settings = _settings(options)
+    signer = None if options.dry_run else _load_signer(options.sign_key)
     notes: list[str] = []
     with ExitStack() as stack:
         store = None
@@ -286,8 +290,15 @@ def _project(
             on_module=events.on_module,
             cache=_pair(store, base_src, aligned_src, notes),
             on_wait=events.say,
+            signer=signer,
         )
         return outcomes, [named.path for named in adapters]
+
+
+def _load_signer(spec: StrPath | None) -> Signer | None:
+    from .attest import keys
+
+    return keys.load_signer_or_env(spec)
 
 
 def _open_pair(
@@ -404,37 +415,91 @@ def check(
     token: str | None = None,
     original: StrPath | None = None,
     trust_stamp: bool = False,
+    public_keys: Sequence[StrPath] | None = None,
+    policy: StrPath | None = None,
 ) -> CheckResult:
     """Whether an adapter is sanitized by safelora, unmodified since, verified, and (with ``base`` and
     ``aligned``) against that pair. Verified: by recomputation (``original``, the adapter before
     projection, projected again against ``base``/``aligned`` reproduces it), by safelora's local
     record (it wrote these bytes on this machine), or, with ``trust_stamp``, by an intact stamp alone
-    (a guard against accidents only). ``CheckResult.status`` is ``sanitized``, ``never_sanitized``,
-    ``modified``, ``other_pair`` or ``unverified``; ``ok`` is True only for ``sanitized``, and
+    (a guard against accidents only). With ``public_keys`` (PEM files; default: the paths
+    ``SAFELORA_PUBLIC_KEYS`` lists), only by a signed attestation one of those keys verifies, and
+    everything reported comes from it. ``policy`` (a YAML file) is what else the verified provenance
+    must meet. ``CheckResult.status`` is ``sanitized``, ``never_sanitized``, ``modified``,
+    ``other_pair``, ``unverified`` or ``outside_policy``; ``ok`` is True only for ``sanitized``, and
     ``verified_by`` says how."""
-    from . import sources
-    from .run import audit, verify
-    from .stores.backups import BackupStore
-    from .stores.cache import ProjectionCache
+    from .attest import keys as signing
+    from .attest import policy as policies
+    from .run import audit, signed
 
     if (base is None) != (aligned is None):
         raise UsageError("give both base and aligned, or neither")
     if original is not None and base is None:
         raise UsageError("verifying with the original needs the pair: give base and aligned too")
+    keys = signing.load_publics(public_keys)
+    if keys and (original is not None or trust_stamp):
+        raise UsageError("public keys verify by signature: give them without original or trust_stamp")
+    rules = policies.load(policy) if policy is not None else None
     with ExitStack() as stack:
-        pair = None
-        recompute = None
-        if base is not None and aligned is not None:
-            cache = ProjectionCache()  # only its memo of Hub refs: a branch names the commit it had
-            hub = sources.Hub.from_env(token, cache.refs if cache.problem() is None else None)
-            memo = BackupStore().digests()  # check's own digest memo, never the shared cache's
-            pair = _open_pair(stack, ((base, None), (aligned, None)), hub, sources.QuietTransfer(), [], memo)
-        if original is not None and pair is not None:
-            [first] = stack.enter_context(_open_adapters([original]))
-            recompute = verify.recomputer(_dir_of(first), *pair)
+        pair, recompute = _verifiers(stack, base, aligned, original, token)
         [named] = stack.enter_context(_open_adapters([adapter]))
+        if keys:
+            return signed.check_signed(_dir_of(named), keys, pair, rules)
         result = audit.check(_dir_of(named), pair, trust_stamp=trust_stamp, recompute=recompute)
-    return result
+    return result if rules is None else signed.within_policy(result, rules)
+
+
+def sign(
+    adapter: StrPath,
+    *,
+    sign_key: StrPath | None = None,
+    base: StrPath | None = None,
+    aligned: StrPath | None = None,
+    original: StrPath | None = None,
+    token: str | None = None,
+) -> Signed:
+    """Sign an adapter safelora sanitized, once it is verified as ``check`` verifies it without a key:
+    by safelora's local record, or by recomputation (``original`` with ``base`` and ``aligned``). The
+    way to sign again after a key rotation. ``sign_key`` defaults to ``SAFELORA_SIGN_KEY``. Raises
+    ``SignRefusedError`` when nothing verifies the adapter."""
+    from .adapters import rewrite_lock
+    from .attest import keys
+    from .run import signed
+    from .stores.backups import BackupStore
+
+    if (base is None) != (aligned is None) or (original is None) != (base is None):
+        raise UsageError("verifying by recomputation needs original, base and aligned together")
+    signer = keys.load_signer_or_env(sign_key)
+    if signer is None:
+        raise UsageError(f"no signing key: give sign_key or set {keys.SIGN_KEY_ENV}")
+    with ExitStack() as stack:
+        _, recompute = _verifiers(stack, base, aligned, original, token)
+        [named] = stack.enter_context(_open_adapters([adapter]))
+        directory = _dir_of(named)
+        with rewrite_lock(directory):
+            return signed.sign_verified(directory, signer, BackupStore(), recompute)
+
+
+def _verifiers(
+    stack: ExitStack, base: StrPath | None, aligned: StrPath | None, original: StrPath | None, token: str | None
+) -> tuple[tuple[sources.Source, sources.Source] | None, verify.Recompute | None]:
+    """The pair a check compares (opened with check's own digest memo), and the recomputation from
+    ``original`` against it, each when given."""
+    from . import sources
+    from .run import verify
+    from .stores.backups import BackupStore
+    from .stores.cache import ProjectionCache
+
+    if base is None or aligned is None:
+        return None, None
+    cache = ProjectionCache()  # only its memo of Hub refs: a branch names the commit it had
+    hub = sources.Hub.from_env(token, cache.refs if cache.problem() is None else None)
+    memo = BackupStore().digests()  # check's own digest memo, never the shared cache's
+    pair = _open_pair(stack, ((base, None), (aligned, None)), hub, sources.QuietTransfer(), [], memo)
+    if original is None:
+        return pair, None
+    [first] = stack.enter_context(_open_adapters([original]))
+    return pair, verify.recomputer(_dir_of(first), *pair)
 
 
 def _dir_of(named: adapter_io.Named) -> safefs.Directory:

@@ -139,6 +139,17 @@ class BackupNotKeptError(BackupError):
     """The original cannot be kept before an in-place rewrite, so the rewrite does not happen."""
 
 
+class KeyFileError(SafeLoraError):
+    """A signing or public key that cannot be used: unreadable, not PEM, or of a kind safelora does not sign with."""
+
+
+class SignRefusedError(SafeLoraError):
+    """``sign`` refused: nothing verifies the adapter, so signing it would vouch for an unverified stamp (exit 3,
+    as ``check``'s verdict)."""
+
+    exit_code = 3
+
+
 class UsageError(SafeLoraError):
     """Options that contradict each other; exit 2 like any usage error."""
 
@@ -172,3 +183,7 @@ class MissingExtraError(UsageError, ImportError):
     A ``UsageError`` (one line, exit 2) that is also an ``ImportError``, so that the usual
     ``except ImportError`` around an optional integration catches it too.
     """
+
+
+class PolicyError(UsageError):
+    """A policy file that is not a mapping of the keys a policy takes to values of their types."""

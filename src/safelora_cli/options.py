@@ -56,6 +56,7 @@ class Options:
     model_card: bool = False
     token: str | None = None
     connections: int = 8
+    sign_key: StrPath | None = None  # a PEM private key: sign what is written (default: SAFELORA_SIGN_KEY)
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

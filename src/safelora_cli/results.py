@@ -20,9 +20,9 @@ from ._version import __version__
 Mode = Literal["threshold", "number"]
 Precision = Literal["float32", "float64"]
 Device = Literal["auto", "cpu", "cuda"]
-CheckStatus = Literal["sanitized", "never_sanitized", "modified", "other_pair", "unverified"]
+CheckStatus = Literal["sanitized", "never_sanitized", "modified", "other_pair", "unverified", "outside_policy"]
 # How a ``sanitized`` verdict was verified (None for any other verdict).
-VerifiedBy = Literal["local-record", "recomputation", "trust-stamp"]
+VerifiedBy = Literal["local-record", "recomputation", "trust-stamp", "signature"]
 
 
 def finite(x: float | None) -> float | None:
@@ -171,6 +171,8 @@ class Report:
     backup: Backup | None = None  # the kept original this adapter's provenance names
     backup_created: bool = False  # kept by this run (else kept by an earlier one, or none)
     precision: Precision = "float32"
+    attestation: Path | None = None  # the signed attestation written beside the result (--sign-key)
+    signed_by: str | None = None  # the id of the key that signed it
 
     @property
     def projected_count(self) -> int:
@@ -206,6 +208,28 @@ class Report:
                 else None
             ),
             "seconds": round(self.seconds, 3),
+            "attestation": (
+                {"path": str(self.attestation), "keyid": self.signed_by} if self.attestation is not None else None
+            ),
+        }
+
+
+@dataclass(frozen=True)
+class Signed:
+    """What ``safelora sign`` did: the attestation written, the key, and how the adapter was verified first."""
+
+    adapter: Path
+    attestation: Path
+    keyid: str
+    verified_by: VerifiedBy
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "safelora_version": __version__,
+            "adapter": str(self.adapter),
+            "attestation": str(self.attestation),
+            "keyid": self.keyid,
+            "verified_by": self.verified_by,
         }
 
 
@@ -219,6 +243,7 @@ class CheckResult:
     provenance: dict[str, str]
     verified_by: VerifiedBy | None = None
     notes: list[str] = field(default_factory=list)
+    signed_by: str | None = None  # the id of the trusted key whose signature verified it
 
     @property
     def ok(self) -> bool:
@@ -232,6 +257,7 @@ class CheckResult:
             "status": self.status,
             "message": self.message,
             "verified_by": self.verified_by,
+            "signed_by": self.signed_by,
             "notes": list(self.notes),
             "provenance": self.provenance,
         }

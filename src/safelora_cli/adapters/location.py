@@ -5,9 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import AdapterError, InPlaceError
 from ..io import locks, safefs
+
+if TYPE_CHECKING:
+    from .base import Adapter
+
+ENVELOPE = "safelora.intoto.json"  # a directory format's signed attestation (docs/attestations.md)
+ENVELOPE_SUFFIX = ".intoto.json"  # every attestation's name ends so: an --output copy never carries one
 
 
 def open_location(path: Path, expects: str) -> safefs.Directory:
@@ -36,3 +43,14 @@ def rewrite_lock(directory: safefs.Directory, on_wait: Callable[[], None] = lamb
         yield
     finally:
         locks.release(directory.fd)
+
+
+def envelope_name(adapter: Adapter) -> str:
+    """The name, in ``adapter.dir``, of the signed attestation of the adapter as written there.
+
+    A directory format's is ``safelora.intoto.json``. A single-file format (a GGUF LoRA file, whose
+    directory may hold several adapters) names it after its file, ``FILE.intoto.json``: this is the
+    one place that decides it, and everything that signs, verifies, copies or removes an attestation
+    asks here.
+    """
+    return ENVELOPE

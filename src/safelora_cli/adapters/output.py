@@ -21,6 +21,7 @@ from ..io import atomic, ranges, safefs
 from ..io.atomic import TMP_MARK
 from ..io.ranges import Data
 from .base import Adapter
+from .location import ENVELOPE_SUFFIX
 from .lora_config import CONFIG_FILE
 from .peft_config import ADAPTER_FILE
 
@@ -125,7 +126,8 @@ def _copy_tree(src: safefs.Directory, dst: safefs.Directory, roots: list[Path], 
     Raises ``OSError`` when writing fails.
     """
     for name in src.names():
-        if (depth == 0 and name in (ADAPTER_FILE, CONFIG_FILE)) or TMP_MARK in name:
+        # An attestation travels only by being signed again (the run signs the copy, or leaves it unsigned).
+        if (depth == 0 and (name in (ADAPTER_FILE, CONFIG_FILE) or name.endswith(ENVELOPE_SUFFIX))) or TMP_MARK in name:
             continue
         where = src.path / name
         st = src.lstat(name)

@@ -142,6 +142,17 @@ OutputOpt = Annotated[
     ),
 ]
 DryRunOpt = Annotated[bool, flag("--dry-run/--no-dry-run", "Compute and report; write nothing.")]
+SignKeyOpt = Annotated[
+    Path | None,
+    typer.Option(
+        metavar="FILE",
+        help="Sign what is written: a PEM PKCS#8 private key (Ed25519, or ECDSA P-256), whose signed in-toto "
+        "attestation goes beside the adapter (safelora.intoto.json). Default: SAFELORA_SIGN_KEY (a file, or the "
+        "PEM itself); an encrypted key's passphrase comes from SAFELORA_SIGN_KEY_PASSPHRASE. Needs "
+        "safelora[sign].",
+        show_default=False,
+    ),
+]
 JsonOpt = Annotated[
     bool, flag("--json/--no-json", "One JSON document on stdout (an array for several); the rest goes to stderr.")
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -55,6 +56,25 @@ def check(
             "accidents: anyone who can write the adapter's files can write a stamp that passes.",
         ),
     ] = False,
+    public_key: Annotated[
+        list[Path] | None,
+        typer.Option(
+            metavar="FILE",
+            help="Verify by signature: a PEM public key (repeat for several; default: the files "
+            "SAFELORA_PUBLIC_KEYS lists, separated as PATH is). Passes only when one of them signed the "
+            "adapter's attestation (safelora.intoto.json), and reports what it attests. Needs safelora[sign].",
+            show_default=False,
+        ),
+    ] = None,
+    policy: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="FILE",
+            help="What a verified adapter must also meet (YAML: base, aligned, mode, threshold_min, "
+            "threshold_max, num_layers_min, projected_min, keys); outside it, exit 3. Needs safelora[sign].",
+            show_default=False,
+        ),
+    ] = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -63,7 +83,8 @@ def check(
     against this pair?
 
     Verified means: safelora's local record says it wrote these exact bytes on this machine; or
-    --original reproduces it; or --trust-stamp. --base/--aligned compare by content: the weights the
+    --original reproduces it; or --trust-stamp; or, with --public-key, a signed attestation (and
+    then nothing else does). --base/--aligned compare by content: the weights the
     adapter was projected with, as its provenance lists them, by digest of dtype, shape and bytes, so
     a copy, a Hugging Face cache snapshot or the Hub repo of the same weights passes. With an empty
     memo this reads those targeted tensors of both checkpoints once; their digests are then kept by
@@ -77,6 +98,10 @@ def check(
         raise typer.BadParameter("give both --base and --aligned, or neither", param_hint="--base/--aligned")
     if original is not None and base is None:
         raise typer.BadParameter("--original needs --base and --aligned", param_hint="--original")
+    if public_key and (original is not None or trust_stamp):
+        raise typer.BadParameter(
+            "verifies by signature: give it without --original or --trust-stamp", param_hint="--public-key"
+        )
     sink = rendering.Sink(as_json=as_json, quiet=quiet)
     paths = expanded(specs)
     results: list[api.CheckResult | SafeLoraError] = []
@@ -84,7 +109,16 @@ def check(
         for path in paths():
             try:
                 results.append(
-                    api.check(path, base=base, aligned=aligned, token=token, original=original, trust_stamp=trust_stamp)
+                    api.check(
+                        path,
+                        base=base,
+                        aligned=aligned,
+                        token=token,
+                        original=original,
+                        trust_stamp=trust_stamp,
+                        public_keys=public_key or None,
+                        policy=policy,
+                    )
                 )
             except UsageError:
                 raise

@@ -41,6 +41,7 @@ from ._options import (
     PresetOpt,
     ProjectedOnlyOpt,
     QuietOpt,
+    SignKeyOpt,
     SortOpt,
     SummaryOpt,
     ThresholdOpt,
@@ -90,6 +91,7 @@ def project(
     plot: PlotOpt = None,
     sort: SortOpt = "layer",
     projected_only: ProjectedOnlyOpt = False,
+    sign_key: SignKeyOpt = None,
 ) -> None:
     """Project a LoRA adapter (Safe LoRA): for each module, B ← C·B when its similarity is low.
 
@@ -97,7 +99,8 @@ def project(
     backup store) unless --output or --dry-run is given. Only the weights of the adapter's
     targeted modules are read, one tensor at a time; from a Hub repo, only their byte ranges are
     downloaded. Each module's projection operator is cached per (base, aligned) pair, so later runs
-    on the same pair read nothing for it (--no-cache: off).
+    on the same pair read nothing for it (--no-cache: off). With --sign-key, each adapter written is
+    signed; a rewrite without it removes the attestation it does not re-sign.
     """
     options, shown = _options(ctx)
     specs = adapter_specs(shown["adapters"], shown["adapter"])

@@ -39,7 +39,7 @@ from .console import console as make_console
 from .console import line
 
 if TYPE_CHECKING:
-    from ..api import Backup, CheckResult, Inspection, LayerResult, PairSummary, Report, Restored, Sort
+    from ..api import Backup, CheckResult, Inspection, LayerResult, PairSummary, Report, Restored, Signed, Sort
 
 
 class Sink:
@@ -426,6 +426,11 @@ def render_restored(restored: Restored, console: Console) -> None:
     console.print(line(told), highlight=False)
     for note in restored.notes:
         console.print(line(("note:", "yellow"), " ", note), highlight=False)
+
+
+def render_signed(signed: Signed, console: Console) -> None:
+    told = f"signed {signed.adapter} (verified by {signed.verified_by}): {signed.attestation}, key {signed.keyid}"
+    console.print(line(told), highlight=False)
 
 
 def render_batch(outcomes: Sequence[Report | SafeLoraError], console: Console) -> None:

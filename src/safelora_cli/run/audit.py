@@ -10,6 +10,8 @@ from pathlib import Path
 from ..adapters import PROVENANCE_PREFIX, Adapter, load_adapter, opened
 from ..adapters.digest import DIGEST_KEY, STAMP_VERSION, intact, stamp_version
 from ..adapters.peft_config import MODULES_TO_SAVE
+from ..errors import AdapterError
+from ..io import strict
 from ..io.safefs import Directory
 from ..results import CheckResult, Inspection, SourceInfo
 from ..sources import Source, identity
@@ -109,16 +111,17 @@ def check(
     stamp alone. Anything else with an intact stamp is ``unverified``.
     """
     with _adapter(target) as adapter:
-        return _check(adapter, pair, store if store is not None else BackupStore(), trust_stamp, recompute)
+        return check_adapter(adapter, pair, store if store is not None else BackupStore(), trust_stamp, recompute)
 
 
-def _check(
+def check_adapter(
     adapter: Adapter,
     pair: tuple[Source, Source] | None,
     store: BackupStore,
     trust_stamp: bool,
     recompute: Recompute | None,
 ) -> CheckResult:
+    """``check`` of an adapter already loaded (``sign`` signs the very files it verified)."""
     path = adapter.path
     prov = adapter.provenance()
     if not prov:
@@ -147,7 +150,7 @@ def _check(
     if version is None:  # a version 1 stamp: the tensors only; only trusted as it is
         notes = ["config not covered"]
         if trust_stamp:
-            return CheckResult(path, "sanitized", _sanitized_line(adapter), prov, "trust-stamp", notes)
+            return CheckResult(path, "sanitized", sanitized_line(prov, adapter.file), prov, "trust-stamp", notes)
         return CheckResult(
             path,
             "unverified",
@@ -160,11 +163,11 @@ def _check(
         failed = recompute(adapter)
         if failed is not None:
             return CheckResult(path, "unverified", f"the original does not reproduce it: {failed}", prov)
-        return CheckResult(path, "sanitized", _sanitized_line(adapter), prov, "recomputation")
+        return CheckResult(path, "sanitized", sanitized_line(prov, adapter.file), prov, "recomputation")
     if store.written(prov.get(DIGEST_KEY)) is not None:
-        return CheckResult(path, "sanitized", _sanitized_line(adapter), prov, "local-record")
+        return CheckResult(path, "sanitized", sanitized_line(prov, adapter.file), prov, "local-record")
     if trust_stamp:
-        return CheckResult(path, "sanitized", _sanitized_line(adapter), prov, "trust-stamp")
+        return CheckResult(path, "sanitized", sanitized_line(prov, adapter.file), prov, "trust-stamp")
     return CheckResult(
         path,
         "unverified",
@@ -173,9 +176,17 @@ def _check(
     )
 
 
-def _sanitized_line(adapter: Adapter) -> str:
-    prov = adapter.provenance()
-    projected = adapter.provenance_value("projected", "[]", (list,))
+def sanitized_line(prov: Mapping[str, str], where: Path) -> str:
+    """``check``'s line for a verified stamp ``prov``: the version, the pair and how many modules were projected."""
+    try:
+        projected = strict.loads(prov.get(PROVENANCE_PREFIX + "projected", "[]"))
+    except strict.InvalidJSON:
+        projected = None
+    if not isinstance(projected, list):
+        raise AdapterError(
+            f"{where}: provenance {PROVENANCE_PREFIX}projected is not what safelora writes; the metadata was edited "
+            "by hand or by another tool. Start from the original adapter"
+        )
     return (
         f"sanitized by safelora {prov.get(PROVENANCE_PREFIX + 'version')} against "
         f"{prov.get(PROVENANCE_PREFIX + 'base')} → {prov.get(PROVENANCE_PREFIX + 'aligned')} "

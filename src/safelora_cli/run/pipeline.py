@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, nullcontext
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -46,7 +47,10 @@ from .audit import recorded_infos, source_info, verified_by_record
 from .batch import Group, Run
 from .binding import require_bound
 from .stages import Job, prefetch, share_cores
-from .write import finish, same_run
+from .write import attest, finish, same_run
+
+if TYPE_CHECKING:
+    from ..attest.keys import Signer
 
 # Called after each module with its (unselected) result and the number of modules in the run.
 OnModule = Callable[[LayerResult, int], None] | None
@@ -214,6 +218,7 @@ def project_adapters(
     cache: PairCache | None = None,
     on_wait: Callable[[str], None] = lambda message: None,
     backups: BackupStore | None = None,
+    signer: Signer | None = None,
 ) -> list[Report | SafeLoraError]:
     """Run Safe LoRA on several adapters (opened by ``adapter.open_all``) against one pair: a report
     or an error per adapter, in order.
@@ -225,6 +230,9 @@ def project_adapters(
     With ``cache`` (float32 runs only), operators are read from and stored in the projection cache:
     cached modules read nothing from either checkpoint, and the bytes written are identical to an
     uncached run's, since P is always computed from the same float32 operator.
+
+    ``signer`` signs each adapter written, or found already projected in place (a signed attestation
+    beside it); without it, an attestation beside a rewritten adapter is removed.
 
     ``backups`` (default: the store ``SAFELORA_BACKUPS`` names) keeps each in-place run's original
     before its adapter is replaced (unless ``settings.backup`` is off), and gives a projected
@@ -285,7 +293,7 @@ def project_adapters(
             if run.outcome is None:
                 held.callback(run.close)
                 try:
-                    _prepare(run, settings, base, aligned, in_place, report, store)
+                    _prepare(run, settings, base, aligned, in_place, report, store, signer)
                 except SafeLoraError as e:
                     run.outcome = e
         live = [run for run in runs if run.outcome is None]
@@ -308,7 +316,7 @@ def project_adapters(
             if run.outcome is None:
                 used_base, used_aligned = _pair_infos(run, base, aligned, keys)
                 try:
-                    run.outcome = finish(run, settings, used_base, used_aligned, report, store, in_place)
+                    run.outcome = finish(run, settings, used_base, used_aligned, report, store, in_place, signer)
                 except SafeLoraError as e:
                     run.outcome = e
     return [run.outcome for run in runs if run.outcome is not None]
@@ -322,8 +330,10 @@ def _prepare(
     in_place: bool,
     report: Callable[[Run, list[LayerResult], float | None, bool], Report],
     store: BackupStore,
+    signer: Signer | None,
 ) -> None:
-    """Load the adapter and decide what to project; a no-op ends the run with its report.
+    """Load the adapter and decide what to project; a no-op ends the run with its report (an in-place
+    one signed with ``signer``).
 
     An adapter safelora projected before is projected again from its kept original (the backup its
     provenance names), so the result equals projecting the original directly; without a backup,
@@ -348,6 +358,8 @@ def _prepare(
             run.notes.append("already projected with this pair and these settings: nothing to do")
             tau = adapter.provenance_value("threshold", "null", (int, float, type(None)))
             run.outcome = report(run, _recorded_layers(adapter), tau, False)
+            if signer is not None and in_place:
+                run.outcome = attest(run.outcome, adapter.dir, signer)
             return
         original = store.find(previous.get(PROVENANCE_PREFIX + "original"))
         if original is not None:

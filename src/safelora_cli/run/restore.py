@@ -17,6 +17,7 @@ from ..outputs import card
 from ..results import Restored
 from ..stores.backups import BackupStore
 from .binding import require_bound
+from .signed import unsign
 
 
 def restore(
@@ -30,7 +31,8 @@ def restore(
     produce the adapter as it is now (``binding``: changed since, or a stamp naming another adapter's
     backup); with ``force``, an adapter changed since is restored if the backup's lora_A tensors and
     module shapes are still its own. The
-    Safe LoRA section of the adapter's model card goes too (a note says so when it cannot).
+    Safe LoRA section of the adapter's model card goes too, and so does its signed attestation (a note
+    says so when either cannot).
     """
     notes: list[str] = []
     with rewrite_lock(directory, on_wait):
@@ -61,6 +63,10 @@ def restore(
             with store.open(backup) as original:
                 chunks = [ranges.FileRange(original.fileno(), 0, backup.nbytes)]
                 atomic.replace(directory, ADAPTER_FILE, chunks, adapter.stat.st_mode & 0o777, expect=adapter.stat)
+            try:
+                unsign(adapter)  # it described the projection
+            except SafeLoraError as e:
+                notes.append(f"attestation left in place, and it no longer matches: {e}")
             try:
                 card.remove_card_section(directory)
             except SafeLoraError as e:

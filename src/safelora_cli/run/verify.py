@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,9 +34,10 @@ from ..projection import ROUND_DECIMALS, select
 from ..results import Precision, Settings
 from ..sources import Source
 from ..stores.backups import BackupStore
+from .audit import Recompute
 from .pipeline import project_adapters
 
-__all__ = ["recompute", "recomputer"]
+__all__ = ["Recompute", "recompute", "recomputer"]
 
 NEAR = 1e-6  # how close to a boundary a recomputed similarity may go either way
 FP32_RTOL = 1e-5
@@ -45,7 +45,7 @@ _WIDENED = frozenset({"F16", "BF16", "F32"})
 _MANTISSA = {torch.float16: (10, -24), torch.bfloat16: (7, -133)}  # mantissa bits, log2 of the least subnormal
 
 
-def recomputer(original: safefs.Directory, base: Source, aligned: Source) -> Callable[[Adapter], str | None]:
+def recomputer(original: safefs.Directory, base: Source, aligned: Source) -> Recompute:
     """``recompute`` of an adapter from ``original`` against this pair."""
     return lambda adapter: recompute(adapter, original, base, aligned)
 

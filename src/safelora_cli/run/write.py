@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .._version import __version__
 from ..adapters import PROVENANCE_PREFIX
@@ -17,8 +20,12 @@ from ..projection import select
 from ..results import LayerResult, Settings, SourceInfo, finite
 from ..sources import Source, identity
 from ..stores.backups import BackupStore
+from . import signed
 from .audit import same_pair
 from .batch import Run
+
+if TYPE_CHECKING:
+    from ..attest.keys import Signer
 
 
 def _settings_provenance(settings: Settings, tau: float | None) -> dict[str, str]:
@@ -59,8 +66,10 @@ def finish(
     report: Callable[[Run, list[LayerResult], float | None, bool], Report],
     store: BackupStore,
     in_place: bool,
+    signer: Signer | None = None,
 ) -> Report:
-    """Select, keep the original (in place), write (unless a dry run) and report one adapter."""
+    """Select, keep the original (in place), write (unless a dry run) and report one adapter: signed
+    with ``signer``, else with no attestation left beside what was written."""
     adapter = run.loaded
     modules = adapter.modules
     results = [run.found[m.module][0] for m in modules]
@@ -104,10 +113,25 @@ def finish(
     adapter.format.write(
         adapter, replacements, provenance, settings.output, overwrite_output=settings.force, notes=run.notes
     )
-    result = report(run, layers, tau, True)
+    result = attest(report(run, layers, tau, True), adapter.dir if settings.output is None else settings.output, signer)
     if settings.model_card:
         _write_card(adapter.dir, settings.output, result)
     return result
+
+
+def attest(result: Report, written: safefs.Directory | Path, signer: Signer | None) -> Report:
+    """The adapter just written at ``written`` signed (``result`` names its attestation), or left with
+    none: an attestation a rewrite does not re-sign is removed, never left to describe other files."""
+    with ExitStack() as stack:
+        directory = written
+        if isinstance(directory, Path):
+            directory = stack.enter_context(safefs.Directory(directory, AdapterError))
+        if signer is None:
+            signed.unsign_directory(directory)
+            return result
+        path = signed.sign_written(directory, signer)
+    result.notes.append(f"signed: {path} (key {signer.keyid})")
+    return replace(result, attestation=path, signed_by=signer.keyid)
 
 
 def _record(store: BackupStore, provenance: dict[str, str], settings: Settings, run: Run) -> None:
