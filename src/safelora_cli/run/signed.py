@@ -16,7 +16,7 @@ from ..adapters.location import envelope_name
 from ..attest import dsse, statement
 from ..attest.keys import PublicKey, Signer
 from ..attest.policy import Policy, violation
-from ..errors import InPlaceError, SignRefusedError
+from ..errors import InPlaceError, SafeLoraError, SignRefusedError
 from ..io import atomic, ranges, safefs
 from ..results import CheckResult, Signed
 from ..sources import Source
@@ -115,7 +115,10 @@ def _check_signed(
     where = adapter.dir.path / name
     if adapter.dir.lstat(name) is None:
         return _unverified(adapter, f"no signed attestation ({where})")
-    raw, _ = adapter.dir.read_small(name, dsse.MAX_BYTES, fix="sign the adapter again", follow=False)
+    try:
+        raw, _ = adapter.dir.read_small(name, dsse.MAX_BYTES, fix="sign the adapter again", follow=False)
+    except SafeLoraError as e:  # too large, a link, not a regular file: nothing to verify
+        return _unverified(adapter, str(e))
     try:
         envelope = dsse.decode(raw)
     except dsse.InvalidEnvelope as e:
