@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from support.fakehub import FakeHub
 from typer.testing import Result
 
@@ -60,6 +62,14 @@ def workdir(
     (work / "llama-chat").symlink_to(aligned)
     yaml_blocks = re.findall(r"```yaml\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
     (work / "sanitize.yaml").write_text(next(b for b in yaml_blocks if b.startswith("base: ./llama-base")))
+    (work / "policy.yaml").write_text(next(b for b in yaml_blocks if b.startswith("# policy.yaml")))
+    key = ed25519.Ed25519PrivateKey.generate()  # the Signing section's release.pem and release.pub
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    (work / "release.pem").write_bytes(private)
+    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    (work / "release.pub").write_bytes(public)
     for name in ("HF_TOKEN", "HF_HUB_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(work)
@@ -111,7 +121,7 @@ def test_readme_command_runs(
     if argv[:2] == ["cache", "rm"]:
         cli("project", *[x for kv in DEFAULTS.items() for x in kv], "--dry-run")
         argv[2] = json.loads(cli("cache", "ls", "--json").stdout)["pairs"][0]["pair"][:6]
-    if argv[0] == "restore":  # what it restores: the README's in-place run before it
+    if argv[0] in ("restore", "sign"):  # what it restores or signs: the README's in-place run before it
         assert cli("project", *[x for kv in DEFAULTS.items() for x in kv]).exit_code == 0
     result = cli(*argv)
     allowed = {0, 3} if argv[0] == "check" else {0}

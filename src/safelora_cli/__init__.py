@@ -31,6 +31,8 @@ __all__ = [
     "Report",
     "Restored",
     "SafeLoraError",
+    "SignRefusedError",
+    "Signed",
     "SourceError",
     "UsageError",
     "__version__",
@@ -39,10 +41,11 @@ __all__ = [
     "project",
     "project_model",
     "restore",
+    "sign",
 ]
 
 if TYPE_CHECKING:
-    from .api import CheckResult, Inspection, Report, Restored, check, inspect, project, restore
+    from .api import CheckResult, Inspection, Report, Restored, Signed, check, inspect, project, restore, sign
     from .errors import (
         AdapterError,
         BackupError,
@@ -50,6 +53,7 @@ if TYPE_CHECKING:
         HubError,
         MissingExtraError,
         SafeLoraError,
+        SignRefusedError,
         SourceError,
         UsageError,
     )
@@ -66,6 +70,9 @@ _HOMES = {
     "inspect": "api",
     "project": "api",
     "restore": "api",
+    "Signed": "api",
+    "sign": "api",
+    "SignRefusedError": "errors",
     "project_model": "integrations.peft_model",
     "ModelReport": "integrations.peft_model",
     "MissingExtraError": "errors",
