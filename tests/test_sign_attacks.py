@@ -135,6 +135,23 @@ def test_an_inference_file_edited_added_or_removed(cli: Cli, signed: Path, keys:
     assert verdict(cli, signed, keys) == (3, "modified")
 
 
+def test_another_weights_file_a_loader_could_take_instead(cli: Cli, signed: Path, keys: Keys) -> None:
+    shutil.copy(signed / WEIGHTS, signed / "adapter_model.bin")
+    assert verdict(cli, signed, keys) == (3, "modified")
+
+
+def test_a_linked_inference_file_is_signed_and_checked_by_what_it_opens(
+    cli: Cli, llama_pair: Pair, adapter_dir: Path, keys: Keys, tmp_path: Path
+) -> None:
+    shared = tmp_path / "shared-tokenizer.json"
+    shared.write_text('{"version": "1.0"}')
+    (adapter_dir / "tokenizer.json").symlink_to(shared)
+    project(cli, llama_pair, adapter_dir, "--sign-key", keys["trusted"][0])
+    assert verdict(cli, adapter_dir, keys) == (0, "sanitized")
+    shared.write_text('{"version": "2.0"}')
+    assert verdict(cli, adapter_dir, keys) == (3, "modified")
+
+
 def test_an_old_envelope_replayed_after_reprojection(cli: Cli, llama_pair: Pair, adapter_dir: Path, keys: Keys) -> None:
     project(cli, llama_pair, adapter_dir, "--sign-key", keys["trusted"][0], "--num-layers", "4")
     old = (adapter_dir / ENVELOPE).read_bytes()

@@ -45,8 +45,12 @@ class InvalidStatement(ValueError):
 
 
 def inference_file(name: str) -> bool:
-    """Whether a file beside the adapter's own changes inference when present (tokenizer, chat template)."""
-    return name.startswith(("tokenizer", "chat_template")) or name in ("special_tokens_map.json", "added_tokens.json")
+    """Whether a file beside the adapter's own changes inference when present: the tokenizer's, the chat
+    template, and any other ``adapter_model*`` (a loader told to may take ``adapter_model.bin`` instead)."""
+    return name.startswith(("tokenizer", "chat_template", "adapter_model")) or name in (
+        "special_tokens_map.json",
+        "added_tokens.json",
+    )
 
 
 def required(adapter: Adapter) -> list[str]:
@@ -65,7 +69,7 @@ def _sha256(adapter: Adapter, name: str) -> str:
     elif name == CONFIG_FILE and name in adapter.format.attested_files(adapter):
         pieces = iter([adapter.config_bytes])
     else:
-        f = adapter.dir.open(name, follow=False, fix="replace it with a regular file")
+        f = adapter.dir.open(name, fix="replace it with a regular file")  # a link: what a loader reads through it
         with f:
             for chunk in iter(lambda: f.read(_CHUNK), b""):
                 h.update(chunk)
