@@ -330,6 +330,21 @@ def test_a_policy_met_and_each_requirement_not_met(
         assert str(policy) in doc["message"]
 
 
+def test_a_policy_names_checkpoints_by_directory_compared_by_content(
+    cli: Cli, signed: Path, keys: Keys, llama_pair: Pair, tmp_path: Path
+) -> None:
+    copies = [Path(shutil.copytree(p, tmp_path / f"copy-{p.name}")) for p in llama_pair]
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        f"base: {copies[0]}\naligned: [{tmp_path / 'nowhere'}, {copies[1]}]\nkeys: [sha256:{keys['trusted'][2]}]\n"
+    )
+    assert verdict(cli, signed, keys, "--policy", policy) == (0, "sanitized")
+    policy.write_text(f"base: {copies[1]}\naligned: {copies[0]}\n")
+    assert verdict(cli, signed, keys, "--policy", policy) == (3, "outside_policy")
+    policy.write_text(f"base: {llama_pair[0].name}\naligned: {llama_pair[1].name}\n")  # the names it was signed with
+    assert verdict(cli, signed, keys, "--policy", policy) == (0, "sanitized")
+
+
 def test_a_policy_holds_for_a_locally_verified_adapter_but_keys_need_a_signature(
     cli: Cli, llama_pair: Pair, adapter_dir: Path, keys: Keys, tmp_path: Path
 ) -> None:

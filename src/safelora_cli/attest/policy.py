@@ -5,9 +5,10 @@ A signature alone proves that some pair, with some settings, sanitized the adapt
 which pair, which settings and which keys are acceptable. Every key is optional and each one given
 must hold; a key the policy does not know is refused (a typo never loosens it).
 
-- ``base``, ``aligned``: a string or a list, one of which must match the attested identity: the
-  identity itself (``repo@sha``, ``name@blake3:…``), ``blake3:<digest>`` of the checkpoint's content
-  (the whole digest, or at least its first 16 hex digits), or, for a Hub commit, the repo id alone.
+- ``base``, ``aligned``: a string or a list, one of which must match the attested checkpoint: its
+  identity (``repo@sha``, ``name@blake3:…``) or the name in it (a Hub repo id, a directory's name),
+  ``blake3:<digest>`` of its content (the whole digest, or at least its first 16 hex digits), or a
+  local directory holding the very weights it lists (compared by content, as ``--base`` is).
 - ``mode``: ``threshold`` or ``number``.
 - ``threshold_min``, ``threshold_max``: bounds on τ (in number mode, the τ the k-th module set).
 - ``num_layers_min``: number mode with at least this k (a threshold-mode adapter does not meet it).
@@ -21,7 +22,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +37,6 @@ KEYS = ("base", "aligned", "mode", "threshold_min", "threshold_max", "num_layers
 _FIX = "give a YAML mapping of policy keys (docs/attestations.md)"
 _MAX_BYTES = 1 << 20
 _KEYID = re.compile(r"[0-9a-f]{64}")
-_COMMIT = re.compile(r"[0-9a-f]{40}")
 _MIN_PREFIX = 16
 
 
@@ -64,6 +64,8 @@ def _number(where: str, key: str, value: Any, whole: bool) -> Any:
 
 def _strings(where: str, key: str, value: Any) -> tuple[str, ...]:
     items = value if isinstance(value, list) else [value]
+    if key == "keys":
+        items = [v.removeprefix("sha256:") if isinstance(v, str) else v for v in items]
     if not items or not all(isinstance(v, str) and v for v in items):
         raise PolicyError(f"{where}: {key} {value!r}: give a string or a list of strings")
     return tuple(items)
@@ -102,18 +104,24 @@ def load(path: str | os.PathLike[str]) -> Policy:
     return Policy(**found)
 
 
-def _matches(wanted: tuple[str, ...], recorded: str | None, tensors: str | None) -> bool:
-    digests = identity.parse_map(tensors) or {}
+# Whether a checkpoint the policy names by path (a local directory) holds the weights the stamp lists for
+# a role, by content: (role, path) -> bool.
+ByContent = Callable[[str, str], bool]
+
+
+def _matches(role: str, wanted: tuple[str, ...], stamp: Mapping[str, str], by_content: ByContent | None) -> bool:
+    recorded = stamp.get(PROVENANCE_PREFIX + role)
+    digests = identity.parse_map(stamp.get(f"{PROVENANCE_PREFIX}{role}_tensors")) or {}
     content = identity.combined(digests) if digests else None
-    name, _, revision = (recorded or "").rpartition("@")
+    name = (recorded or "").rpartition("@")[0]
     for want in wanted:
-        if recorded is not None and want == recorded:
+        if recorded is not None and want in (recorded, name):
             return True
         if want.startswith("blake3:") and content is not None:
             prefix = want.removeprefix("blake3:").lower()
             if len(prefix) >= _MIN_PREFIX and content.startswith(prefix):
                 return True
-        if name and _COMMIT.fullmatch(revision) and want.lower() == name.lower():
+        if by_content is not None and by_content(role, want):
             return True
     return False
 
@@ -125,14 +133,17 @@ def _json(raw: str | None) -> Any:
         return None
 
 
-def violation(policy: Policy, stamp: Mapping[str, str], keyid: str | None) -> str | None:
+def violation(
+    policy: Policy, stamp: Mapping[str, str], keyid: str | None, by_content: ByContent | None = None
+) -> str | None:
     """The first requirement of ``policy`` the verified ``stamp`` (signed by ``keyid``, if signed)
-    does not meet, as a line; None when it meets them all."""
+    does not meet, as a line; None when it meets them all. ``by_content`` compares a checkpoint the
+    policy names by path."""
     p = PROVENANCE_PREFIX
     if policy.keys is not None and keyid not in policy.keys:
         return f"signed by key {keyid}, not one the policy allows" if keyid else "not signed, and the policy names keys"
     for role, wanted in (("base", policy.base), ("aligned", policy.aligned)):
-        if wanted is not None and not _matches(wanted, stamp.get(p + role), stamp.get(f"{p}{role}_tensors")):
+        if wanted is not None and not _matches(role, wanted, stamp, by_content):
             return f"{role} {stamp.get(p + role)} is not the policy's {' or '.join(wanted)}"
     mode = stamp.get(p + "mode")
     if policy.mode is not None and mode != policy.mode:

@@ -72,21 +72,21 @@ def same_pair(recorded: Mapping[str, str], base: Source, aligned: Source) -> boo
     opened it) are read and hashed now, those tensors only. A stamp that lists no tensors proves
     no pair, except one written before content identity (no map at all), compared by name as then.
     """
-    for role, src in (("base", base), ("aligned", aligned)):
-        tensors = _recorded(recorded, role)
-        if tensors is None:
-            if f"{PROVENANCE_PREFIX}{role}_tensors" in recorded:
-                return False  # present but malformed
-            legacy = f"{src.label}@{src.revision or src.fingerprint()}"
-            if recorded.get(PROVENANCE_PREFIX + role) != legacy:
-                return False
-            continue
-        names = src.names()
-        if not tensors or not all(name in names for name in tensors):
-            return False
-        if src.digest(sorted(tensors)) != tensors:
-            return False
-    return True
+    return same_source(recorded, "base", base) and same_source(recorded, "aligned", aligned)
+
+
+def same_source(recorded: Mapping[str, str], role: str, src: Source) -> bool:
+    """``same_pair`` for one of the two (``role``: ``base`` or ``aligned``)."""
+    tensors = _recorded(recorded, role)
+    if tensors is None:
+        if f"{PROVENANCE_PREFIX}{role}_tensors" in recorded:
+            return False  # present but malformed
+        legacy = f"{src.label}@{src.revision or src.fingerprint()}"
+        return recorded.get(PROVENANCE_PREFIX + role) == legacy
+    names = src.names()
+    if not tensors or not all(name in names for name in tensors):
+        return False
+    return src.digest(sorted(tensors)) == tensors
 
 
 def recorded_infos(recorded: Mapping[str, str], base: Source, aligned: Source) -> tuple[SourceInfo, SourceInfo]:

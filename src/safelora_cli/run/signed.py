@@ -8,7 +8,8 @@ adapter (so a crash leaves no stale one beside new weights) and writes a new one
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 from ..adapters import Adapter, load_adapter
@@ -19,9 +20,9 @@ from ..attest.policy import Policy, violation
 from ..errors import InPlaceError, SafeLoraError, SignRefusedError
 from ..io import atomic, ranges, safefs
 from ..results import CheckResult, Signed
-from ..sources import Source
+from ..sources import QuietTransfer, Source, open_source
 from ..stores.backups import BackupStore
-from .audit import Recompute, check_adapter, same_pair, sanitized_line
+from .audit import Recompute, check_adapter, same_pair, same_source, sanitized_line
 
 
 def sign(adapter: Adapter, signer: Signer) -> Path:
@@ -143,15 +144,36 @@ def _check_signed(
         had = f"{prov.get('safelora.base')} → {prov.get('safelora.aligned')}"
         message = f"signed as sanitized against {had}, not {pair[0].given} → {pair[1].given}"
         return CheckResult(adapter.path, "other_pair", message, prov, notes=[signer])
-    if policy is not None and (why := violation(policy, prov, key.keyid)) is not None:
+    if policy is not None and (why := held_to(policy, prov, key.keyid)) is not None:
         return CheckResult(adapter.path, "outside_policy", f"{why} ({policy.source})", prov, notes=[signer])
     line = sanitized_line(prov, where)
     return CheckResult(adapter.path, "sanitized", line, prov, "signature", [signer], key.keyid)
 
 
+def held_to(policy: Policy, prov: Mapping[str, str], keyid: str | None) -> str | None:
+    """``policy.violation``, where a checkpoint the policy names by a local directory is opened (when
+    the comparison gets to it) and compared by content with what the stamp lists, as ``--base`` is."""
+    with ExitStack() as stack:
+        opened: dict[tuple[str, str], Source] = {}
+
+        def by_content(role: str, path: str) -> bool:
+            if not os.path.isdir(path):
+                return False
+            if (role, path) not in opened:
+                src = open_source(path, None, role=role, transfer=QuietTransfer(), notes=[])
+                stack.callback(src.close)
+                memo = BackupStore().digests()  # check's own memo, as for --base
+                src.memo = memo
+                src.digests.update(memo.load(src.cache_identity()))
+                opened[role, path] = src
+            return same_source(prov, role, opened[role, path])
+
+        return violation(policy, prov, keyid, by_content)
+
+
 def within_policy(result: CheckResult, policy: Policy) -> CheckResult:
     """A verdict verified otherwise (local record, recomputation, trusted stamp) held against ``policy``."""
-    if not result.ok or (why := violation(policy, result.provenance, result.signed_by)) is None:
+    if not result.ok or (why := held_to(policy, result.provenance, result.signed_by)) is None:
         return result
     message = f"{why} ({policy.source})"
     return CheckResult(result.adapter, "outside_policy", message, result.provenance, notes=result.notes)
