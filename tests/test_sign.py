@@ -423,3 +423,10 @@ def test_sign_refuses_a_never_sanitized_adapter(
 ) -> None:
     result = cli("sign", adapter_dir, "--sign-key", keys["ed25519"][0])
     assert result.exit_code == 3 and not (adapter_dir / ENVELOPE).exists()
+
+
+def test_sign_without_a_key_is_a_usage_error(cli: Cli, adapter_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SAFELORA_SIGN_KEY", raising=False)
+    result = cli("sign", adapter_dir)
+    assert result.exit_code == 2 and "--sign-key" in result.stderr
+    assert cli("sign", adapter_dir, "--sign-key", "k.pem", "--original", adapter_dir).exit_code == 2

@@ -471,7 +471,7 @@ def sign(
         raise UsageError("verifying by recomputation needs original, base and aligned together")
     signer = keys.load_signer_or_env(sign_key)
     if signer is None:
-        raise UsageError(f"no signing key: give sign_key or set {keys.SIGN_KEY_ENV}")
+        raise UsageError(f"sign_key: none given, and {keys.SIGN_KEY_ENV} is not set", option="sign_key")
     with ExitStack() as stack:
         _, recompute = _verifiers(stack, base, aligned, original, token)
         [named] = stack.enter_context(_open_adapters([adapter]))
