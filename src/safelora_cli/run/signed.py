@@ -1,8 +1,9 @@
 """Signed attestations as use cases: sign what a run wrote, sign an adapter once verified, remove an
 attestation a rewrite does not re-sign, and check an adapter by its signature (``attest``).
 
-An attestation never outlives the files it names: a rewrite removes it before it replaces the
-adapter (so a crash leaves no stale one beside new weights) and writes a new one only when it signs.
+An attestation never outlives the files it names: a rewrite that signs replaces it (atomically) once
+the adapter is written, and one that does not sign removes it. In between, or if a crash comes first,
+the old one names other bytes, and ``check`` reads it as ``modified``: it verifies nothing.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def unsign(adapter: Adapter) -> None:
         return
     except OSError as e:
         raise InPlaceError(
-            f"{adapter.dir.path / name}: cannot remove the attestation of the adapter about to change ({e.strerror})"
+            f"{adapter.dir.path / name}: cannot remove the attestation of the rewritten adapter ({e.strerror})"
         ) from None
     try:
         ranges.fsync(adapter.dir.fd)
