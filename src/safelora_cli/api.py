@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, overload
 
 from . import config
+from .attest.keys import PUBLIC_KEYS_ENV as PUBLIC_KEYS_ENV
 from .config import ValueCheck
 from .errors import AdapterNotLocalError, MissingAlignedError, MissingBaseError, SafeLoraError, SourceError, UsageError
 from .housekeeping import CacheListing as CacheListing
@@ -64,7 +65,7 @@ if TYPE_CHECKING:
     from .stores.cache import PairSummary as PairSummary
     from .stores.digests import DigestMemo
 
-__all__ = ["Device", "Options", "Precision", "StrPath", "build_demo", "printable"]
+__all__ = ["PUBLIC_KEYS_ENV", "Device", "Options", "Precision", "StrPath", "build_demo", "printable"]
 
 # The names this module gives from the modules that import torch: each is imported on first use,
 # so that importing the API (and the command line's --help) does not pay for torch.

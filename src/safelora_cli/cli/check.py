@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from pathlib import Path
 from typing import Annotated
@@ -125,7 +126,8 @@ def check(
             except SafeLoraError as e:
                 e.adapter = path
                 results.append(e)
-    deliver(sink, results, api.CheckResult.to_json, rendering.render_check)
+    by_signature = bool(public_key) or bool(os.environ.get(api.PUBLIC_KEYS_ENV))
+    deliver(sink, results, api.CheckResult.to_json, partial(rendering.render_check, by_signature=by_signature))
     sink.emit(batch=len(results) > 1)
     if sink.failed:
         raise typer.Exit(1)

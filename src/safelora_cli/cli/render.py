@@ -371,11 +371,15 @@ def _render_pairs(pairs: list[PairSummary], console: Console, *, modules: bool) 
     console.print(f"{len(pairs)} pair(s), {size(total)}", highlight=False)
 
 
-def render_check(result: CheckResult, console: Console) -> None:
+def render_check(result: CheckResult, console: Console, *, by_signature: bool = False) -> None:
     style = "bold green" if result.ok else "bold red"
     how = f" (verified by {result.verified_by})" if result.verified_by else ""
     if result.status == "unverified":  # the ways to verify, in flags
-        how = " (--original DIR --base B --aligned A; or --trust-stamp)"
+        how = (
+            " (--public-key the key that signed it; or sign it: safelora sign --sign-key)"
+            if by_signature
+            else " (--original DIR --base B --aligned A; --public-key; or --trust-stamp)"
+        )
     notes = "".join(f"; {n}" for n in result.notes)
     console.print(line((result.status, style), " ", result.adapter, ": ", result.message, how, notes), highlight=False)
 

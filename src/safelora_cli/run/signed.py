@@ -140,7 +140,7 @@ def _check_signed(
     signer = f"signed by key {key.keyid} ({key.source})"
     problem = statement.mismatch(attested, adapter)
     if problem is not None:
-        return CheckResult(adapter.path, "modified", f"{problem}; {signer}", prov, notes=[signer])
+        return CheckResult(adapter.path, "modified", problem, prov, notes=[signer])
     if pair is not None and not same_pair(prov, *pair):
         had = f"{prov.get('safelora.base')} → {prov.get('safelora.aligned')}"
         message = f"signed as sanitized against {had}, not {pair[0].given} → {pair[1].given}"
