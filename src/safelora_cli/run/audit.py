@@ -5,11 +5,14 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from ..adapters import PROVENANCE_PREFIX, Adapter, load_adapter, opened
 from ..adapters.digest import DIGEST_KEY, STAMP_VERSION, intact, stamp_version
 from ..adapters.peft_config import MODULES_TO_SAVE
+from ..io import strict
 from ..io.safefs import Directory
 from ..results import CheckResult, Inspection, SourceInfo
 from ..sources import Source, identity
@@ -109,7 +112,21 @@ def check(
     stamp alone. Anything else with an intact stamp is ``unverified``.
     """
     with _adapter(target) as adapter:
-        return _check(adapter, pair, store if store is not None else BackupStore(), trust_stamp, recompute)
+        result = _check(adapter, pair, store if store is not None else BackupStore(), trust_stamp, recompute)
+    return replace(result, structured=structured(result.provenance))
+
+
+def structured(provenance: Mapping[str, str]) -> dict[str, Any]:
+    """Provenance entries that hold a JSON list or object (``safelora.projected``, ``safelora.layers``,
+    the tensor digests), decoded (strictly), for the JSON documents; every other entry as written."""
+    out: dict[str, Any] = {}
+    for key, value in provenance.items():
+        try:
+            decoded = strict.loads(value) if value[:1] in ("[", "{") else None
+        except strict.InvalidJSON:
+            decoded = None
+        out[key] = decoded if isinstance(decoded, (list, dict)) else value
+    return out
 
 
 def _check(
@@ -206,5 +223,6 @@ def _inspection(adapter: Adapter, store: BackupStore | None) -> Inspection:
         modules_to_save=any(why == MODULES_TO_SAVE for _, why in adapter.skipped),
         skipped=adapter.skipped,
         provenance=adapter.provenance(),
+        structured=structured(adapter.provenance()),
         backup=store.find(original) if store is not None else None,
     )
