@@ -434,7 +434,7 @@ def render_cleared(removed: list[PairSummary], kept: list[str], root: Path, cons
 
 def render_restored(restored: Restored, console: Console) -> None:
     b = restored.backup
-    done = "already the original" if restored.unchanged else "restored"
+    done = "unchanged" if restored.unchanged else "restored"
     told = f"{done} {restored.adapter}: the original, sha256 {b.sha256[:12]}… ({size(b.nbytes)})"
     console.print(line(told), highlight=False)
     for note in restored.notes:

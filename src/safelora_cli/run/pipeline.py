@@ -212,7 +212,8 @@ class _Meter:
 
     def __init__(self, base: Source, aligned: Source) -> None:
         self.sources = (base, aligned)
-        self.skip()
+        # From the start of the run, and every byte the sources counted: opening them is the first adapter's.
+        self.mark = (time.perf_counter(), 0, 0)
 
     def _now(self) -> tuple[float, int, int]:
         return (
@@ -220,10 +221,6 @@ class _Meter:
             sum(s.bytes_read for s in self.sources),
             sum(s.bytes_downloaded for s in self.sources),
         )
-
-    def skip(self) -> None:
-        """What was spent until now belongs to no adapter."""
-        self.mark = self._now()
 
     def charge(self, run: Run, read: int | None = None) -> None:
         """The time since the last charge, and the bytes: ``read`` when given (the stage threads read
@@ -338,7 +335,6 @@ def project_adapters(
                 held.enter_context(rewrite_lock(run.named.dir, partial(on_wait, _adapter_wait(run.path))))
             except SafeLoraError as e:
                 run.outcome = e
-        meter.skip()  # waiting for other runs' locks is no adapter's work
         for run in runs:
             if run.outcome is None:
                 held.callback(run.close)
@@ -369,7 +365,6 @@ def project_adapters(
                         break
         meter.share(reads)
         _refuse_same_content(base, aligned, keys)
-        meter.skip()
         for run in live:
             if run.outcome is None:
                 used_base, used_aligned = _pair_infos(run, base, aligned, keys)
