@@ -519,7 +519,8 @@ def restore(adapter: StrPath | list[StrPath], *, force: bool = False) -> Restore
     """Put back the original ``adapter_model.safetensors`` an in-place ``project`` kept, byte for byte.
 
     Refused (``BackupError``) when no original is kept and, unless ``force``, when the adapter was
-    changed since safelora wrote it. A list returns one entry per adapter, as ``project`` does.
+    changed since safelora wrote it; an adapter that already is the original kept from its directory
+    gives ``Restored.unchanged`` (nothing written). A list returns one entry per adapter, as ``project`` does.
     """
     from .run import restore as restoring
     from .stores import backups
