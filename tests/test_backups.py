@@ -162,6 +162,7 @@ def test_restore_gives_back_the_original_byte_for_byte(cli: Cli, llama_pair: Pai
     assert json.loads(restored.stdout) == {
         "adapter": str(adapter_dir),
         "restored": True,
+        "status": "restored",
         "sha256": before,
         "bytes": (adapter_dir / ADAPTER_FILE).stat().st_size,
         "notes": [],
@@ -169,6 +170,15 @@ def test_restore_gives_back_the_original_byte_for_byte(cli: Cli, llama_pair: Pai
     assert sha256(adapter_dir / ADAPTER_FILE) == before
     assert not any(k.startswith("safelora.") for k in provenance(adapter_dir))
     assert cli("check", "--adapter", adapter_dir).exit_code == 3  # never sanitized, as before
+
+    # Again: the adapter already is its kept original. Nothing to do is no failure: exit 0, a note.
+    mtime = (adapter_dir / ADAPTER_FILE).stat().st_mtime_ns
+    again = cli("restore", "--adapter", adapter_dir, "--json")
+    assert again.exit_code == 0, again.stderr
+    doc = json.loads(again.stdout)
+    assert (doc["restored"], doc["status"], doc["sha256"]) == (False, "unchanged", before)
+    assert len(doc["notes"]) == 1 and "nothing to restore" in doc["notes"][0]
+    assert (adapter_dir / ADAPTER_FILE).stat().st_mtime_ns == mtime  # not rewritten
 
 
 def test_restore_without_a_backup_says_where_it_looked(cli: Cli, llama_pair: Pair, adapter_dir: Path) -> None:
@@ -180,6 +190,16 @@ def test_restore_without_a_backup_says_where_it_looked(cli: Cli, llama_pair: Pai
 
     never = one_error(cli("restore", "--adapter", adapter_dir.parent / "never"))
     assert "does not exist" in never
+
+
+def test_restore_of_an_adapter_never_projected_and_never_kept_still_fails(
+    cli: Cli, llama_pair: Pair, adapter_dir: Path, tmp_path: Path
+) -> None:
+    # A copy with the same bytes as a kept original, but never kept from this directory: not "its" original.
+    copy = Path(shutil.copytree(adapter_dir, tmp_path / "copy"))
+    project(cli, llama_pair, adapter_dir)
+    line = one_error(cli("restore", "--adapter", copy))
+    assert "carries no safelora provenance" in line
 
 
 def test_restore_after_the_backup_was_removed(cli: Cli, llama_pair: Pair, adapter_dir: Path) -> None:
@@ -213,10 +233,13 @@ def test_restore_takes_several_adapters_and_globs(
         project(cli, llama_pair, a)
     result = cli("restore", "--adapter", tmp_path / "many" / "*", "--json")
     assert result.exit_code == 0, result.stderr
-    assert [d["adapter"] for d in json.loads(result.stdout)] == [str(a) for a in adapters]
+    assert [json.loads(line)["adapter"] for line in result.stdout.splitlines()] == [str(a) for a in adapters]
     assert [sha256(a / ADAPTER_FILE) for a in adapters] == before
-    again = cli("restore", "--adapter", adapters[0], "--adapter", adapters[1])
-    assert again.exit_code == 1 and len(again.stderr.strip().splitlines()) == 2  # nothing left to restore
+    # Each already is its kept original: nothing left to restore, which is no failure.
+    again = cli("restore", "--adapter", adapters[0], "--adapter", adapters[1], "--json")
+    assert again.exit_code == 0, again.stderr
+    assert [json.loads(line)["status"] for line in again.stdout.splitlines()] == ["unchanged"] * 2
+    assert [sha256(a / ADAPTER_FILE) for a in adapters] == before
 
 
 # --- 4: projecting again starts from the original -----------------------------------------------------------

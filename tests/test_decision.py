@@ -517,7 +517,7 @@ def test_summary_flag_appends_one_section_per_adapter(
     summary.write_text("# CI job\n\n")
     r = cli("project", adapter_dir, other, *_pair(llama_pair), "--dry-run", "--json", "--summary", summary)
     assert r.exit_code == 0, r.stderr
-    docs = json.loads(r.stdout)
+    docs = [json.loads(line) for line in r.stdout.splitlines()]
     text = summary.read_text()
     assert text.startswith("# CI job\n\n")  # appended, never truncated
     sections = _sections(text)

@@ -149,11 +149,11 @@ def test_json_failures_are_the_batch_error_object(
     assert set(doc) == {"adapter", "error"} and doc["adapter"] == str(broken)
     assert r.stderr.startswith("error: ")
 
-    # A checkpoint error (every adapter fails): one object per adapter, an array for a batch.
+    # A checkpoint error (every adapter fails): one object per adapter, one per line.
     other = Path(shutil.copytree(adapter_dir, tmp_path / "other"))
     r = cli("project", adapter_dir, other, "--base", tmp_path / "nope", "--aligned", llama_pair[1], "--json")
     assert r.exit_code == 1
-    docs = json.loads(r.stdout)
+    docs = [json.loads(line) for line in r.stdout.splitlines()]
     assert [d["adapter"] for d in docs] == [str(adapter_dir), str(other)]
     assert all("nope" in d["error"] for d in docs)
 

@@ -229,7 +229,7 @@ def _(w: World) -> None:
 
 
 def _expanded(r: Result, paths: list[Path]) -> None:
-    docs = r.json()
+    docs = [json.loads(line) for line in r.stdout.splitlines()]  # JSON Lines: one object per adapter
     assert [d["adapter"] for d in docs] == [str(p) for p in paths]
     assert all(any("matched 2" in n and all(str(p) in n for p in paths) for n in d["notes"]) for d in docs)
 

@@ -11,7 +11,7 @@ import importlib
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, overload
 
@@ -48,7 +48,8 @@ if TYPE_CHECKING:
     from .adapters.base import PROVENANCE_PREFIX as PROVENANCE_PREFIX
     from .adapters.lora_config import CONFIG_FILE as CONFIG_FILE
     from .adapters.peft_config import ADAPTER_FILE as ADAPTER_FILE
-    from .attest.keys import Signer
+    from .attest.keys import PublicKey, Signer
+    from .attest.policy import Policy
     from .demo import build as build_demo
     from .io import safefs
     from .outputs.histogram import histogram_lines as histogram_lines
@@ -222,7 +223,7 @@ def run(
 ) -> Report | list[Report | SafeLoraError]:
     """``project`` with its options as one ``Options``."""
     options = options.checked()
-    outcomes, paths = _project(_specs(adapter), options, events or _Silent())
+    outcomes, paths = _project(_specs(adapter), options, events or _Silent(), single=not isinstance(adapter, list))
     for path, outcome in zip(paths, outcomes, strict=True):
         if isinstance(outcome, SafeLoraError):
             outcome.adapter = path
@@ -231,9 +232,10 @@ def run(
 
 
 def _one_or_all(adapter: StrPath | list[StrPath], outcomes: list[Any]) -> Any:
-    """One adapter's outcome (raised when it is an error), or every adapter's for a list."""
-    if not isinstance(adapter, list) and len(outcomes) == 1:
-        only = outcomes[0]
+    """One adapter's outcome (raised when it is an error), or every adapter's for a list: a list
+    exactly when given one (a path or pattern that names several adapters is refused before)."""
+    if not isinstance(adapter, list):
+        [only] = outcomes
         if isinstance(only, SafeLoraError):
             raise only
         return only
@@ -258,10 +260,11 @@ def _settings(options: Options) -> Settings:
 
 
 def _project(
-    specs: Sequence[StrPath], options: Options, events: Events
+    specs: Sequence[StrPath], options: Options, events: Events, *, single: bool
 ) -> tuple[list[Report | SafeLoraError], list[Path]]:
     from . import sources
-    from .run import pipeline
+    from .adapters.specs import names_several
+    from .run import batch, pipeline
     from .stores.cache import ProjectionCache
 
     settings = _settings(options)
@@ -276,9 +279,12 @@ def _project(
                 store = None
         hub = sources.Hub.from_env(options.token, store.refs if store is not None else None, options.connections)
         adapters = stack.enter_context(_open_adapters(specs))
+        if single and len(adapters) != 1:
+            raise UsageError(f"{os.fspath(specs[0])!r} names {len(adapters)} adapters; pass a list to project several")
+        outputs = batch.outputs(adapters, settings.output, names_several(specs))
         aligned = os.fspath(options.aligned) if options.aligned else _aligned_default(adapters, notes)
         base = os.fspath(options.base) if options.base else _base_from_preset(aligned, notes)
-        _note_swapped(base, aligned, adapters, notes)
+        _note_swapped(base, aligned, adapters)
         pair = ((base, options.base_revision), (aligned, options.aligned_revision))
         base_src, aligned_src = _open_pair(stack, pair, hub, events, notes, None)
         _refuse_same(base_src, aligned_src)
@@ -292,6 +298,7 @@ def _project(
             cache=_pair(store, base_src, aligned_src, notes),
             on_wait=events.say,
             signer=signer,
+            outputs=outputs,
         )
         return outcomes, [named.path for named in adapters]
 
@@ -351,12 +358,12 @@ def _refuse_same(base: sources.Source, aligned: sources.Source) -> None:
         )
 
 
-def _note_swapped(base: str, aligned: str, adapters: list[adapter_io.Named], notes: list[str]) -> None:
+def _note_swapped(base: str, aligned: str, adapters: list[adapter_io.Named]) -> None:
+    """A note for each adapter whose base is the model it was trained on while aligned is not: the
+    pair may be swapped. A swapped pair gives the same similarities (V only changes sign), so no
+    table shows it, and provenance would record the wrong pair."""
     from . import adapters as adapter_io
 
-    """A note when base is the model the adapter was trained on and aligned is not: the pair may be
-    swapped. A swapped pair gives the same similarities (V only changes sign), so no table shows it,
-    and provenance would record the wrong pair."""
     for named in adapters:
         if named.dir is None:
             continue
@@ -365,12 +372,11 @@ def _note_swapped(base: str, aligned: str, adapters: list[adapter_io.Named], not
         except SafeLoraError:
             continue  # the adapter's own run reports it
         if trained_on and _same_model(base, trained_on) and not _same_model(aligned, trained_on):
-            notes.append(
+            named.notes.append(
                 f"base {base} is the model the adapter was trained on (adapter_config.json's base_model_name_or_path) "
                 f"and aligned {aligned} is not: base and aligned may be swapped; a swapped pair gives the same "
                 "similarities and provenance would record it, so check the order"
             )
-            return
 
 
 def _same_model(spec: str, name: str) -> bool:
@@ -408,6 +414,7 @@ def _base_from_preset(aligned: str, notes: list[str]) -> str:
     return match.base
 
 
+@overload
 def check(
     adapter: StrPath,
     *,
@@ -418,7 +425,32 @@ def check(
     trust_stamp: bool = False,
     public_keys: Sequence[StrPath] | None = None,
     policy: StrPath | None = None,
-) -> CheckResult:
+) -> CheckResult: ...
+@overload
+def check(
+    adapter: list[StrPath],
+    *,
+    base: StrPath | None = None,
+    aligned: StrPath | None = None,
+    token: str | None = None,
+    original: StrPath | None = None,
+    trust_stamp: bool = False,
+    public_keys: Sequence[StrPath] | None = None,
+    policy: StrPath | None = None,
+) -> list[CheckResult | SafeLoraError]: ...
+
+
+def check(
+    adapter: StrPath | list[StrPath],
+    *,
+    base: StrPath | None = None,
+    aligned: StrPath | None = None,
+    token: str | None = None,
+    original: StrPath | None = None,
+    trust_stamp: bool = False,
+    public_keys: Sequence[StrPath] | None = None,
+    policy: StrPath | None = None,
+) -> CheckResult | list[CheckResult | SafeLoraError]:
     """Whether an adapter is sanitized by safelora, unmodified since, verified, and (with ``base`` and
     ``aligned``) against that pair. Verified: by recomputation (``original``, the adapter before
     projection, projected again against ``base``/``aligned`` reproduces it), by safelora's local
@@ -428,10 +460,10 @@ def check(
     everything reported comes from it. ``policy`` (a YAML file) is what else the verified provenance
     must meet. ``CheckResult.status`` is ``sanitized``, ``never_sanitized``, ``modified``,
     ``other_pair``, ``unverified`` or ``outside_policy``; ``ok`` is True only for ``sanitized``, and
-    ``verified_by`` says how."""
+    ``verified_by`` says how. A list (patterns expanded) gives a list: each adapter's result, or the
+    ``SafeLoraError`` raised for it."""
     from .attest import keys as signing
     from .attest import policy as policies
-    from .run import audit, signed
 
     if (base is None) != (aligned is None):
         raise UsageError("give both base and aligned, or neither")
@@ -441,11 +473,32 @@ def check(
     if keys and (original is not None or trust_stamp):
         raise UsageError("public keys verify by signature: give them without original or trust_stamp")
     rules = policies.load(policy) if policy is not None else None
+
+    def one(path: StrPath) -> CheckResult:
+        return _check(path, base, aligned, token, original, trust_stamp, keys, rules)
+
+    result: CheckResult | list[CheckResult | SafeLoraError] = _each(adapter, one)
+    return result
+
+
+def _check(
+    adapter: StrPath,
+    base: StrPath | None,
+    aligned: StrPath | None,
+    token: str | None,
+    original: StrPath | None,
+    trust_stamp: bool,
+    keys: list[PublicKey],
+    rules: Policy | None,
+) -> CheckResult:
+    from .run import audit, signed
+
     with ExitStack() as stack:
         pair, recompute = _verifiers(stack, base, aligned, original, token)
         [named] = stack.enter_context(_open_adapters([adapter]))
         if keys:
-            return signed.check_signed(_dir_of(named), keys, pair, rules)
+            result = signed.check_signed(_dir_of(named), keys, pair, rules)
+            return replace(result, structured=audit.structured(result.provenance))
         result = audit.check(_dir_of(named), pair, trust_stamp=trust_stamp, recompute=recompute)
     return result if rules is None else signed.within_policy(result, rules)
 
@@ -510,9 +563,20 @@ def _dir_of(named: adapter_io.Named) -> safefs.Directory:
     return named.dir
 
 
-def inspect(adapter: StrPath) -> Inspection:
+@overload
+def inspect(adapter: StrPath) -> Inspection: ...
+@overload
+def inspect(adapter: list[StrPath]) -> list[Inspection | SafeLoraError]: ...
+
+
+def inspect(adapter: StrPath | list[StrPath]) -> Inspection | list[Inspection | SafeLoraError]:
     """What an adapter is (modules, ranks, dtypes, size, targets, DoRA…), its provenance, and whether
-    the original of a projected adapter is kept in the backup store."""
+    the original of a projected adapter is kept in the backup store. A list gives a list, as ``check``."""
+    result: Inspection | list[Inspection | SafeLoraError] = _each(adapter, _inspect)
+    return result
+
+
+def _inspect(adapter: StrPath) -> Inspection:
     from .run import audit
     from .stores.backups import BackupStore
 
@@ -530,7 +594,8 @@ def restore(adapter: StrPath | list[StrPath], *, force: bool = False) -> Restore
     """Put back the original ``adapter_model.safetensors`` an in-place ``project`` kept, byte for byte.
 
     Refused (``BackupError``) when no original is kept and, unless ``force``, when the adapter was
-    changed since safelora wrote it. A list returns one entry per adapter, as ``project`` does.
+    changed since safelora wrote it; an adapter that already is the original kept from its directory
+    gives ``Restored.unchanged`` (nothing written). A list returns one entry per adapter, as ``project`` does.
     """
     from .run import restore as restoring
     from .stores import backups
@@ -538,6 +603,7 @@ def restore(adapter: StrPath | list[StrPath], *, force: bool = False) -> Restore
     store = backups.BackupStore()
     outcomes: list[Restored | SafeLoraError] = []
     with _open_adapters(_specs(adapter)) as opened:
+        _one_named(adapter, opened)
         for named in opened:
             try:
                 outcomes.append(restoring.restore(_dir_of(named), store, force=force))
@@ -546,6 +612,31 @@ def restore(adapter: StrPath | list[StrPath], *, force: bool = False) -> Restore
                 outcomes.append(e)
     result: Restored | list[Restored | SafeLoraError] = _one_or_all(adapter, outcomes)
     return result
+
+
+def _one_named(adapter: StrPath | list[StrPath], opened: list[adapter_io.Named]) -> None:
+    """A path or pattern given alone must name one adapter: a list is what names several."""
+    if not isinstance(adapter, list) and len(opened) != 1:
+        raise UsageError(f"{os.fspath(adapter)!r} names {len(opened)} adapters; pass a list to name several")
+
+
+def _each(adapter: StrPath | list[StrPath], one: Callable[[StrPath], Any]) -> Any:
+    """``one`` for the adapter, or for each adapter a list names (patterns expanded), its result or its
+    ``SafeLoraError`` in the list (a usage error still raises)."""
+    if not isinstance(adapter, list):
+        if len(paths := adapter_paths([adapter])) != 1:
+            raise UsageError(f"{os.fspath(adapter)!r} names {len(paths)} adapters; pass a list to name several")
+        return one(adapter)
+    outcomes: list[Any] = []
+    for path in adapter_paths(adapter):
+        try:
+            outcomes.append(one(path))
+        except UsageError:
+            raise
+        except SafeLoraError as e:
+            e.adapter = path
+            outcomes.append(e)
+    return outcomes
 
 
 def adapter_paths(specs: Sequence[StrPath]) -> list[Path]:

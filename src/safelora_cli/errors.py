@@ -156,6 +156,10 @@ class UsageError(SafeLoraError):
     exit_code = 2
 
 
+class OutputCollisionError(UsageError):
+    """Adapters of one batch whose outputs would be one directory: refused before anything is read or written."""
+
+
 class ConfigFileError(SafeLoraError):
     """A config file that cannot be read as one (missing, not a regular file, too large)."""
 

@@ -20,6 +20,8 @@ from ._version import __version__
 Mode = Literal["threshold", "number"]
 Precision = Literal["float32", "float64"]
 Device = Literal["auto", "cpu", "cuda"]
+# Whether a ``project`` run projected the adapter, or found it already was that projection.
+RunStatus = Literal["projected", "unchanged"]
 CheckStatus = Literal["sanitized", "never_sanitized", "modified", "other_pair", "unverified", "outside_policy"]
 # How a ``sanitized`` verdict was verified (None for any other verdict).
 VerifiedBy = Literal["local-record", "recomputation", "trust-stamp", "signature"]
@@ -173,10 +175,22 @@ class Report:
     precision: Precision = "float32"
     attestation: Path | None = None  # the signed attestation written beside the result (--sign-key)
     signed_by: str | None = None  # the id of the key that signed it
+    # "unchanged": the adapter already was this projection (a verified rerun); the layers are its stamp's.
+    status: RunStatus = "projected"
+    layers_known: bool = True  # False: an unchanged adapter whose stamp predates the per-module record
 
     @property
     def projected_count(self) -> int:
         return sum(layer.projected for layer in self.layers)
+
+    @property
+    def median_norm_ratio(self) -> float | None:
+        """The median ‖CB‖/‖B‖ of the projected modules: how much of the fine-tune's update they keep."""
+        ratios = sorted(r for layer in self.layers if layer.projected and (r := finite(layer.norm_ratio)) is not None)
+        if not ratios:
+            return None
+        mid = len(ratios) // 2
+        return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
 
     def to_json(self) -> dict[str, Any]:
         """The document ``safelora project --json`` prints (see the README's "The JSON report"); every
@@ -192,9 +206,11 @@ class Report:
             "mode": self.mode,
             "threshold": finite(self.threshold),
             "num_layers": self.num_layers,
-            "layer_count": len(self.layers),
-            "projected_count": self.projected_count,
-            "layers": [layer.to_json() for layer in self.layers],
+            "status": self.status,
+            "layer_count": len(self.layers) if self.layers_known else None,
+            "projected_count": self.projected_count if self.layers_known else None,
+            "median_norm_ratio": finite(self.median_norm_ratio),
+            "layers": [layer.to_json() for layer in self.layers] if self.layers_known else None,
             "skipped": [{"key": key, "reason": reason} for key, reason in self.skipped],
             "notes": self.notes,
             "device": self.device,
@@ -244,6 +260,8 @@ class CheckResult:
     verified_by: VerifiedBy | None = None
     notes: list[str] = field(default_factory=list)
     signed_by: str | None = None  # the id of the trusted key whose signature verified it
+    # ``provenance`` as the JSON shows it: an entry that holds a JSON list or object, decoded.
+    structured: Mapping[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -259,7 +277,7 @@ class CheckResult:
             "verified_by": self.verified_by,
             "signed_by": self.signed_by,
             "notes": list(self.notes),
-            "provenance": self.provenance,
+            "provenance": dict(self.provenance if self.structured is None else self.structured),
         }
 
 
@@ -280,6 +298,7 @@ class Inspection:
     skipped: list[tuple[str, str]]
     provenance: dict[str, str]
     backup: Backup | None = None  # the kept original its provenance names, when the store holds it
+    structured: Mapping[str, Any] | None = None  # ``provenance`` as the JSON shows it (see ``CheckResult``)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -295,7 +314,7 @@ class Inspection:
             "embeddings": self.embeddings,
             "modules_to_save": self.modules_to_save,
             "skipped": [{"key": key, "reason": reason} for key, reason in self.skipped],
-            "provenance": self.provenance,
+            "provenance": dict(self.provenance if self.structured is None else self.structured),
             "backup": self.backup.to_json() if self.backup is not None else None,
         }
 
@@ -307,11 +326,13 @@ class Restored:
     adapter: Path
     backup: Backup
     notes: list[str] = field(default_factory=list)
+    unchanged: bool = False  # the adapter already was its kept original: nothing was written
 
     def to_json(self) -> dict[str, Any]:
         return {
             "adapter": str(self.adapter),
-            "restored": True,
+            "restored": not self.unchanged,
+            "status": "unchanged" if self.unchanged else "restored",
             "sha256": self.backup.sha256,
             "bytes": self.backup.nbytes,
             "notes": list(self.notes),

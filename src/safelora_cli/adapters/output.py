@@ -39,13 +39,7 @@ def write_output(
     is removed by the next run that writes there). Reusing a non-empty one (--force) replaces its
     files one by one, each by a rename, so a symlink found there is replaced, never followed.
     """
-    st = _lstat(output)
-    if st is not None and stat.S_ISLNK(st.st_mode):
-        raise OutputError(f"{output}: is a symbolic link; give the directory it points to")
-    if st is not None and not stat.S_ISDIR(st.st_mode):
-        raise OutputError(f"{output}: exists and is not a directory")
-    if st is not None and (st.st_dev, st.st_ino) == adapter.dir.identity:
-        raise OutputError(f"{output}: is the adapter directory itself; to patch it in place, give no output")
+    st = _usable(output, adapter.dir.identity)
     parent_path = output.absolute().parent
     try:
         parent_path.mkdir(parents=True, exist_ok=True)
@@ -66,6 +60,33 @@ def write_output(
                         ) from None
                     return output / ADAPTER_FILE
         return _assemble(adapter, parent, output, chunks, mode, notes)
+
+
+def check_output(output: Path, adapter: tuple[int, int], *, overwrite: bool) -> None:
+    """What ``write_output`` refuses before writing a byte, for a run that checks first (a dry run
+    checks exactly what the run would): a link, a file, the adapter directory (``adapter``, its
+    identity) itself, and, unless ``overwrite``, a directory that holds files."""
+    st = _usable(output, adapter)
+    if st is None or overwrite:
+        return
+    try:
+        held = os.listdir(output)
+    except OSError as e:
+        raise OutputError(safefs.os_error(output, e)) from None
+    if held:
+        raise OutputNotEmptyError(f"{output}: exists and is not empty")
+
+
+def _usable(output: Path, adapter: tuple[int, int]) -> os.stat_result | None:
+    """``output``'s lstat (None when missing), unless it is a link, not a directory, or the adapter's own."""
+    st = _lstat(output)
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        raise OutputError(f"{output}: is a symbolic link; give the directory it points to")
+    if st is not None and not stat.S_ISDIR(st.st_mode):
+        raise OutputError(f"{output}: exists and is not a directory")
+    if st is not None and (st.st_dev, st.st_ino) == adapter:
+        raise OutputError(f"{output}: is the adapter directory itself; to patch it in place, give no output")
+    return st
 
 
 def _assemble(

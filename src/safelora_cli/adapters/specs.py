@@ -44,6 +44,18 @@ def expand(specs: Sequence[str | os.PathLike[str]]) -> list[tuple[Path, str | No
     return out
 
 
+def names_several(specs: Sequence[str | os.PathLike[str]]) -> bool:
+    """Whether ``specs`` name a batch: more than one spec, or a pattern (``expand``'s rule), whatever
+    it matches, so that a batch's layout does not change with the number of matches."""
+    return len(specs) > 1 or any(glob.has_magic(os.fspath(s)) and not os.path.lexists(s) for s in specs)
+
+
+def output_name(path: Path) -> str:
+    """The name an adapter's output takes in a batch's output directory: its directory's name (a
+    format stored as a single file adds its suffix here)."""
+    return Path(os.path.abspath(path)).name
+
+
 @contextmanager
 def open_all(
     specs: Sequence[str | os.PathLike[str]], open_one: Callable[[Path], safefs.Directory]

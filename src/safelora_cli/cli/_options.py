@@ -137,7 +137,8 @@ OutputOpt = Annotated[
     Path | None,
     typer.Option(
         metavar="DIR",
-        help="Write a complete patched adapter directory here and leave the source untouched.",
+        help="Write a complete patched adapter directory here (several adapters: DIR/<adapter name> each) and "
+        "leave the source untouched.",
         show_default=False,
     ),
 ]
@@ -155,6 +156,10 @@ SignKeyOpt = Annotated[
 ]
 JsonOpt = Annotated[
     bool, flag("--json/--no-json", "One JSON document on stdout (an array for several); the rest goes to stderr.")
+]
+JsonLinesOpt = Annotated[
+    bool,
+    flag("--json/--no-json", "JSON Lines on stdout: one object per adapter, one per line; the rest goes to stderr."),
 ]
 QuietOpt = Annotated[bool, flag("--quiet/--no-quiet", "Print nothing but errors (and the JSON with --json).", "-q")]
 AllowDoraOpt = Annotated[

@@ -14,7 +14,7 @@ from ..errors import SafeLoraError, UsageError
 from . import render as rendering
 from ._batch import deliver, expanded, interruptible
 from ._errors import after_write, describe, errors
-from ._options import AdapterArgs, AdaptersOpt, JsonOpt, QuietOpt, TokenOpt, adapter_specs, flag
+from ._options import AdapterArgs, AdaptersOpt, JsonLinesOpt, QuietOpt, TokenOpt, adapter_specs, flag
 
 CHECK_EXAMPLES = """Examples:
 
@@ -77,7 +77,7 @@ def check(
         ),
     ] = None,
     token: TokenOpt = None,
-    as_json: JsonOpt = False,
+    as_json: JsonLinesOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Gate: is each adapter sanitized by safelora, unmodified since, verified, and (optionally)
@@ -103,7 +103,7 @@ def check(
         raise typer.BadParameter(
             "verifies by signature: give it without --original or --trust-stamp", param_hint="--public-key"
         )
-    sink = rendering.Sink(as_json=as_json, quiet=quiet)
+    sink = rendering.Sink(as_json=as_json, quiet=quiet, lines=True)
     paths = expanded(specs)
     results: list[api.CheckResult | SafeLoraError] = []
     with errors(sink, paths), interruptible(paths, in_place=False):
@@ -128,7 +128,7 @@ def check(
                 results.append(e)
     by_signature = bool(public_key) or bool(os.environ.get(api.PUBLIC_KEYS_ENV))
     deliver(sink, results, api.CheckResult.to_json, partial(rendering.render_check, by_signature=by_signature))
-    sink.emit(batch=len(results) > 1)
+    sink.emit()
     if sink.failed:
         raise typer.Exit(1)
     if not all(not isinstance(r, SafeLoraError) and r.ok for r in results):
@@ -146,13 +146,13 @@ INSPECT_EXAMPLES = """Examples:
 def inspect_(
     adapters: AdapterArgs = None,
     adapter: AdaptersOpt = None,
-    as_json: JsonOpt = False,
+    as_json: JsonLinesOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Show what an adapter is (modules, ranks, dtypes, size, targets, DoRA…), its provenance, and
     whether the original of a projected adapter is kept (restore can bring it back)."""
     specs = adapter_specs(adapters, adapter)
-    sink = rendering.Sink(as_json=as_json, quiet=quiet)
+    sink = rendering.Sink(as_json=as_json, quiet=quiet, lines=True)
     paths = expanded(specs)
     with errors(sink, paths):
         for path in paths():
@@ -164,7 +164,7 @@ def inspect_(
                 sink.fail(path, describe(e))
                 continue
             sink.add(info.to_json(), partial(rendering.render_inspection, info))
-    sink.emit(batch=len(paths()) > 1)
+    sink.emit()
     if sink.failed:
         raise typer.Exit(1)
 
@@ -183,7 +183,7 @@ def restore(
     force: Annotated[
         bool, flag("--force/--no-force", "Restore an adapter changed since safelora projected it (losing the change).")
     ] = False,
-    as_json: JsonOpt = False,
+    as_json: JsonLinesOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Put back the original adapter_model.safetensors that an in-place project kept, byte for byte.
@@ -193,7 +193,7 @@ def restore(
     changed since safelora wrote it (its edits would be lost), unless --force.
     """
     specs = adapter_specs(adapters, adapter)
-    sink = rendering.Sink(as_json=as_json, quiet=quiet)
+    sink = rendering.Sink(as_json=as_json, quiet=quiet, lines=True)
     paths = expanded(specs)
     with errors(sink, paths), interruptible(paths, in_place=True):
         outcomes = api.restore(list(specs), force=force)
@@ -201,7 +201,7 @@ def restore(
 
     def show() -> None:
         deliver(sink, outcomes, api.Restored.to_json, rendering.render_restored)
-        sink.emit(batch=len(outcomes) > 1)
+        sink.emit()
 
     after_write(show)
     if failed:

@@ -16,7 +16,7 @@ from .. import api
 from ..errors import SafeLoraError
 from . import render as rendering
 from ._errors import errors
-from ._options import JsonOpt, QuietOpt
+from ._options import JsonLinesOpt, QuietOpt
 from .console import line
 
 EXAMPLES = """Examples:
@@ -37,7 +37,7 @@ def demo(
             show_default=False,
         ),
     ] = None,
-    as_json: JsonOpt = False,
+    as_json: JsonLinesOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Build a tiny base/aligned/adapter set (no downloads) and run `project --output` on it.
@@ -45,7 +45,7 @@ def demo(
     With --keep DIR, DIR holds base/, aligned/, adapter/ (left as built) and sanitized/ (the
     projected copy), and the next commands to try are printed.
     """
-    sink = rendering.Sink(as_json=as_json, quiet=quiet)
+    sink = rendering.Sink(as_json=as_json, quiet=quiet, lines=True)
     with errors(sink), tempfile.TemporaryDirectory(prefix="safelora-demo-") as tmp:
         if keep is not None:
             _require_empty(keep)
@@ -62,7 +62,7 @@ def demo(
         sink.show(lambda c: c.print(line((f"$ {program} project {shown}", "dim"))))
         report = api.project(adapter, base=str(base), aligned=str(aligned), output=out)
         sink.add(report.to_json(), lambda console: rendering.render(report, console))
-        sink.emit(batch=False)
+        sink.emit()
         if keep is not None:
             sink.show(lambda c: rendering.render_next_steps(root, program, c))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -30,7 +31,7 @@ from ._options import (
     DeviceOpt,
     DryRunOpt,
     ForceOpt,
-    JsonOpt,
+    JsonLinesOpt,
     ModelCardOpt,
     NoBackupOpt,
     NoCacheOpt,
@@ -72,7 +73,7 @@ def project(
     num_layers: NumLayersOpt = None,
     output: OutputOpt = None,
     dry_run: DryRunOpt = False,
-    as_json: JsonOpt = False,
+    as_json: JsonLinesOpt = False,
     precision: PrecisionOpt = "float32",
     device: DeviceOpt = "auto",
     allow_dora: AllowDoraOpt = False,
@@ -105,7 +106,7 @@ def project(
     options, shown = _options(ctx)
     specs = adapter_specs(shown["adapters"], shown["adapter"])
     summary, plot, quiet = shown["summary"], shown["plot"], shown["quiet"]
-    sink = rendering.Sink(as_json=shown["as_json"], quiet=quiet)
+    sink = rendering.Sink(as_json=shown["as_json"], quiet=quiet, lines=True)
     paths = expanded(specs)
     in_place = not options.dry_run and options.output is None
     summary_file = _summary_file(summary)
@@ -117,15 +118,17 @@ def project(
         rendering.RunDisplay(sink.console, enabled=not quiet) as display,
         _summarized_failure(summary_file, lambda: [*paths()] or specs),
     ):
+        started = time.perf_counter()
         outcomes = api.run(list[api.StrPath](specs), options, events=display)
+        seconds = time.perf_counter() - started
     failed = sum(isinstance(o, SafeLoraError) for o in outcomes)
 
     def show() -> None:
         render = partial(rendering.render, sort=shown["sort"], projected_only=shown["projected_only"])
         deliver(sink, outcomes, lambda report: report.to_json(), render)
         if len(outcomes) > 1:
-            sink.show(partial(rendering.render_batch, outcomes))
-        sink.emit(batch=len(outcomes) > 1)
+            sink.show(partial(rendering.render_batch, outcomes, seconds))
+        sink.emit()
 
     after_write(show)
     _write_extras(outcomes, summary_file, plot, sink)

@@ -45,13 +45,15 @@ if TYPE_CHECKING:
 class Sink:
     """Where a command's output goes, in one of its modes, so no command branches on them itself.
 
-    Human: tables and lines on stdout. ``as_json``: one JSON document on stdout (an array for
-    several adapters), what people read on stderr. ``quiet``: nothing but errors (and the JSON with
-    ``as_json``). Errors are always one line on stderr, and in JSON an ``{"adapter", "error"}`` object.
+    Human: tables and lines on stdout. ``as_json``: JSON on stdout, what people read on stderr; with
+    ``lines`` (the adapter commands), JSON Lines: one object per adapter, each on a line of its own,
+    whatever the count; else one document (an array for several results). ``quiet``: nothing but
+    errors (and the JSON with ``as_json``). Errors are always one line on stderr, and in JSON an
+    ``{"adapter", "error"}`` object.
     """
 
-    def __init__(self, *, as_json: bool, quiet: bool) -> None:
-        self.as_json, self.quiet = as_json, quiet
+    def __init__(self, *, as_json: bool, quiet: bool, lines: bool = False) -> None:
+        self.as_json, self.quiet, self.lines = as_json, quiet, lines
         self.console = make_console(stderr=as_json)
         self.docs: list[dict[str, Any]] = []
         self.failed = 0
@@ -74,13 +76,16 @@ class Sink:
         if echo:
             error_line(message)
 
-    def emit(self, *, batch: bool) -> None:
-        """The JSON document, once: the one result, or an array when ``batch``."""
+    def emit(self, *, batch: bool = False) -> None:
+        """The JSON, once: a line per result with ``lines``; else the one result, or an array when ``batch``."""
         if not self.as_json or self._emitted:
             return
         self._emitted = True
-        doc: Any = self.docs if batch or len(self.docs) != 1 else self.docs[0]
-        sys.stdout.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+        if self.lines:
+            sys.stdout.write("".join(json.dumps(doc, allow_nan=False) + "\n" for doc in self.docs))
+        else:
+            doc: Any = self.docs if batch or len(self.docs) != 1 else self.docs[0]
+            sys.stdout.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
         sys.stdout.flush()
 
 
@@ -202,13 +207,22 @@ def _similarity_cell(layer: LayerResult, *, bar: bool = True) -> Text:
 
 
 def summary(report: Report) -> str:
-    """One line: n of m projected, τ used, where it went, time."""
+    """One line: n of m projected, τ used, where it went, the median ‖CB‖/‖B‖ of the projected modules, time."""
     tau = _fmt(report.threshold, ".5g")
     how = f"τ = {tau}" if report.mode == "threshold" else f"k = {report.num_layers}, τ_k = {tau}"
+    # How much of the fine-tune the projected modules keep: a figure, not a warning.
+    ratio = "" if report.median_norm_ratio is None else f"median ‖CB‖/‖B‖ {report.median_norm_ratio:.4f}; "
+    end = f"{ratio}{report.seconds:.2f} s"
+    if report.status == "unchanged":
+        done = (
+            f"{report.projected_count} of {len(report.layers)} modules" if report.layers_known else "modules unrecorded"
+        )
+        where = f"copied to {report.output}" if report.written else "nothing written"
+        return f"already projected ({done}, {how}); {where}; {end}"
     if report.dry_run:
         return (
             f"would project {report.projected_count} of {len(report.layers)} modules ({how}); dry run, nothing "
-            f"written; {report.seconds:.2f} s"
+            f"written; {end}"
         )
     if report.written:
         where = f"wrote {report.output or report.adapter}"
@@ -216,9 +230,7 @@ def summary(report: Report) -> str:
             where += f" (original kept, {size(report.backup.nbytes)})"
     else:
         where = "nothing written"
-    return (
-        f"{report.projected_count} of {len(report.layers)} modules projected ({how}); {where}; {report.seconds:.2f} s"
-    )
+    return f"{report.projected_count} of {len(report.layers)} modules projected ({how}); {where}; {end}"
 
 
 def size(nbytes: int) -> str:
@@ -426,7 +438,8 @@ def render_cleared(removed: list[PairSummary], kept: list[str], root: Path, cons
 
 def render_restored(restored: Restored, console: Console) -> None:
     b = restored.backup
-    told = f"restored {restored.adapter}: the original, sha256 {b.sha256[:12]}… ({size(b.nbytes)})"
+    done = "unchanged" if restored.unchanged else "restored"
+    told = f"{done} {restored.adapter}: the original, sha256 {b.sha256[:12]}… ({size(b.nbytes)})"
     console.print(line(told), highlight=False)
     for note in restored.notes:
         console.print(line(("note:", "yellow"), " ", note), highlight=False)
@@ -437,10 +450,17 @@ def render_signed(signed: Signed, console: Console) -> None:
     console.print(line(told), highlight=False)
 
 
-def render_batch(outcomes: Sequence[Report | SafeLoraError], console: Console) -> None:
-    """The line after a batch's reports: how many adapters were done."""
-    failed = sum(isinstance(o, SafeLoraError) for o in outcomes)
-    console.print(f"{len(outcomes) - failed} of {len(outcomes)} adapters done, {failed} failed", highlight=False)
+def render_batch(outcomes: Sequence[Report | SafeLoraError], seconds: float, console: Console) -> None:
+    """The line after a batch's reports: how many adapters were done, and the batch's totals (each
+    report has its own share: a module shared by several adapters is read once)."""
+    reports = [o for o in outcomes if not isinstance(o, SafeLoraError)]
+    failed = len(outcomes) - len(reports)
+    read = sum(r.bytes_read for r in reports)
+    told = f"{len(reports)} of {len(outcomes)} adapters done, {failed} failed; read {size(read)}"
+    downloaded = sum(r.bytes_downloaded for r in reports)
+    if downloaded:
+        told += f", downloaded {size(downloaded)}"
+    console.print(f"{told}; {seconds:.2f} s in all", highlight=False)
 
 
 def render_next_steps(root: Path, program: str, console: Console) -> None:

@@ -90,4 +90,7 @@ def counts_text(report: Report) -> str:
     text = f"**{report.projected_count} of {len(report.layers)}** modules projected, {kept} kept"
     if undefined:
         text += f", {undefined} with an undefined similarity (never projected)"
+    ratio = finite(report.median_norm_ratio)
+    if ratio is not None:
+        text += f"; median ‖CB‖/‖B‖ of the projected modules {ratio:.4f}"
     return text

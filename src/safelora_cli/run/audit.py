@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from ..adapters import PROVENANCE_PREFIX, Adapter, load_adapter, opened
 from ..adapters.digest import DIGEST_KEY, STAMP_VERSION, intact, stamp_version
@@ -111,7 +113,21 @@ def check(
     stamp alone. Anything else with an intact stamp is ``unverified``.
     """
     with _adapter(target) as adapter:
-        return check_adapter(adapter, pair, store if store is not None else BackupStore(), trust_stamp, recompute)
+        result = check_adapter(adapter, pair, store if store is not None else BackupStore(), trust_stamp, recompute)
+    return replace(result, structured=structured(result.provenance))
+
+
+def structured(provenance: Mapping[str, str]) -> dict[str, Any]:
+    """Provenance entries that hold a JSON list or object (``safelora.projected``, ``safelora.layers``,
+    the tensor digests), decoded (strictly), for the JSON documents; every other entry as written."""
+    out: dict[str, Any] = {}
+    for key, value in provenance.items():
+        try:
+            decoded = strict.loads(value) if value[:1] in ("[", "{") else None
+        except strict.InvalidJSON:
+            decoded = None
+        out[key] = decoded if isinstance(decoded, (list, dict)) else value
+    return out
 
 
 def check_adapter(
@@ -217,5 +233,6 @@ def _inspection(adapter: Adapter, store: BackupStore | None) -> Inspection:
         modules_to_save=any(why == MODULES_TO_SAVE for _, why in adapter.skipped),
         skipped=adapter.skipped,
         provenance=adapter.provenance(),
+        structured=structured(adapter.provenance()),
         backup=store.find(original) if store is not None else None,
     )

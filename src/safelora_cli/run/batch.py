@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..adapters import Adapter, LoraModule, Named
-from ..errors import AdapterError, SafeLoraError
+from ..adapters.specs import output_name
+from ..errors import AdapterError, OutputCollisionError, OutputError, SafeLoraError
 from ..outputs.report import Report
 from ..projection import ModuleMath
 from ..results import Backup, SourceInfo
@@ -26,6 +29,55 @@ def _check_weight_shape(adapter: Adapter, m: LoraModule, label: str, shape: tupl
         )
 
 
+def outputs(adapters: Sequence[Named], output: Path | None, several: bool) -> list[Path | None]:
+    """Each adapter's output: ``output`` itself for one adapter, ``output/<name>`` (``output_name``) for
+    each of a batch (``several``). Refused before anything is read or written: two adapters whose
+    outputs would be one directory (names compared case-folded, as a case-insensitive file system
+    sees them), and an output that is, or lies inside, an adapter directory of the run."""
+    if output is None:
+        return [None] * len(adapters)
+    if not several:
+        targets = [output] * len(adapters)
+    else:
+        targets = [output / output_name(named.path) for named in adapters]
+        by_name: dict[str, list[Named]] = {}
+        for named, target in zip(adapters, targets, strict=True):
+            by_name.setdefault(target.name.casefold(), []).append(named)
+        clashes = [group for group in by_name.values() if len(group) > 1]
+        if clashes:
+            told = "; ".join(
+                " and ".join(str(n.path) for n in group) + f" would all write {output / output_name(group[0].path)}"
+                for group in clashes
+            )
+            raise OutputCollisionError(
+                f"{told}: a batch writes each adapter to a directory of its name; give the adapters distinct "
+                "directory names, or project them in separate runs"
+            )
+    dirs = {named.dir.identity: named.path for named in adapters if named.dir is not None}
+    for target in dict.fromkeys(targets):
+        if target is not None:
+            _refuse_inside(target, dirs)
+    return list(targets)
+
+
+def _refuse_inside(output: Path, adapters: dict[tuple[int, int], Path]) -> None:
+    """An output inside an adapter directory of the run (through any link on the way) would be
+    copied into, or read as part of, that adapter."""
+    here = Path(os.path.abspath(output))
+    for place in (here, *here.parents):
+        try:
+            st = os.stat(place)
+        except OSError:
+            continue
+        adapter = adapters.get((st.st_dev, st.st_ino))
+        if adapter is not None:
+            where = "is the adapter directory" if place == here else "lies inside the adapter directory"
+            raise OutputError(
+                f"{output}: {where} {adapter}; an output must lie outside every adapter of the run (to patch an "
+                "adapter in place, give no output)"
+            )
+
+
 @dataclass
 class Run:
     """One adapter of a batch: where it is, what was found for it, and how it ended."""
@@ -38,6 +90,11 @@ class Run:
     kept_now: bool = False
     found: dict[str, tuple[ModuleMath, bool]] = field(default_factory=dict)
     infos: tuple[SourceInfo, SourceInfo] | None = None  # the pair as this adapter used it (content identity)
+    output: Path | None = None  # where its result goes (``outputs``), or None: in place or a dry run
+    # What this adapter's run spent (``pipeline``'s meter); a module shared in a batch counts for the first user.
+    seconds: float = 0.0
+    bytes_read: int = 0
+    bytes_downloaded: int = 0
     outcome: Report | SafeLoraError | None = None  # set once the run is over (a no-op or an error)
 
     @property

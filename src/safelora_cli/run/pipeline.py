@@ -11,6 +11,7 @@ import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, nullcontext
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,7 +26,8 @@ from ..adapters import (
     load_adapter,
     rewrite_lock,
 )
-from ..adapters.digest import normalized_names
+from ..adapters.digest import DIGEST_KEY, normalized_names
+from ..adapters.output import check_output
 from ..errors import (
     AlreadyProjectedError,
     DeviceError,
@@ -109,13 +111,13 @@ def _cached(
     modules: list[LoraModule],
     base: Source,
     projector: Projector,
-    notes: list[str],
+    noting: bool,
     misses: list[LoraModule],
     keys: dict[str, tuple[str, str]],
 ) -> Iterator[tuple[LoraModule, Operator, bool]]:
     """The modules the cache has, with their operators; the others are appended to ``misses``.
 
-    A corrupt entry is a miss, and noted.
+    A corrupt entry is a miss, and (``noting``) a note for each adapter that uses its module.
     """
     transpose = group.transpose
     # The most values each module's operator can have: an entry claiming more is corrupt, unread.
@@ -123,7 +125,9 @@ def _cached(
     names = [m.module for m in modules]
     for m, (_, stored) in zip(modules, cache.load_all(names, transpose, limits), strict=True):
         if isinstance(stored, CorruptEntry):
-            notes.append(f"projection cache: the entry for {m.module} was corrupt ({stored}); recomputed")
+            if noting:
+                for run, _ in group.live(m.module):
+                    run.notes.append(f"projection cache: the entry for {m.module} was corrupt ({stored}); recomputed")
             misses.append(m)
         elif stored is None:
             misses.append(m)
@@ -140,7 +144,6 @@ def _operators(
     aligned: Source,
     projector: Projector,
     cache: PairCache | None,
-    notes: list[str],
     on_wait: Callable[[str], None],
     keys: dict[str, tuple[str, str]],
 ) -> Iterator[tuple[LoraModule, Operator, bool]]:
@@ -153,13 +156,13 @@ def _operators(
     todo = list(group.modules)
     if cache is not None:
         todo = []
-        yield from _cached(cache, group, group.modules, base, projector, notes, todo, keys)
+        yield from _cached(cache, group, group.modules, base, projector, True, todo, keys)
         if not todo:
             return
     with cache.locked(lambda: on_wait(_CACHE_WAIT)) if cache is not None else nullcontext():
         if cache is not None:
             missing, todo = todo, []
-            yield from _cached(cache, group, missing, base, projector, [], todo, keys)
+            yield from _cached(cache, group, missing, base, projector, False, todo, keys)
             if not todo:
                 return
         jobs = [job for job in _plan(group, base, aligned, todo) if group.live(job.module.module)]
@@ -207,6 +210,50 @@ def _refuse_same_content(base: Source, aligned: Source, keys: dict[str, tuple[st
         )
 
 
+class _Meter:
+    """Each adapter's own seconds and bytes in a batch: what was spent since the last charge goes to
+    the adapter it was spent for, so the reports add up to the batch's totals."""
+
+    def __init__(self, base: Source, aligned: Source) -> None:
+        self.sources = (base, aligned)
+        # From the start of the run, and every byte the sources counted: opening them is the first adapter's.
+        self.mark = (time.perf_counter(), 0, 0)
+
+    def _now(self) -> tuple[float, int, int]:
+        return (
+            time.perf_counter(),
+            sum(s.bytes_read for s in self.sources),
+            sum(s.bytes_downloaded for s in self.sources),
+        )
+
+    def charge(self, run: Run, read: int | None = None) -> None:
+        """The time since the last charge, and the bytes: ``read`` when given (the stage threads read
+        ahead, so a module's bytes are its weights' sizes; downloads are then shared by ``share``),
+        else what the sources counted."""
+        now = self._now()
+        run.seconds += now[0] - self.mark[0]
+        if read is None:
+            run.bytes_read += now[1] - self.mark[1]
+            run.bytes_downloaded += now[2] - self.mark[2]
+            self.mark = now
+        else:
+            run.bytes_read += read
+            self.mark = (now[0], now[1], self.mark[2])
+
+    def share(self, reads: dict[int, tuple[Run, int]]) -> None:
+        """The bytes downloaded since the last full charge, shared by the runs in proportion to the
+        module bytes each was charged (``reads``: id → (run, bytes)), the remainder to the last."""
+        now = self._now()
+        downloaded = now[2] - self.mark[2]
+        total = sum(n for _, n in reads.values())
+        left = downloaded
+        for i, (run, n) in enumerate(reads.values(), 1):
+            part = left if i == len(reads) else downloaded * n // total if total else 0
+            run.bytes_downloaded += part
+            left -= part
+        self.mark = now
+
+
 def project_adapters(
     adapters: Sequence[Named],
     base: Source,
@@ -219,6 +266,7 @@ def project_adapters(
     on_wait: Callable[[str], None] = lambda message: None,
     backups: BackupStore | None = None,
     signer: Signer | None = None,
+    outputs: Sequence[Path | None] | None = None,
 ) -> list[Report | SafeLoraError]:
     """Run Safe LoRA on several adapters (opened by ``adapter.open_all``) against one pair: a report
     or an error per adapter, in order.
@@ -237,9 +285,11 @@ def project_adapters(
     ``backups`` (default: the store ``SAFELORA_BACKUPS`` names) keeps each in-place run's original
     before its adapter is replaced (unless ``settings.backup`` is off), and gives a projected
     adapter's original back to a run that projects it again.
+
+    ``outputs`` (``batch.outputs``, checked before anything is read) gives each adapter its own
+    output; without it, every adapter's output is ``settings.output``.
     """
     store = backups if backups is not None else BackupStore()
-    started = time.perf_counter()
     shared_notes = list(notes or [])
     if cache is not None and settings.precision != "float32":
         shared_notes.append("projection cache not used: it holds float32 operators and this run is float64")
@@ -249,18 +299,22 @@ def project_adapters(
         _remembered(base, cache)
         _remembered(aligned, cache)
     base_info, aligned_info = source_info(base), source_info(aligned)
-    runs = [Run(named, [*shared_notes, *named.notes]) for named in adapters]
+    targets = list(outputs) if outputs is not None else [settings.output] * len(adapters)
+    runs = [Run(named, [*shared_notes, *named.notes], output=out) for named, out in zip(adapters, targets, strict=True)]
     for run in runs:
         if run.named.error is not None:
             run.outcome = run.named.error
     in_place = not settings.dry_run and settings.output is None
 
+    meter = _Meter(base, aligned)
+
     def report(run: Run, layers: list[LayerResult], tau: float | None, written: bool) -> Report:
+        meter.charge(run)
         served = sum(cached for _, cached in run.found.values())
         used_base, used_aligned = run.infos or (base_info, aligned_info)
         return Report(
             adapter=run.path,
-            output=settings.output,
+            output=run.output,
             written=written,
             dry_run=settings.dry_run,
             base=used_base,
@@ -270,12 +324,12 @@ def project_adapters(
             num_layers=settings.num_layers,
             layers=layers,
             skipped=run.loaded.skipped,
-            seconds=time.perf_counter() - started,
-            bytes_read=base.bytes_read + aligned.bytes_read,
+            seconds=run.seconds,
+            bytes_read=run.bytes_read,
             device=str(device),
             notes=run.notes + (cache.warnings if cache is not None else []),
             cache=CacheUse(cache.key, served, len(run.found) - served) if cache is not None else None,
-            bytes_downloaded=base.bytes_downloaded + aligned.bytes_downloaded,
+            bytes_downloaded=run.bytes_downloaded,
             backup=run.kept,
             backup_created=run.kept_now,
             precision=settings.precision,
@@ -296,21 +350,28 @@ def project_adapters(
                     _prepare(run, settings, base, aligned, in_place, report, store, signer)
                 except SafeLoraError as e:
                     run.outcome = e
+                meter.charge(run)
         live = [run for run in runs if run.outcome is None]
         projector = Projector(torch.float64 if settings.precision == "float64" else torch.float32, device)
         total = sum(len(run.loaded.modules) for run in live)
-        compute_notes: list[str] = []
         keys: dict[str, tuple[str, str]] = {}  # module → (base key, aligned key) of its weight
+        reads: dict[int, tuple[Run, int]] = {}  # the module bytes each run was charged
         with share_cores():
             for transpose in sorted({run.loaded.config.fan_in_fan_out for run in live}):
                 group = Group([run for run in live if run.loaded.config.fan_in_fan_out == transpose], transpose)
-                for m, op, cached in _operators(group, base, aligned, projector, cache, compute_notes, on_wait, keys):
-                    for run, mod in group.live(m.module):
+                for m, op, cached in _operators(group, base, aligned, projector, cache, on_wait, keys):
+                    users = group.live(m.module)
+                    if users:  # a module shared in a batch is read and computed once: for the first adapter needing it
+                        first = users[0][0]
+                        read = 0 if cached else base.nbytes(keys[m.module][0]) + aligned.nbytes(keys[m.module][1])
+                        meter.charge(first, read)
+                        reads[id(first)] = (first, reads.get(id(first), (first, 0))[1] + read)
+                    for run, mod in users:
                         _apply(run, mod, op, cached, projector, on_module, total)
+                        meter.charge(run, 0)
                     if all(run.outcome is not None for run in live):
                         break
-        for run in live:
-            run.notes.extend(compute_notes)
+        meter.share(reads)
         _refuse_same_content(base, aligned, keys)
         for run in live:
             if run.outcome is None:
@@ -319,6 +380,7 @@ def project_adapters(
                     run.outcome = finish(run, settings, used_base, used_aligned, report, store, in_place, signer)
                 except SafeLoraError as e:
                     run.outcome = e
+                meter.charge(run)
     return [run.outcome for run in runs if run.outcome is not None]
 
 
@@ -341,6 +403,9 @@ def _prepare(
     """
     if run.named.dir is None:
         raise RuntimeError(f"{run.path}: prepared without an open directory")
+    if run.output is not None:
+        # Before any work, and in a dry run too: it exits as the run would.
+        check_output(run.output, run.named.dir.identity, overwrite=settings.force)
     run.adapter = adapter = load_adapter(run.named.dir)
     run.notes.extend(adapter.warnings)
     normalized_names(adapter)  # two keys for one tensor: refused before any work (the stamp could not cover both)
@@ -354,12 +419,7 @@ def _prepare(
                     "verifies the stamp (no record of safelora writing it on this machine); verify it, restore the "
                     "original, or force a projection of what is there"
                 )
-            run.infos = recorded_infos(previous, base, aligned)
-            run.notes.append("already projected with this pair and these settings: nothing to do")
-            tau = adapter.provenance_value("threshold", "null", (int, float, type(None)))
-            run.outcome = report(run, _recorded_layers(adapter), tau, False)
-            if signer is not None and in_place:
-                run.outcome = attest(run.outcome, adapter.dir, signer)
+            run.outcome = _unchanged(run, adapter, previous, settings, base, aligned, report, signer)
             return
         original = store.find(previous.get(PROVENANCE_PREFIX + "original"))
         if original is not None:
@@ -393,19 +453,58 @@ def _prepare(
         atomic.clean_stale(adapter.dir, f".{name}{TMP_MARK}")
 
 
-def _recorded_layers(adapter: Adapter) -> list[LayerResult]:
-    """The modules' similarities and decisions as a verified stamp records them (``safelora.layers``)."""
+def _unchanged(
+    run: Run,
+    adapter: Adapter,
+    previous: dict[str, str],
+    settings: Settings,
+    base: Source,
+    aligned: Source,
+    report: Callable[[Run, list[LayerResult], float | None, bool], Report],
+    signer: Signer | None,
+) -> Report:
+    """A verified adapter already projected with this pair and these settings: the projection that is
+    there, as its stamp records it, and (with an output, unless a dry run) the adapter copied whole;
+    signed where it is (with ``signer``, unless a dry run)."""
+    run.infos = recorded_infos(previous, base, aligned)
+    layers = _recorded_layers(adapter)
+    if layers is None:
+        run.notes.append(
+            "its stamp predates the per-module record (safelora.layers): the modules and similarities are not known"
+        )
+    written = run.output is not None and not settings.dry_run
+    if written:
+        stamp = {k: v for k, v in previous.items() if k != DIGEST_KEY}
+        adapter.format.write(adapter, {}, stamp, run.output, overwrite_output=settings.force, notes=run.notes)
+        run.notes.append("already projected with this pair and these settings: copied to the output as it is")
+    else:
+        run.notes.append("already projected with this pair and these settings: nothing to do")
+    tau = adapter.provenance_value("threshold", "null", (int, float, type(None)))
+    done = report(run, layers or [], tau, written)
+    if signer is not None and not settings.dry_run:
+        done = attest(done, adapter.dir if run.output is None else run.output, signer)
+    return replace(done, status="unchanged", layers_known=layers is not None)
+
+
+def _recorded_layers(adapter: Adapter) -> list[LayerResult] | None:
+    """The modules' similarities, decisions and ‖CB‖/‖B‖ as a verified stamp records them
+    (``safelora.layers``), or None for a stamp written before it did."""
+    if adapter.provenance().get(PROVENANCE_PREFIX + "layers") is None:
+        return None
     recorded = adapter.provenance_value("layers", "[]", (list,))
     by_module = {m.module: m for m in adapter.modules}
     out = []
     for item in recorded:
         if not (isinstance(item, dict) and item.get("module") in by_module):
             continue
-        sim = item.get("similarity")
-        similarity = float(sim) if isinstance(sim, (int, float)) and not isinstance(sim, bool) else None
+        similarity, ratio = (_number(item.get(key)) for key in ("similarity", "norm_ratio"))
         layer = by_module[item["module"]].layer
-        out.append(LayerResult(item["module"], layer, similarity, item.get("projected") is True, None, None))
+        out.append(LayerResult(item["module"], layer, similarity, item.get("projected") is True, None, ratio))
     return out
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _apply(

@@ -6,15 +6,17 @@ bytes; rewriting the adapter and editing its model card happen here.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import stat
 from collections.abc import Callable
 
-from ..adapters import PROVENANCE_PREFIX, load_adapter, rewrite_lock
+from ..adapters import PROVENANCE_PREFIX, Adapter, load_adapter, rewrite_lock
 from ..adapters.peft_config import ADAPTER_FILE
 from ..errors import BackupError, SafeLoraError
 from ..io import atomic, ranges, safefs
 from ..outputs import card
-from ..results import Restored
+from ..results import Backup, Restored
 from ..stores.backups import BackupStore
 from .binding import require_bound
 from .signed import unsign
@@ -41,7 +43,11 @@ def restore(
             provenance = adapter.provenance()
             sha = provenance.get(PROVENANCE_PREFIX + "original")
             if not provenance:
-                raise BackupError(f"{adapter.file}: carries no safelora provenance; nothing to restore")
+                kept = _kept_as_it_is(adapter, store)
+                if kept is None:
+                    raise BackupError(f"{adapter.file}: carries no safelora provenance; nothing to restore")
+                note = f"already the original safelora kept for it (sha256 {kept.sha256[:12]}…): nothing to restore"
+                return Restored(directory.path, kept, [note], unchanged=True)
             if sha is None:
                 raise BackupError(
                     f"{adapter.file}: projected without a backup of its original (with backups off, or by a "
@@ -74,3 +80,25 @@ def restore(
         finally:
             adapter.close()
     return Restored(directory.path, backup, notes)
+
+
+def _kept_as_it_is(adapter: Adapter, store: BackupStore) -> Backup | None:
+    """The backup kept from this adapter directory that it already is, byte for byte (restored
+    before, or never changed since), or None. Hashed only when the store holds an original of its
+    size taken from this directory."""
+    size = adapter.stat.st_size
+    candidates = [b for b in store.all() if b.nbytes == size and any(_same_dir(a, adapter) for a in b.adapters)]
+    if not candidates:
+        return None
+    h = hashlib.sha256()
+    for chunk in ranges.FileRange(adapter.handle.fileno(), 0, size).chunks():
+        h.update(chunk)
+    return next((b for b in candidates if b.sha256 == h.hexdigest()), None)
+
+
+def _same_dir(recorded: str, adapter: Adapter) -> bool:
+    try:
+        st = os.stat(recorded)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == adapter.dir.identity

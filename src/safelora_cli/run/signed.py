@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 
 from ..adapters import Adapter, load_adapter
@@ -177,4 +178,4 @@ def within_policy(result: CheckResult, policy: Policy) -> CheckResult:
     if not result.ok or (why := held_to(policy, result.provenance, result.signed_by)) is None:
         return result
     message = f"{why} ({policy.source})"
-    return CheckResult(result.adapter, "outside_policy", message, result.provenance, notes=result.notes)
+    return replace(result, status="outside_policy", message=message, verified_by=None)

@@ -49,10 +49,15 @@ def same_run(previous: dict[str, str], base: Source, aligned: Source, settings: 
 
 
 def layers_provenance(layers: list[LayerResult]) -> str:
-    """``safelora.layers``: each module's similarity and decision, so a no-op can report them."""
+    """``safelora.layers``: each module's similarity, decision and ‖CB‖/‖B‖, so a no-op can report them."""
     return json.dumps(
         [
-            {"module": layer.module, "similarity": finite(layer.similarity), "projected": layer.projected}
+            {
+                "module": layer.module,
+                "similarity": finite(layer.similarity),
+                "projected": layer.projected,
+                "norm_ratio": finite(layer.norm_ratio),
+            }
             for layer in layers
         ]
     )
@@ -109,13 +114,13 @@ def finish(
     if run.kept is not None:
         provenance[PROVENANCE_PREFIX + "original"] = run.kept.sha256
     provenance[DIGEST_KEY] = stamp_digest(adapter, replacements, provenance)
-    _record(store, provenance, settings, run)
+    _record(store, provenance, run)
     adapter.format.write(
-        adapter, replacements, provenance, settings.output, overwrite_output=settings.force, notes=run.notes
+        adapter, replacements, provenance, run.output, overwrite_output=settings.force, notes=run.notes
     )
-    result = attest(report(run, layers, tau, True), adapter.dir if settings.output is None else settings.output, signer)
+    result = attest(report(run, layers, tau, True), adapter.dir if run.output is None else run.output, signer)
     if settings.model_card:
-        _write_card(adapter.dir, settings.output, result)
+        _write_card(adapter.dir, run.output, result)
     return result
 
 
@@ -134,14 +139,14 @@ def attest(result: Report, written: safefs.Directory | Path, signer: Signer | No
     return replace(result, attestation=path, signed_by=signer.keyid)
 
 
-def _record(store: BackupStore, provenance: dict[str, str], settings: Settings, run: Run) -> None:
+def _record(store: BackupStore, provenance: dict[str, str], run: Run) -> None:
     """The local record of what is about to be written (before the write: a crash after the rename
     leaves no unrecorded result), and the kept original bound to it. A store that cannot take it is a
     note: ``check`` on this machine will then say ``unverified``."""
     kept = run.kept.sha256 if run.kept is not None else None
     record: dict[str, object] = {
         "adapter": str(run.path),
-        "output": str(settings.output) if settings.output is not None else None,
+        "output": str(run.output) if run.output is not None else None,
         "stamp": {k: v for k, v in provenance.items() if k != DIGEST_KEY},
         "original": kept,
     }
