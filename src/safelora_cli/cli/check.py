@@ -12,7 +12,18 @@ from ..errors import SafeLoraError, UsageError
 from . import render as rendering
 from ._batch import deliver, expanded, interruptible
 from ._errors import after_write, describe, errors
-from ._options import AdapterArgs, AdaptersOpt, JsonOpt, QuietOpt, TokenOpt, adapter_specs, flag
+from ._options import (
+    ADVANCED,
+    INPUTS,
+    OUTPUT,
+    AdapterArgs,
+    AdaptersOpt,
+    JsonOpt,
+    QuietOpt,
+    TokenOpt,
+    adapter_specs,
+    flag,
+)
 
 CHECK_EXAMPLES = """Examples:
 
@@ -28,13 +39,19 @@ def check(
     base: Annotated[
         str | None,
         typer.Option(
-            metavar="REF", help="Also require this base model (a directory or a Hub repo).", show_default=False
+            metavar="REF",
+            help="Also require this base model (a directory or a Hub repo).",
+            show_default=False,
+            rich_help_panel=INPUTS,
         ),
     ] = None,
     aligned: Annotated[
         str | None,
         typer.Option(
-            metavar="REF", help="Also require this aligned model (a directory or a Hub repo).", show_default=False
+            metavar="REF",
+            help="Also require this aligned model (a directory or a Hub repo).",
+            show_default=False,
+            rich_help_panel=INPUTS,
         ),
     ] = None,
     original: Annotated[
@@ -45,6 +62,7 @@ def check(
             "and --aligned again, from the checkpoints' weights (never the shared projection cache), with the "
             "settings the stamp records; it must reproduce the adapter. Needs --base and --aligned.",
             show_default=False,
+            rich_help_panel=INPUTS,
         ),
     ] = None,
     trust_stamp: Annotated[
@@ -53,6 +71,7 @@ def check(
             "--trust-stamp/--no-trust-stamp",
             "Pass an intact stamp without verifying it (the behaviour before 0.2). This only guards against "
             "accidents: anyone who can write the adapter's files can write a stamp that passes.",
+            rich_help_panel=ADVANCED,
         ),
     ] = False,
     token: TokenOpt = None,
@@ -113,10 +132,10 @@ def inspect_(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Show what an adapter is (modules, ranks, dtypes, size, targets, DoRA…), its provenance, and
+    """Show what an adapter is (modules, ranks, dtypes, size, targets, DoRA or not), its provenance, and
     whether the original of a projected adapter is kept (restore can bring it back)."""
     specs = adapter_specs(adapters, adapter)
-    sink = rendering.Sink(as_json=as_json, quiet=quiet)
+    sink = rendering.Sink(as_json=as_json, quiet=quiet, fit=True)
     paths = expanded(specs)
     with errors(sink, paths):
         for path in paths():
@@ -145,7 +164,12 @@ def restore(
     adapters: AdapterArgs = None,
     adapter: AdaptersOpt = None,
     force: Annotated[
-        bool, flag("--force/--no-force", "Restore an adapter changed since safelora projected it (losing the change).")
+        bool,
+        flag(
+            "--force/--no-force",
+            "Restore an adapter changed since safelora projected it (losing the change).",
+            rich_help_panel=OUTPUT,
+        ),
     ] = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,

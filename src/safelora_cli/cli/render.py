@@ -48,11 +48,12 @@ class Sink:
     Human: tables and lines on stdout. ``as_json``: one JSON document on stdout (an array for
     several adapters), what people read on stderr. ``quiet``: nothing but errors (and the JSON with
     ``as_json``). Errors are always one line on stderr, and in JSON an ``{"adapter", "error"}`` object.
+    ``fit``: on a pipe, tables take their width from COLUMNS when it is set (``console``).
     """
 
-    def __init__(self, *, as_json: bool, quiet: bool) -> None:
+    def __init__(self, *, as_json: bool, quiet: bool, fit: bool = False) -> None:
         self.as_json, self.quiet = as_json, quiet
-        self.console = make_console(stderr=as_json)
+        self.console = make_console(stderr=as_json, fit=fit)
         self.docs: list[dict[str, Any]] = []
         self.failed = 0
         self._emitted = False
@@ -353,7 +354,7 @@ def _render_pairs(pairs: list[PairSummary], console: Console, *, modules: bool) 
     table.add_column("pair", no_wrap=True)
     table.add_column("base", overflow="fold")
     table.add_column("aligned", overflow="fold")
-    table.add_column("modules", justify="right")
+    table.add_column("modules", justify="right", no_wrap=True)
     table.add_column("size", justify="right", no_wrap=True)
     for p in pairs:
         table.add_row(line(p.key), line(p.base), line(p.aligned), str(len(p.entries)), size(p.nbytes))
@@ -361,8 +362,10 @@ def _render_pairs(pairs: list[PairSummary], console: Console, *, modules: bool) 
     if modules:
         for p in pairs:
             t = Table(title=line("pair ", p.key), title_justify="left")
-            for col in ("module", "operator", "shape", "size"):
-                t.add_column(col, justify="right" if col == "size" else "left")
+            # A narrow console folds a module's name rather than cut it: every part of it stays.
+            t.add_column("module", overflow="fold")
+            for col in ("operator", "shape", "size"):
+                t.add_column(col, justify="right" if col == "size" else "left", no_wrap=True)
             for e in p.entries:
                 label = line(e.module) if e.problem is None else line((f"? ({e.problem})", "yellow"))
                 t.add_row(label, line(e.kind), "×".join(map(str, e.shape)), size(e.nbytes))
@@ -382,8 +385,8 @@ def render_check(result: CheckResult, console: Console) -> None:
 
 def render_inspection(info: Inspection, console: Console) -> None:
     table = Table(title=line("adapter · ", info.adapter), title_justify="left", show_header=False)
-    table.add_column("field", style="bold")
-    table.add_column("value")
+    table.add_column("field", style="bold", no_wrap=True)
+    table.add_column("value", overflow="fold")  # a digest or module name folded, never cut
     ranks = ", ".join(f"r={r} ×{n}" for r, n in info.ranks.items())
     table.add_row("LoRA modules", f"{info.modules} ({ranks})")
     table.add_row("dtypes", ", ".join(f"{d} ×{n}" for d, n in info.dtypes.items()))
