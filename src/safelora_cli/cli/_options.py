@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from ..api import Sort
 
 # The panels of a command's --help, in the order they are shown. Every option names one with
-# ``rich_help_panel=`` (tests/test_help.py holds every command to it); -h/--help joins the last.
+# ``rich_help_panel=`` (tests/test_help.py holds every command to it). -h/--help joins Reports, beside
+# -q (a short name needs a column of its own in a panel), or else the last panel.
 INPUTS = "Inputs"  # what is read: adapters, checkpoints, a config or preset
 SELECTION = "Selection"  # which modules are projected
 OUTPUT = "Output"  # what is written, and whether an existing result may be replaced
@@ -56,7 +57,7 @@ class Command(TyperCommand):
         if option is not None:
             _no_type(option)
             panels = [p.rich_help_panel for p in self.params if isinstance(p, TyperOption) and p.rich_help_panel]
-            option.rich_help_panel = panels[-1] if panels else None
+            option.rich_help_panel = REPORTS if REPORTS in panels else panels[-1] if panels else None
         return option
 
 
