@@ -155,6 +155,12 @@ def test_a_usage_error_on_a_pipe_is_three_plain_lines(cli: Cli, args: tuple[str,
 
 
 @pytest.mark.usefixtures("pipe")
+def test_called_not_to_exit_the_app_raises_its_usage_errors_as_click_does() -> None:
+    with pytest.raises(typer.BadParameter.__mro__[1], match="Did you mean --threshold"):  # Click's UsageError
+        app(["project", "--thresold", "0.3"], standalone_mode=False)
+
+
+@pytest.mark.usefixtures("pipe")
 def test_on_a_terminal_a_usage_error_keeps_its_box_and_the_suggestion(
     cli: Cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,6 +8,7 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from contextvars import ContextVar
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -114,6 +115,9 @@ def errors(sink: Sink | None = None, adapters: Callable[[], list[Path]] = list) 
 # Typer vendors Click (``typer._click``) from 0.26 on and used Click itself before: the usage errors
 # are the classes of whichever module typer.BadParameter comes from.
 _click: ModuleType = sys.modules[typer.BadParameter.__module__]
+# Whether the app was called to exit (the command line) or, with standalone_mode=False, to raise its
+# usage errors to the caller as Click does.
+standalone: ContextVar[bool] = ContextVar("standalone", default=True)
 
 
 @contextmanager
@@ -123,7 +127,8 @@ def usage_errors() -> Iterator[None]:
     A mistyped option names the one it most likely meant ("No such option: --thresold. Did you mean
     --threshold?"). On a pipe or a file an error is three plain lines, the usage, the help hint and
     the error on one line, so a log shows it whole and grep finds it; on a terminal Typer draws its
-    panel. The exit code stays Click's (2 for usage).
+    panel. The exit code stays Click's (2 for usage). Called with standalone_mode=False, the app
+    raises them to its caller instead, as Click does.
     """
     try:
         yield
@@ -142,7 +147,9 @@ def _no_such_option(error: Any) -> str:
 
 def _usage_error(error: Any) -> None:
     """Raise ``error`` for Typer to draw on a terminal; elsewhere print it as three lines and exit."""
-    if isinstance(error, getattr(_click, "NoArgsIsHelpError", ())) or err_console().is_terminal:
+    if not standalone.get() or isinstance(error, getattr(_click, "NoArgsIsHelpError", ())):
+        raise error
+    if err_console().is_terminal:
         raise error
     ctx = error.ctx if isinstance(error, _click.UsageError) else None
     lines = []

@@ -13,7 +13,7 @@ from rich.markup import escape
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from .. import api
-from ._errors import usage_errors
+from ._errors import standalone, usage_errors
 
 if TYPE_CHECKING:
     from ..api import Sort
@@ -85,6 +85,15 @@ class Group(TyperGroup):
             if isinstance(param, TyperOption):
                 _no_type(param)
         return params
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        # Click's main(args, prog_name, complete_var, standalone_mode, ...): standalone_mode is the
+        # fourth, by position or by name.
+        token = standalone.set(bool(args[3]) if len(args) > 3 else kwargs.get("standalone_mode", True))
+        try:
+            return super().main(*args, **kwargs)
+        finally:
+            standalone.reset(token)
 
     def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
         with usage_errors():
