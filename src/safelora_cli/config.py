@@ -150,20 +150,37 @@ def _parse(text: str, where: str, fix: str) -> tuple[object, dict[str, int]]:
     return doc, lines
 
 
-def load_options(text: str, where: str, known: Collection[str], check: ValueCheck | None = None) -> dict[str, Any]:
+def load_options(
+    text: str,
+    where: str,
+    known: Collection[str],
+    check: ValueCheck | None = None,
+    exclusive: Collection[Collection[str]] = (),
+) -> dict[str, Any]:
     """Parse a YAML mapping of option names (``num_layers`` or ``num-layers``) to values.
 
     Unknown keys are an error that names them, so a typo never silently falls back to a default.
-    ``check``, when given, vets each value; the first refusal names the file, line and key.
+    Two keys of one group of ``exclusive`` are an error that names both lines. ``check``, when
+    given, vets each value; the first refusal names the file, line and key.
     """
     doc, lines = _parse(text, where, _FIX)
     options = _checked({} if doc is None else doc, where, known, lines)
+    for group in exclusive:
+        _one_of(group, where, lines)
     if check is not None:
         for key, value in options.items():
             reason = check(key, value)
             if reason is not None:
                 raise ConfigError(f"{_at(where, lines, key)}: {key}: {reason}")
     return options
+
+
+def _one_of(group: Collection[str], where: str, lines: Mapping[str, int]) -> None:
+    """At most one key of ``group`` in a file: the second, by line, is refused, naming the first."""
+    given = sorted((line, key) for key, line in lines.items() if key.replace("-", "_") in group)
+    if len(given) > 1:
+        (first_line, first), (line, key) = given[0], given[1]
+        raise ConfigError(f"{where}:{line}: {key}: give {first} or {key}, not both ({first} is on line {first_line})")
 
 
 def checked_options(doc: object, where: str, known: Collection[str]) -> dict[str, Any]:
@@ -197,7 +214,9 @@ def _checked(doc: object, where: str, known: Collection[str], lines: Mapping[str
     return options
 
 
-def load_file(path: Path, known: Collection[str], check: ValueCheck | None = None) -> dict[str, Any]:
+def load_file(
+    path: Path, known: Collection[str], check: ValueCheck | None = None, exclusive: Collection[Collection[str]] = ()
+) -> dict[str, Any]:
     """``load_options`` for a file on disk: a regular file of at most ``MAX_BYTES``, in UTF-8.
 
     A file that cannot be read as such (missing, a FIFO or device, too large, an OS error) is an
@@ -209,7 +228,7 @@ def load_file(path: Path, known: Collection[str], check: ValueCheck | None = Non
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise ConfigError(f"{path}:{line}: not UTF-8 (byte {e.start}); save the config as UTF-8") from None
-    return load_options(text, str(path), known, check)
+    return load_options(text, str(path), known, check, exclusive)
 
 
 @dataclass(frozen=True)

@@ -141,7 +141,7 @@ def layered(
             layers.append(_api_names(_parsed(found, parse), "config"))
         else:
             where = os.fspath(config_doc)
-            found = config.load_file(Path(where), known_keys(), check)
+            found = config.load_file(Path(where), known_keys(), check, exclusive=(MODE_KEYS,))
             layers.append(_api_names(_parsed(found, parse), where))
     if preset is not None:
         chosen = config.checked_options(config.preset(preset).options, f"preset {preset}", known_keys())

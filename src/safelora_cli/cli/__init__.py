@@ -11,9 +11,10 @@ import typer
 
 from .._version import __version__
 from . import cache, check, demo, project, sign
-from ._options import Command
+from ._options import Command, Group
 
 app = typer.Typer(
+    cls=Group,
     help="Safe LoRA for PEFT adapters: project each LoRA update onto the alignment subspace of "
     "W_aligned − W_base when it looks unlike it. Exit codes: 0 done, 1 input or I/O error, 2 usage, "
     "3 (check only) not sanitized against the pair or modified since.",

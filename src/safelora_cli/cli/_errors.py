@@ -8,7 +8,9 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from contextvars import ContextVar
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import typer
@@ -108,6 +110,56 @@ def errors(sink: Sink | None = None, adapters: Callable[[], list[Path]] = list) 
         debug(e)
         print_error(f"unexpected {e.__class__.__name__}: {str(e)[:200]}; set SAFELORA_DEBUG=1 for the traceback")
         raise typer.Exit(1) from None
+
+
+# Typer vendors Click (``typer._click``) from 0.26 on and used Click itself before: the usage errors
+# are the classes of whichever module typer.BadParameter comes from.
+_click: ModuleType = sys.modules[typer.BadParameter.__module__]
+# Whether the app was called to exit (the command line) or, with standalone_mode=False, to raise its
+# usage errors to the caller as Click does.
+standalone: ContextVar[bool] = ContextVar("standalone", default=True)
+
+
+@contextmanager
+def usage_errors() -> Iterator[None]:
+    """Click's usage errors as the command line words them.
+
+    A mistyped option names the one it most likely meant ("No such option: --thresold. Did you mean
+    --threshold?"). On a pipe or a file an error is three plain lines, the usage, the help hint and
+    the error on one line, so a log shows it whole and grep finds it; on a terminal Typer draws its
+    panel. The exit code stays Click's (2 for usage). Called with standalone_mode=False, the app
+    raises them to its caller instead, as Click does.
+    """
+    try:
+        yield
+    except _click.NoSuchOption as e:
+        _usage_error(_click.UsageError(_no_such_option(e), ctx=e.ctx))
+    except _click.ClickException as e:
+        _usage_error(e)
+
+
+def _no_such_option(error: Any) -> str:
+    """Click lists every close match ("(Possible options: --help, --threshold)"); say the closest."""
+    if not error.possibilities:
+        return str(error.format_message())
+    return f"No such option: {error.option_name}. Did you mean {error.possibilities[0]}?"
+
+
+def _usage_error(error: Any) -> None:
+    """Raise ``error`` for Typer to draw on a terminal; elsewhere print it as three lines and exit."""
+    if not standalone.get() or isinstance(error, getattr(_click, "NoArgsIsHelpError", ())):
+        raise error
+    if err_console().is_terminal:
+        raise error
+    ctx = error.ctx if isinstance(error, _click.UsageError) else None
+    lines = []
+    if ctx is not None:
+        lines.append(" ".join(ctx.get_usage().split()))
+        if ctx.command.get_help_option(ctx) is not None:
+            lines.append(f"Try '{ctx.command_path} {ctx.help_option_names[0]}' for help.")
+    lines.append(f"error: {' '.join(str(error.format_message()).split())}")
+    print("\n".join(lines), file=sys.stderr)
+    raise typer.Exit(error.exit_code) from None
 
 
 def debug(error: BaseException) -> None:

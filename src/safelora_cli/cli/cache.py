@@ -11,10 +11,11 @@ import typer
 from .. import api
 from . import render as rendering
 from ._errors import err_console, errors
-from ._options import Command, JsonOpt, QuietOpt, YesOpt
+from ._options import REPORTS, SELECTION, Command, Group, JsonOpt, QuietOpt, YesOpt
 from .console import line
 
 app = typer.Typer(
+    cls=Group,
     help="The projection cache: each module's operator per (base, aligned) pair, under SAFELORA_CACHE "
     "(default ~/.cache/safelora, or $XDG_CACHE_HOME/safelora); and the backups of originals, under "
     "SAFELORA_BACKUPS (default ~/.local/share/safelora/originals), removed only with --backups.",
@@ -29,13 +30,16 @@ BackupsFlag = Annotated[
         metavar="",
         help="The kept originals instead of the projection cache: each is the only copy of an adapter's "
         "original, restore can no longer bring it back.",
+        rich_help_panel=SELECTION,
     ),
 ]
 
 
 @app.command("ls", cls=Command, epilog="Examples:\n\n  safelora cache ls --modules\n\n  safelora cache ls --json\n")
 def cache_ls(
-    modules: Annotated[bool, typer.Option("--modules", "-m", help="List each pair's modules too.", metavar="")] = False,
+    modules: Annotated[
+        bool, typer.Option("--modules", "-m", help="List each pair's modules too.", metavar="", rich_help_panel=REPORTS)
+    ] = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -43,7 +47,7 @@ def cache_ls(
 
     --json prints {"pairs": [...], "backups": [...]}, every pair with its modules.
     """
-    sink = rendering.Sink(as_json=as_json, quiet=quiet)
+    sink = rendering.Sink(as_json=as_json, quiet=quiet, fit=True)
     with errors(sink):
         found = api.cache_list()
     sink.add(
@@ -122,7 +126,12 @@ def cache_clear(
     backups_: BackupsFlag = False,
     older_than: Annotated[
         float | None,
-        typer.Option(min=0, help="With --backups: only originals kept more than DAYS days ago.", metavar="DAYS"),
+        typer.Option(
+            min=0,
+            help="With --backups: only originals kept more than DAYS days ago.",
+            metavar="DAYS",
+            rich_help_panel=SELECTION,
+        ),
     ] = None,
     yes: YesOpt = False,
     as_json: JsonOpt = False,

@@ -14,7 +14,18 @@ from ..errors import SafeLoraError, UsageError
 from . import render as rendering
 from ._batch import deliver, expanded, interruptible
 from ._errors import after_write, describe, errors
-from ._options import AdapterArgs, AdaptersOpt, JsonLinesOpt, QuietOpt, TokenOpt, adapter_specs, flag
+from ._options import (
+    ADVANCED,
+    INPUTS,
+    OUTPUT,
+    AdapterArgs,
+    AdaptersOpt,
+    JsonLinesOpt,
+    QuietOpt,
+    TokenOpt,
+    adapter_specs,
+    flag,
+)
 
 CHECK_EXAMPLES = """Examples:
 
@@ -30,13 +41,19 @@ def check(
     base: Annotated[
         str | None,
         typer.Option(
-            metavar="REF", help="Also require this base model (a directory or a Hub repo).", show_default=False
+            metavar="REF",
+            help="Also require this base model (a directory or a Hub repo).",
+            show_default=False,
+            rich_help_panel=INPUTS,
         ),
     ] = None,
     aligned: Annotated[
         str | None,
         typer.Option(
-            metavar="REF", help="Also require this aligned model (a directory or a Hub repo).", show_default=False
+            metavar="REF",
+            help="Also require this aligned model (a directory or a Hub repo).",
+            show_default=False,
+            rich_help_panel=INPUTS,
         ),
     ] = None,
     original: Annotated[
@@ -47,6 +64,7 @@ def check(
             "and --aligned again, from the checkpoints' weights (never the shared projection cache), with the "
             "settings the stamp records; it must reproduce the adapter. Needs --base and --aligned.",
             show_default=False,
+            rich_help_panel=INPUTS,
         ),
     ] = None,
     trust_stamp: Annotated[
@@ -55,6 +73,7 @@ def check(
             "--trust-stamp/--no-trust-stamp",
             "Pass an intact stamp without verifying it (the behaviour before 0.2). This only guards against "
             "accidents: anyone who can write the adapter's files can write a stamp that passes.",
+            rich_help_panel=ADVANCED,
         ),
     ] = False,
     public_key: Annotated[
@@ -65,6 +84,7 @@ def check(
             "SAFELORA_PUBLIC_KEYS lists, separated as PATH is). Passes only when one of them signed the "
             "adapter's attestation (safelora.intoto.json), and reports what it attests. Needs safelora[sign].",
             show_default=False,
+            rich_help_panel=INPUTS,
         ),
     ] = None,
     policy: Annotated[
@@ -74,6 +94,7 @@ def check(
             help="What a verified adapter must also meet (YAML: base, aligned, mode, threshold_min, "
             "threshold_max, num_layers_min, projected_min, keys); outside it, exit 3. Needs safelora[sign].",
             show_default=False,
+            rich_help_panel=INPUTS,
         ),
     ] = None,
     token: TokenOpt = None,
@@ -149,10 +170,10 @@ def inspect_(
     as_json: JsonLinesOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Show what an adapter is (modules, ranks, dtypes, size, targets, DoRA…), its provenance, and
+    """Show what an adapter is (modules, ranks, dtypes, size, targets, DoRA or not), its provenance, and
     whether the original of a projected adapter is kept (restore can bring it back)."""
     specs = adapter_specs(adapters, adapter)
-    sink = rendering.Sink(as_json=as_json, quiet=quiet, lines=True)
+    sink = rendering.Sink(as_json=as_json, quiet=quiet, lines=True, fit=True)
     paths = expanded(specs)
     with errors(sink, paths):
         for path in paths():
@@ -181,7 +202,12 @@ def restore(
     adapters: AdapterArgs = None,
     adapter: AdaptersOpt = None,
     force: Annotated[
-        bool, flag("--force/--no-force", "Restore an adapter changed since safelora projected it (losing the change).")
+        bool,
+        flag(
+            "--force/--no-force",
+            "Restore an adapter changed since safelora projected it (losing the change).",
+            rich_help_panel=OUTPUT,
+        ),
     ] = False,
     as_json: JsonLinesOpt = False,
     quiet: QuietOpt = False,

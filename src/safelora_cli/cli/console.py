@@ -46,7 +46,15 @@ class _Console(Console):
         discard(sys.stderr if self.stderr else sys.stdout)
 
 
-def console(*, stderr: bool = False) -> Console:
-    """A console for people: a terminal's own width, or, on a pipe or a file, lines never wrapped."""
+def console(*, stderr: bool = False, fit: bool = False) -> Console:
+    """A console for people: a terminal's own width, or, on a pipe or a file, lines never wrapped.
+
+    ``fit``: on a pipe or a file, as wide as COLUMNS says when it is set (``COLUMNS=80 safelora
+    inspect … > report.txt`` lays its tables out for 80 columns).
+    """
     terminal = _Console(stderr=stderr)
-    return terminal if terminal.is_terminal else _Console(stderr=stderr, width=_UNWRAPPED)
+    if terminal.is_terminal:
+        return terminal
+    columns = os.environ.get("COLUMNS", "")
+    width = int(columns) if fit and columns.isdigit() and int(columns) > 0 else _UNWRAPPED
+    return _Console(stderr=stderr, width=width)

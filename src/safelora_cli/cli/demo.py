@@ -16,7 +16,7 @@ from .. import api
 from ..errors import SafeLoraError
 from . import render as rendering
 from ._errors import errors
-from ._options import JsonLinesOpt, QuietOpt
+from ._options import OUTPUT, JsonLinesOpt, QuietOpt
 from .console import line
 
 EXAMPLES = """Examples:
@@ -35,6 +35,7 @@ def demo(
             help="Build the example in this directory (new or empty) and keep it, to try the other commands on "
             "(default: a temp directory, removed afterwards).",
             show_default=False,
+            rich_help_panel=OUTPUT,
         ),
     ] = None,
     as_json: JsonLinesOpt = False,

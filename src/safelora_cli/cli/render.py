@@ -49,12 +49,13 @@ class Sink:
     ``lines`` (the adapter commands), JSON Lines: one object per adapter, each on a line of its own,
     whatever the count; else one document (an array for several results). ``quiet``: nothing but
     errors (and the JSON with ``as_json``). Errors are always one line on stderr, and in JSON an
-    ``{"adapter", "error"}`` object.
+    ``{"adapter", "error"}`` object. ``fit``: on a pipe, tables take their width from COLUMNS when it
+    is set (``console``).
     """
 
-    def __init__(self, *, as_json: bool, quiet: bool, lines: bool = False) -> None:
+    def __init__(self, *, as_json: bool, quiet: bool, lines: bool = False, fit: bool = False) -> None:
         self.as_json, self.quiet, self.lines = as_json, quiet, lines
-        self.console = make_console(stderr=as_json)
+        self.console = make_console(stderr=as_json, fit=fit)
         self.docs: list[dict[str, Any]] = []
         self.failed = 0
         self._emitted = False
@@ -365,7 +366,7 @@ def _render_pairs(pairs: list[PairSummary], console: Console, *, modules: bool) 
     table.add_column("pair", no_wrap=True)
     table.add_column("base", overflow="fold")
     table.add_column("aligned", overflow="fold")
-    table.add_column("modules", justify="right")
+    table.add_column("modules", justify="right", no_wrap=True)
     table.add_column("size", justify="right", no_wrap=True)
     for p in pairs:
         table.add_row(line(p.key), line(p.base), line(p.aligned), str(len(p.entries)), size(p.nbytes))
@@ -373,8 +374,10 @@ def _render_pairs(pairs: list[PairSummary], console: Console, *, modules: bool) 
     if modules:
         for p in pairs:
             t = Table(title=line("pair ", p.key), title_justify="left")
-            for col in ("module", "operator", "shape", "size"):
-                t.add_column(col, justify="right" if col == "size" else "left")
+            # A narrow console folds a module's name rather than cut it: every part of it stays.
+            t.add_column("module", overflow="fold")
+            for col in ("operator", "shape", "size"):
+                t.add_column(col, justify="right" if col == "size" else "left", no_wrap=True)
             for e in p.entries:
                 label = line(e.module) if e.problem is None else line((f"? ({e.problem})", "yellow"))
                 t.add_row(label, line(e.kind), "×".join(map(str, e.shape)), size(e.nbytes))
@@ -398,8 +401,8 @@ def render_check(result: CheckResult, console: Console, *, by_signature: bool = 
 
 def render_inspection(info: Inspection, console: Console) -> None:
     table = Table(title=line("adapter · ", info.adapter), title_justify="left", show_header=False)
-    table.add_column("field", style="bold")
-    table.add_column("value")
+    table.add_column("field", style="bold", no_wrap=True)
+    table.add_column("value", overflow="fold")  # a digest or module name folded, never cut
     ranks = ", ".join(f"r={r} ×{n}" for r, n in info.ranks.items())
     table.add_row("LoRA modules", f"{info.modules} ({ranks})")
     table.add_row("dtypes", ", ".join(f"{d} ×{n}" for d, n in info.dtypes.items()))

@@ -12,7 +12,7 @@ from ..errors import SafeLoraError, UsageError
 from . import render as rendering
 from ._batch import deliver, expanded, interruptible
 from ._errors import errors
-from ._options import AdapterArgs, AdaptersOpt, JsonOpt, QuietOpt, SignKeyOpt, TokenOpt, adapter_specs
+from ._options import INPUTS, AdapterArgs, AdaptersOpt, JsonLinesOpt, QuietOpt, SignKeyOpt, TokenOpt, adapter_specs
 
 EXAMPLES = """Examples:
 
@@ -33,16 +33,21 @@ def sign(
             help="Verify by recomputation first: this original adapter projected again against --base and "
             "--aligned must reproduce the adapter. Without it, safelora's local record must.",
             show_default=False,
+            rich_help_panel=INPUTS,
         ),
     ] = None,
     base: Annotated[
-        str | None, typer.Option(metavar="REF", help="The base model, for --original.", show_default=False)
+        str | None,
+        typer.Option(metavar="REF", help="The base model, for --original.", show_default=False, rich_help_panel=INPUTS),
     ] = None,
     aligned: Annotated[
-        str | None, typer.Option(metavar="REF", help="The aligned model, for --original.", show_default=False)
+        str | None,
+        typer.Option(
+            metavar="REF", help="The aligned model, for --original.", show_default=False, rich_help_panel=INPUTS
+        ),
     ] = None,
     token: TokenOpt = None,
-    as_json: JsonOpt = False,
+    as_json: JsonLinesOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Sign adapters safelora sanitized, writing safelora.intoto.json beside each.
@@ -57,7 +62,7 @@ def sign(
     specs = adapter_specs(adapters, adapter)
     if len({original is None, base is None, aligned is None}) > 1:
         raise typer.BadParameter("give --original, --base and --aligned together", param_hint="--original")
-    sink = rendering.Sink(as_json=as_json, quiet=quiet)
+    sink = rendering.Sink(as_json=as_json, quiet=quiet, lines=True)
     paths = expanded(specs)
     outcomes: list[api.Signed | SafeLoraError] = []
     with errors(sink, paths), interruptible(paths, in_place=True):
@@ -72,7 +77,7 @@ def sign(
                 e.adapter = path
                 outcomes.append(e)
     deliver(sink, outcomes, api.Signed.to_json, rendering.render_signed)
-    sink.emit(batch=len(outcomes) > 1)
+    sink.emit()
     codes = {o.exit_code for o in outcomes if isinstance(o, SafeLoraError)}
     if codes:
         raise typer.Exit(1 if 1 in codes else max(codes))
