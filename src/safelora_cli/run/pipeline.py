@@ -96,7 +96,7 @@ def _adapter_wait(path: Path) -> str:
 
 def _weight_size(adapter: Adapter, m: LoraModule) -> int:
     """out × in of the weight the adapter's module acts on."""
-    return adapter.header.tensors[m.b_key].shape[0] * adapter.header.tensors[m.a_key].shape[1]
+    return m.out_features * m.in_features
 
 
 def _cached(
