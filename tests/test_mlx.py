@@ -306,3 +306,40 @@ def test_rank_mismatch_between_a_and_b_is_refused(cli: Cli, mlx_dir: Path, pair:
 def test_a_lora_a_without_its_lora_b_is_refused(cli: Cli, mlx_dir: Path, pair: list[str]) -> None:
     rewrite(mlx_dir, lambda t: t.pop("model.layers.2.self_attn.v_proj.lora_b"))
     refused(cli, mlx_dir, pair, "model.layers.2.self_attn.v_proj.lora_a has no matching lora_b")
+
+
+# --- with the rest of safelora -------------------------------------------------------------------
+
+
+def test_check_recomputes_an_mlx_adapter_from_its_original(
+    cli: Cli, mlx_dir: Path, pair: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = Path(shutil.copytree(mlx_dir, tmp_path / "original"))
+    assert cli("project", "--adapter", mlx_dir, *pair, "--threshold", "0.2", "--quiet").exit_code == 0
+    monkeypatch.setenv("SAFELORA_BACKUPS", str(tmp_path / "elsewhere"))  # no local record: recompute
+    result = cli("check", "--adapter", mlx_dir, *pair, "--original", original, "--json")
+    assert result.exit_code == 0, result.stdout
+    assert json.loads(result.stdout)["verified_by"] == "recomputation"
+    rewrite(mlx_dir, lambda t: t["model.layers.3.self_attn.q_proj.lora_b"].mul_(1.5))
+    assert cli("check", "--adapter", mlx_dir, *pair, "--original", original).exit_code == 3
+
+
+def test_a_batch_mixes_mlx_and_peft_adapters(cli: Cli, mlx_dir: Path, adapter_dir: Path, pair: list[str]) -> None:
+    result = cli("project", "--adapter", mlx_dir, "--adapter", adapter_dir, *pair, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert cli("check", "--adapter", mlx_dir, "--adapter", adapter_dir).exit_code == 0
+    assert "safelora.digest" in metadata(mlx_dir)
+
+
+def test_ctrl_c_says_an_mlx_adapter_is_unchanged(
+    cli: Cli, mlx_dir: Path, pair: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safelora_cli.run import pipeline
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "project_adapters", interrupted)
+    result = cli("project", "--adapter", mlx_dir, *pair)
+    assert result.exit_code == 130
+    assert result.stderr == f"interrupted; unchanged: {mlx_dir}\n"
