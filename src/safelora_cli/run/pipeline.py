@@ -367,7 +367,7 @@ def _prepare(
             )
     if adapter.dora:
         if not settings.allow_dora:
-            raise DoraError(f"{adapter.file}: a DoRA adapter (lora_magnitude_vector); Safe LoRA does not define DoRA")
+            raise DoraError(f"{adapter.file}: a DoRA adapter (magnitude vectors); Safe LoRA does not define DoRA")
         run.notes.append("DoRA: lora_B projected, magnitude vectors left unchanged")
     for name in adapter.format.kept_files(adapter) if in_place else ():
         st = adapter.dir.lstat(name)
