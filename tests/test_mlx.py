@@ -343,3 +343,30 @@ def test_ctrl_c_says_an_mlx_adapter_is_unchanged(
     result = cli("project", "--adapter", mlx_dir, *pair)
     assert result.exit_code == 130
     assert result.stderr == f"interrupted; unchanged: {mlx_dir}\n"
+
+
+def test_a_tensor_name_with_a_line_break_stays_on_one_line(cli: Cli, mlx_dir: Path, pair: list[str]) -> None:
+    key = "model.layers.0.self_attn.q\nproj"
+    rewrite(mlx_dir, lambda t: t.update({f"{key}.lora_a": torch.ones(64, 8), f"{key}.lora_b": torch.ones(8, 64)}))
+    refused(cli, mlx_dir, pair, "do not belong together")
+
+
+def test_a_one_dimensional_lora_weight_is_refused(cli: Cli, mlx_dir: Path, pair: list[str]) -> None:
+    key = "model.layers.0.self_attn.q_proj.lora_a"
+    rewrite(mlx_dir, lambda t: t.update({key: torch.ones(512)}))
+    refused(cli, mlx_dir, pair, key, "expected a 2-D LoRA weight")
+
+
+def test_magnitudes_without_any_lora_pair_are_refused(cli: Cli, mlx_dir: Path, pair: list[str]) -> None:
+    save_file({"model.layers.0.self_attn.q_proj.m": torch.ones(64)}, mlx_dir / WEIGHTS)
+    write_config(mlx_dir, mlx_config(lora_parameters=mlx_config()["lora_parameters"] | {"keys": None}))
+    refused(cli, mlx_dir, pair, "no 2-D lora_a/lora_b pairs")
+
+
+def test_a_symlinked_weights_file_is_not_rewritten_in_place(cli: Cli, mlx_dir: Path, pair: list[str]) -> None:
+    target = mlx_dir.parent / "elsewhere.safetensors"
+    (mlx_dir / WEIGHTS).rename(target)
+    (mlx_dir / WEIGHTS).symlink_to(target)
+    before = target.read_bytes()
+    refused(cli, mlx_dir, pair, "is a symbolic link")
+    assert target.read_bytes() == before

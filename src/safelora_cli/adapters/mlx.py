@@ -28,10 +28,11 @@ from .mlx_config import CONFIG_LIMIT, WEIGHTS_FILE, MlxConfig, covered_config, i
 
 _FIX = "pass an MLX-LM adapter directory"
 _SAVE = "train or save it again with mlx-lm"
-_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_a|lora_b|m)$")
-_QUANTIZED = re.compile(r"\.lora_[ab]\.(?:weight|scales|biases)$")
+# Matched whole (fullmatch, DOTALL): a name is what it is to its last character, line breaks included.
+_KEY = re.compile(r"(?P<module>.+)\.(?P<part>lora_a|lora_b|m)", re.S)
+_QUANTIZED = re.compile(r".*\.lora_[ab]\.(?:weight|scales|biases)", re.S)
 # A module inside a block: the first numeric segment is the block's index in the model's layer list.
-_BLOCK = re.compile(r"^(?P<head>(?:[^.]+\.)*?)(?P<index>\d+)\.(?P<rel>.+)$")
+_BLOCK = re.compile(r"(?P<head>(?:[^.]+\.)*?)(?P<index>\d+)\.(?P<rel>.+)", re.S)
 _EMBEDDINGS = frozenset({"embed_tokens", "wte", "word_embeddings", "tok_embeddings"})
 # GPT-2's Conv1D weights: Hugging Face stores them in×out and mlx-lm transposes them on load.
 _CONV1D = frozenset({"c_attn", "c_fc", "c_proj"})
@@ -62,12 +63,12 @@ def parse_weights(
     dora = config.fine_tune_type == "dora"
     seen: set[str] = set()  # every module the file holds LoRA tensors for, embeddings included
     for key, entry in header.tensors.items():
-        if _QUANTIZED.search(key) or (_KEY.match(key) and entry.dtype not in stfile.COMPUTE_DTYPES):
+        if _QUANTIZED.fullmatch(key) or (_KEY.fullmatch(key) and entry.dtype not in stfile.COMPUTE_DTYPES):
             raise AdapterError(
                 f"{file}: {key} is a quantized LoRA tensor ({entry.dtype}); Safe LoRA projects float LoRA "
                 f"weights (a float LoRA on a quantized model is fine): {_SAVE} without quantizing the adapter"
             )
-        m = _KEY.match(key)
+        m = _KEY.fullmatch(key)
         if m is None:
             skipped.append((key, "not a LoRA tensor: passed through"))
             continue
@@ -124,7 +125,7 @@ def _module(file: Path, module: str, parts: dict[str, str], header: stfile.Heade
             f"{file}: {a_key} has rank {rank} but {CONFIG_FILE} says lora_parameters.rank={config.r}; config "
             "and weights do not belong together"
         )
-    block = _BLOCK.match(module)
+    block = _BLOCK.fullmatch(module)
     targeted = module in (config.keys or ()) or (
         block is not None and (config.keys is None or block["rel"] in config.keys)
     )
@@ -150,7 +151,7 @@ def _check_layers(file: Path, modules: list[LoraModule], config: MlxConfig) -> N
 
 def _check_keys(file: Path, seen: set[str], config: MlxConfig) -> None:
     """Every key the config names has LoRA weights: mlx-lm skips a key the model lacks without a word."""
-    rels = {b["rel"] for module in seen if (b := _BLOCK.match(module)) is not None}
+    rels = {b["rel"] for module in seen if (b := _BLOCK.fullmatch(module)) is not None}
     for key in config.keys or ():
         if key not in rels and key not in seen:
             raise AdapterError(
@@ -163,6 +164,12 @@ def _parsed(config: LoraConfig, where: Path) -> MlxConfig:
     if not isinstance(config, MlxConfig):
         raise AdapterError(f"{where}: not an MLX-LM adapter's config; {_FIX}")
     return config
+
+
+def _turned(key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A ``lora_a``/``lora_b`` transposed (mlx-lm's orientation to PEFT's, or back); anything else as it is."""
+    m = _KEY.fullmatch(key)
+    return tensor.T.contiguous() if m is not None and m["part"] != "m" and tensor.ndim == 2 else tensor
 
 
 class MlxFormat:
@@ -217,10 +224,10 @@ class MlxFormat:
         except OSError as e:
             raise AdapterError(safefs.os_error(adapter.source or adapter.file, e)) from None
         t = stfile.tensor_from_bytes(entry, data)
-        return t.T.contiguous() if _KEY.match(key) and t.ndim == 2 else t
+        return _turned(key, t)
 
     def stored(self, adapter: Adapter, key: str, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.T.contiguous() if _KEY.match(key) and tensor.ndim == 2 else tensor
+        return _turned(key, tensor)
 
     def provenance(self, adapter: Adapter) -> dict[str, str]:
         return {k: v for k, v in adapter.header.metadata.items() if k.startswith(PROVENANCE_PREFIX)}
