@@ -243,13 +243,13 @@ def test_weights_for_a_module_the_checkpoint_lacks_are_refused(cli: Cli, mlx_dir
 
 def test_weights_the_config_does_not_target_are_refused(cli: Cli, mlx_dir: Path, pair: list[str]) -> None:
     write_config(mlx_dir, mlx_config(lora_parameters=mlx_config()["lora_parameters"] | {"keys": ["self_attn.q_proj"]}))
-    refused(cli, mlx_dir, pair, "model.layers.0.self_attn.v_proj", "do not belong together")
+    refused(cli, mlx_dir, pair, "model.layers.0.self_attn.v_proj but lora_parameters keys do not name it")
 
 
 def test_a_model_level_module_needs_a_key_naming_it(cli: Cli, mlx_dir: Path, pair: list[str]) -> None:
     write_config(mlx_dir, mlx_config(lora_parameters=mlx_config()["lora_parameters"] | {"keys": None}))
     rewrite(mlx_dir, lambda t: t.update({"lm_head.lora_a": torch.ones(64, 8), "lm_head.lora_b": torch.ones(8, 128)}))
-    refused(cli, mlx_dir, pair, "lm_head", "no keys")
+    refused(cli, mlx_dir, pair, "lm_head", "has no keys, so mlx-lm puts LoRA layers inside the blocks only")
 
 
 @pytest.mark.parametrize(
@@ -370,3 +370,24 @@ def test_a_symlinked_weights_file_is_not_rewritten_in_place(cli: Cli, mlx_dir: P
     before = target.read_bytes()
     refused(cli, mlx_dir, pair, "is a symbolic link")
     assert target.read_bytes() == before
+
+
+def test_the_covered_config_fills_defaults_and_drops_only_the_inert_table(tmp_path: Path) -> None:
+    from safelora_cli.adapters.mlx_config import covered_config
+
+    def covered(config: dict[str, Any]) -> bytes:
+        return covered_config(json.dumps(config).encode(), tmp_path / "adapter_config.json")
+
+    params = {"rank": 8, "scale": 20.0}
+    plain = covered({"num_layers": 4, "lora_parameters": params})
+    assert plain == covered({"lora_layers": 4, "lora_parameters": params | {"dropout": 0.1}, "fine_tune_type": "lora"})
+    assert plain == covered({"num_layers": 4, "lora_parameters": params | {"keys": None}, "seed": 3, "iters": 9})
+    for changed in (
+        {"num_layers": 5, "lora_parameters": params},
+        {"num_layers": 4, "lora_parameters": params | {"scale": 10.0}},
+        {"num_layers": 4, "lora_parameters": params | {"keys": ["self_attn.q_proj"]}},
+        {"num_layers": 4, "lora_parameters": params, "fine_tune_type": "dora"},
+        {"num_layers": 4, "lora_parameters": params, "model": "other"},
+        {"num_layers": 4, "lora_parameters": params, "something_new": 1},
+    ):
+        assert covered(changed) != plain, changed

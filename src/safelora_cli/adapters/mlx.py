@@ -130,10 +130,14 @@ def _module(file: Path, module: str, parts: dict[str, str], header: stfile.Heade
         block is not None and (config.keys is None or block["rel"] in config.keys)
     )
     if not targeted:
-        named = "no keys (only the linear layers inside the blocks)" if config.keys is None else "keys"
+        says = (
+            "has no keys, so mlx-lm puts LoRA layers inside the blocks only"
+            if config.keys is None
+            else "keys do not name it (nor its path inside a block)"
+        )
         raise AdapterError(
-            f"{file}: holds LoRA weights for {module} but lora_parameters has {named} that name it; config and "
-            "weights do not belong together"
+            f"{file}: holds LoRA weights for {module} but lora_parameters {says}; config and weights do not "
+            "belong together"
         )
     layer = int(block["index"]) if block is not None else None
     return LoraModule(module, a_key, b_key, rank, layer, out, inp)
