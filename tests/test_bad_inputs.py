@@ -327,7 +327,7 @@ def _(i: Inputs) -> tuple[str, ...]:
 def _(i: Inputs) -> tuple[str, ...]:
     (i.adapter / CONFIG_FILE).unlink()
     i.project()
-    return str(i.adapter / CONFIG_FILE), "missing", "pass a PEFT adapter directory"
+    return str(i.adapter / CONFIG_FILE), "missing", "or a PEFT adapter directory"
 
 
 @case("adapter_config.json not JSON")
@@ -446,7 +446,7 @@ def _(i: Inputs) -> tuple[str, ...]:
 def _(i: Inputs) -> tuple[str, ...]:
     i.project()
     i.args[i.args.index("--adapter") + 1] = str(i.root / "no" / "such" / "adapter")
-    return str(i.root / "no" / "such" / "adapter"), "does not exist", "pass a PEFT adapter directory"
+    return str(i.root / "no" / "such" / "adapter"), "does not exist", "or a PEFT adapter directory"
 
 
 @case("adapter file a symlink, patched in place")

@@ -40,7 +40,8 @@ def test_an_unknown_directory_gets_one_line_listing_what_is_supported(tmp_path: 
     assert "\n" not in message
     assert message == (
         f"{stray / CONFIG_FILE}: missing; "
-        "pass a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)"
+        "pass an MLX-LM adapter directory (adapter_config.json + adapters.safetensors) "
+        "or a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)"
     )
     assert all(fmt.expects in message for fmt in adapters.formats())
 
@@ -50,4 +51,6 @@ def test_an_unknown_file_is_refused_in_one_line_naming_what_to_pass(tmp_path: Pa
     stray.write_bytes(b"GGUF" + b"\0" * 16)
     with pytest.raises(AdapterError) as info, adapters.opened(stray):
         pass
-    assert str(info.value) == f"{stray}: is not a directory; pass a PEFT adapter directory"
+    assert str(info.value) == (
+        f"{stray}: is not a directory; pass an MLX-LM adapter directory or a PEFT adapter directory"
+    )

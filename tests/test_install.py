@@ -38,6 +38,7 @@ def install(
         **os.environ,
         "PYTHON": python,
         "VENV": str(tmp_path / "venv"),
+        "MLX_VENV": str(tmp_path / "venv-mlx"),
         "TORCH": PIN,
         "TORCH_INDEX": index,
         "no_proxy": "*",
@@ -53,13 +54,15 @@ def commands(stdout: str) -> list[list[str]]:
 
 def planned(tmp_path: Path, *torch_options: str) -> list[list[str]]:
     """The commands of an install into ``tmp_path/venv`` whose torch step has ``torch_options``."""
-    venv = tmp_path / "venv"
+    venv, mlx = tmp_path / "venv", tmp_path / "venv-mlx"
     pip = str(venv / "bin" / "pip")
     return [
         [sys.executable, "-m", "venv", str(venv)],
         [pip, "install", "--quiet", "--upgrade", "pip"],
         [pip, "install", "--quiet", *torch_options, PIN],
         [pip, "install", "--quiet", "-e", ".[test]"],
+        [sys.executable, "-m", "venv", str(mlx)],
+        [str(mlx / "bin" / "pip"), "install", "--quiet", "mlx[cpu]==0.32.4", "mlx-lm==0.32.2"],
         [str(venv / "bin" / "python"), ".ci/torch-build"],
     ]
 

@@ -664,7 +664,10 @@ def _open_adapters(specs: Sequence[StrPath]) -> Iterator[list[adapter_io.Named]]
 
 
 def weights_file(adapter: Path) -> Path:
-    """The file ``project`` and ``restore`` rewrite in an adapter directory."""
+    """The file ``project`` and ``restore`` rewrite in an adapter directory: PEFT's, else MLX-LM's
+    when only that is there (by name alone: this never opens the adapter)."""
+    from .adapters.mlx_config import WEIGHTS_FILE
     from .adapters.peft_config import ADAPTER_FILE
 
-    return adapter / ADAPTER_FILE
+    peft, mlx = adapter / ADAPTER_FILE, adapter / WEIGHTS_FILE
+    return mlx if not os.path.lexists(peft) and os.path.lexists(mlx) else peft

@@ -20,6 +20,7 @@ from .base import PROVENANCE_PREFIX, Adapter, AdapterFormat, LoraModule
 from .digest import file_digest
 from .location import open_location, rewrite_lock
 from .lora_config import LoraConfig
+from .mlx import MLX
 from .peft import PEFT
 from .specs import Named, expand
 
@@ -66,7 +67,7 @@ def format_of(location: safefs.Directory) -> AdapterFormat:
     for fmt in _FORMATS:
         if fmt.detect(location):
             return fmt
-    lacks = "; ".join(f.lacks(location) for f in _FORMATS)
+    lacks = "; ".join(dict.fromkeys(f.lacks(location) for f in _FORMATS))
     supported = " or ".join(f"{f.expects} ({f.holds})" for f in _FORMATS)
     raise AdapterError(f"{lacks}; pass {supported}")
 
@@ -105,4 +106,6 @@ def open_all(paths: Sequence[str | os.PathLike[str]]) -> Iterator[list[specs.Nam
         yield named
 
 
+# MLX-LM first: its config is an adapter_config.json too, which PEFT claims whatever it holds.
+register(MLX)
 register(PEFT)

@@ -39,6 +39,8 @@ class LoraModule:
     b_key: str
     rank: int
     layer: int | None
+    out_features: int  # the weight the module adapts is out_features×in_features
+    in_features: int
 
 
 class Weights(NamedTuple):
@@ -156,6 +158,10 @@ class AdapterFormat(Protocol):
 
     def tensor(self, adapter: Adapter, key: str) -> torch.Tensor:
         """One tensor of ``adapter``, A as r×in and B as out×r whatever the file holds."""
+        ...
+
+    def stored(self, adapter: Adapter, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor``, in the orientation ``tensor`` gives, as the weights file stores ``key``."""
         ...
 
     def provenance(self, adapter: Adapter) -> dict[str, str]:

@@ -23,7 +23,6 @@ from ..io.ranges import Data
 from .base import Adapter
 from .location import ENVELOPE_SUFFIX
 from .lora_config import CONFIG_FILE
-from .peft_config import ADAPTER_FILE
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -58,7 +57,7 @@ def write_output(
                             f"{output}: write failed ({e.strerror}) while replacing its files; some may be new, "
                             "some old. Free some space, then run again"
                         ) from None
-                    return output / ADAPTER_FILE
+                    return output / adapter.file.name
         return _assemble(adapter, parent, output, chunks, mode, notes)
 
 
@@ -124,31 +123,34 @@ def _assemble(
         raise AdapterError(
             f"{output}: written, but syncing {parent.path} failed ({e.strerror}); a crash may still undo the write"
         ) from None
-    return output / ADAPTER_FILE
+    return output / adapter.file.name
 
 
 def _fill(adapter: Adapter, out: safefs.Directory, chunks: list[Data], mode: int, notes: list[str]) -> None:
     """Write the adapter's files into ``out`` (the other files, the config as read, then the weights)
     and sync it; raises ``OSError``."""
-    _copy_tree(adapter.dir, out, _allowed_roots(adapter.dir), notes, depth=0)
+    _copy_tree(adapter.dir, out, _allowed_roots(adapter.dir), notes, (adapter.file.name, CONFIG_FILE), depth=0)
     atomic.write_file(out, CONFIG_FILE, [adapter.config_bytes], adapter.config_mode)
-    atomic.write_file(out, ADAPTER_FILE, chunks, mode)
+    atomic.write_file(out, adapter.file.name, chunks, mode)
     ranges.fsync(out.fd)
 
 
 _MAX_DEPTH = 16  # subdirectories copied into --output; deeper ones are skipped with a note
 
 
-def _copy_tree(src: safefs.Directory, dst: safefs.Directory, roots: list[Path], notes: list[str], depth: int) -> None:
+def _copy_tree(
+    src: safefs.Directory, dst: safefs.Directory, roots: list[Path], notes: list[str], skip: tuple[str, ...], depth: int
+) -> None:
     """Copy what belongs to the adapter from ``src`` into ``dst``: regular files, subdirectories (not
     links to them), and a symlink only when what it opens is a regular file inside one of ``roots``
-    (the adapter directory; for a Hugging Face cache snapshot, that repo's ``blobs/`` too). Anything
+    (the adapter directory; for a Hugging Face cache snapshot, that repo's ``blobs/`` too), but not the
+    top-level files in ``skip`` (the weights and config, written afresh). Anything
     else — a link to outside, to a directory, a loop, a FIFO or device — is skipped with a note.
     Raises ``OSError`` when writing fails.
     """
     for name in src.names():
         # An attestation travels only by being signed again (the run signs the copy, or leaves it unsigned).
-        if (depth == 0 and (name in (ADAPTER_FILE, CONFIG_FILE) or name.endswith(ENVELOPE_SUFFIX))) or TMP_MARK in name:
+        if (depth == 0 and (name in skip or name.endswith(ENVELOPE_SUFFIX))) or TMP_MARK in name:
             continue
         where = src.path / name
         st = src.lstat(name)
@@ -160,7 +162,7 @@ def _copy_tree(src: safefs.Directory, dst: safefs.Directory, roots: list[Path], 
                 continue
             _make_subdir(dst, name)
             with _open_subdir(src.fd, name, where) as sub_src, _open_subdir(dst.fd, name, dst.path / name) as sub_dst:
-                _copy_tree(sub_src, sub_dst, roots, notes, depth + 1)
+                _copy_tree(sub_src, sub_dst, roots, notes, skip, depth + 1)
             continue
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
             notes.append(f"output: skipped {where}: {safefs.kind(st.st_mode)}, not a regular file")

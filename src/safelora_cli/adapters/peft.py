@@ -117,6 +117,9 @@ class PeftFormat:
             raise AdapterError(safefs.os_error(adapter.source or adapter.file, e)) from None
         return stfile.tensor_from_bytes(entry, data)
 
+    def stored(self, adapter: Adapter, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
     def provenance(self, adapter: Adapter) -> dict[str, str]:
         return {k: v for k, v in adapter.header.metadata.items() if k.startswith(PROVENANCE_PREFIX)}
 

@@ -232,7 +232,7 @@ def _module(
             f"{file}: holds LoRA weights for {show(module)} but {named} does not name it; config and weights do "
             "not belong together"
         )
-    return LoraModule(module, a_key, b_key, rank, layer)
+    return LoraModule(module, a_key, b_key, rank, layer, b.shape[0], a.shape[1])
 
 
 # What the stamp covers of adapter_config.json (``covered_config``), deny-by-default: the whole parsed

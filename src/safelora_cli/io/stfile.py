@@ -145,7 +145,8 @@ def parse_header(raw: bytes, where: str, file_size: int | None) -> Header:
     """Validate a header's JSON (``raw`` excludes the 8-byte length) against the file's size.
 
     Everything the safetensors library refuses is refused (``FormatError``), and more: duplicate
-    tensor names or metadata keys, ``__metadata__: null``, and what ``strict.loads`` refuses.
+    tensor names or metadata keys, and what ``strict.loads`` refuses. ``__metadata__: null``, which mlx
+    writes for a file without metadata, reads as no metadata, as the library reads it.
     """
     data_start = 8 + len(raw)
     try:
@@ -154,7 +155,8 @@ def parse_header(raw: bytes, where: str, file_size: int | None) -> Header:
         raise FormatError(f"{where}: header is not valid JSON ({e}); {CORRUPT}") from None
     if not isinstance(doc, dict):
         raise FormatError(f"{where}: header is not a JSON object; {CORRUPT}")
-    metadata = doc.pop("__metadata__", {})
+    metadata = doc.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise FormatError(f"{where}: __metadata__ must map strings to strings; {CORRUPT}")
     tensors = {name: _entry(name, info, where, data_start) for name, info in doc.items()}

@@ -17,8 +17,7 @@ from ..results import Backup, SourceInfo
 
 def _check_weight_shape(adapter: Adapter, m: LoraModule, label: str, shape: tuple[int, ...]) -> None:
     """The checkpoint weight (as stored) must be the matrix the adapter's A and B act on."""
-    out = adapter.header.tensors[m.b_key].shape[0]
-    inp = adapter.header.tensors[m.a_key].shape[1]
+    out, inp = m.out_features, m.in_features
     expected = (inp, out) if adapter.config.fan_in_fan_out else (out, inp)
     if len(shape) != 2 or tuple(shape) != expected:
         layout = "in×out (fan_in_fan_out)" if adapter.config.fan_in_fan_out else "out×in"

@@ -102,7 +102,7 @@ def _adapter_wait(path: Path) -> str:
 
 def _weight_size(adapter: Adapter, m: LoraModule) -> int:
     """out × in of the weight the adapter's module acts on."""
-    return adapter.header.tensors[m.b_key].shape[0] * adapter.header.tensors[m.a_key].shape[1]
+    return m.out_features * m.in_features
 
 
 def _cached(
@@ -439,7 +439,7 @@ def _prepare(
             )
     if adapter.dora:
         if not settings.allow_dora:
-            raise DoraError(f"{adapter.file}: a DoRA adapter (lora_magnitude_vector); Safe LoRA does not define DoRA")
+            raise DoraError(f"{adapter.file}: a DoRA adapter (magnitude vectors); Safe LoRA does not define DoRA")
         run.notes.append("DoRA: lora_B projected, magnitude vectors left unchanged")
     for name in adapter.format.kept_files(adapter) if in_place else ():
         st = adapter.dir.lstat(name)

@@ -12,7 +12,6 @@ import stat
 from collections.abc import Callable
 
 from ..adapters import PROVENANCE_PREFIX, Adapter, load_adapter, rewrite_lock
-from ..adapters.peft_config import ADAPTER_FILE
 from ..errors import BackupError, SafeLoraError
 from ..io import atomic, ranges, safefs
 from ..outputs import card
@@ -60,7 +59,8 @@ def restore(
                     "was removed, or kept under another SAFELORA_BACKUPS"
                 )
             require_bound(adapter, backup, store, force, "restoring")
-            st = directory.lstat(ADAPTER_FILE)
+            name = adapter.file.name
+            st = directory.lstat(name)
             if st is not None and stat.S_ISLNK(st.st_mode):
                 raise BackupError(
                     f"{adapter.file}: is a symbolic link, and restoring in place would replace the link, not its "
@@ -68,7 +68,7 @@ def restore(
                 )
             with store.open(backup) as original:
                 chunks = [ranges.FileRange(original.fileno(), 0, backup.nbytes)]
-                atomic.replace(directory, ADAPTER_FILE, chunks, adapter.stat.st_mode & 0o777, expect=adapter.stat)
+                atomic.replace(directory, name, chunks, adapter.stat.st_mode & 0o777, expect=adapter.stat)
             try:
                 unsign(adapter)  # it described the projection
             except SafeLoraError as e:
