@@ -159,10 +159,12 @@ def project(
 
     The keyword options are the fields of ``Options`` (``base``, ``aligned``, ``threshold``,
     ``num_layers``, ``output``, ``dry_run``, ``precision``, ``device``, ``cache``, ``backup``,
-    ``force``, ``allow_dora``, ``model_card``, ``token``, ``connections``, the revisions), with its
-    defaults. As ``safelora project``: the adapter's ``adapter_model.safetensors`` is rewritten in
+    ``force``, ``allow_dora``, ``model_card``, ``token``, ``connections``, ``allow_checkpoint``, the
+    revisions), with its defaults. As ``safelora project``: the adapter's ``adapter_model.safetensors`` is rewritten in
     place (atomically, after its original is kept in the backup store unless ``backup=False``), or
     written to ``output`` as a complete adapter directory, or nothing is written (``dry_run``).
+    A Trainer checkpoint is not rewritten in place unless ``allow_checkpoint`` (``CheckpointError``),
+    and from one ``output`` takes the adapter's files only, never the training state.
     ``base`` and ``aligned`` are local directories or Hub repo ids (``org/name[@revision]``);
     ``aligned`` defaults to the adapter config's ``base_model_name_or_path`` and ``base`` to the
     preset whose aligned model that is. Threshold mode projects every module whose rounded

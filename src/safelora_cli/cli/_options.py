@@ -150,6 +150,13 @@ AllowDoraOpt = Annotated[
     bool,
     flag("--allow-dora/--no-allow-dora", "Project lora_B of a DoRA adapter; magnitudes are left unchanged."),
 ]
+AllowCheckpointOpt = Annotated[
+    bool,
+    flag(
+        "--allow-checkpoint/--no-allow-checkpoint",
+        "Rewrite the adapter of a Trainer checkpoint in place (resuming then continues from projected weights).",
+    ),
+]
 NoBackupOpt = Annotated[
     bool,
     flag(

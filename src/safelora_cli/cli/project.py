@@ -22,6 +22,7 @@ from ._options import (
     AdaptersOpt,
     AlignedOpt,
     AlignedRevisionOpt,
+    AllowCheckpointOpt,
     AllowDoraOpt,
     BaseOpt,
     BaseRevisionOpt,
@@ -90,6 +91,7 @@ def project(
     plot: PlotOpt = None,
     sort: SortOpt = "layer",
     projected_only: ProjectedOnlyOpt = False,
+    allow_checkpoint: AllowCheckpointOpt = False,
 ) -> None:
     """Project a LoRA adapter (Safe LoRA): for each module, B ← C·B when its similarity is low.
 

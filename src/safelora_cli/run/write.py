@@ -6,10 +6,12 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from .._version import __version__
 from ..adapters import PROVENANCE_PREFIX
 from ..adapters.digest import DIGEST_KEY, STAMP_VERSION, VERSION_KEY, stamp_digest
-from ..errors import AdapterError, SafeLoraError
+from ..errors import AdapterError, NumericError, SafeLoraError
 from ..io import safefs
 from ..outputs import card
 from ..outputs.report import Report
@@ -51,6 +53,20 @@ def layers_provenance(layers: list[LayerResult]) -> str:
     )
 
 
+def _representable(projected: torch.Tensor, dtype: torch.dtype, file: Path, key: str) -> torch.Tensor:
+    """``projected`` cast to the adapter's ``dtype``; ``NumericError`` when a value does not fit it
+    (C·B can exceed the largest float16 or bfloat16 B holds: C is not a projection)."""
+    cast = projected.to(dtype)
+    if not bool(torch.isfinite(cast).all()):
+        largest = float(projected.abs().max())
+        raise NumericError(
+            f"{file}: {key}: the projected lora_B does not fit {str(dtype).removeprefix('torch.')} (largest value "
+            f"{largest:.4g}, the dtype holds up to {torch.finfo(dtype).max:.4g}); nothing was written. Save the "
+            "adapter in float32 and run again"
+        )
+    return cast
+
+
 def finish(
     run: Run,
     settings: Settings,
@@ -69,12 +85,12 @@ def finish(
         LayerResult(m.module, m.layer, r.similarity, c, r.reason, r.norm_ratio, run.found[m.module][1])
         for m, r, c in zip(modules, results, chosen, strict=True)
     ]
-    if settings.dry_run:
-        return report(run, layers, tau, False)
     replacements = {}
     for m, r, c in zip(modules, results, chosen, strict=True):
         if c and r.projected_b is not None:
-            replacements[m.b_key] = r.projected_b.to(adapter.tensor(m.b_key).dtype)
+            replacements[m.b_key] = _representable(r.projected_b, adapter.tensor(m.b_key).dtype, adapter.file, m.b_key)
+    if settings.dry_run:
+        return report(run, layers, tau, False)
     provenance = {
         PROVENANCE_PREFIX + "version": __version__,
         PROVENANCE_PREFIX + "base": base_info.identity,
