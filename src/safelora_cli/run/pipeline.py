@@ -24,7 +24,7 @@ from ..adapters import (
     load_adapter,
     rewrite_lock,
 )
-from ..adapters.digest import normalized_names
+from ..adapters.digest import DIGEST_KEY, normalized_names
 from ..errors import (
     AlreadyProjectedError,
     DeviceError,
@@ -47,7 +47,7 @@ from .batch import Group, Run
 from .binding import require_bound
 from .guards import refuse_unsafe_targets
 from .stages import Job, prefetch, share_cores
-from .write import finish, same_run
+from .write import finish, refresh_card, same_run
 
 # Called after each module with its (unselected) result and the number of modules in the run.
 OnModule = Callable[[LayerResult, int], None] | None
@@ -350,6 +350,8 @@ def _prepare(
             run.notes.append("already projected with this pair and these settings: nothing to do")
             tau = adapter.provenance_value("threshold", "null", (int, float, type(None)))
             run.outcome = report(run, _recorded_layers(adapter), tau, False)
+            if in_place:  # a card left describing other weights is brought in step with these
+                refresh_card(adapter.dir, None, run.outcome, previous[DIGEST_KEY], asked=settings.model_card)
             return
         original = store.find(previous.get(PROVENANCE_PREFIX + "original"))
         if original is not None:

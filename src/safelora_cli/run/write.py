@@ -121,8 +121,7 @@ def finish(
         adapter, replacements, provenance, settings.output, overwrite_output=settings.force, notes=run.notes
     )
     result = report(run, layers, tau, True)
-    if settings.model_card:
-        _write_card(adapter.dir, settings.output, result)
+    refresh_card(adapter.dir, settings.output, result, provenance[DIGEST_KEY], asked=settings.model_card)
     return result
 
 
@@ -143,14 +142,19 @@ def _record(store: BackupStore, provenance: dict[str, str], settings: Settings, 
         run.notes.append(f"no local record kept ({e}): check on this machine cannot verify this adapter")
 
 
-def _write_card(source: safefs.Directory, output: Path | None, report: Report) -> None:
-    """The model card's Safe LoRA section, in the adapter's README.md (or the output's): after the
-    adapter is written, so a card that cannot be written is a note, not a failed run."""
+def refresh_card(source: safefs.Directory, output: Path | None, report: Report, digest: str, *, asked: bool) -> None:
+    """The model card beside the adapter just written (the source's in place, or the output's), kept
+    describing it (``card.refresh_card``). After the weights are written: a card that cannot be
+    brought in step is an ``AdapterError`` (the run fails), since a card that describes other
+    weights is worse than none, while the weights stay written."""
     try:
         if output is None:
-            card.write_card(source, report)
+            card.refresh_card(source, report, digest, asked=asked)
         else:
             with safefs.Directory(output, AdapterError) as directory:
-                card.write_card(directory, report)
+                card.refresh_card(directory, report, digest, asked=asked)
     except SafeLoraError as e:
-        report.notes.append(f"model card not written: {e}")
+        raise AdapterError(
+            f"{e}; the adapter's weights were written, but its model card ({card.CARD_FILE}) could not be "
+            "brought in step with them"
+        ) from None
