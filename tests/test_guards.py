@@ -83,6 +83,14 @@ def test_a_checkpoint_is_refused_in_place_even_with_force(
     assert tree(adapter_dir) == before
 
 
+def test_a_checkpoint_is_refused_before_any_checkpoint_is_opened(cli: Cli, checkpoint: Path, tmp_path: Path) -> None:
+    before = tree(checkpoint)
+    r = cli("project", checkpoint, "--base", tmp_path / "absent", "--aligned", "org/not-even-looked-up", "-q")
+    assert r.exit_code == 2
+    assert "trainer_state.json" in one_error(r)
+    assert tree(checkpoint) == before
+
+
 def test_allow_checkpoint_rewrites_it_in_place(cli: Cli, llama_pair: Pair, checkpoint: Path) -> None:
     before = tree(checkpoint)
     r = project(cli, llama_pair, checkpoint, "--allow-checkpoint")

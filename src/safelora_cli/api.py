@@ -259,7 +259,8 @@ def _project(
     specs: Sequence[StrPath], options: Options, events: Events
 ) -> tuple[list[Report | SafeLoraError], list[Path]]:
     from . import sources
-    from .run import pipeline
+    from .run import guards, pipeline
+    from .stores.backups import BackupStore
     from .stores.cache import ProjectionCache
 
     settings = _settings(options)
@@ -273,6 +274,7 @@ def _project(
                 store = None
         hub = sources.Hub.from_env(options.token, store.refs if store is not None else None, options.connections)
         adapters = stack.enter_context(_open_adapters(specs))
+        guards.refuse_unsafe_targets(adapters, settings, BackupStore())  # before a checkpoint is opened
         aligned = os.fspath(options.aligned) if options.aligned else _aligned_default(adapters, notes)
         base = os.fspath(options.base) if options.base else _base_from_preset(aligned, notes)
         _note_swapped(base, aligned, adapters, notes)

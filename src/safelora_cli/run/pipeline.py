@@ -45,7 +45,6 @@ from ..stores.cache import CorruptEntry, PairCache
 from .audit import recorded_infos, source_info, verified_by_record
 from .batch import Group, Run
 from .binding import require_bound
-from .guards import refuse_unsafe_targets
 from .stages import Job, prefetch, share_cores
 from .write import finish, refresh_card, same_run
 
@@ -232,7 +231,6 @@ def project_adapters(
     adapter's original back to a run that projects it again.
     """
     store = backups if backups is not None else BackupStore()
-    refuse_unsafe_targets(adapters, settings, store)
     started = time.perf_counter()
     shared_notes = list(notes or [])
     if cache is not None and settings.precision != "float32":
