@@ -390,3 +390,18 @@ def test_a_card_that_cannot_be_refreshed_after_the_write_fails_the_run(
     assert len(lines) == 1 and str(adapter_dir / CARD_FILE) in lines[0], r.stderr
     assert stamp_digest_of(adapter_dir)  # the weights stay written
     assert elsewhere.read_text() == "# not the adapter's\n"
+
+
+def test_a_card_safelora_could_not_have_written_is_left_alone_when_not_asked(
+    cli: Callable[..., Result], llama_pair: tuple[Path, Path], adapter_dir: Path, tmp_path: Path
+) -> None:
+    """A README.md that is a link (as in a Hugging Face cache snapshot) holds no section of safelora's:
+    a rewrite without --model-card leaves it, and succeeds."""
+    base, aligned = llama_pair
+    elsewhere = tmp_path / "elsewhere.md"
+    elsewhere.write_text("# shared card\n")
+    (adapter_dir / CARD_FILE).unlink()
+    (adapter_dir / CARD_FILE).symlink_to(elsewhere)
+    r = cli("project", adapter_dir, "--base", base, "--aligned", aligned, "--num-layers", 2, "-q")
+    assert r.exit_code == 0, r.stderr
+    assert (adapter_dir / CARD_FILE).is_symlink() and elsewhere.read_text() == "# shared card\n"

@@ -373,9 +373,15 @@ def refresh_card(directory: safefs.Directory, report: Report, digest: str, *, as
     it as it is). Otherwise a section that names another digest (or none) is refreshed from
     ``report`` when the adapter has projected modules, and taken out (with what safelora added) when
     it has none or the report cannot say; a card without a section, or with this adapter's, is left
-    as it is. Raises ``AdapterError``.
+    as it is, and so is one that is not a card safelora could have written (a link, not a regular
+    file, not UTF-8 text, too large). Raises ``AdapterError``.
     """
     where = directory.path / CARD_FILE
+    if not asked:
+        try:
+            _read(directory)
+        except AdapterError:
+            return
 
     def change(text: str | None) -> str | None:
         if asked and report.layers:
