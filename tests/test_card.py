@@ -8,13 +8,16 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
 from support.run import project_adapter
+from typer.testing import Result
 
 from safelora_cli.api import Report
 from safelora_cli.errors import AdapterError
@@ -23,15 +26,23 @@ from safelora_cli.outputs import card
 from safelora_cli.outputs.card import (
     CARD_FILE,
     card_section,
+    refresh_card,
     remove_card_section,
     with_section,
     without_section,
-    write_card,
 )
 from safelora_cli.results import Settings
 from safelora_cli.sources import open_local
 
-BEGIN = re.compile(r"<!-- safelora:begin(?: added=[a-z-]+)? -->")
+DIGEST = "ab" * 32
+
+
+def write_card(directory: safefs.Directory, report: Report) -> None:
+    """What ``--model-card`` does once the adapter (here with a made-up stamp digest) is written."""
+    refresh_card(directory, report, DIGEST, asked=True)
+
+
+BEGIN = re.compile(r"<!-- safelora:begin(?: added=[a-z-]+)?(?: digest=[0-9a-f]+)? -->")
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +220,7 @@ def test_write_card_creates_updates_and_removes(report: Report, tmp_path: Path) 
     with safefs.Directory(tmp_path, AdapterError) as directory:
         write_card(directory, report)
         created = (tmp_path / CARD_FILE).read_text()
-        assert created == with_section(None, card_section(report))
+        assert created == with_section(None, card_section(report, DIGEST))
         remove_card_section(directory)
         assert not (tmp_path / CARD_FILE).exists()
         (tmp_path / CARD_FILE).write_text("# mine\n")
@@ -263,9 +274,9 @@ def test_a_card_changed_while_running_is_not_overwritten(
     readme.write_text("# v1\n")
     real = card.card_section
 
-    def racing(r: Report) -> str:
+    def racing(r: Report, digest: str | None = None) -> str:
         readme.write_text("# v2, saved by the author meanwhile\n")
-        return real(r)
+        return real(r, digest)
 
     monkeypatch.setattr(card, "card_section", racing)
     with safefs.Directory(tmp_path, AdapterError) as directory, pytest.raises(AdapterError, match="changed on disk"):
@@ -298,3 +309,99 @@ def test_a_fifo_card_is_refused_without_blocking(tmp_path: Path) -> None:
         f"{tmp_path / CARD_FILE}: is a FIFO, not a regular file; "
         "replace it with a regular file, or write the adapter to another output directory"
     )
+
+
+# ---- a card that never goes stale ----
+
+HUB_FRONT_MATTER = re.compile(r"^(\s*---[\r\n]+)([\S\s]*?)([\r\n]+---(\r\n|\n|$))")  # huggingface_hub's own
+
+
+@pytest.mark.parametrize("lead", ["\n", "\n\n", "   \n\t\n", "\r\n", "  "])
+def test_front_matter_after_blank_lines_is_the_one_edited(report: Report, lead: str) -> None:
+    """The Hub finds front matter after blank or whitespace-only lines: it gets the tag, and no
+    second front matter is put in front of it (which would hide the author's license and tags)."""
+    text = f"{lead}---\nlicense: mit\ntags:\n- a\n---\n# body\n"
+    new = with_section(text, card_section(report))
+    found = HUB_FRONT_MATTER.search(new)
+    assert found is not None
+    assert yaml.safe_load(found[2]) == {"license": "mit", "tags": ["a", "safelora"]}
+    assert new.startswith(lead) and new.count("---\n") == 2
+    assert without_section(new) == text
+
+
+def stamp_digest_of(adapter: Path) -> str:
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
+        return str(f.metadata()["safelora.digest"])
+
+
+def section_of(adapter: Path) -> str:
+    text = (adapter / CARD_FILE).read_text()
+    return text[text.index("<!-- safelora:begin") : text.index(card.END)]
+
+
+def test_any_rewrite_refreshes_the_card_and_an_unprojected_result_removes_it(
+    cli: Callable[..., Result], llama_pair: tuple[Path, Path], adapter_dir: Path
+) -> None:
+    base, aligned = llama_pair
+    original = (adapter_dir / CARD_FILE).read_bytes()
+    run = ("project", adapter_dir, "--base", base, "--aligned", aligned, "--quiet")
+    assert cli(*run, "--num-layers", 3, "--model-card").exit_code == 0
+    assert f"digest={stamp_digest_of(adapter_dir)}" in section_of(adapter_dir)
+    assert re.search(r"\*\*3 of \d+\*\*", section_of(adapter_dir))
+
+    r = cli(*run, "--num-layers", 1)  # no --model-card: the section there is refreshed all the same
+    assert r.exit_code == 0, r.stderr
+    assert f"digest={stamp_digest_of(adapter_dir)}" in section_of(adapter_dir)
+    assert re.search(r"\*\*1 of \d+\*\*", section_of(adapter_dir))
+
+    r = cli(*run, "--threshold", -1)  # nothing projected: the section and the tag go
+    assert r.exit_code == 0, r.stderr
+    assert (adapter_dir / CARD_FILE).read_bytes() == original
+
+
+def test_a_section_naming_another_digest_is_refreshed_by_the_next_run(
+    cli: Callable[..., Result], llama_pair: tuple[Path, Path], adapter_dir: Path
+) -> None:
+    """A no-op rerun (the stamp verified) still brings a stale section (another adapter's, pasted)
+    in step with the adapter."""
+    base, aligned = llama_pair
+    run = ("project", adapter_dir, "--base", base, "--aligned", aligned, "--num-layers", 2, "--quiet")
+    assert cli(*run, "--model-card").exit_code == 0
+    digest = stamp_digest_of(adapter_dir)
+    card_path = adapter_dir / CARD_FILE
+    card_path.write_text(card_path.read_text().replace(digest, "0" * 64).replace("**2 of", "**5 of"))
+    r = cli(*run)
+    assert r.exit_code == 0, r.stderr
+    assert f"digest={digest}" in section_of(adapter_dir) and "**2 of" in section_of(adapter_dir)
+    assert stamp_digest_of(adapter_dir) == digest  # the adapter itself was not rewritten
+
+
+def test_a_card_that_cannot_be_refreshed_after_the_write_fails_the_run(
+    cli: Callable[..., Result], llama_pair: tuple[Path, Path], adapter_dir: Path, tmp_path: Path
+) -> None:
+    base, aligned = llama_pair
+    elsewhere = tmp_path / "elsewhere.md"
+    elsewhere.write_text("# not the adapter's\n")
+    (adapter_dir / CARD_FILE).unlink()
+    (adapter_dir / CARD_FILE).symlink_to(elsewhere)
+    r = cli("project", adapter_dir, "--base", base, "--aligned", aligned, "--num-layers", 2, "-q", "--model-card")
+    assert r.exit_code == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(adapter_dir / CARD_FILE) in lines[0], r.stderr
+    assert stamp_digest_of(adapter_dir)  # the weights stay written
+    assert elsewhere.read_text() == "# not the adapter's\n"
+
+
+def test_a_card_safelora_could_not_have_written_is_left_alone_when_not_asked(
+    cli: Callable[..., Result], llama_pair: tuple[Path, Path], adapter_dir: Path, tmp_path: Path
+) -> None:
+    """A README.md that is a link (as in a Hugging Face cache snapshot) holds no section of safelora's:
+    a rewrite without --model-card leaves it, and succeeds."""
+    base, aligned = llama_pair
+    elsewhere = tmp_path / "elsewhere.md"
+    elsewhere.write_text("# shared card\n")
+    (adapter_dir / CARD_FILE).unlink()
+    (adapter_dir / CARD_FILE).symlink_to(elsewhere)
+    r = cli("project", adapter_dir, "--base", base, "--aligned", aligned, "--num-layers", 2, "-q")
+    assert r.exit_code == 0, r.stderr
+    assert (adapter_dir / CARD_FILE).is_symlink() and elsewhere.read_text() == "# shared card\n"

@@ -541,15 +541,15 @@ def _(w: World) -> None:
     w.checks.append(lambda r: _literal(r.stderr, "warning: the step summary was not written"))
 
 
-@attack(3, "a model card that links to a victim file is never written through")
+@attack(3, "a model card that links to a victim file is never written through; the run fails, the weights stay")
 def _(w: World) -> None:
     (w.adapter / "README.md").unlink(missing_ok=True)
     (w.adapter / "README.md").symlink_to(w.victim / "secret.txt")
     w.project("--model-card")
-    w.exit = 0
+    w.exit = 1
     w.changes = {w.adapter_file}
     w.checks.append(lambda r: _projected(w.adapter))
-    w.checks.append(lambda r: _literal(" ".join(r.json()["notes"]), "model card not written"))
+    w.checks.append(lambda r: _literal(r.stderr, f"{w.adapter / 'README.md'}: is a symbolic link"))
 
 
 @attack(3, "a plot path that links to a victim file is never written through")

@@ -507,6 +507,40 @@ def test_a_dropped_connection_is_resumed_where_it_stopped(
     assert hub.sent_bytes(".safetensors") <= (b_data + a_data + b_head + a_head) * 1.05  # resumed, not restarted
 
 
+def _trickled_run(cli: Cli, hub: FakeHub, adapter: Path, out: Path, interval: float) -> tuple[Result, float]:
+    """A run over one connection whose tensor ranges trickle on every try."""
+    for _ in range(transport.TRICKLE_RETRIES + 3):
+        hub.fault("trickle", after=100, interval=interval)
+    started = time.monotonic()
+    r = cli("project", "--adapter", adapter, "--output", out, "--base", "org/base", "--aligned", "org/aligned",
+            "--connections", 1, "--no-cache", "--quiet")  # fmt: skip
+    return r, time.monotonic() - started
+
+
+def test_a_trickle_is_cut_and_tried_twice_then_the_run_fails(
+    cli: Cli, hub: FakeHub, llama_adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bytes keep coming, a few at a time: they are no progress. The window shrunk to 1 s, and a
+    byte every 0.8 s (the read timeout never fires): three tries, then one line, nothing written."""
+    monkeypatch.setattr(transport, "STALL_WINDOW", 1.0)
+    monkeypatch.setattr(transport, "_BACKOFF", 0.0)
+    r, seconds = _trickled_run(cli, hub, llama_adapter, tmp_path / "out", 0.8)
+    assert r.exit_code == 1
+    assert "trickled" in one_line_error(r) and "2 retries" in r.stderr
+    assert seconds < 15 and not (tmp_path / "out").exists()
+
+
+def test_a_trickle_fails_the_run_within_75_seconds_at_the_real_figures(
+    cli: Cli, hub: FakeHub, llama_adapter: Path, tmp_path: Path
+) -> None:
+    """20 s windows, 2 retries, a byte every 9 s (just inside the 10 s read timeout): the watchdog
+    cuts each try at its window's end, not at the next byte."""
+    r, seconds = _trickled_run(cli, hub, llama_adapter, tmp_path / "out", 9.0)
+    assert r.exit_code == 1
+    assert "trickled" in one_line_error(r)
+    assert seconds < 75 and not (tmp_path / "out").exists()
+
+
 def test_two_cold_runs_started_together_both_succeed_and_compute_each_entry_once(
     hub: FakeHub, llama_pair: tuple[Path, Path], llama_adapter: Path, tmp_path: Path
 ) -> None:

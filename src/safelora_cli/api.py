@@ -164,10 +164,12 @@ def project(
 
     The keyword options are the fields of ``Options`` (``base``, ``aligned``, ``threshold``,
     ``num_layers``, ``output``, ``dry_run``, ``precision``, ``device``, ``cache``, ``backup``,
-    ``force``, ``allow_dora``, ``model_card``, ``token``, ``connections``, the revisions), with its
-    defaults. As ``safelora project``: the adapter's ``adapter_model.safetensors`` is rewritten in
+    ``force``, ``allow_dora``, ``model_card``, ``token``, ``connections``, ``allow_checkpoint``, the
+    revisions), with its defaults. As ``safelora project``: the adapter's ``adapter_model.safetensors`` is rewritten in
     place (atomically, after its original is kept in the backup store unless ``backup=False``), or
     written to ``output`` as a complete adapter directory, or nothing is written (``dry_run``).
+    A Trainer checkpoint is not rewritten in place unless ``allow_checkpoint`` (``CheckpointError``),
+    and from one ``output`` takes the adapter's files only, never the training state.
     ``base`` and ``aligned`` are local directories or Hub repo ids (``org/name[@revision]``);
     ``aligned`` defaults to the adapter config's ``base_model_name_or_path`` and ``base`` to the
     preset whose aligned model that is. Threshold mode projects every module whose rounded
@@ -264,7 +266,8 @@ def _project(
 ) -> tuple[list[Report | SafeLoraError], list[Path]]:
     from . import sources
     from .adapters.specs import names_several
-    from .run import batch, pipeline
+    from .run import batch, guards, pipeline
+    from .stores.backups import BackupStore
     from .stores.cache import ProjectionCache
 
     settings = _settings(options)
@@ -282,6 +285,7 @@ def _project(
         if single and len(adapters) != 1:
             raise UsageError(f"{os.fspath(specs[0])!r} names {len(adapters)} adapters; pass a list to project several")
         outputs = batch.outputs(adapters, settings.output, names_several(specs))
+        guards.refuse_unsafe_targets(adapters, settings, BackupStore())  # before a checkpoint is opened
         aligned = os.fspath(options.aligned) if options.aligned else _aligned_default(adapters, notes)
         base = os.fspath(options.base) if options.base else _base_from_preset(aligned, notes)
         _note_swapped(base, aligned, adapters)

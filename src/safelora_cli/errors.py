@@ -74,6 +74,13 @@ class InPlaceError(AdapterError):
     a patched copy could be written elsewhere."""
 
 
+class CheckpointError(AdapterError):
+    """A Trainer checkpoint given to rewrite in place: resuming would continue from projected weights.
+    Refused like a usage error (exit 2), before anything is read."""
+
+    exit_code = 2
+
+
 class OutputError(AdapterError):
     """The output directory cannot be used as it is."""
 

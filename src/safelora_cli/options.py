@@ -32,7 +32,7 @@ MODE_KEYS = ("threshold", "num_layers")
 COMMAND_LINE_ONLY = ("adapter", "json", "quiet", "summary", "plot", "sort", "projected_only")
 # Config keys the command line spells as negative flags: ``no_cache: true`` is ``cache=False``.
 NEGATED = {"no_cache": "cache", "no_backup": "backup"}
-_BOOLS = ("dry_run", "cache", "backup", "force", "allow_dora", "model_card")
+_BOOLS = ("dry_run", "cache", "backup", "force", "allow_dora", "model_card", "allow_checkpoint")
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,7 @@ class Options:
     token: str | None = None
     connections: int = 8
     sign_key: StrPath | None = None  # a PEM private key: sign what is written (default: SAFELORA_SIGN_KEY)
+    allow_checkpoint: bool = False
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

@@ -47,6 +47,7 @@ class Settings:
     output: Path | None = None
     backup: bool = True  # an in-place run keeps the original in the backup store first
     model_card: bool = False  # write the Safe LoRA section into the written adapter's README.md
+    allow_checkpoint: bool = False  # rewrite the adapter of a Trainer checkpoint in place
 
 
 @dataclass(frozen=True)

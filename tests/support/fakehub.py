@@ -74,6 +74,8 @@ class Fault:
     - "longer": a correct Content-Range, no Content-Length, and after the range an endless body;
     - "status": answer ``status`` with ``headers`` and ``body``;
     - "stall": send ``after`` bytes of the range, then nothing for a minute (or until the hub stops);
+    - "trickle": send ``after`` bytes of the range, then one byte every ``interval`` seconds (until
+      the range ends, the client hangs up or the hub stops);
     - "endless": answer 200 with an endless body (for "index" and "info").
     """
 
@@ -84,6 +86,7 @@ class Fault:
     status: int = 500
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
+    interval: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -519,6 +522,24 @@ def _handler(hub: FakeHub, storage: bool) -> type[BaseHTTPRequestHandler]:
                 self.wfile.flush()
                 hub.stopping.wait(60)
                 self.close_connection = True
+            elif fault.kind == "trickle":
+                self.send_response(206)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(end - start))
+                self.end_headers()
+                self.close_connection = True
+                self._copy(path, start, min(end, start + fault.after), key, whole=False)
+                data = path.read_bytes()[start + fault.after : end]
+                try:
+                    for i in range(len(data)):
+                        self.wfile.write(data[i : i + 1])
+                        self.wfile.flush()
+                        hub.count(key, 1)
+                        if hub.stopping.wait(fault.interval):
+                            return True
+                except OSError:
+                    return True
             elif fault.kind == "full":
                 self._endless(200, {k: v for k, v in headers.items() if k != "Content-Range"})
             elif fault.kind == "content-range":

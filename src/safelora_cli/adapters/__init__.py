@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import AdapterError
 from ..io import safefs
-from . import specs
+from . import checkpoint, specs
 from .base import PROVENANCE_PREFIX, Adapter, AdapterFormat, LoraModule
 from .digest import file_digest
 from .location import open_location, rewrite_lock
@@ -67,6 +67,9 @@ def format_of(location: safefs.Directory) -> AdapterFormat:
     for fmt in _FORMATS:
         if fmt.detect(location):
             return fmt
+    instead = checkpoint.not_an_adapter(location)
+    if instead is not None:
+        raise AdapterError(instead)
     lacks = "; ".join(dict.fromkeys(f.lacks(location) for f in _FORMATS))
     supported = " or ".join(f"{f.expects} ({f.holds})" for f in _FORMATS)
     raise AdapterError(f"{lacks}; pass {supported}")

@@ -3,7 +3,10 @@
 The new weights, the config as read, and a copy of what else belongs to the adapter: regular files
 and subdirectories, and a symlink only when it opens a file inside the adapter directory (or, for a
 Hugging Face cache snapshot, that repo's ``blobs/``). The copy goes through directory descriptors
-and never follows a link it did not check.
+and never follows a link it did not check. From a Trainer checkpoint only the adapter's own files
+are copied (``checkpoint.ADAPTER_FILES``): never the optimizer, scheduler, RNG or trainer state, the
+training arguments, an earlier ``safelora/`` or DeepSpeed's ``global_step*/``. The output itself,
+when it lies inside the adapter directory (``<checkpoint>/safelora``), is never copied into itself.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import os
 import secrets
 import stat
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from ..errors import AdapterError, OutputError, OutputNotEmptyError
@@ -21,6 +24,7 @@ from ..io import atomic, ranges, safefs
 from ..io.atomic import TMP_MARK
 from ..io.ranges import Data
 from .base import Adapter
+from .checkpoint import ADAPTER_FILES, training_state
 from .location import ENVELOPE_SUFFIX
 from .lora_config import CONFIG_FILE
 
@@ -51,7 +55,7 @@ def write_output(
                     if not overwrite:
                         raise OutputNotEmptyError(f"{output}: exists and is not empty")
                     try:
-                        _fill(adapter, out, chunks, mode, notes)
+                        _fill(adapter, output, out, chunks, mode, notes)
                     except OSError as e:
                         raise OutputError(
                             f"{output}: write failed ({e.strerror}) while replacing its files; some may be new, "
@@ -107,7 +111,7 @@ def _assemble(
         raise OutputError(safefs.os_error(output, e)) from None
     try:
         with _open_subdir(parent.fd, staging, parent.path / staging) as out:
-            _fill(adapter, out, chunks, mode, notes)
+            _fill(adapter, output, out, chunks, mode, notes)
         os.rename(staging, output.name, src_dir_fd=parent.fd, dst_dir_fd=parent.fd)
     except OSError as e:
         atomic.remove_entry(parent.fd, staging)
@@ -126,10 +130,23 @@ def _assemble(
     return output / adapter.file.name
 
 
-def _fill(adapter: Adapter, out: safefs.Directory, chunks: list[Data], mode: int, notes: list[str]) -> None:
+def _fill(
+    adapter: Adapter, output: Path, out: safefs.Directory, chunks: list[Data], mode: int, notes: list[str]
+) -> None:
     """Write the adapter's files into ``out`` (the other files, the config as read, then the weights)
-    and sync it; raises ``OSError``."""
-    _copy_tree(adapter.dir, out, _allowed_roots(adapter.dir), notes, (adapter.file.name, CONFIG_FILE), depth=0)
+    and sync it; raises ``OSError``. ``output`` is where ``out`` ends up."""
+    skip = {out.identity}
+    with suppress(FileNotFoundError):
+        st = os.stat(output)
+        skip.add((st.st_dev, st.st_ino))
+    only = None
+    written = (adapter.file.name, CONFIG_FILE)
+    if training_state(adapter.dir):
+        only = ADAPTER_FILES
+        left = sorted(set(adapter.dir.names()) - ADAPTER_FILES - set(written))
+        if left:
+            notes.append(f"output: a Trainer checkpoint: copied only the adapter's files, not {', '.join(left)}")
+    _copy_tree(adapter.dir, out, _allowed_roots(adapter.dir), notes, depth=0, written=written, skip=skip, only=only)
     atomic.write_file(out, CONFIG_FILE, [adapter.config_bytes], adapter.config_mode)
     atomic.write_file(out, adapter.file.name, chunks, mode)
     ranges.fsync(out.fd)
@@ -139,22 +156,35 @@ _MAX_DEPTH = 16  # subdirectories copied into --output; deeper ones are skipped 
 
 
 def _copy_tree(
-    src: safefs.Directory, dst: safefs.Directory, roots: list[Path], notes: list[str], skip: tuple[str, ...], depth: int
+    src: safefs.Directory,
+    dst: safefs.Directory,
+    roots: list[Path],
+    notes: list[str],
+    depth: int,
+    *,
+    written: tuple[str, ...],
+    skip: set[tuple[int, int]],
+    only: frozenset[str] | None = None,
 ) -> None:
     """Copy what belongs to the adapter from ``src`` into ``dst``: regular files, subdirectories (not
     links to them), and a symlink only when what it opens is a regular file inside one of ``roots``
     (the adapter directory; for a Hugging Face cache snapshot, that repo's ``blobs/`` too), but not the
-    top-level files in ``skip`` (the weights and config, written afresh). Anything
+    top-level files in ``written`` (the weights and config, written afresh). Anything
     else — a link to outside, to a directory, a loop, a FIFO or device — is skipped with a note.
-    Raises ``OSError`` when writing fails.
+    Directories in ``skip`` (by device and inode: the output itself) are left out; with ``only``,
+    every name not in it. Raises ``OSError`` when writing fails.
     """
     for name in src.names():
         # An attestation travels only by being signed again (the run signs the copy, or leaves it unsigned).
-        if (depth == 0 and (name in skip or name.endswith(ENVELOPE_SUFFIX))) or TMP_MARK in name:
+        if (depth == 0 and (name in written or name.endswith(ENVELOPE_SUFFIX))) or TMP_MARK in name:
+            continue
+        if only is not None and name not in only:
             continue
         where = src.path / name
         st = src.lstat(name)
         if st is None:
+            continue
+        if stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) in skip:
             continue
         if stat.S_ISDIR(st.st_mode):
             if depth + 1 >= _MAX_DEPTH:
@@ -162,7 +192,7 @@ def _copy_tree(
                 continue
             _make_subdir(dst, name)
             with _open_subdir(src.fd, name, where) as sub_src, _open_subdir(dst.fd, name, dst.path / name) as sub_dst:
-                _copy_tree(sub_src, sub_dst, roots, notes, skip, depth + 1)
+                _copy_tree(sub_src, sub_dst, roots, notes, depth + 1, written=written, skip=skip)
             continue
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
             notes.append(f"output: skipped {where}: {safefs.kind(st.st_mode)}, not a regular file")

@@ -36,6 +36,7 @@ _HINTS: dict[type[SafeLoraError], str | Callable[[Any], str]] = {
         " (verify: safelora check --original DIR --base B --aligned A; restore: safelora restore; force: --force)"
     ),
     e_.ChangedSinceError: "; pass --force to do so anyway",
+    e_.CheckpointError: " (e.g. --output CHECKPOINT/safelora), or pass --allow-checkpoint",
     e_.DoraError: ". Pass --allow-dora to project lora_B and leave the magnitudes unchanged",
     e_.PrecisionError: "; use --precision float64",
     e_.DeviceError: "; use --device cpu or auto",

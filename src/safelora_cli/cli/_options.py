@@ -267,6 +267,14 @@ AllowDoraOpt = Annotated[
         rich_help_panel=SELECTION,
     ),
 ]
+AllowCheckpointOpt = Annotated[
+    bool,
+    flag(
+        "--allow-checkpoint/--no-allow-checkpoint",
+        "Rewrite the adapter of a Trainer checkpoint in place (resuming then continues from projected weights).",
+        rich_help_panel=OUTPUT,
+    ),
+]
 NoBackupOpt = Annotated[
     bool,
     flag(

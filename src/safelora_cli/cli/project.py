@@ -23,6 +23,7 @@ from ._options import (
     AdaptersOpt,
     AlignedOpt,
     AlignedRevisionOpt,
+    AllowCheckpointOpt,
     AllowDoraOpt,
     BaseOpt,
     BaseRevisionOpt,
@@ -93,6 +94,7 @@ def project(
     sort: SortOpt = "layer",
     projected_only: ProjectedOnlyOpt = False,
     sign_key: SignKeyOpt = None,
+    allow_checkpoint: AllowCheckpointOpt = False,
 ) -> None:
     """Project a LoRA adapter (Safe LoRA): for each module, B ← C·B when its similarity is low.
 

@@ -13,17 +13,15 @@ Importing this module imports transformers; without the ``hf`` extra it raises o
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, cast
 
 from .. import api
-from ..api import ADAPTER_FILE, CONFIG_FILE, Report
+from ..api import Report
 from ..errors import AdapterError, SafeLoraError, UsageError
-from ..io import atomic, ranges, safefs
-from .peft_model import missing_extra, relabel
+from ..io import atomic, safefs
+from .peft_model import missing_extra
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -32,9 +30,6 @@ except ImportError as e:
     raise missing_extra("safelora_cli.integrations.transformers", e) from None
 
 SANITIZED = "safelora"  # <checkpoint>/safelora/: the sanitized copy of the checkpoint's adapter
-# A checkpoint's adapter, as PEFT saves it: what a complete adapter directory holds. The optimizer,
-# scheduler and RNG states of the checkpoint are training state, not part of the adapter.
-ADAPTER_FILES = (CONFIG_FILE, ADAPTER_FILE, "README.md")
 
 logger = logging.getLogger(__name__)
 
@@ -129,39 +124,12 @@ class SafeLoraCallback(TrainerCallback):
         )
 
     def _sanitize(self, checkpoint: Path) -> Report:
-        """Project the checkpoint's adapter into ``<checkpoint>/safelora/``, from a scratch copy of the
-        adapter's own files (``project --output`` copies every file of the directory it reads)."""
+        """Project the checkpoint's adapter into ``<checkpoint>/safelora/``, as ``project --output``
+        does: from a checkpoint it copies only the adapter's files, never the training state."""
         source = checkpoint if self.adapter_name == "default" else checkpoint / self.adapter_name
         fix = "the callback reads checkpoints from TrainingArguments.output_dir"
         with safefs.Directory(checkpoint, AdapterError, fix=fix) as ckpt:
             if ckpt.lstat(SANITIZED) is not None:
                 # Left by an earlier run that saved this step too: it belongs to other weights.
                 atomic.remove_entry(ckpt.fd, SANITIZED)
-        with tempfile.TemporaryDirectory(prefix="safelora-checkpoint-") as tmp:
-            scratch = Path(tmp)
-            _copy_adapter(source, scratch)
-            try:
-                report = api.run(scratch, replace(self.options, output=checkpoint / SANITIZED))
-            except SafeLoraError as e:
-                raise relabel(e, scratch, str(source)) from None
-        return replace(report, adapter=source, notes=[n.replace(str(scratch), str(source)) for n in report.notes])
-
-
-def _copy_adapter(source: Path, scratch: Path) -> None:
-    """Copy the adapter's files found in ``source`` (regular files only) into ``scratch``."""
-    with (
-        safefs.Directory(source, AdapterError, fix="pass the checkpoint's adapter_name") as src,
-        safefs.Directory(scratch, AdapterError) as dst,
-    ):
-        for name in ADAPTER_FILES:
-            if src.lstat(name) is None:
-                continue
-            with src.open(name, fix="the checkpoint's adapter files must be regular files") as f:
-                st = os.fstat(f.fileno())
-                try:
-                    atomic.write_file(dst, name, [ranges.FileRange(f.fileno(), 0, st.st_size)], st.st_mode & 0o777)
-                except OSError as e:
-                    raise AdapterError(
-                        f"{safefs.os_error(scratch / name, e)}: cannot copy {source / name} there; free space in "
-                        "the temporary directory (TMPDIR)"
-                    ) from None
+        return api.run(source, replace(self.options, output=checkpoint / SANITIZED))

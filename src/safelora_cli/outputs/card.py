@@ -41,22 +41,25 @@ END = "<!-- safelora:end -->"
 #   tag-item      a ``- safelora`` item at the end of a block list
 #   tag-flow      ``safelora`` at the end of a one-line flow list
 _ADDED = ("file", "front-matter", "tags-key", "tag-item", "tag-flow")
-_BEGIN = re.compile(r"<!-- safelora:begin(?: added=(?P<added>[a-z-]+))? -->")
+_BEGIN = re.compile(r"<!-- safelora:begin(?: added=(?P<added>[a-z-]+))?(?: digest=(?P<digest>[0-9a-f]{1,128}))? -->")
 _FENCE = re.compile(r" {0,3}(?P<run>`{3,}|~{3,})(?P<info>.*)")
 _TAGS_KEY = re.compile(r"""(?:tags|"tags"|'tags')[ \t]*:(?P<rest>.*)""")
 _ITEM = re.compile(r"(?P<indent>[ \t]*)-(?:[ \t]+(?P<value>.*))?")
 _FLOW = re.compile(r"[ \t]*\[(?P<inner>[^\[\]{}\n]*)\][ \t]*(?:#.*)?")
 
 
-def begin_marker(added: str | None = None) -> str:
-    return "<!-- safelora:begin -->" if added is None else f"<!-- safelora:begin added={added} -->"
+def begin_marker(added: str | None = None, digest: str | None = None) -> str:
+    fields = "".join(f" {k}={v}" for k, v in (("added", added), ("digest", digest)) if v is not None)
+    return f"<!-- safelora:begin{fields} -->"
 
 
-def card_section(report: Report) -> str:
+def card_section(report: Report, digest: str | None = None) -> str:
     """The card's "Safe LoRA" section for a run, markers included: the tool version, the pair, the
-    settings, the counts and the projected modules."""
+    settings, the counts and the projected modules; with ``digest``, the begin marker names the
+    stamp digest of the adapter it describes, so a section left beside other weights is known to
+    be stale."""
     lines = [
-        begin_marker(),
+        begin_marker(None, digest),
         "",
         "## Safe LoRA",
         "",
@@ -99,22 +102,41 @@ def _eol(text: str) -> str:
     return "\r\n" if first > 0 and text[first - 1] == "\r" else "\n"
 
 
-def _front_matter(lines: list[str]) -> int | None:
-    """Index of the line closing the front matter (``---`` first and last, as the Hub reads it)."""
-    if not lines or _bare(lines[0]).rstrip() != "---" or not lines[0].endswith("\n"):
+@dataclass(frozen=True)
+class _Front:
+    """The front matter's opening and closing ``---`` lines."""
+
+    open: int
+    close: int
+
+
+def _front_matter(lines: list[str]) -> _Front | None:
+    """Where the front matter is, as the Hub finds it: ``---`` as the first line that is not blank or
+    whitespace only, up to the next ``---`` line. None when there is none."""
+    first = next((i for i, line in enumerate(lines) if line.strip()), None)
+    if first is None or _bare(lines[first]).strip() != "---" or not lines[first].endswith("\n"):
         return None
-    return next((i for i in range(1, len(lines)) if _bare(lines[i]).rstrip() == "---"), None)
+    close = next((i for i in range(first + 1, len(lines)) if _bare(lines[i]).rstrip() == "---"), None)
+    return None if close is None else _Front(first, close)
 
 
-def _section(
-    lines: list[str], start: int, where: object, *, appending: bool = False
-) -> tuple[int, int, str | None] | None:
-    """(begin line, end line, what was added) of the one section after ``start``; None if none.
+@dataclass(frozen=True)
+class _Found:
+    """The one section of a card: its begin and end lines, what safelora added, the digest it names."""
+
+    begin: int
+    end: int
+    added: str | None
+    digest: str | None
+
+
+def _section(lines: list[str], start: int, where: object, *, appending: bool = False) -> _Found | None:
+    """The one section after ``start``; None if none.
 
     ``appending``: a section is about to be appended, which a code block left open at the end of
     the card would swallow (it would render as code, and a rerun would not find it): refused.
     """
-    begins: list[tuple[int, str | None]] = []
+    begins: list[tuple[int, str | None, str | None]] = []
     ends: list[int] = []
     fence: str | None = None
     for i in range(start, len(lines)):
@@ -129,7 +151,7 @@ def _section(
             continue
         b = _BEGIN.fullmatch(bare.rstrip())
         if b:
-            begins.append((i, b["added"] if b["added"] in _ADDED else None))
+            begins.append((i, b["added"] if b["added"] in _ADDED else None, b["digest"]))
         elif bare.rstrip() == END:
             ends.append(i)
     if fence is not None and appending and not begins and not ends:
@@ -141,7 +163,7 @@ def _section(
             f"{where}: {len(begins)} '<!-- safelora:begin -->' and {len(ends)} '{END}' markers, not one "
             "section; keep one pair (or none) and run again"
         )
-    return begins[0][0], ends[0], begins[0][1]
+    return _Found(begins[0][0], ends[0], begins[0][1], begins[0][2])
 
 
 @dataclass(frozen=True)
@@ -155,8 +177,9 @@ class _Tags:
     last: int
 
 
-def _tags(lines: list[str], close: int) -> _Tags | None:
-    for i in range(1, close):
+def _tags(lines: list[str], front: _Front) -> _Tags | None:
+    close = front.close
+    for i in range(front.open + 1, close):
         m = _TAGS_KEY.fullmatch(_bare(lines[i]))
         if m is None:
             continue
@@ -215,13 +238,12 @@ def _has_tag(lines: list[str], tags: _Tags) -> bool:
     return any(_item_value(lines[j]) == TAG for j in tags.items)
 
 
-def _add_tag(lines: list[str], close: int, eol: str) -> str | None:
-    """Add the tag to the front matter in ``lines`` (closed at ``close``); what was added, or None
-    when the tag is there already or ``tags`` has a form this does not edit (a multi-line flow list,
-    a scalar, an anchor)."""
-    tags = _tags(lines, close)
+def _add_tag(lines: list[str], front: _Front, eol: str) -> str | None:
+    """Add the tag to the front matter in ``lines``; what was added, or None when the tag is there
+    already or ``tags`` has a form this does not edit (a multi-line flow list, a scalar, an anchor)."""
+    tags = _tags(lines, front)
     if tags is None:
-        lines[close:close] = [f"tags:{eol}", f"- {TAG}{eol}"]
+        lines[front.close : front.close] = [f"tags:{eol}", f"- {TAG}{eol}"]
         return "tags-key"
     if tags.form == "other" or _has_tag(lines, tags):
         return None
@@ -241,9 +263,9 @@ def _add_tag(lines: list[str], close: int, eol: str) -> str | None:
 
 def _remove_tag(lines: list[str], added: str) -> None:
     """Take out the tag (and the key or front matter) that the section's marker says safelora added."""
-    close = _front_matter(lines)
-    tags = None if close is None else _tags(lines, close)
-    if tags is None:
+    front = _front_matter(lines)
+    tags = None if front is None else _tags(lines, front)
+    if front is None or tags is None:
         return
     parts = _flow_parts(lines[tags.line]) if tags.form == "flow" else None
     if parts is not None:
@@ -259,8 +281,8 @@ def _remove_tag(lines: list[str], added: str) -> None:
     del lines[ours[-1]]
     if added in ("tags-key", "front-matter", "file") and len(tags.items) == 1 and _bare(lines[tags.line]) == "tags:":
         del lines[tags.line]
-        if added in ("front-matter", "file") and tags.line == 1 and _bare(lines[1]) == "---":
-            del lines[0:2]
+        if added in ("front-matter", "file") and tags.line == front.open + 1 and _bare(lines[tags.line]) == "---":
+            del lines[front.open : front.open + 2]
 
 
 def with_section(text: str | None, section: str, *, where: object = CARD_FILE) -> str:
@@ -273,14 +295,16 @@ def with_section(text: str | None, section: str, *, where: object = CARD_FILE) -
     than one section or a marker without its pair.
     """
     body = _split(section)
-    if not body or _bare(body[0]) != begin_marker() or _bare(body[-1]) != END:
+    first = _BEGIN.fullmatch(_bare(body[0])) if body else None
+    if first is None or first["added"] is not None or _bare(body[-1]) != END:
         raise ValueError("section must come from card_section")
+    digest = first["digest"]
     if text is None:
-        return f"---\ntags:\n- {TAG}\n---\n\n" + section.replace(begin_marker(), begin_marker("file"), 1)
+        return f"---\ntags:\n- {TAG}\n---\n\n" + section.replace(body[0], begin_marker("file", digest) + "\n", 1)
     eol = _eol(text)
     lines = _split(text)
-    close = _front_matter(lines)
-    found = _section(lines, 0 if close is None else close + 1, where, appending=True)
+    front = _front_matter(lines)
+    found = _section(lines, 0 if front is None else front.close + 1, where, appending=True)
     section_lines = [line.removesuffix("\n") + eol for line in body]
     # The section first: the front matter edits below only insert lines above it.
     if found is None:
@@ -291,20 +315,20 @@ def with_section(text: str | None, section: str, *, where: object = CARD_FILE) -
         at, previous = len(lines), None
         lines += section_lines
     else:
-        at, end, previous = found
-        lines[at : end + 1] = section_lines
+        at, previous = found.begin, found.added
+        lines[at : found.end + 1] = section_lines
     before = len(lines)
     added: str | None
-    if close is None:
+    if front is None:
         lines[0:0] = ["---" + eol, "tags:" + eol, f"- {TAG}" + eol, "---" + eol]
         added = "front-matter"
     else:
-        tags = _tags(lines, close)
+        tags = _tags(lines, front)
         if tags is not None and tags.form != "other" and _has_tag(lines, tags):
             added = previous  # a tag this section's marker says safelora added stays safelora's
         else:
-            added = _add_tag(lines, close, eol)
-    lines[at + len(lines) - before] = begin_marker(added) + eol
+            added = _add_tag(lines, front, eol)
+    lines[at + len(lines) - before] = begin_marker(added, digest) + eol
     return "".join(lines)
 
 
@@ -315,11 +339,11 @@ def without_section(text: str, *, where: object = CARD_FILE) -> str | None:
     one it created, None (there was no card). A card without a section comes back as it is.
     """
     lines = _split(text)
-    close = _front_matter(lines)
-    found = _section(lines, 0 if close is None else close + 1, where)
+    front = _front_matter(lines)
+    found = _section(lines, 0 if front is None else front.close + 1, where)
     if found is None:
         return text
-    begin, end, added = found
+    begin, end, added = found.begin, found.end, found.added
     at_end = end == len(lines) - 1
     del lines[begin : end + 1]
     if at_end and begin > 0:
@@ -333,14 +357,45 @@ def without_section(text: str, *, where: object = CARD_FILE) -> str | None:
     return None if added == "file" and not result else result
 
 
-def write_card(directory: safefs.Directory, report: Report) -> None:
-    """Create or update ``README.md`` in ``directory`` with the run's section and the tag.
+def section_digest(text: str, *, where: object = CARD_FILE) -> tuple[bool, str | None]:
+    """Whether ``text`` has a section, and the stamp digest it names (None for one that names none)."""
+    lines = _split(text)
+    front = _front_matter(lines)
+    found = _section(lines, 0 if front is None else front.close + 1, where)
+    return found is not None, None if found is None else found.digest
 
-    A report with no modules (a run that found the adapter already projected) leaves the card as
-    it is: its section still describes the projection. Raises ``AdapterError`` with one line.
+
+def refresh_card(directory: safefs.Directory, report: Report, digest: str, *, asked: bool) -> None:
+    """Keep ``README.md`` in ``directory`` describing the adapter there, whose stamp digest is ``digest``.
+
+    ``asked`` (``model_card``): the card is created or updated with the run's section and the tag
+    (a report with no modules, from a no-op whose stamp predates the record of its modules, leaves
+    it as it is). Otherwise a section that names another digest (or none) is refreshed from
+    ``report`` when the adapter has projected modules, and taken out (with what safelora added) when
+    it has none or the report cannot say; a card without a section, or with this adapter's, is left
+    as it is, and so is one that is not a card safelora could have written (a link, not a regular
+    file, not UTF-8 text, too large). Raises ``AdapterError``.
     """
-    if report.layers:
-        _edit(directory, lambda text: with_section(text, card_section(report), where=directory.path / CARD_FILE))
+    where = directory.path / CARD_FILE
+    if not asked:
+        try:
+            _read(directory)
+        except AdapterError:
+            return
+
+    def change(text: str | None) -> str | None:
+        if asked and report.layers:
+            return with_section(text, card_section(report, digest), where=where)
+        if text is None:
+            return None
+        found, named = section_digest(text, where=where)
+        if not found or named == digest:
+            return text
+        if report.projected_count:
+            return with_section(text, card_section(report, digest), where=where)
+        return without_section(text, where=where)
+
+    _edit(directory, change)
 
 
 def remove_card_section(directory: safefs.Directory) -> None:

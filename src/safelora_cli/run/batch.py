@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..adapters import Adapter, LoraModule, Named
+from ..adapters.checkpoint import CHECKPOINT_OUTPUT, training_state
 from ..adapters.specs import output_name
 from ..errors import AdapterError, OutputCollisionError, OutputError, SafeLoraError
 from ..outputs.report import Report
@@ -32,7 +33,9 @@ def outputs(adapters: Sequence[Named], output: Path | None, several: bool) -> li
     """Each adapter's output: ``output`` itself for one adapter, ``output/<name>`` (``output_name``) for
     each of a batch (``several``). Refused before anything is read or written: two adapters whose
     outputs would be one directory (names compared case-folded, as a case-insensitive file system
-    sees them), and an output that is, or lies inside, an adapter directory of the run."""
+    sees them), and an output that is, or lies inside, an adapter directory of the run (but for a
+    Trainer checkpoint's own ``<checkpoint>/safelora``, the callback's layout: a copy from a checkpoint
+    takes only the adapter's files, never that directory)."""
     if output is None:
         return [None] * len(adapters)
     if not several:
@@ -52,14 +55,14 @@ def outputs(adapters: Sequence[Named], output: Path | None, several: bool) -> li
                 f"{told}: a batch writes each adapter to a directory of its name; give the adapters distinct "
                 "directory names, or project them in separate runs"
             )
-    dirs = {named.dir.identity: named.path for named in adapters if named.dir is not None}
+    dirs = {named.dir.identity: named for named in adapters if named.dir is not None}
     for target in dict.fromkeys(targets):
         if target is not None:
             _refuse_inside(target, dirs)
     return list(targets)
 
 
-def _refuse_inside(output: Path, adapters: dict[tuple[int, int], Path]) -> None:
+def _refuse_inside(output: Path, adapters: dict[tuple[int, int], Named]) -> None:
     """An output inside an adapter directory of the run (through any link on the way) would be
     copied into, or read as part of, that adapter."""
     here = Path(os.path.abspath(output))
@@ -68,8 +71,11 @@ def _refuse_inside(output: Path, adapters: dict[tuple[int, int], Path]) -> None:
             st = os.stat(place)
         except OSError:
             continue
-        adapter = adapters.get((st.st_dev, st.st_ino))
-        if adapter is not None:
+        named = adapters.get((st.st_dev, st.st_ino))
+        if named is not None and named.dir is not None:
+            if place == here.parent and here.name == CHECKPOINT_OUTPUT and training_state(named.dir):
+                continue
+            adapter = named.path
             where = "is the adapter directory" if place == here else "lies inside the adapter directory"
             raise OutputError(
                 f"{output}: {where} {adapter}; an output must lie outside every adapter of the run (to patch an "

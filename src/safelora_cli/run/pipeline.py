@@ -49,7 +49,7 @@ from .audit import recorded_infos, source_info, verified_by_record
 from .batch import Group, Run
 from .binding import require_bound
 from .stages import Job, prefetch, share_cores
-from .write import attest, finish, same_run
+from .write import attest, finish, refresh_card, same_run
 
 if TYPE_CHECKING:
     from ..attest.keys import Signer
@@ -465,7 +465,7 @@ def _unchanged(
 ) -> Report:
     """A verified adapter already projected with this pair and these settings: the projection that is
     there, as its stamp records it, and (with an output, unless a dry run) the adapter copied whole;
-    signed where it is (with ``signer``, unless a dry run)."""
+    unless a dry run, its card refreshed and (with ``signer``) signed where it is."""
     run.infos = recorded_infos(previous, base, aligned)
     layers = _recorded_layers(adapter)
     if layers is None:
@@ -481,8 +481,10 @@ def _unchanged(
         run.notes.append("already projected with this pair and these settings: nothing to do")
     tau = adapter.provenance_value("threshold", "null", (int, float, type(None)))
     done = report(run, layers or [], tau, written)
-    if signer is not None and not settings.dry_run:
-        done = attest(done, adapter.dir if run.output is None else run.output, signer)
+    if not settings.dry_run:  # a card left describing other weights is brought in step with these
+        refresh_card(adapter.dir, run.output, done, previous[DIGEST_KEY], asked=settings.model_card)
+        if signer is not None:
+            done = attest(done, adapter.dir if run.output is None else run.output, signer)
     return replace(done, status="unchanged", layers_known=layers is not None)
 
 

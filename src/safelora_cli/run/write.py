@@ -9,10 +9,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from .._version import __version__
 from ..adapters import PROVENANCE_PREFIX
 from ..adapters.digest import DIGEST_KEY, STAMP_VERSION, VERSION_KEY, stamp_digest
-from ..errors import AdapterError, SafeLoraError
+from ..errors import AdapterError, NumericError, SafeLoraError
 from ..io import safefs
 from ..outputs import card
 from ..outputs.report import Report
@@ -63,6 +65,20 @@ def layers_provenance(layers: list[LayerResult]) -> str:
     )
 
 
+def _representable(projected: torch.Tensor, dtype: torch.dtype, file: Path, key: str) -> torch.Tensor:
+    """``projected`` cast to the adapter's ``dtype``; ``NumericError`` when a value does not fit it
+    (C·B can exceed the largest float16 or bfloat16 B holds: C is not a projection)."""
+    cast = projected.to(dtype)
+    if not bool(torch.isfinite(cast).all()):
+        largest = float(projected.abs().max())
+        raise NumericError(
+            f"{file}: {key}: the projected lora_B does not fit {str(dtype).removeprefix('torch.')} (largest value "
+            f"{largest:.4g}, the dtype holds up to {torch.finfo(dtype).max:.4g}); nothing was written. Save the "
+            "adapter in float32 and run again"
+        )
+    return cast
+
+
 def finish(
     run: Run,
     settings: Settings,
@@ -83,12 +99,12 @@ def finish(
         LayerResult(m.module, m.layer, r.similarity, c, r.reason, r.norm_ratio, run.found[m.module][1])
         for m, r, c in zip(modules, results, chosen, strict=True)
     ]
-    if settings.dry_run:
-        return report(run, layers, tau, False)
     replacements = {}
     for m, r, c in zip(modules, results, chosen, strict=True):
         if c and r.projected_b is not None:
-            replacements[m.b_key] = r.projected_b.to(adapter.tensor(m.b_key).dtype)
+            replacements[m.b_key] = _representable(r.projected_b, adapter.tensor(m.b_key).dtype, adapter.file, m.b_key)
+    if settings.dry_run:
+        return report(run, layers, tau, False)
     provenance = {
         PROVENANCE_PREFIX + "version": __version__,
         PROVENANCE_PREFIX + "base": base_info.identity,
@@ -119,8 +135,7 @@ def finish(
         adapter, replacements, provenance, run.output, overwrite_output=settings.force, notes=run.notes
     )
     result = attest(report(run, layers, tau, True), adapter.dir if run.output is None else run.output, signer)
-    if settings.model_card:
-        _write_card(adapter.dir, run.output, result)
+    refresh_card(adapter.dir, run.output, result, provenance[DIGEST_KEY], asked=settings.model_card)
     return result
 
 
@@ -156,14 +171,19 @@ def _record(store: BackupStore, provenance: dict[str, str], run: Run) -> None:
         run.notes.append(f"no local record kept ({e}): check on this machine cannot verify this adapter")
 
 
-def _write_card(source: safefs.Directory, output: Path | None, report: Report) -> None:
-    """The model card's Safe LoRA section, in the adapter's README.md (or the output's): after the
-    adapter is written, so a card that cannot be written is a note, not a failed run."""
+def refresh_card(source: safefs.Directory, output: Path | None, report: Report, digest: str, *, asked: bool) -> None:
+    """The model card beside the adapter just written (the source's in place, or the output's), kept
+    describing it (``card.refresh_card``). After the weights are written: a card that cannot be
+    brought in step is an ``AdapterError`` (the run fails), since a card that describes other
+    weights is worse than none, while the weights stay written."""
     try:
         if output is None:
-            card.write_card(source, report)
+            card.refresh_card(source, report, digest, asked=asked)
         else:
             with safefs.Directory(output, AdapterError) as directory:
-                card.write_card(directory, report)
+                card.refresh_card(directory, report, digest, asked=asked)
     except SafeLoraError as e:
-        report.notes.append(f"model card not written: {e}")
+        raise AdapterError(
+            f"{e}; the adapter's weights were written, but its model card ({card.CARD_FILE}) could not be "
+            "brought in step with them"
+        ) from None

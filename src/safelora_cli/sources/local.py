@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 import stat
 from collections.abc import Collection
 from functools import cached_property
@@ -223,6 +224,9 @@ def _read_index(path: Path) -> dict[str, Path]:
     return out
 
 
+_SHARD_NAME = re.compile(r".+-\d{1,6}-of-\d{1,6}\.(?:safetensors|bin)")
+
+
 def open_local(path: Path) -> Source:
     """Open a local checkpoint directory (or a single ``.safetensors`` file).
 
@@ -235,6 +239,11 @@ def open_local(path: Path) -> Source:
         raise SourceError(f"{path}: no such directory; pass a model directory or a Hub repo id (org/name)") from None
     except OSError as e:
         raise SourceError(safefs.os_error(path, e)) from None
+    if stat.S_ISREG(st.st_mode) and _one_shard(path):
+        raise SourceError(
+            f"{path}: one shard of the checkpoint in {path.absolute().parent}, which holds the other weights; "
+            "pass the directory"
+        )
     if stat.S_ISREG(st.st_mode) and path.suffix == ".safetensors":
         return _single_safetensors(label, path)
     if not stat.S_ISDIR(st.st_mode):
@@ -274,6 +283,14 @@ def _open(request: Request, settings: None) -> Source:
             f"{request.role} revision {request.revision}: {request.spec} is a local path; revisions apply to Hub repos"
         )
     return open_local(Path(request.spec))
+
+
+def _one_shard(path: Path) -> bool:
+    """Whether the file ``path`` is one shard of a sharded checkpoint: named as shards are, or beside
+    an index (a shard alone holds only some of the weights)."""
+    return bool(_SHARD_NAME.fullmatch(path.name)) or any(
+        _lexists(path.parent / index) for index in (SAFETENSORS_INDEX, BIN_INDEX)
+    )
 
 
 def _lexists(path: Path) -> bool:

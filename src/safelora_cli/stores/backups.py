@@ -87,6 +87,11 @@ class BackupStore:
         """Why the store must not be used (the ownership rule), as one line that names the path and the fix."""
         return RULE.checked(lambda: RULE.root(self.root) or RULE.contents(self.root, _store_file), self.root)
 
+    def inside(self, directory: Path) -> bool:
+        """Whether the store is ``directory`` or lies under it (links resolved, as far as they exist)."""
+        root, there = Path(os.path.realpath(self.root)), Path(os.path.realpath(directory))
+        return root.is_relative_to(there)
+
     def digests(self) -> DigestMemo:
         """``check``'s own memo of checkpoint digests (``digests/``): private, never the shared cache's."""
         return DigestMemo(self.root, RULE, self.problem())

@@ -7,15 +7,21 @@ accepted only as a 206 whose Content-Range is exactly the range asked, of the fi
 its body is never read past what was asked; a document is read up to a size cap. Redirects are
 followed here, not by the HTTP client: the credentials go only to the server's own origin, never to
 the storage server a file redirects to, and the signed URL found there is reused for that file until
-it is refused. Dropped connections, 429 and 5xx are retried; a Retry-After holds every request.
+it is refused. Dropped connections, 429 and 5xx are retried; a Retry-After holds every request. A
+body that trickles (less than ``STALL_BYTES`` in any ``STALL_WINDOW`` seconds) is cut and tried again
+at most ``TRICKLE_RETRIES`` times: a server that sends a byte now and then never holds a run.
 """
 
 from __future__ import annotations
 
 import email.utils
 import re
+import socket
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -23,7 +29,12 @@ import httpx2
 
 from ...errors import SourceError
 
-RETRIES = 3  # per range, for dropped connections, 429 and 5xx; reset whenever bytes arrive
+RETRIES = 3  # per range, for dropped connections, 429 and 5xx; reset when an attempt brought STALL_BYTES
+# A body that delivers less than STALL_BYTES in any STALL_WINDOW seconds trickles: it is cut, and
+# tried again at most TRICKLE_RETRIES times per piece (trickled bytes never count as progress).
+STALL_WINDOW = 20.0
+STALL_BYTES = 1 << 10
+TRICKLE_RETRIES = 2
 POLL = 0.05  # seconds between checks for an interrupt while waiting
 _CONTENT_RANGE = re.compile(r"bytes (\d{1,20})-(\d{1,20})/(\d{1,20})")
 _DIGITS = re.compile(r"\d{1,20}")
@@ -80,6 +91,53 @@ class _Retry(Exception):
 
 class _Stale(Exception):
     """The storage server a file redirected to refused its signed URL: resolve the file again."""
+
+
+class _Trickle(Exception):
+    """Less than ``STALL_BYTES`` arrived in ``STALL_WINDOW`` seconds: the answer was cut."""
+
+
+class _Pace:
+    """What one answer's body delivered over the last ``STALL_WINDOW`` seconds.
+
+    The reading thread counts what arrives (``add``); the transport's watchdog looks at it between
+    arrivals (``watch``) and, once it trickles, shuts the connection's socket down, so that a read
+    blocked on a server that sends a byte every few seconds returns at once.
+    """
+
+    def __init__(self, resp: httpx2.Response) -> None:
+        stream = resp.extensions.get("network_stream")
+        self.sock = stream.get_extra_info("socket") if stream is not None else None
+        self.start = time.monotonic()
+        self.arrivals: deque[tuple[float, int]] = deque()
+        self.recent = 0  # bytes in ``arrivals``
+        self.cut = False
+        self.lock = threading.Lock()
+
+    def _slow(self, now: float) -> bool:
+        while self.arrivals and self.arrivals[0][0] <= now - STALL_WINDOW:
+            self.recent -= self.arrivals.popleft()[1]
+        return now - self.start >= STALL_WINDOW and self.recent < STALL_BYTES
+
+    def add(self, n: int) -> None:
+        """Count ``n`` bytes just received; raises ``_Trickle`` once the answer trickles."""
+        with self.lock:
+            now = time.monotonic()
+            self.arrivals.append((now, n))
+            self.recent += n
+            self.cut = self.cut or self._slow(now)
+            if self.cut:
+                raise _Trickle
+
+    def watch(self) -> None:
+        """Cut the answer if it trickles (from the watchdog's thread)."""
+        with self.lock:
+            if self.cut or not self._slow(time.monotonic()):
+                return
+            self.cut = True
+        if isinstance(self.sock, socket.socket):
+            with suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
 
 
 class _Dropped(Exception):
@@ -180,6 +238,40 @@ class Transport:
         self.client = client
         self.live = live
         self.resume_at = 0.0  # no request starts before (a server asked to wait: Retry-After)
+        self._paces: set[_Pace] = set()  # the bodies being read, for the watchdog
+        self._watchdog: threading.Thread | None = None
+        self._watch_lock = threading.Lock()
+
+    @contextmanager
+    def _paced(self, resp: httpx2.Response) -> Iterator[_Pace]:
+        """Watch ``resp``'s body for a trickle while it is read; a cut answer raises ``_Trickle``."""
+        pace = _Pace(resp)
+        with self._watch_lock:
+            self._paces.add(pace)
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(target=self._watch, name="safelora-hub-watch", daemon=True)
+                self._watchdog.start()
+        try:
+            yield pace
+        except (_Retry, httpx2.TransportError):
+            if pace.cut:
+                raise _Trickle from None
+            raise
+        finally:
+            with self._watch_lock:
+                self._paces.discard(pace)
+
+    def _watch(self) -> None:
+        """The watchdog: looks at every body being read a few times a second; ends when none is."""
+        while True:
+            time.sleep(min(POLL * 5, STALL_WINDOW / 20))
+            with self._watch_lock:
+                paces = list(self._paces)
+                if not paces:
+                    self._watchdog = None
+                    return
+            for pace in paces:
+                pace.watch()
 
     def _send(self, url: str, server: Server, where: str, extra: dict[str, str]) -> tuple[httpx2.Response, str]:
         """GET ``url``, following redirects here: the credentials go only to the server's origin.
@@ -237,12 +329,23 @@ class Transport:
         stopped when the connection drops, retried on 429 and 5xx."""
         rng = _Range(file, start, end, sink, lambda: self.live() and wanted(), count)
         error = file.server.error
-        failures = stale = 0
+        failures = stale = trickles = 0
         while rng.pos < rng.end:
             before = rng.pos
             try:
                 self._pause(rng.wanted)
                 self._attempt(rng)
+            except _Trickle:
+                trickles += 1
+                if trickles > TRICKLE_RETRIES:
+                    raise error(
+                        f"{file.where}: the transfer trickled (less than {STALL_BYTES} bytes in {STALL_WINDOW:g} s) at "
+                        f"byte {rng.pos}, and {TRICKLE_RETRIES} retries did too; check the network and run again"
+                    ) from None
+                try:
+                    self._sleep(_BACKOFF * 2 ** (trickles - 1), rng.wanted)
+                except _Dropped:
+                    raise error(f"{file.where}: the transfer was cancelled") from None
             except _Stale as e:
                 stale = 0 if rng.pos > before else stale + 1
                 if stale > _MAX_REDIRECTS:
@@ -253,7 +356,7 @@ class Transport:
             except _Dropped:
                 raise error(f"{file.where}: the transfer was cancelled") from None
             except (_Retry, httpx2.TransportError) as e:
-                if rng.pos > before:
+                if rng.pos - before >= min(STALL_BYTES, rng.end - before):
                     failures = 0
                 if failures == RETRIES:
                     raise error(
@@ -288,20 +391,22 @@ class Transport:
             if url != file.url:
                 file.signed = url
             framed = "Content-Length" in resp.headers
-            for data in resp.iter_raw():
-                if not rng.wanted():
-                    raise _Dropped
-                n = min(len(data), rng.end - rng.pos)
-                at = rng.pos - rng.start
-                rng.sink[at : at + n] = memoryview(data)[:n]
-                rng.pos += n
-                rng.count(n)
-                # A body without a length is cut where the range ends; one with a length is read to
-                # its end (never more than asked, as checked), so the connection can serve again.
-                if rng.pos == rng.end and not framed:
-                    break
-            if rng.pos < rng.end:
-                raise _Retry("the response ended early")
+            with self._paced(resp) as pace:
+                for data in resp.iter_raw():
+                    if not rng.wanted():
+                        raise _Dropped
+                    n = min(len(data), rng.end - rng.pos)
+                    at = rng.pos - rng.start
+                    rng.sink[at : at + n] = memoryview(data)[:n]
+                    rng.pos += n
+                    rng.count(n)
+                    # A body without a length is cut where the range ends; one with a length is read to
+                    # its end (never more than asked, as checked), so the connection can serve again.
+                    if rng.pos == rng.end and not framed:
+                        break
+                    pace.add(len(data))
+                if rng.pos < rng.end:
+                    raise _Retry("the response ended early")
         finally:
             resp.close()
 
@@ -311,13 +416,21 @@ class Transport:
         429 and 5xx are tried again (``RETRIES`` times), then reported like any other error status;
         a failed connection too, with ``reconnect`` (the first request of a run fails at once).
         """
-        failures = 0
+        failures = trickles = 0
         while True:
             try:
                 self._pause(lambda: True)
                 return self._document_once(file, limit, last=failures >= RETRIES)
             except _Dropped:
                 raise file.server.error(f"{file.where}: the transfer was cancelled") from None
+            except _Trickle:
+                trickles += 1
+                if trickles > TRICKLE_RETRIES:
+                    raise file.server.error(
+                        f"{file.where}: the transfer trickled (less than {STALL_BYTES} bytes in {STALL_WINDOW:g} s), "
+                        f"and {TRICKLE_RETRIES} retries did too; check the network and run again"
+                    ) from None
+                self._sleep(_BACKOFF * 2 ** (trickles - 1), lambda: True)
             except (_Retry, httpx2.TransportError) as e:
                 if failures >= RETRIES or (isinstance(e, httpx2.TransportError) and not reconnect):
                     raise file.server.unreachable(e) from None
@@ -340,12 +453,14 @@ class Transport:
             if length and (not _DIGITS.fullmatch(length) or int(length) > limit):
                 raise server.error(too_big)
             body = bytearray()
-            for data in resp.iter_raw():
-                if not self.live():
-                    raise _Dropped
-                body += data
-                if len(body) > limit:
-                    raise server.error(too_big)
+            with self._paced(resp) as pace:
+                for data in resp.iter_raw():
+                    if not self.live():
+                        raise _Dropped
+                    body += data
+                    if len(body) > limit:
+                        raise server.error(too_big)
+                    pace.add(len(data))
             return bytes(body)
         finally:
             resp.close()
