@@ -134,15 +134,20 @@ def test_the_api_refuses_a_checkpoint_and_copies_only_the_adapter(
     assert safelora_cli.project(checkpoint, base=base, aligned=aligned, num_layers=2, allow_checkpoint=True).written
 
 
-def test_an_output_inside_the_adapter_is_never_copied_into_itself(
-    cli: Cli, llama_pair: Pair, adapter_dir: Path
+def test_an_output_inside_an_adapter_is_refused_but_a_checkpoints_own_safelora(
+    cli: Cli, llama_pair: Pair, adapter_dir: Path, checkpoint: Path
 ) -> None:
-    own = sorted(os.listdir(adapter_dir))
-    out = adapter_dir / "sanitized"
-    for _ in range(2):
-        r = project(cli, llama_pair, adapter_dir, "--output", out, "--force")
+    """Inside a plain adapter, an output would be read as part of it: refused up front, dry run too.
+    Its ``safelora/`` is the callback's layout in a checkpoint: allowed, and rerun, never copied into itself."""
+    before = tree(adapter_dir)
+    for extra in ((), ("--dry-run",)):
+        r = project(cli, llama_pair, adapter_dir, "--output", adapter_dir / "sanitized", "--force", *extra)
+        assert r.exit_code == 1 and "inside the adapter directory" in r.stderr, r.stderr
+    assert tree(adapter_dir) == before
+    for where in (adapter_dir, adapter_dir, checkpoint):
+        r = project(cli, llama_pair, where, "--output", where / "safelora", "--force")
         assert r.exit_code == 0, r.stderr
-        assert sorted(os.listdir(out)) == own
+        assert "safelora" not in os.listdir(where / "safelora")
 
 
 # ---- errors that point the way ----

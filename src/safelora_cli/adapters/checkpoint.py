@@ -17,7 +17,7 @@ from ..io import safefs
 
 # What the Trainer writes into a checkpoint beside the model: any of them makes it one.
 # Where a checkpoint's sanitized copy goes (the Trainer callback's layout): the one output that may lie
-# inside the adapter directory it is written from.
+# inside the adapter directory it is written from (the copy leaves it out).
 CHECKPOINT_OUTPUT = "safelora"
 TRAINING_STATE = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth")
 _RNG_PER_PROCESS = re.compile(r"rng_state_\d{1,6}\.pth")

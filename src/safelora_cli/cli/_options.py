@@ -233,8 +233,8 @@ SignKeyOpt = Annotated[
         metavar="FILE",
         help="Sign what is written: a PEM PKCS#8 private key (Ed25519, or ECDSA P-256), whose signed in-toto "
         "attestation goes beside the adapter (safelora.intoto.json). Default: SAFELORA_SIGN_KEY (a file, or the "
-        "PEM itself); an encrypted key's passphrase comes from SAFELORA_SIGN_KEY_PASSPHRASE. Needs "
-        "safelora[sign].",
+        "PEM itself); an encrypted key's passphrase is read from the environment (see Signing in the README). "
+        "Needs safelora[sign].",
         show_default=False,
         rich_help_panel=OUTPUT,
     ),

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..adapters import Adapter, LoraModule, Named
-from ..adapters.checkpoint import CHECKPOINT_OUTPUT, training_state
+from ..adapters.checkpoint import CHECKPOINT_OUTPUT
 from ..adapters.specs import output_name
 from ..errors import AdapterError, OutputCollisionError, OutputError, SafeLoraError
 from ..outputs.report import Report
@@ -33,9 +33,9 @@ def outputs(adapters: Sequence[Named], output: Path | None, several: bool) -> li
     """Each adapter's output: ``output`` itself for one adapter, ``output/<name>`` (``output_name``) for
     each of a batch (``several``). Refused before anything is read or written: two adapters whose
     outputs would be one directory (names compared case-folded, as a case-insensitive file system
-    sees them), and an output that is, or lies inside, an adapter directory of the run (but for a
-    Trainer checkpoint's own ``<checkpoint>/safelora``, the callback's layout: a copy from a checkpoint
-    takes only the adapter's files, never that directory)."""
+    sees them), and an output that is, or lies inside, an adapter directory of the run (but for its
+    ``safelora/`` subdirectory, the Trainer callback's layout in a checkpoint: a copy never takes the
+    output into itself)."""
     if output is None:
         return [None] * len(adapters)
     if not several:
@@ -73,7 +73,7 @@ def _refuse_inside(output: Path, adapters: dict[tuple[int, int], Named]) -> None
             continue
         named = adapters.get((st.st_dev, st.st_ino))
         if named is not None and named.dir is not None:
-            if place == here.parent and here.name == CHECKPOINT_OUTPUT and training_state(named.dir):
+            if place == here.parent and here.name == CHECKPOINT_OUTPUT:
                 continue
             adapter = named.path
             where = "is the adapter directory" if place == here else "lies inside the adapter directory"
