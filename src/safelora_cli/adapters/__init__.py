@@ -9,7 +9,7 @@ read it; the run then works through ``Adapter`` and ``Adapter.format`` alone.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from ..io import safefs
 from . import specs
 from .base import PROVENANCE_PREFIX, Adapter, AdapterFormat, LoraModule
 from .digest import file_digest
+from .gguf import GGUF
 from .location import open_location, rewrite_lock
 from .lora_config import LoraConfig
 from .peft import PEFT
@@ -76,10 +77,11 @@ def open_adapter(path: Path) -> safefs.Directory:
     return open_location(path, _expects())
 
 
-def load_adapter(location: safefs.Directory) -> Adapter:
+def load_adapter(location: safefs.Directory, base_config: Mapping[str, object] | None = None) -> Adapter:
     """Read and check the adapter at ``location`` in its format; raises ``AdapterError`` naming the
-    file or tensor. Reads the config and the weights' header; no tensor is read until asked for."""
-    return format_of(location).load(location)
+    file or tensor. Reads the config and the weights' header; no tensor is read until asked for.
+    ``base_config``: the base model's ``config.json``, for a format that names its modules from it."""
+    return format_of(location).load(location, base_config)
 
 
 def read_config(location: safefs.Directory) -> LoraConfig:
@@ -106,3 +108,4 @@ def open_all(paths: Sequence[str | os.PathLike[str]]) -> Iterator[list[specs.Nam
 
 
 register(PEFT)
+register(GGUF)

@@ -7,7 +7,8 @@ file is laid out and how provenance is stamped into it are the format's business
 
 A location is the directory an adapter is opened through, once: every read and the rewrite go
 through its descriptor (``safefs.Directory``). A directory format (PEFT, MLX-LM) is that directory;
-a single-file format (a GGUF LoRA file) would be found in it by ``detect``.
+a single-file format (a GGUF LoRA file) is a ``location.FileLocation``: the directory holding the
+file, and the file's name, which ``detect`` reads the content of.
 """
 
 from __future__ import annotations
@@ -146,16 +147,24 @@ class AdapterFormat(Protocol):
         """Only the adapter's config (for defaults taken from it)."""
         ...
 
-    def load(self, location: safefs.Directory) -> Adapter:
-        """Read and check the adapter: its config and its weights' header; no tensor is read yet."""
+    def load(self, location: safefs.Directory, base_config: Mapping[str, object] | None = None) -> Adapter:
+        """Read and check the adapter: its config and its weights' header; no tensor is read yet.
+
+        ``base_config`` is the base model's ``config.json`` when the run has one: a format whose file
+        does not say which modules it adapts (GGUF) names them from it."""
         ...
 
-    def weights(self, handle: BufferedReader, file: Path, config: LoraConfig) -> Weights:
+    def weights(self, handle: BufferedReader, file: Path, config: LoraConfig | None) -> Weights:
         """The weights file open as ``handle`` (named ``file`` in messages), as ``config`` interprets it."""
         ...
 
     def tensor(self, adapter: Adapter, key: str) -> torch.Tensor:
         """One tensor of ``adapter``, A as r×in and B as out×r whatever the file holds."""
+        ...
+
+    def encode(self, adapter: Adapter, key: str, tensor: torch.Tensor) -> bytes:
+        """A replacement for ``key`` (in the orientation ``tensor`` gives, in the dtype it read as) as
+        the file stores it: what is written, and what the stamp digest covers."""
         ...
 
     def provenance(self, adapter: Adapter) -> dict[str, str]:

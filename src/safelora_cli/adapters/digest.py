@@ -197,6 +197,6 @@ def blobs(adapter: Adapter, replacements: Mapping[str, torch.Tensor]) -> dict[st
     out: dict[str, stfile.Blob] = {}
     for name, e in sorted(adapter.header.tensors.items(), key=lambda kv: kv[1].start):
         new = replacements.get(name)
-        data = ranges.FileRange(fd, e.start, e.end) if new is None else stfile.tensor_bytes(new)
+        data = ranges.FileRange(fd, e.start, e.end) if new is None else adapter.format.encode(adapter, name, new)
         out[name] = stfile.Blob(e.dtype, e.shape, data)
     return out

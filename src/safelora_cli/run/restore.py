@@ -10,7 +10,6 @@ import stat
 from collections.abc import Callable
 
 from ..adapters import PROVENANCE_PREFIX, load_adapter, rewrite_lock
-from ..adapters.peft_config import ADAPTER_FILE
 from ..errors import BackupError, SafeLoraError
 from ..io import atomic, ranges, safefs
 from ..outputs import card
@@ -52,7 +51,8 @@ def restore(
                     "was removed, or kept under another SAFELORA_BACKUPS"
                 )
             require_bound(adapter, backup, store, force, "restoring")
-            st = directory.lstat(ADAPTER_FILE)
+            [name] = adapter.format.kept_files(adapter)
+            st = directory.lstat(name)
             if st is not None and stat.S_ISLNK(st.st_mode):
                 raise BackupError(
                     f"{adapter.file}: is a symbolic link, and restoring in place would replace the link, not its "
@@ -60,11 +60,11 @@ def restore(
                 )
             with store.open(backup) as original:
                 chunks = [ranges.FileRange(original.fileno(), 0, backup.nbytes)]
-                atomic.replace(directory, ADAPTER_FILE, chunks, adapter.stat.st_mode & 0o777, expect=adapter.stat)
+                atomic.replace(directory, name, chunks, adapter.stat.st_mode & 0o777, expect=adapter.stat)
             try:
                 card.remove_card_section(directory)
             except SafeLoraError as e:
                 notes.append(f"model card left as it is: {e}")
         finally:
             adapter.close()
-    return Restored(directory.path, backup, notes)
+    return Restored(adapter.path, backup, notes)
