@@ -9,14 +9,14 @@ read it; the run then works through ``Adapter`` and ``Adapter.format`` alone.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import AdapterError
 from ..io import safefs
 from . import specs
-from .base import PROVENANCE_PREFIX, Adapter, AdapterFormat, LoraModule
+from .base import PROVENANCE_PREFIX, Adapter, AdapterFormat, BaseConfig, LoraModule
 from .digest import file_digest
 from .gguf import GGUF
 from .location import open_location, rewrite_lock
@@ -77,10 +77,10 @@ def open_adapter(path: Path) -> safefs.Directory:
     return open_location(path, _expects())
 
 
-def load_adapter(location: safefs.Directory, base_config: Mapping[str, object] | None = None) -> Adapter:
+def load_adapter(location: safefs.Directory, base_config: BaseConfig | None = None) -> Adapter:
     """Read and check the adapter at ``location`` in its format; raises ``AdapterError`` naming the
     file or tensor. Reads the config and the weights' header; no tensor is read until asked for.
-    ``base_config``: the base model's ``config.json``, for a format that names its modules from it."""
+    ``base_config``: reads the base model's ``config.json``, for a format that names its modules from it."""
     return format_of(location).load(location, base_config)
 
 

@@ -14,7 +14,7 @@ file, and the file's name, which ``detect`` reads the content of.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from io import BufferedReader
 from pathlib import Path
@@ -28,7 +28,9 @@ if TYPE_CHECKING:
 
     from .lora_config import LoraConfig
 
-PROVENANCE_PREFIX = "safelora."  # every key of safelora's stamp starts so, in every format
+PROVENANCE_PREFIX = "safelora."
+# Reads the base model's config.json (None: it has none); called only by a format that needs it.
+BaseConfig = Callable[[], Mapping[str, object] | None]  # every key of safelora's stamp starts so, in every format
 
 
 @dataclass(frozen=True)
@@ -147,11 +149,11 @@ class AdapterFormat(Protocol):
         """Only the adapter's config (for defaults taken from it)."""
         ...
 
-    def load(self, location: safefs.Directory, base_config: Mapping[str, object] | None = None) -> Adapter:
+    def load(self, location: safefs.Directory, base_config: BaseConfig | None = None) -> Adapter:
         """Read and check the adapter: its config and its weights' header; no tensor is read yet.
 
-        ``base_config`` is the base model's ``config.json`` when the run has one: a format whose file
-        does not say which modules it adapts (GGUF) names them from it."""
+        ``base_config`` reads the base model's ``config.json`` when the run has a base: a format whose
+        file does not say which modules it adapts (GGUF) calls it and names them from it."""
         ...
 
     def weights(self, handle: BufferedReader, file: Path, config: LoraConfig | None) -> Weights:

@@ -29,7 +29,7 @@ import torch
 from ..errors import AdapterError, FormatError, MissingExtraError, OutputError, OutputNotEmptyError
 from ..io import atomic, ggufile, ranges, safefs, stfile
 from . import gguf_names
-from .base import PROVENANCE_PREFIX, Adapter, LoraModule, Weights
+from .base import PROVENANCE_PREFIX, Adapter, BaseConfig, LoraModule, Weights
 from .digest import DIGEST_KEY, STAMP_VERSION, VERSION_KEY, stamp_digest
 from .location import file_of
 from .lora_config import LoraConfig
@@ -137,7 +137,7 @@ class GgufFormat:
         adapter.close()
         return adapter.config
 
-    def load(self, location: safefs.Directory, base_config: Mapping[str, object] | None = None) -> Adapter:
+    def load(self, location: safefs.Directory, base_config: BaseConfig | None = None) -> Adapter:
         name = file_of(location)
         if name is None:
             raise AdapterError(f"{location.path}: a directory; {_FIX}")
@@ -149,7 +149,7 @@ class GgufFormat:
             header, modules, _, _ = self.weights(handle, file, None)
             if not isinstance(header, GgufHeader):
                 raise RuntimeError(f"{file}: not read as GGUF")
-            config = self._config(header, modules, file, base_config)
+            config = self._config(header, modules, file, None if base_config is None else base_config())
         except BaseException:
             handle.close()
             raise

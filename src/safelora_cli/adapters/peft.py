@@ -17,7 +17,7 @@ import torch
 from ..errors import AdapterError
 from ..io import atomic, ranges, safefs, stfile
 from . import output as output_dir
-from .base import PROVENANCE_PREFIX, Adapter, Weights
+from .base import PROVENANCE_PREFIX, Adapter, BaseConfig, Weights
 from .digest import DIGEST_KEY, STAMP_VERSION, VERSION_KEY, blobs, stamp_digest
 from .location import file_of
 from .lora_config import CONFIG_FILE, LoraConfig
@@ -70,7 +70,7 @@ class PeftFormat:
     def read_config(self, location: safefs.Directory) -> LoraConfig:
         return load_config(location)[0]
 
-    def load(self, location: safefs.Directory, base_config: Mapping[str, object] | None = None) -> Adapter:
+    def load(self, location: safefs.Directory, base_config: BaseConfig | None = None) -> Adapter:
         config, config_bytes, config_mode = load_config(location)
         file = location.path / ADAPTER_FILE
         if location.lstat(ADAPTER_FILE) is None:

@@ -331,7 +331,7 @@ def _prepare(
     """
     if run.named.dir is None:
         raise RuntimeError(f"{run.path}: prepared without an open directory")
-    run.adapter = adapter = load_adapter(run.named.dir, base.model_config())
+    run.adapter = adapter = load_adapter(run.named.dir, base.model_config)
     run.notes.extend(adapter.warnings)
     normalized_names(adapter)  # two keys for one tensor: refused before any work (the stamp could not cover both)
     previous = adapter.provenance()
