@@ -4,6 +4,7 @@ own writer (the reference comparison with llama.cpp's converter is ``test_gguf_r
 
 from __future__ import annotations
 
+import json
 import struct
 import sys
 from collections.abc import Callable
@@ -220,3 +221,23 @@ def test_hostile_gguf_is_refused_in_one_line_and_nothing_is_written(
         assert "\n" not in line and why in line, (case, line)
     assert target.read_bytes() == data
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hostile.gguf"]
+
+
+def test_check_with_the_original_recomputes_a_gguf(
+    cli: Callable[..., Result], llama_pair: tuple[Path, Path], gguf_file: Path, tmp_path: Path
+) -> None:
+    """Verified by recomputation, not the local record: the original GGUF projected again must reproduce it."""
+    out = tmp_path / "sanitized.gguf"
+    assert cli("project", *_pair(llama_pair), "--adapter", gguf_file, "--output", out).exit_code == 0
+    base, aligned = llama_pair
+    pair = ["--base", base, "--aligned", aligned]
+    done = cli("check", out, *pair, "--original", gguf_file, "--json")
+    assert done.exit_code == 0, done.stderr
+    assert json.loads(done.stdout)["verified_by"] == "recomputation"
+    edited = bytearray(out.read_bytes())
+    layout = _layout(out)
+    b = next(t for t in layout.tensors if t.name == "blk.0.attn_q.weight.lora_b")
+    edited[layout.data_start + b.offset + 3] ^= 0x10
+    forged = tmp_path / "forged.gguf"
+    forged.write_bytes(bytes(edited))
+    assert cli("check", forged, *pair, "--original", gguf_file).exit_code == 3
