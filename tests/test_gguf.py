@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from support import builders
 from typer.testing import Result
 
+from safelora_cli.errors import FormatError
 from safelora_cli.io import ggufile
 
 SizeOf = gguf.GGML_QUANT_SIZES
@@ -241,3 +242,28 @@ def test_check_with_the_original_recomputes_a_gguf(
     forged = tmp_path / "forged.gguf"
     forged.write_bytes(bytes(edited))
     assert cli("check", forged, *pair, "--original", gguf_file).exit_code == 3
+
+
+@pytest.mark.parametrize("case", ["2^63 tensors", "2^63 pairs", "2^63-byte string", "deep arrays"])
+def test_absurd_counts_are_refused_before_anything_is_allocated(tmp_path: Path, case: str) -> None:
+    """The header's claims are checked against the file's size first: memory follows the file, not its counts."""
+    import tracemalloc
+
+    target = tmp_path / "hostile.gguf"
+    target.write_bytes(HOSTILE[case][0])
+    tracemalloc.start()
+    try:
+        with target.open("rb") as f, pytest.raises(FormatError):
+            ggufile.read_layout(f, target.stat().st_size, str(target), SizeOf)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, peak
+
+
+def test_a_huge_array_claim_in_a_small_file_is_refused(tmp_path: Path) -> None:
+    body = _s("general.tags") + struct.pack("<IIQ", 9, 8, 2**40) + _s("x") * 4
+    target = tmp_path / "a.gguf"
+    target.write_bytes(_header(0, 1, body))
+    with target.open("rb") as f, pytest.raises(FormatError, match="claims 1099511627776 elements"):
+        ggufile.read_layout(f, target.stat().st_size, str(target), SizeOf)

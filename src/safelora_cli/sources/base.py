@@ -74,6 +74,7 @@ class Source(ABC):
         # hashed as the run streams it, or filled in from a memo by whoever opened the source.
         self.digests: dict[str, str] = {}
         self.memo: DigestStore | None = None  # where digests are kept between runs (set by whoever opens it)
+        self._model_config: tuple[Mapping[str, object] | None] | None = None  # (config.json,) once read
 
     @abstractmethod
     def names(self) -> Collection[str]:
@@ -127,8 +128,13 @@ class Source(ABC):
 
     def model_config(self) -> Mapping[str, object] | None:
         """The checkpoint's ``config.json`` (strict JSON, an object), or None when it has none: what a
-        format that names modules by the model's class (GGUF) needs. A local checkpoint's sits in its
-        directory; the Hub source reads the repo's."""
+        format that names modules by the model's class (GGUF) needs. Read once, when first asked."""
+        if self._model_config is None:
+            self._model_config = (self.read_model_config(),)
+        return self._model_config[0]
+
+    def read_model_config(self) -> Mapping[str, object] | None:
+        """``model_config`` as read: a local checkpoint's sits in its directory; the Hub source reads the repo's."""
         path = Path(self.label) / CONFIG_JSON
         if not os.path.isdir(self.label) or not os.path.lexists(path):
             return None

@@ -209,7 +209,7 @@ class HubSource(Source):
         self._count(len(raw))
         return raw
 
-    def model_config(self) -> Mapping[str, object] | None:
+    def read_model_config(self) -> Mapping[str, object] | None:
         if CONFIG_JSON not in self._listing() and self._files is not None:
             return None
         return parse_config(self._small_file(CONFIG_JSON), self.where(CONFIG_JSON))
