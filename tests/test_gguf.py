@@ -267,3 +267,23 @@ def test_a_huge_array_claim_in_a_small_file_is_refused(tmp_path: Path) -> None:
     target.write_bytes(_header(0, 1, body))
     with target.open("rb") as f, pytest.raises(FormatError, match="claims 1099511627776 elements"):
         ggufile.read_layout(f, target.stat().st_size, str(target), SizeOf)
+
+
+def test_ctrl_c_says_a_gguf_is_unchanged(
+    cli: Callable[..., Result],
+    llama_pair: tuple[Path, Path],
+    gguf_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from safelora_cli.run import pipeline
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "project_adapters", interrupted)
+    target = tmp_path / "a.gguf"
+    target.write_bytes(gguf_file.read_bytes())
+    done = cli("project", *_pair(llama_pair), "--adapter", target)
+    assert done.exit_code == 130
+    assert done.stderr == f"interrupted; unchanged: {target}\n"

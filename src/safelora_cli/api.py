@@ -507,7 +507,8 @@ def _open_adapters(specs: Sequence[StrPath]) -> Iterator[list[adapter_io.Named]]
 
 
 def weights_file(adapter: Path) -> Path:
-    """The file ``project`` and ``restore`` rewrite in an adapter directory."""
+    """The file ``project`` and ``restore`` rewrite for an adapter: a single-file adapter (GGUF) is
+    that file; in a directory, the PEFT weights."""
     from .adapters.peft_config import ADAPTER_FILE
 
-    return adapter / ADAPTER_FILE
+    return adapter if os.path.isfile(adapter) else adapter / ADAPTER_FILE
