@@ -287,3 +287,19 @@ def test_ctrl_c_says_a_gguf_is_unchanged(
     done = cli("project", *_pair(llama_pair), "--adapter", target)
     assert done.exit_code == 130
     assert done.stderr == f"interrupted; unchanged: {target}\n"
+
+
+def test_a_batch_mixes_formats_and_two_files_of_one_directory_are_two_adapters(
+    cli: Callable[..., Result], llama_pair: tuple[Path, Path], gguf_file: Path, adapter_dir: Path, tmp_path: Path
+) -> None:
+    first, second = tmp_path / "one.gguf", tmp_path / "two.gguf"
+    for target in (first, second):
+        target.write_bytes(gguf_file.read_bytes())
+    adapters = ["--adapter", first, "--adapter", second, "--adapter", adapter_dir]
+    done = cli("project", *_pair(llama_pair), *adapters, "--json")
+    assert done.exit_code == 0, done.stderr
+    reports = json.loads(done.stdout)
+    assert [r["adapter"] for r in reports] == [str(first), str(second), str(adapter_dir)]
+    assert first.read_bytes() == second.read_bytes() != gguf_file.read_bytes()
+    for target in (first, second, adapter_dir):
+        assert cli("check", target).exit_code == 0
