@@ -38,19 +38,20 @@ def test_an_unknown_directory_gets_one_line_listing_what_is_supported(tmp_path: 
         pass
     message = str(info.value)
     assert "\n" not in message
-    assert message == (
-        f"{stray / CONFIG_FILE}: missing; "
-        "pass an MLX-LM adapter directory (adapter_config.json + adapters.safetensors) "
-        "or a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)"
-    )
-    assert all(fmt.expects in message for fmt in adapters.formats())
+    assert message.startswith(f"{stray / CONFIG_FILE}: missing; {stray}: a directory, not a GGUF file; pass ")
+    assert all(f"{fmt.expects} ({fmt.holds})" in message for fmt in adapters.formats())
 
 
 def test_an_unknown_file_is_refused_in_one_line_naming_what_to_pass(tmp_path: Path) -> None:
+    """Named like a GGUF file, it is one only by its content: a file of another kind lists what is supported."""
     stray = tmp_path / "adapter.gguf"
-    stray.write_bytes(b"GGUF" + b"\0" * 16)
+    stray.write_bytes(b"GGML" + b"\0" * 16)
     with pytest.raises(AdapterError) as info, adapters.opened(stray):
         pass
-    assert str(info.value) == (
-        f"{stray}: is not a directory; pass an MLX-LM adapter directory or a PEFT adapter directory"
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(
+        f"{stray}: a file, not an MLX-LM adapter directory; {stray}: a file, not a PEFT adapter directory; "
+        f"{stray}: no GGUF magic; pass "
     )
+    assert all(f"{fmt.expects} ({fmt.holds})" in message for fmt in adapters.formats())

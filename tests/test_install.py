@@ -63,7 +63,40 @@ def planned(tmp_path: Path, *torch_options: str) -> list[list[str]]:
         [pip, "install", "--quiet", "-e", ".[test]"],
         [sys.executable, "-m", "venv", str(mlx)],
         [str(mlx / "bin" / "pip"), "install", "--quiet", "mlx[cpu]==0.32.4", "mlx-lm==0.32.2"],
+        *_llama_cpp_reference(venv, pip),
         [str(venv / "bin" / "python"), ".ci/torch-build"],
+    ]
+
+
+def _llama_cpp_reference(venv: Path, pip: str) -> list[list[str]]:
+    """The GGUF tests' reference: llama.cpp's converter from the pinned llama-cpp-python sdist, under the venv."""
+    sdist_dir = venv / ".sdist"
+    top = "llama_cpp_python-0.3.36/vendor/llama.cpp"
+    return [
+        [
+            pip,
+            "download",
+            "--quiet",
+            "--no-binary",
+            ":all:",
+            "--no-deps",
+            "-d",
+            str(sdist_dir),
+            "llama-cpp-python==0.3.36",
+        ],
+        [
+            "tar",
+            "-xzf",
+            str(sdist_dir / "llama_cpp_python-0.3.36.tar.gz"),
+            "-C",
+            str(venv),
+            "--wildcards",
+            f"{top}/convert_lora_to_gguf.py",
+            f"{top}/convert_hf_to_gguf.py",
+            f"{top}/conversion/*",
+            f"{top}/gguf-py/*",
+        ],
+        ["rm", "-f", str(sdist_dir / "llama_cpp_python-0.3.36.tar.gz")],
     ]
 
 

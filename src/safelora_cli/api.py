@@ -668,10 +668,13 @@ def _open_adapters(specs: Sequence[StrPath]) -> Iterator[list[adapter_io.Named]]
 
 
 def weights_file(adapter: Path) -> Path:
-    """The file ``project`` and ``restore`` rewrite in an adapter directory: PEFT's, else MLX-LM's
-    when only that is there (by name alone: this never opens the adapter)."""
+    """The file ``project`` and ``restore`` rewrite for an adapter (by name alone: this never opens
+    it): a single-file adapter (GGUF) is that file; in a directory, PEFT's weights, else MLX-LM's when
+    only that is there."""
     from .adapters.mlx_config import WEIGHTS_FILE
     from .adapters.peft_config import ADAPTER_FILE
 
+    if os.path.isfile(adapter):
+        return adapter
     peft, mlx = adapter / ADAPTER_FILE, adapter / WEIGHTS_FILE
     return mlx if not os.path.lexists(peft) and os.path.lexists(mlx) else peft

@@ -16,8 +16,9 @@ from pathlib import Path
 from ..errors import AdapterError
 from ..io import safefs
 from . import checkpoint, specs
-from .base import PROVENANCE_PREFIX, Adapter, AdapterFormat, LoraModule
+from .base import PROVENANCE_PREFIX, Adapter, AdapterFormat, BaseConfig, LoraModule
 from .digest import file_digest
+from .gguf import GGUF
 from .location import open_location, rewrite_lock
 from .lora_config import LoraConfig
 from .mlx import MLX
@@ -80,10 +81,11 @@ def open_adapter(path: Path) -> safefs.Directory:
     return open_location(path, _expects())
 
 
-def load_adapter(location: safefs.Directory) -> Adapter:
+def load_adapter(location: safefs.Directory, base_config: BaseConfig | None = None) -> Adapter:
     """Read and check the adapter at ``location`` in its format; raises ``AdapterError`` naming the
-    file or tensor. Reads the config and the weights' header; no tensor is read until asked for."""
-    return format_of(location).load(location)
+    file or tensor. Reads the config and the weights' header; no tensor is read until asked for.
+    ``base_config``: reads the base model's ``config.json``, for a format that names its modules from it."""
+    return format_of(location).load(location, base_config)
 
 
 def read_config(location: safefs.Directory) -> LoraConfig:
@@ -112,3 +114,4 @@ def open_all(paths: Sequence[str | os.PathLike[str]]) -> Iterator[list[specs.Nam
 # MLX-LM first: its config is an adapter_config.json too, which PEFT claims whatever it holds.
 register(MLX)
 register(PEFT)
+register(GGUF)

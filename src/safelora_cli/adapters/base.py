@@ -7,13 +7,14 @@ file is laid out and how provenance is stamped into it are the format's business
 
 A location is the directory an adapter is opened through, once: every read and the rewrite go
 through its descriptor (``safefs.Directory``). A directory format (PEFT, MLX-LM) is that directory;
-a single-file format (a GGUF LoRA file) would be found in it by ``detect``.
+a single-file format (a GGUF LoRA file) is a ``location.FileLocation``: the directory holding the
+file, and the file's name, which ``detect`` reads the content of.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from io import BufferedReader
 from pathlib import Path
@@ -27,7 +28,9 @@ if TYPE_CHECKING:
 
     from .lora_config import LoraConfig
 
-PROVENANCE_PREFIX = "safelora."  # every key of safelora's stamp starts so, in every format
+PROVENANCE_PREFIX = "safelora."
+# Reads the base model's config.json (None: it has none); called only by a format that needs it.
+BaseConfig = Callable[[], Mapping[str, object] | None]  # every key of safelora's stamp starts so, in every format
 
 
 @dataclass(frozen=True)
@@ -148,11 +151,14 @@ class AdapterFormat(Protocol):
         """Only the adapter's config (for defaults taken from it)."""
         ...
 
-    def load(self, location: safefs.Directory) -> Adapter:
-        """Read and check the adapter: its config and its weights' header; no tensor is read yet."""
+    def load(self, location: safefs.Directory, base_config: BaseConfig | None = None) -> Adapter:
+        """Read and check the adapter: its config and its weights' header; no tensor is read yet.
+
+        ``base_config`` reads the base model's ``config.json`` when the run has a base: a format whose
+        file does not say which modules it adapts (GGUF) calls it and names them from it."""
         ...
 
-    def weights(self, handle: BufferedReader, file: Path, config: LoraConfig) -> Weights:
+    def weights(self, handle: BufferedReader, file: Path, config: LoraConfig | None) -> Weights:
         """The weights file open as ``handle`` (named ``file`` in messages), as ``config`` interprets it."""
         ...
 
@@ -160,8 +166,9 @@ class AdapterFormat(Protocol):
         """One tensor of ``adapter``, A as r×in and B as out×r whatever the file holds."""
         ...
 
-    def stored(self, adapter: Adapter, key: str, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor``, in the orientation ``tensor`` gives, as the weights file stores ``key``."""
+    def encode(self, adapter: Adapter, key: str, tensor: torch.Tensor) -> bytes:
+        """A replacement for ``key`` (in the orientation ``tensor`` gives, in the dtype it read as) as
+        the file stores it: what is written, and what the stamp digest covers."""
         ...
 
     def provenance(self, adapter: Adapter) -> dict[str, str]:

@@ -197,9 +197,6 @@ def blobs(adapter: Adapter, replacements: Mapping[str, torch.Tensor]) -> dict[st
     out: dict[str, stfile.Blob] = {}
     for name, e in sorted(adapter.header.tensors.items(), key=lambda kv: kv[1].start):
         new = replacements.get(name)
-        if new is None:
-            data: ranges.Data = ranges.FileRange(fd, e.start, e.end)
-        else:  # in the orientation ``tensor`` gives: the format turns it the file's way
-            data = stfile.tensor_bytes(adapter.format.stored(adapter, name, new))
+        data = ranges.FileRange(fd, e.start, e.end) if new is None else adapter.format.encode(adapter, name, new)
         out[name] = stfile.Blob(e.dtype, e.shape, data)
     return out

@@ -21,8 +21,9 @@ import torch
 from ..errors import AdapterError
 from ..io import atomic, ranges, safefs, stfile, strict
 from . import output as output_dir
-from .base import PROVENANCE_PREFIX, Adapter, LoraModule, Weights
+from .base import PROVENANCE_PREFIX, Adapter, BaseConfig, LoraModule, Weights
 from .digest import DIGEST_KEY, STAMP_VERSION, VERSION_KEY, blobs, stamp_digest
+from .location import file_of
 from .lora_config import CONFIG_FILE, LoraConfig
 from .mlx_config import CONFIG_LIMIT, WEIGHTS_FILE, MlxConfig, covered_config, is_mlx_config, load_config
 
@@ -189,15 +190,18 @@ class MlxFormat:
         return covered_config(adapter.config_bytes, adapter.path / CONFIG_FILE)
 
     def detect(self, location: safefs.Directory) -> bool:
-        return is_mlx(location)
+        return file_of(location) is None and is_mlx(location)
 
     def lacks(self, location: safefs.Directory) -> str:
+        name = file_of(location)
+        if name is not None:
+            return f"{location.path / name}: a file, not an MLX-LM adapter directory"
         return f"{location.path / CONFIG_FILE}: missing"
 
     def read_config(self, location: safefs.Directory) -> LoraConfig:
         return load_config(location)[0]
 
-    def load(self, location: safefs.Directory) -> Adapter:
+    def load(self, location: safefs.Directory, base_config: BaseConfig | None = None) -> Adapter:
         config, config_bytes, config_mode = load_config(location)
         file = location.path / WEIGHTS_FILE
         if location.lstat(WEIGHTS_FILE) is None:
@@ -214,7 +218,9 @@ class MlxFormat:
             skipped, dora, [],
         )  # fmt: skip
 
-    def weights(self, handle: BufferedReader, file: Path, config: LoraConfig) -> Weights:
+    def weights(self, handle: BufferedReader, file: Path, config: LoraConfig | None) -> Weights:
+        if config is None:
+            raise RuntimeError(f"{file}: MLX-LM weights are read with their config")
         try:
             header = stfile.header_of(handle, str(file), os.fstat(handle.fileno()).st_size)
         except OSError as e:
@@ -230,8 +236,8 @@ class MlxFormat:
         t = stfile.tensor_from_bytes(entry, data)
         return _turned(key, t)
 
-    def stored(self, adapter: Adapter, key: str, tensor: torch.Tensor) -> torch.Tensor:
-        return _turned(key, tensor)
+    def encode(self, adapter: Adapter, key: str, tensor: torch.Tensor) -> bytes:
+        return stfile.tensor_bytes(_turned(key, tensor))
 
     def provenance(self, adapter: Adapter) -> dict[str, str]:
         return {k: v for k, v in adapter.header.metadata.items() if k.startswith(PROVENANCE_PREFIX)}
@@ -250,7 +256,7 @@ class MlxFormat:
         in place, atomically, or as a complete adapter directory at ``output``."""
         for key, t in replacements.items():
             e = adapter.header.tensors[key]
-            if tuple(self.stored(adapter, key, t).shape) != e.shape or t.dtype != e.torch_dtype:
+            if tuple(_turned(key, t).shape) != e.shape or t.dtype != e.torch_dtype:
                 raise AssertionError(f"replacement for {key} changed shape or dtype")
         tensors = blobs(adapter, replacements)
         metadata = {k: v for k, v in adapter.header.metadata.items() if not k.startswith(PROVENANCE_PREFIX)}

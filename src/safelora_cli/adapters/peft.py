@@ -17,8 +17,9 @@ import torch
 from ..errors import AdapterError
 from ..io import atomic, ranges, safefs, stfile
 from . import output as output_dir
-from .base import PROVENANCE_PREFIX, Adapter, Weights
+from .base import PROVENANCE_PREFIX, Adapter, BaseConfig, Weights
 from .digest import DIGEST_KEY, STAMP_VERSION, VERSION_KEY, blobs, stamp_digest
+from .location import file_of
 from .lora_config import CONFIG_FILE, LoraConfig
 from .peft_config import ADAPTER_FILE, covered_config, load_config, weights
 
@@ -57,16 +58,19 @@ class PeftFormat:
         return covered_config(adapter.config_bytes, adapter.path / CONFIG_FILE)
 
     def detect(self, location: safefs.Directory) -> bool:
-        # Whatever is named adapter_config.json: a broken one is PEFT's to refuse, with its own message.
-        return location.lstat(CONFIG_FILE) is not None
+        # A directory with whatever is named adapter_config.json: a broken one is PEFT's to refuse.
+        return file_of(location) is None and location.lstat(CONFIG_FILE) is not None
 
     def lacks(self, location: safefs.Directory) -> str:
+        name = file_of(location)
+        if name is not None:
+            return f"{location.path / name}: a file, not a PEFT adapter directory"
         return f"{location.path / CONFIG_FILE}: missing"
 
     def read_config(self, location: safefs.Directory) -> LoraConfig:
         return load_config(location)[0]
 
-    def load(self, location: safefs.Directory) -> Adapter:
+    def load(self, location: safefs.Directory, base_config: BaseConfig | None = None) -> Adapter:
         config, config_bytes, config_mode = load_config(location)
         file = location.path / ADAPTER_FILE
         if location.lstat(ADAPTER_FILE) is None:
@@ -106,7 +110,9 @@ class PeftFormat:
             warnings,
         )
 
-    def weights(self, handle: BufferedReader, file: Path, config: LoraConfig) -> Weights:
+    def weights(self, handle: BufferedReader, file: Path, config: LoraConfig | None) -> Weights:
+        if config is None:
+            raise RuntimeError(f"{file}: PEFT weights are read with their config")
         return weights(handle, file, config)
 
     def tensor(self, adapter: Adapter, key: str) -> torch.Tensor:
@@ -117,8 +123,8 @@ class PeftFormat:
             raise AdapterError(safefs.os_error(adapter.source or adapter.file, e)) from None
         return stfile.tensor_from_bytes(entry, data)
 
-    def stored(self, adapter: Adapter, key: str, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
+    def encode(self, adapter: Adapter, key: str, tensor: torch.Tensor) -> bytes:
+        return stfile.tensor_bytes(tensor)
 
     def provenance(self, adapter: Adapter) -> dict[str, str]:
         return {k: v for k, v in adapter.header.metadata.items() if k.startswith(PROVENANCE_PREFIX)}

@@ -39,12 +39,13 @@ def verified_by_record(adapter: Adapter, store: BackupStore) -> bool:
 
 
 @contextmanager
-def _adapter(target: Path | Directory) -> Iterator[Adapter]:
+def _adapter(target: Path | Directory, base: Source | None = None) -> Iterator[Adapter]:
+    """The adapter at ``target``, read with ``base``'s config.json at hand (for a format that needs it)."""
     if isinstance(target, Path):
         with opened(target) as adapter:
             yield adapter
         return
-    adapter = load_adapter(target)
+    adapter = load_adapter(target, None if base is None else base.model_config)
     try:
         yield adapter
     finally:
@@ -112,7 +113,7 @@ def check(
     in ``store`` (safelora on this machine wrote these bytes), or, with ``trust_stamp``, by an intact
     stamp alone. Anything else with an intact stamp is ``unverified``.
     """
-    with _adapter(target) as adapter:
+    with _adapter(target, None if pair is None else pair[0]) as adapter:
         result = check_adapter(adapter, pair, store if store is not None else BackupStore(), trust_stamp, recompute)
     return replace(result, structured=structured(result.provenance))
 

@@ -406,7 +406,7 @@ def _prepare(
     if run.output is not None:
         # Before any work, and in a dry run too: it exits as the run would.
         check_output(run.output, run.named.dir.identity, overwrite=settings.force)
-    run.adapter = adapter = load_adapter(run.named.dir)
+    run.adapter = adapter = load_adapter(run.named.dir, base.model_config)
     run.notes.extend(adapter.warnings)
     normalized_names(adapter)  # two keys for one tensor: refused before any work (the stamp could not cover both)
     previous = adapter.provenance()

@@ -59,7 +59,7 @@ def restore(
                     "was removed, or kept under another SAFELORA_BACKUPS"
                 )
             require_bound(adapter, backup, store, force, "restoring")
-            name = adapter.file.name
+            [name] = adapter.format.kept_files(adapter)
             st = directory.lstat(name)
             if st is not None and stat.S_ISLNK(st.st_mode):
                 raise BackupError(
@@ -79,7 +79,7 @@ def restore(
                 notes.append(f"model card left as it is: {e}")
         finally:
             adapter.close()
-    return Restored(directory.path, backup, notes)
+    return Restored(adapter.path, backup, notes)
 
 
 def _kept_as_it_is(adapter: Adapter, store: BackupStore) -> Backup | None:

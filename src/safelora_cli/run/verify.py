@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import Adapter, Named, load_adapter
+from ..adapters import Adapter, Named, load_adapter, open_adapter
 from ..adapters.digest import normalized_names
+from ..adapters.location import file_of
 from ..errors import SafeLoraError
 from ..io import ranges, safefs, stfile
 from ..outputs.report import Report
@@ -62,7 +63,9 @@ def recompute(adapter: Adapter, original: safefs.Directory, base: Source, aligne
     if not known or precision not in ("float32", "float64"):
         return "the stamp records no settings this safelora knows"
     with tempfile.TemporaryDirectory(prefix="safelora-verify-") as tmp:
-        out = Path(tmp) / "recomputed"
+        # A single-file original (GGUF) is recomputed into a file, a directory adapter into a directory.
+        name = file_of(original)
+        out = Path(tmp) / ("recomputed" if name is None else f"recomputed{Path(name).suffix}")
         exact: Precision = "float64" if precision == "float64" else "float32"
         settings = Settings(mode="threshold", threshold=math.inf, precision=exact, output=out, backup=False)
         [outcome] = project_adapters(
@@ -71,15 +74,14 @@ def recompute(adapter: Adapter, original: safefs.Directory, base: Source, aligne
         if isinstance(outcome, SafeLoraError):
             raise outcome
         assert isinstance(outcome, Report)
-        with safefs.Directory(out, SafeLoraError) as where:
-            projected = load_adapter(where)
+        with open_adapter(out) as where:
+            projected = load_adapter(where, base.model_config)
             try:
-                with safefs.Directory(original.path, SafeLoraError) as again:
-                    source = load_adapter(again)
-                    try:
-                        return _compare(adapter, source, projected, outcome, str(mode), tau, k)
-                    finally:
-                        source.close()
+                source = load_adapter(original, base.model_config)
+                try:
+                    return _compare(adapter, source, projected, outcome, str(mode), tau, k)
+                finally:
+                    source.close()
             finally:
                 projected.close()
 

@@ -6,6 +6,7 @@ checkpoint's index, from disk or from the Hub; a ``Transfer`` is how a remote so
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Protocol
 import torch
 
 from ..errors import SourceError
-from ..io import strict
+from ..io import safefs, strict
 from . import identity
 
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -23,6 +24,7 @@ BIN_SINGLE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 INDEX_LIMIT = 64 << 20  # a 405B checkpoint's index is ~100 kB; a larger "index" is not one
 REDOWNLOAD = "download the checkpoint again"
+CONFIG_JSON = "config.json"
 
 
 # transformers 4.52 renamed the language model of multimodal models (Llava, Gemma 3, Qwen2-VL…)
@@ -33,6 +35,17 @@ _RENAMES = (("model.language_model.", "language_model.model."), ("language_model
 
 # The input embedding matrix, as the architectures whose lm_head may be tied to it name it.
 _INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+
+
+def parse_config(raw: bytes, where: str) -> dict[str, object]:
+    """A ``config.json`` as an object; ``SourceError`` for anything else."""
+    try:
+        value = strict.loads(raw)
+    except strict.InvalidJSON as e:
+        raise SourceError(f"{where}: not valid JSON ({e}); {REDOWNLOAD}") from None
+    if not isinstance(value, dict):
+        raise SourceError(f"{where}: not a JSON object; {REDOWNLOAD}")
+    return value
 
 
 def _renamed(key: str) -> list[str]:
@@ -61,6 +74,7 @@ class Source(ABC):
         # hashed as the run streams it, or filled in from a memo by whoever opened the source.
         self.digests: dict[str, str] = {}
         self.memo: DigestStore | None = None  # where digests are kept between runs (set by whoever opens it)
+        self._model_config: tuple[Mapping[str, object] | None] | None = None  # (config.json,) once read
 
     @abstractmethod
     def names(self) -> Collection[str]:
@@ -111,6 +125,20 @@ class Source(ABC):
         """Keep the digests known so far in the memo, if the source has one."""
         if self.memo is not None:
             self.memo.save(self.cache_identity(), self.digests)
+
+    def model_config(self) -> Mapping[str, object] | None:
+        """The checkpoint's ``config.json`` (strict JSON, an object), or None when it has none: what a
+        format that names modules by the model's class (GGUF) needs. Read once, when first asked."""
+        if self._model_config is None:
+            self._model_config = (self.read_model_config(),)
+        return self._model_config[0]
+
+    def read_model_config(self) -> Mapping[str, object] | None:
+        """``model_config`` as read: a local checkpoint's sits in its directory; the Hub source reads the repo's."""
+        path = Path(self.label) / CONFIG_JSON
+        if not os.path.isdir(self.label) or not os.path.lexists(path):
+            return None
+        return parse_config(safefs.read_small(path, SourceError, INDEX_LIMIT, fix=REDOWNLOAD)[0], str(path))
 
     def cache_identity(self) -> str:
         """What the projection cache keys this checkpoint by: its resolved path and fingerprint."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -27,11 +27,13 @@ from ...io import safefs, stfile
 from ..base import (
     BIN_INDEX,
     BIN_SINGLE,
+    CONFIG_JSON,
     INDEX_LIMIT,
     SAFETENSORS_INDEX,
     SAFETENSORS_SINGLE,
     Source,
     Transfer,
+    parse_config,
     parse_index,
 )
 from ..local import TorchBinSource
@@ -206,6 +208,11 @@ class HubSource(Source):
         raw = pool.call(lambda: pool.transport.document(file, INDEX_LIMIT))
         self._count(len(raw))
         return raw
+
+    def read_model_config(self) -> Mapping[str, object] | None:
+        if CONFIG_JSON not in self._listing() and self._files is not None:
+            return None
+        return parse_config(self._small_file(CONFIG_JSON), self.where(CONFIG_JSON))
 
     def _map(self) -> dict[str, str]:
         """Tensor name → file, from the index or the single file's header (read once)."""
