@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 from support import builders
+from support.keys import write_key
 from typer.testing import Result
 
 from safelora_cli.errors import FormatError
@@ -298,8 +299,41 @@ def test_a_batch_mixes_formats_and_two_files_of_one_directory_are_two_adapters(
     adapters = ["--adapter", first, "--adapter", second, "--adapter", adapter_dir]
     done = cli("project", *_pair(llama_pair), *adapters, "--json")
     assert done.exit_code == 0, done.stderr
-    reports = json.loads(done.stdout)
+    reports = [json.loads(line) for line in done.stdout.splitlines()]
     assert [r["adapter"] for r in reports] == [str(first), str(second), str(adapter_dir)]
     assert first.read_bytes() == second.read_bytes() != gguf_file.read_bytes()
     for target in (first, second, adapter_dir):
         assert cli("check", target).exit_code == 0
+
+
+def test_a_batch_output_directory_takes_each_gguf_file_by_its_name(
+    cli: Callable[..., Result], llama_pair: tuple[Path, Path], gguf_file: Path, adapter_dir: Path, tmp_path: Path
+) -> None:
+    first, second = tmp_path / "one.gguf", tmp_path / "two.gguf"
+    for target in (first, second):
+        target.write_bytes(gguf_file.read_bytes())
+    out = tmp_path / "out"
+    done = cli("project", *_pair(llama_pair), first, second, adapter_dir, "--output", out)
+    assert done.exit_code == 0, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(["one.gguf", "two.gguf", adapter_dir.name])
+    assert first.read_bytes() == gguf_file.read_bytes()  # the sources stay as they were
+    for target in (out / "one.gguf", out / "two.gguf", out / adapter_dir.name):
+        assert cli("check", target).exit_code == 0
+
+
+def test_a_signed_gguf_file_has_its_attestation_named_after_it(
+    cli: Callable[..., Result], llama_pair: tuple[Path, Path], gguf_file: Path, tmp_path: Path
+) -> None:
+    """Two GGUF adapters of one directory: each its own FILE.gguf.intoto.json, verified by the key."""
+    private, public, keyid = write_key(tmp_path / "keys")
+    first, second = tmp_path / "one.gguf", tmp_path / "two.gguf"
+    for target in (first, second):
+        target.write_bytes(gguf_file.read_bytes())
+    done = cli("project", *_pair(llama_pair), first, second, "--sign-key", private)
+    assert done.exit_code == 0, done.stderr
+    assert sorted(p.name for p in tmp_path.glob("*.intoto.json")) == ["one.gguf.intoto.json", "two.gguf.intoto.json"]
+    verdict = cli("check", first, "--public-key", public, "--json")
+    assert verdict.exit_code == 0, verdict.stderr
+    assert json.loads(verdict.stdout)["signed_by"] == keyid
+    assert cli("restore", first).exit_code == 0  # what it attested is gone, and so is the attestation
+    assert not (tmp_path / "one.gguf.intoto.json").exists() and (tmp_path / "two.gguf.intoto.json").exists()

@@ -175,6 +175,11 @@ class AdapterFormat(Protocol):
         """safelora's stamp as a previous run wrote it into the adapter (``safelora.*`` keys)."""
         ...
 
+    def check_output(self, adapter: Adapter, output: Path, *, overwrite: bool) -> None:
+        """What ``write`` refuses about ``output`` before writing a byte (a link, the adapter itself, a
+        taken place unless ``overwrite``), so that a dry run exits as the run would."""
+        ...
+
     def write(
         self,
         adapter: Adapter,

@@ -16,6 +16,8 @@ rewrite keeps every key/value pair and tensor byte for byte but the replaced lor
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import stat
 from collections.abc import Mapping
@@ -115,9 +117,15 @@ class GgufFormat:
     effect_fields = frozenset({"general.architecture", "general.type", "adapter.type", "adapter.lora.alpha"})
 
     def covered_config(self, adapter: Adapter) -> bytes:
-        # Every pair but the stamp's own, as the file stores it: deny by default, nothing left out.
+        # Every pair but the stamp's own, each by the sha256 of its bytes as the file stores them (deny
+        # by default, nothing left out), as canonical JSON: the form a signed statement carries.
         kvs = _layout(adapter).kvs
-        return b"".join(kv.raw for kv in sorted(kvs, key=lambda kv: kv.key) if not kv.key.startswith(PROVENANCE_PREFIX))
+        covered = {
+            kv.key: "sha256:" + hashlib.sha256(kv.raw).hexdigest()
+            for kv in kvs
+            if not kv.key.startswith(PROVENANCE_PREFIX)
+        }
+        return json.dumps(covered, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
     def detect(self, location: safefs.Directory) -> bool:
         name = file_of(location)
@@ -248,6 +256,9 @@ class GgufFormat:
     def provenance(self, adapter: Adapter) -> dict[str, str]:
         return {k: v for k, v in adapter.header.metadata.items() if k.startswith(PROVENANCE_PREFIX)}
 
+    def check_output(self, adapter: Adapter, output: Path, *, overwrite: bool) -> None:
+        _check_output_file(adapter, output, overwrite)
+
     def write(
         self,
         adapter: Adapter,
@@ -343,23 +354,28 @@ def _modules(tensors: Mapping[str, stfile.TensorEntry], file: Path) -> list[Lora
     return out
 
 
-def _write_output(adapter: Adapter, output: Path, chunks: list[ranges.Data], mode: int, overwrite: bool) -> Path:
-    """The patched file at ``output`` (FILE.gguf), whole or not at all; the source stays as it was."""
+def _check_output_file(adapter: Adapter, output: Path, overwrite: bool) -> None:
+    """``output`` can take the patched file: not a link, a directory or the adapter file itself, and
+    free unless ``overwrite``."""
     try:
-        st: os.stat_result | None = os.lstat(output)
+        st = os.lstat(output)
     except FileNotFoundError:
-        st = None
+        return
     except OSError as e:
         raise OutputError(safefs.os_error(output, e)) from None
-    if st is not None:
-        if stat.S_ISLNK(st.st_mode):
-            raise OutputError(f"{output}: is a symbolic link; give the file it points to")
-        if stat.S_ISDIR(st.st_mode):
-            raise OutputError(f"{output}: is a directory; a GGUF adapter is written as one file, give FILE.gguf")
-        if (st.st_dev, st.st_ino) == (adapter.stat.st_dev, adapter.stat.st_ino):
-            raise OutputError(f"{output}: is the adapter file itself; to patch it in place, give no output")
-        if not overwrite:
-            raise OutputNotEmptyError(f"{output}: exists")
+    if stat.S_ISLNK(st.st_mode):
+        raise OutputError(f"{output}: is a symbolic link; give the file it points to")
+    if stat.S_ISDIR(st.st_mode):
+        raise OutputError(f"{output}: is a directory; a GGUF adapter is written as one file, give FILE.gguf")
+    if (st.st_dev, st.st_ino) == (adapter.stat.st_dev, adapter.stat.st_ino):
+        raise OutputError(f"{output}: is the adapter file itself; to patch it in place, give no output")
+    if not overwrite:
+        raise OutputNotEmptyError(f"{output}: exists")
+
+
+def _write_output(adapter: Adapter, output: Path, chunks: list[ranges.Data], mode: int, overwrite: bool) -> Path:
+    """The patched file at ``output`` (FILE.gguf), whole or not at all; the source stays as it was."""
+    _check_output_file(adapter, output, overwrite)
     parent = output.absolute().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)

@@ -129,6 +129,9 @@ class PeftFormat:
     def provenance(self, adapter: Adapter) -> dict[str, str]:
         return {k: v for k, v in adapter.header.metadata.items() if k.startswith(PROVENANCE_PREFIX)}
 
+    def check_output(self, adapter: Adapter, output: Path, *, overwrite: bool) -> None:
+        output_dir.check_output(output, adapter.dir.identity, overwrite=overwrite)
+
     def write(
         self,
         adapter: Adapter,

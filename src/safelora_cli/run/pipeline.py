@@ -27,7 +27,6 @@ from ..adapters import (
     rewrite_lock,
 )
 from ..adapters.digest import DIGEST_KEY, normalized_names
-from ..adapters.output import check_output
 from ..errors import (
     AlreadyProjectedError,
     DeviceError,
@@ -403,10 +402,10 @@ def _prepare(
     """
     if run.named.dir is None:
         raise RuntimeError(f"{run.path}: prepared without an open directory")
+    run.adapter = adapter = load_adapter(run.named.dir, base.model_config)
     if run.output is not None:
         # Before any work, and in a dry run too: it exits as the run would.
-        check_output(run.output, run.named.dir.identity, overwrite=settings.force)
-    run.adapter = adapter = load_adapter(run.named.dir, base.model_config)
+        adapter.format.check_output(adapter, run.output, overwrite=settings.force)
     run.notes.extend(adapter.warnings)
     normalized_names(adapter)  # two keys for one tensor: refused before any work (the stamp could not cover both)
     previous = adapter.provenance()

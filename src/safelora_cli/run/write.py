@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import replace
@@ -14,6 +15,7 @@ import torch
 from .._version import __version__
 from ..adapters import PROVENANCE_PREFIX
 from ..adapters.digest import DIGEST_KEY, STAMP_VERSION, VERSION_KEY, stamp_digest
+from ..adapters.location import open_location
 from ..errors import AdapterError, NumericError, SafeLoraError
 from ..io import safefs
 from ..outputs import card
@@ -144,8 +146,8 @@ def attest(result: Report, written: safefs.Directory | Path, signer: Signer | No
     none: an attestation a rewrite does not re-sign is removed, never left to describe other files."""
     with ExitStack() as stack:
         directory = written
-        if isinstance(directory, Path):
-            directory = stack.enter_context(safefs.Directory(directory, AdapterError))
+        if isinstance(directory, Path):  # an output: a directory, or the file of a single-file format
+            directory = stack.enter_context(open_location(directory, "the written adapter"))
         if signer is None:
             signed.unsign_directory(directory)
             return result
@@ -176,6 +178,10 @@ def refresh_card(source: safefs.Directory, output: Path | None, report: Report, 
     describing it (``card.refresh_card``). After the weights are written: a card that cannot be
     brought in step is an ``AdapterError`` (the run fails), since a card that describes other
     weights is worse than none, while the weights stay written."""
+    if output is not None and os.path.isfile(output):
+        if asked:  # a single-file format's output (FILE.gguf): its directory is not the adapter's
+            report.notes.append(f"model card not written: {output} is a single file, with no card of its own")
+        return
     try:
         if output is None:
             card.refresh_card(source, report, digest, asked=asked)
