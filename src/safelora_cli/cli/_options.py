@@ -179,7 +179,7 @@ AdapterArgs = Annotated[
     list[str] | None,
     typer.Argument(
         metavar="ADAPTER",
-        help="PEFT LoRA adapter directories (or quoted globs such as 'adapters/*'), as --adapter.",
+        help="LoRA adapters (or quoted globs such as 'adapters/*'), as --adapter.",
         show_default=False,
     ),
 ]
@@ -187,10 +187,10 @@ AdaptersOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--adapter",
-        metavar="DIR",
-        help="A PEFT LoRA adapter directory. Repeat it, or give a quoted glob ('adapters/*'), for several "
-        "against one pair: each projection operator is read or computed once for all. A path that exists "
-        "is taken as it is, never as a glob.",
+        metavar="PATH",
+        help="A LoRA adapter: a PEFT or MLX-LM directory, or a GGUF LoRA file. Repeat it, or give a quoted "
+        "glob ('adapters/*'), for several against one pair: each projection operator is read or computed "
+        "once for all. A path that exists is taken as it is, never as a glob.",
         show_default=False,
         rich_help_panel=INPUTS,
     ),
