@@ -23,6 +23,7 @@ __all__ = [
     "AdapterError",
     "BackupError",
     "CheckResult",
+    "EvalResult",
     "FormatError",
     "HubError",
     "Inspection",
@@ -35,6 +36,7 @@ __all__ = [
     "UsageError",
     "__version__",
     "check",
+    "evaluate",
     "inspect",
     "project",
     "project_model",
@@ -42,7 +44,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .api import CheckResult, Inspection, Report, Restored, check, inspect, project, restore
+    from .api import CheckResult, EvalResult, Inspection, Report, Restored, check, evaluate, inspect, project, restore
     from .errors import (
         AdapterError,
         BackupError,
@@ -59,6 +61,8 @@ if TYPE_CHECKING:
 # command line's --help) does not pay for torch.
 _HOMES = {
     "CheckResult": "api",
+    "EvalResult": "api",
+    "evaluate": "api",
     "Inspection": "api",
     "Report": "api",
     "Restored": "api",

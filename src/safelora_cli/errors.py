@@ -172,3 +172,17 @@ class MissingExtraError(UsageError, ImportError):
     A ``UsageError`` (one line, exit 2) that is also an ``ImportError``, so that the usual
     ``except ImportError`` around an optional integration catches it too.
     """
+
+
+class EvalInputError(SafeLoraError):
+    """``eval`` cannot use a prompt, marker or utility file (missing, empty, no usable column), or a
+    judge's answer."""
+
+
+class EvalModelError(SafeLoraError):
+    """``eval``'s model (or judge) cannot be loaded as a causal language model, or an adapter does
+    not fit it."""
+
+
+class ModelFitError(EvalModelError):
+    """The model, by the estimate made before loading it, does not fit the memory of the device."""

@@ -13,7 +13,7 @@ from ..adapters import PROVENANCE_PREFIX, load_adapter, rewrite_lock
 from ..adapters.peft_config import ADAPTER_FILE
 from ..errors import BackupError, SafeLoraError
 from ..io import atomic, ranges, safefs
-from ..outputs import card
+from ..outputs import card, evaluation
 from ..results import Restored
 from ..stores.backups import BackupStore
 from .binding import require_bound
@@ -63,6 +63,7 @@ def restore(
                 atomic.replace(directory, ADAPTER_FILE, chunks, adapter.stat.st_mode & 0o777, expect=adapter.stat)
             try:
                 card.remove_card_section(directory)
+                evaluation.remove_stale(directory, None)  # it described the projection
             except SafeLoraError as e:
                 notes.append(f"model card left as it is: {e}")
         finally:

@@ -11,7 +11,7 @@ from ..adapters import PROVENANCE_PREFIX
 from ..adapters.digest import DIGEST_KEY, STAMP_VERSION, VERSION_KEY, stamp_digest
 from ..errors import AdapterError, SafeLoraError
 from ..io import safefs
-from ..outputs import card
+from ..outputs import card, evaluation
 from ..outputs.report import Report
 from ..projection import select
 from ..results import LayerResult, Settings, SourceInfo, finite
@@ -104,6 +104,7 @@ def finish(
     adapter.format.write(
         adapter, replacements, provenance, settings.output, overwrite_output=settings.force, notes=run.notes
     )
+    _drop_stale_evaluation(adapter.dir, settings.output, provenance[DIGEST_KEY], run.notes)
     result = report(run, layers, tau, True)
     if settings.model_card:
         _write_card(adapter.dir, settings.output, result)
@@ -138,3 +139,16 @@ def _write_card(source: safefs.Directory, output: Path | None, report: Report) -
                 card.write_card(directory, report)
     except SafeLoraError as e:
         report.notes.append(f"model card not written: {e}")
+
+
+def _drop_stale_evaluation(source: safefs.Directory, output: Path | None, digest: str, notes: list[str]) -> None:
+    """An Evaluation section (``safelora eval``) in the written adapter's card describes the adapter as
+    it was before this rewrite: it goes. A card that cannot be edited is a note."""
+    try:
+        if output is None:
+            evaluation.remove_stale(source, digest)
+        else:
+            with safefs.Directory(output, AdapterError) as directory:
+                evaluation.remove_stale(directory, digest)
+    except SafeLoraError as e:
+        notes.append(f"model card's Evaluation section left in place: {e}")
