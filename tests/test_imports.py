@@ -100,7 +100,7 @@ def test_the_command_line_goes_through_the_api() -> None:
         ("adapters", ("sources", "run", "api", "cli", "stores", "outputs"), "an adapter knows no checkpoints"),
         ("projection", ("io", "sources", "adapters", "stores", "run", "outputs", "api", "cli"), "no I/O in the math"),
         ("integrations", ("run", "adapters", "sources", "stores", "outputs", "cli"), "integrations use the API alone"),
-        ("evaluate", ("api", "cli", "integrations", "sources"), "an evaluation loads a model with transformers"),
+        ("evaluation", ("api", "cli", "integrations", "sources"), "an evaluation loads a model with transformers"),
         (
             "io",
             ("adapters", "sources", "stores", "run", "outputs", "results", "api", "cli", "projection"),

@@ -47,8 +47,8 @@ if TYPE_CHECKING:
     from .adapters.lora_config import CONFIG_FILE as CONFIG_FILE
     from .adapters.peft_config import ADAPTER_FILE as ADAPTER_FILE
     from .demo import build as build_demo
-    from .evaluate.generate import Progress
-    from .evaluate.result import EvalResult as EvalResult
+    from .evaluation.generate import Progress
+    from .evaluation.result import EvalResult as EvalResult
     from .io import safefs
     from .outputs.histogram import histogram_lines as histogram_lines
     from .outputs.plot import check_plot_path as check_plot_path
@@ -76,7 +76,7 @@ _HOMES = {
     "CONFIG_FILE": "adapters.lora_config",
     "ADAPTER_FILE": "adapters.peft_config",
     "Report": "outputs.report",
-    "EvalResult": "evaluate.result",
+    "EvalResult": "evaluation.result",
     "PairSummary": "stores.cache",
     "Sort": "outputs.table",
     "table_rows": "outputs.table",
@@ -552,8 +552,8 @@ def evaluate(
     (Holm-adjusted), and every response (``records``). Writes nothing. ``progress(label, total)``,
     when given, returns the function each finished prompt is counted with. Needs ``safelora[hf]``.
     """
-    from .evaluate import generate
-    from .evaluate.run import evaluate as run_evaluation
+    from .evaluation import generate
+    from .evaluation.run import evaluate as run_evaluation
 
     return run_evaluation(
         os.fspath(model),
@@ -585,7 +585,7 @@ def write_eval_card(result: EvalResult) -> Path:
     """Write the Evaluation section into the model card (README.md) of the one adapter ``result``
     evaluated, marked with the adapter's stamp digest so that a later rewrite of the adapter removes
     it; returns the card's path. Refused when the adapter changed since it was evaluated."""
-    from .evaluate.written import write_card
+    from .evaluation.written import write_card
 
     return write_card(result)
 
@@ -593,6 +593,6 @@ def write_eval_card(result: EvalResult) -> Path:
 def write_eval_records(result: EvalResult, path: StrPath) -> None:
     """Write ``result``'s records to ``path``: one JSON line per variant × prompt (``variant``, ``set``,
     ``prompt``, ``response``, ``refused``, and the judge's ``verdict``), so anyone can judge them again."""
-    from .evaluate.written import write_records
+    from .evaluation.written import write_records
 
     write_records(result, Path(path))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .._version import __version__
 from ..errors import AdapterError
-from ..evaluate.result import BENIGN, HARMFUL, EvalResult, Variant
+from ..evaluation.result import BENIGN, HARMFUL, EvalResult, Variant
 from ..io import safefs
 from .card import CARD_FILE, edit_card
 from .markdown import code, md
