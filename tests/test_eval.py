@@ -572,3 +572,47 @@ def test_importing_and_help_load_neither_torch_nor_transformers() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip().splitlines()[-1] == "[]"
     assert "safelora eval" in result.stdout
+
+
+# --- originals -----------------------------------------------------------------------------------------------------
+
+
+def test_an_original_given_as_a_directory(fx: Fixture, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    safelora_cli.project(str(fx.trained), base=str(fx.base), aligned=str(fx.aligned), num_layers=4, output=copy)
+    alone = api.evaluate(fx.aligned, [copy], prompts=fx.harmful, max_new_tokens=2)
+    assert [v.name for v in alone.variants] == ["model", "copy"]  # a copy keeps no original in the store
+    assert any("without keeping its original" in n for n in alone.notes)
+    given = api.evaluate(fx.aligned, [copy], prompts=fx.harmful, max_new_tokens=2, original=fx.trained)
+    original = given.variant("copy (original)")
+    assert (original.kind, original.source, original.original_path) == ("original", "given", str(fx.trained))
+    assert not any("not this adapter before projection" in n for n in given.notes)
+    other = builders.make_adapter(fx.aligned, tmp_path / "other", seed=9)
+    wrong = api.evaluate(fx.aligned, [copy], prompts=fx.harmful, max_new_tokens=2, original=other)
+    assert any("has other modules or lora_A tensors" in n for n in wrong.notes)
+
+
+def test_an_infinite_perplexity_is_null_in_json() -> None:
+    assert perplexity.Perplexity(math.inf, 10, 32, 16).to_json()["perplexity"] is None
+
+
+# --- hostile paths --------------------------------------------------------------------------------------------------
+
+
+def test_records_never_follow_a_link(fx: Fixture, cli: Cli, tmp_path: Path, store: None) -> None:
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me\n")
+    link = tmp_path / "records.jsonl"
+    link.symlink_to(target)
+    r = cli(
+        "eval", fx.adapter, "--model", fx.aligned, "--prompts", fx.harmful, "--max-new-tokens", 2, "--records", link
+    )
+    assert r.exit_code == 1 and "is a symbolic link, not a regular file" in _one_line(r)
+    assert target.read_text() == "keep me\n" and link.is_symlink()
+
+
+def test_a_fifo_as_prompts_is_refused_without_blocking(fx: Fixture, cli: Cli, tmp_path: Path) -> None:
+    fifo = tmp_path / "prompts.txt"
+    os.mkfifo(fifo)
+    r = _bad(cli, fx, fx.adapter, "--model", fx.aligned, "--prompts", fifo)
+    assert r.exit_code == 1 and _one_line(r).startswith(f"error: --prompts {fifo}")

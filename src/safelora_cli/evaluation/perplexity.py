@@ -26,7 +26,8 @@ class Perplexity:
     stride: int
 
     def to_json(self) -> dict[str, object]:
-        return {"perplexity": self.value, "tokens": self.tokens, "window": self.window, "stride": self.stride}
+        value = self.value if math.isfinite(self.value) else None  # JSON has no infinity
+        return {"perplexity": value, "tokens": self.tokens, "window": self.window, "stride": self.stride}
 
 
 def windows(length: int, window: int) -> list[tuple[int, int, int]]:
@@ -59,4 +60,6 @@ def perplexity(model: Any, ids: list[int], context: int, device: torch.device) -
             scored = picked[first - begin - 1 :]
             total -= float(scored.double().sum())
             count += scored.numel()
-    return Perplexity(math.exp(total / count), count, window, max(1, window // 2))
+    mean = total / count
+    value = math.exp(mean) if mean < 700 else math.inf  # exp overflows a double past ~709; NaN stays NaN
+    return Perplexity(value, count, window, max(1, window // 2))

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..adapters import PROVENANCE_PREFIX, Adapter, file_digest, load_adapter, open_all, opened
-from ..errors import AdapterError, EvalModelError, SafeLoraError
+from ..errors import AdapterError, EvalModelError
 from ..io import ranges, strict
 from ..run.binding import bound
 from ..stores.backups import BackupStore
@@ -52,7 +52,7 @@ def _config(adapter: Adapter) -> dict[str, Any]:
     return doc
 
 
-def _refuse_foreign(path: Path, error: SafeLoraError | None) -> None:
+def _refuse_foreign(path: Path) -> None:
     """A GGUF or MLX adapter, named as such (eval loads PEFT adapters only, for now)."""
     try:
         names = os.listdir(path) if path.is_dir() else [path.name]
@@ -65,8 +65,6 @@ def _refuse_foreign(path: Path, error: SafeLoraError | None) -> None:
                     f"{path}: a {kind} adapter ({name}); eval loads PEFT adapters only for now: convert it to a "
                     "PEFT adapter directory"
                 )
-    if error is not None:
-        raise error
 
 
 def _peft_only(adapter: Adapter) -> None:
@@ -94,12 +92,12 @@ def read_all(specs: list[str], original: str | None, notes: list[str]) -> Iterat
         named = stack.enter_context(open_all(specs))
         for entry in named:
             if entry.dir is None:
-                _refuse_foreign(entry.path, entry.error or AdapterError(f"{entry.path}: cannot be read"))
-                continue
+                _refuse_foreign(entry.path)
+                raise entry.error or AdapterError(f"{entry.path}: cannot be read")
             try:
                 adapter = load_adapter(entry.dir)
-            except AdapterError as e:
-                _refuse_foreign(entry.path, e)
+            except AdapterError:
+                _refuse_foreign(entry.path)
                 raise
             stack.callback(adapter.close)
             _peft_only(adapter)
@@ -114,8 +112,14 @@ def read_all(specs: list[str], original: str | None, notes: list[str]) -> Iterat
 
 def _kept(adapter: Adapter, name: str, notes: list[str]) -> Weights | None:
     """The adapter's original from the backup store, when safelora wrote the adapter from it."""
-    sha = adapter.provenance().get(PROVENANCE_PREFIX + "original")
+    provenance = adapter.provenance()
+    sha = provenance.get(PROVENANCE_PREFIX + "original")
     if sha is None:
+        if provenance:
+            notes.append(
+                f"{name}: safelora projected it without keeping its original (written as a copy, or with backups "
+                "off); give the original's directory to compare with it"
+            )
         return None
     store = BackupStore()
     if (problem := store.problem()) is not None:
