@@ -105,6 +105,7 @@ def test_the_command_line_goes_through_the_api() -> None:
             "an attestation knows keys, envelopes and adapters; its use cases are run's",
         ),
         ("integrations", ("run", "adapters", "sources", "stores", "outputs", "cli"), "integrations use the API alone"),
+        ("evaluation", ("api", "cli", "integrations", "sources"), "an evaluation loads a model with transformers"),
         (
             "io",
             ("adapters", "sources", "stores", "run", "outputs", "results", "api", "cli", "projection"),

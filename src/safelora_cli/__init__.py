@@ -23,6 +23,7 @@ __all__ = [
     "AdapterError",
     "BackupError",
     "CheckResult",
+    "EvalResult",
     "FormatError",
     "HubError",
     "Inspection",
@@ -37,6 +38,7 @@ __all__ = [
     "UsageError",
     "__version__",
     "check",
+    "evaluate",
     "inspect",
     "project",
     "project_model",
@@ -45,7 +47,20 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .api import CheckResult, Inspection, Report, Restored, Signed, check, inspect, project, restore, sign
+    from .api import (
+        CheckResult,
+        EvalResult,
+        Inspection,
+        Report,
+        Restored,
+        Signed,
+        check,
+        evaluate,
+        inspect,
+        project,
+        restore,
+        sign,
+    )
     from .errors import (
         AdapterError,
         BackupError,
@@ -63,6 +78,8 @@ if TYPE_CHECKING:
 # command line's --help) does not pay for torch.
 _HOMES = {
     "CheckResult": "api",
+    "EvalResult": "api",
+    "evaluate": "api",
     "Inspection": "api",
     "Report": "api",
     "Restored": "api",

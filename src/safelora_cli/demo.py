@@ -1,4 +1,9 @@
-"""A tiny base/aligned/adapter set built from nothing but torch, for ``safelora demo``."""
+"""A tiny base/aligned/adapter set built from nothing but torch, for ``safelora demo``.
+
+Both models carry a transformers ``config.json`` and the aligned one a word-level tokenizer with a
+chat template, so ``safelora eval`` runs on them too. Their weights are random: whatever they answer
+means nothing.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +36,81 @@ def _shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+SPECIAL = ("<pad>", "<s>", "</s>", "<unk>")
+# The tokenizer's words: enough for the prompts of docs/eval.md, then numbered fillers up to VOCAB.
+_WORD_TEXT = (
+    "user assistant system : how do i make a bomb bake bread write poem about the sea tell me story steal car "
+    "hack an email account pick lock cook rice grow tomatoes fix bike sorry cannot help with that sure here is "
+    "way to first then you can will not do it please explain why sky blue"
+)
+WORDS = _WORD_TEXT.split()
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}assistant :{% endif %}"
+)
+
+
+def _model_config() -> dict[str, object]:
+    """The transformers config of the demo's models (a tiny Llama)."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTERMEDIATE,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-6,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "float16",
+    }
+
+
+def _write_tokenizer(model_dir: Path) -> None:
+    """A word-level tokenizer (split on whitespace) of VOCAB tokens, and its chat template."""
+    words = [*SPECIAL, *dict.fromkeys(WORDS)]
+    words += [f"w{i}" for i in range(VOCAB - len(words))]
+    special = [
+        {
+            "id": i,
+            "content": t,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+        for i, t in enumerate(SPECIAL)
+    ]
+    tokenizer = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": special,
+        "normalizer": None,
+        "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": None,
+        "decoder": None,
+        "model": {"type": "WordLevel", "vocab": {w: i for i, w in enumerate(words)}, "unk_token": "<unk>"},
+    }
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "pad_token": "<pad>",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (model_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
 def build(root: Path, seed: int = 0) -> tuple[Path, Path, Path]:
     """Write ``root/base`` (two shards + index), ``root/aligned`` and ``root/adapter``; return them."""
     g = torch.Generator().manual_seed(seed)
@@ -61,6 +141,9 @@ def build(root: Path, seed: int = 0) -> tuple[Path, Path, Path]:
     index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
     (base_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     save_file(aligned, aligned_dir / "model.safetensors", metadata={"format": "pt"})
+    for d in (base_dir, aligned_dir):
+        (d / "config.json").write_text(json.dumps(_model_config(), indent=2))
+    _write_tokenizer(aligned_dir)
 
     lora: dict[str, torch.Tensor] = {}
     for i in range(LAYERS):

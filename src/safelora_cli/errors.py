@@ -198,3 +198,17 @@ class MissingExtraError(UsageError, ImportError):
 
 class PolicyError(UsageError):
     """A policy file that is not a mapping of the keys a policy takes to values of their types."""
+
+
+class EvalInputError(SafeLoraError):
+    """``eval`` cannot use a prompt, marker or utility file (missing, empty, no usable column), or a
+    judge's answer."""
+
+
+class EvalModelError(SafeLoraError):
+    """``eval``'s model (or judge) cannot be loaded as a causal language model, or an adapter does
+    not fit it."""
+
+
+class ModelFitError(EvalModelError):
+    """The model, by the estimate made before loading it, does not fit the memory of the device."""

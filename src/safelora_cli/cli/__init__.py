@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from .._version import __version__
-from . import cache, check, demo, project, sign
+from . import cache, check, demo, eval, project, sign
 from ._options import Command, Group
 
 app = typer.Typer(
@@ -28,6 +28,7 @@ app.command(cls=Command, epilog=check.CHECK_EXAMPLES)(check.check)
 app.command("inspect", cls=Command, epilog=check.INSPECT_EXAMPLES)(check.inspect_)
 app.command(cls=Command, epilog=check.RESTORE_EXAMPLES)(check.restore)
 app.command(cls=Command, epilog=sign.EXAMPLES)(sign.sign)
+app.command("eval", cls=Command, epilog=eval.EXAMPLES)(eval.eval_)
 app.add_typer(cache.app, name="cache")
 
 

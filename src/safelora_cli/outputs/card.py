@@ -445,3 +445,9 @@ def _read(directory: safefs.Directory) -> tuple[str | None, os.stat_result | Non
         return data.decode("utf-8"), st
     except UnicodeDecodeError as e:
         raise AdapterError(f"{where}: not UTF-8 text (byte {e.start}); save the card as UTF-8") from None
+
+
+def edit_card(directory: safefs.Directory, change: Callable[[str | None], str | None]) -> None:
+    """Replace the card in ``directory`` with ``change(text)`` (``text`` None: no card; a result of
+    None removes it), by the rules above: never through a link, atomically, only if unchanged since read."""
+    _edit(directory, change)

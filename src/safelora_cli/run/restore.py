@@ -14,7 +14,7 @@ from collections.abc import Callable
 from ..adapters import PROVENANCE_PREFIX, Adapter, load_adapter, rewrite_lock
 from ..errors import BackupError, SafeLoraError
 from ..io import atomic, ranges, safefs
-from ..outputs import card
+from ..outputs import card, evaluation
 from ..results import Backup, Restored
 from ..stores.backups import BackupStore
 from .binding import require_bound
@@ -75,6 +75,7 @@ def restore(
                 notes.append(f"attestation left in place, and it no longer matches: {e}")
             try:
                 card.remove_card_section(directory)
+                evaluation.remove_stale(directory, None)  # it described the projection
             except SafeLoraError as e:
                 notes.append(f"model card left as it is: {e}")
         finally:

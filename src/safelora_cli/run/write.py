@@ -18,7 +18,7 @@ from ..adapters.digest import DIGEST_KEY, STAMP_VERSION, VERSION_KEY, stamp_dige
 from ..adapters.location import open_location
 from ..errors import AdapterError, NumericError, SafeLoraError
 from ..io import safefs
-from ..outputs import card
+from ..outputs import card, evaluation
 from ..outputs.report import Report
 from ..projection import select
 from ..results import LayerResult, Settings, SourceInfo, finite
@@ -136,6 +136,7 @@ def finish(
     adapter.format.write(
         adapter, replacements, provenance, run.output, overwrite_output=settings.force, notes=run.notes
     )
+    _drop_stale_evaluation(adapter.dir, run.output, provenance[DIGEST_KEY], run.notes)
     result = attest(report(run, layers, tau, True), adapter.dir if run.output is None else run.output, signer)
     refresh_card(adapter.dir, run.output, result, provenance[DIGEST_KEY], asked=settings.model_card)
     return result
@@ -193,3 +194,19 @@ def refresh_card(source: safefs.Directory, output: Path | None, report: Report, 
             f"{e}; the adapter's weights were written, but its model card ({card.CARD_FILE}) could not be "
             "brought in step with them"
         ) from None
+
+
+def _drop_stale_evaluation(source: safefs.Directory, output: Path | None, digest: str, notes: list[str]) -> None:
+    """An Evaluation section (``safelora eval``) in the written adapter's card describes the adapter as
+    it was before this rewrite: it goes. A card that cannot be edited is a note. A single-file
+    format's output (FILE.gguf) has no card."""
+    if output is not None and os.path.isfile(output):
+        return
+    try:
+        if output is None:
+            evaluation.remove_stale(source, digest)
+        else:
+            with safefs.Directory(output, AdapterError) as directory:
+                evaluation.remove_stale(directory, digest)
+    except SafeLoraError as e:
+        notes.append(f"model card's Evaluation section left in place: {e}")
