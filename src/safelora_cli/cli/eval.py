@@ -19,7 +19,7 @@ from rich.table import Table
 from .. import api
 from . import render as rendering
 from ._errors import best_effort, errors
-from ._options import DEVICES, JsonOpt, QuietOpt, _choice, flag
+from ._options import ADVANCED, DEVICES, INPUTS, OUTPUT, REPORTS, SELECTION, JsonOpt, QuietOpt, _choice, flag
 from .console import line
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ def eval_(
             help="The aligned chat model the adapters were trained on: a directory or a Hub repo, loaded once "
             "with transformers (no remote code).",
             show_default=False,
+            rich_help_panel=INPUTS,
         ),
     ] = ...,  # type: ignore[assignment]
     prompts: Annotated[
@@ -60,12 +61,16 @@ def eval_(
             help="Harmful prompts: one a line, or .jsonl/.csv (see --prompt-column). Compliance is the share "
             "not refused.",
             show_default=False,
+            rich_help_panel=INPUTS,
         ),
     ] = ...,  # type: ignore[assignment]
     benign: Annotated[
         Path | None,
         typer.Option(
-            metavar="FILE", help="Benign prompts, as --prompts: over-refusal is the share refused.", show_default=False
+            metavar="FILE",
+            help="Benign prompts, as --prompts: over-refusal is the share refused.",
+            show_default=False,
+            rich_help_panel=INPUTS,
         ),
     ] = None,
     utility: Annotated[
@@ -75,6 +80,7 @@ def eval_(
             help="A text whose perplexity each variant gets (lines joined with newlines; a sliding window of "
             "min(context, 1024) tokens, stride half of it).",
             show_default=False,
+            rich_help_panel=INPUTS,
         ),
     ] = None,
     refusal_markers: Annotated[
@@ -84,6 +90,7 @@ def eval_(
             help="Refusal markers, one a line, instead of safelora's default list: a response holding one "
             "(case-insensitive) is a refusal.",
             show_default=False,
+            rich_help_panel=SELECTION,
         ),
     ] = None,
     judge: Annotated[
@@ -93,6 +100,7 @@ def eval_(
             help="A local Llama Guard-style classifier (a directory or a Hub repo): its safe/unsafe verdict "
             "replaces the markers on the harmful set.",
             show_default=False,
+            rich_help_panel=SELECTION,
         ),
     ] = None,
     original: Annotated[
@@ -102,10 +110,14 @@ def eval_(
             help="The adapter's original (before projection), for one adapter. Default: the original the backup "
             "store keeps for an adapter safelora projected.",
             show_default=False,
+            rich_help_panel=INPUTS,
         ),
     ] = None,
     system_prompt: Annotated[
-        str | None, typer.Option(metavar="TEXT", help="A system prompt before each prompt.", show_default=False)
+        str | None,
+        typer.Option(
+            metavar="TEXT", help="A system prompt before each prompt.", show_default=False, rich_help_panel=SELECTION
+        ),
     ] = None,
     prompt_column: Annotated[
         str | None,
@@ -114,18 +126,33 @@ def eval_(
             help="The column of a .jsonl/.csv prompt file to read. Default: the first of prompt, goal, Goal, "
             "Behavior (HarmBench's ContextString is put before it).",
             show_default=False,
+            rich_help_panel=INPUTS,
         ),
     ] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1, metavar="N", help="Longest answer, in tokens (greedy).")] = 128,
+    max_new_tokens: Annotated[
+        int, typer.Option(min=1, metavar="N", help="Longest answer, in tokens (greedy).", rich_help_panel=ADVANCED)
+    ] = 128,
     batch_size: Annotated[
-        int, typer.Option(min=1, metavar="N", help="Prompts answered at once (halved on a CUDA out-of-memory).")
+        int,
+        typer.Option(
+            min=1,
+            metavar="N",
+            help="Prompts answered at once (halved on a CUDA out-of-memory).",
+            rich_help_panel=ADVANCED,
+        ),
     ] = 8,
     dtype: Annotated[
         str,
-        _choice(DTYPES, "DTYPE", "auto, float32, bfloat16 or float16 (auto: float32 on CPU, bfloat16 on CUDA)."),
+        _choice(
+            DTYPES,
+            "DTYPE",
+            "auto, float32, bfloat16 or float16 (auto: float32 on CPU, bfloat16 on CUDA).",
+            rich_help_panel=ADVANCED,
+        ),
     ] = "auto",
     device: Annotated[
-        str, _choice(DEVICES, "auto|cpu|cuda", "Where the model runs (auto: CUDA when present).")
+        str,
+        _choice(DEVICES, "auto|cpu|cuda", "Where the model runs (auto: CUDA when present).", rich_help_panel=ADVANCED),
     ] = "auto",
     records: Annotated[
         Path | None,
@@ -133,6 +160,7 @@ def eval_(
             metavar="FILE",
             help="Write one JSON line per variant × prompt (variant, set, prompt, response, refused) to FILE.",
             show_default=False,
+            rich_help_panel=OUTPUT,
         ),
     ] = None,
     summary: Annotated[
@@ -141,6 +169,7 @@ def eval_(
             metavar="FILE",
             help="Append the evaluation as Markdown to FILE. Default: $GITHUB_STEP_SUMMARY when set.",
             show_default=False,
+            rich_help_panel=REPORTS,
         ),
     ] = None,
     model_card: Annotated[
@@ -149,6 +178,7 @@ def eval_(
             "--model-card/--no-model-card",
             "Write an Evaluation section into the adapter's README.md (one adapter), marked with the adapter's "
             "digest: a later project or restore of the adapter removes it.",
+            rich_help_panel=OUTPUT,
         ),
     ] = False,
     as_json: JsonOpt = False,
