@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 
 from ..errors import AdapterError
-from ..io import atomic, ranges, safefs, stfile
+from ..io import ranges, safefs, stfile
 from . import output as output_dir
 from .base import PROVENANCE_PREFIX, Adapter, BaseConfig, Weights
-from .digest import DIGEST_KEY, STAMP_VERSION, VERSION_KEY, blobs, stamp_digest
 from .location import file_of
 from .lora_config import CONFIG_FILE, LoraConfig
 from .peft_config import ADAPTER_FILE, covered_config, load_config, weights
@@ -154,20 +153,9 @@ class PeftFormat:
             e = adapter.header.tensors[key]
             if tuple(t.shape) != e.shape or t.dtype != e.torch_dtype:
                 raise AssertionError(f"replacement for {key} changed shape or dtype")
-        tensors = blobs(adapter, replacements)
-        metadata = {k: v for k, v in adapter.header.metadata.items() if not k.startswith(PROVENANCE_PREFIX)}
-        stamp = {k: v for k, v in provenance.items() if k != DIGEST_KEY} | {VERSION_KEY: STAMP_VERSION}
-        metadata.update(stamp)
-        # The caller may have computed the digest already (to record it before writing); it is the same.
-        metadata[DIGEST_KEY] = provenance.get(DIGEST_KEY) or stamp_digest(adapter, replacements, stamp)
-        chunks = stfile.serialize(tensors, metadata)
-        mode = adapter.stat.st_mode & 0o777
-        if output is not None:
-            return output_dir.write_output(
-                adapter, output, chunks, mode, overwrite_output, [] if notes is None else notes
-            )
-        atomic.replace(adapter.dir, ADAPTER_FILE, chunks, mode, expect=adapter.stat)
-        return adapter.file
+        return output_dir.write_weights(
+            adapter, replacements, provenance, output, overwrite=overwrite_output, notes=notes
+        )
 
     def kept_files(self, adapter: Adapter) -> tuple[str, ...]:
         return (ADAPTER_FILE,)
