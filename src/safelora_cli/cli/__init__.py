@@ -15,9 +15,9 @@ from ._options import Command, Group
 
 app = typer.Typer(
     cls=Group,
-    help="Safe LoRA for PEFT adapters: project each LoRA update onto the alignment subspace of "
+    help="Safe LoRA for LoRA adapters (PEFT, MLX-LM, GGUF): project each LoRA update onto the alignment subspace of "
     "W_aligned − W_base when it looks unlike it. Exit codes: 0 done, 1 input or I/O error, 2 usage, "
-    "3 (check only) not sanitized against the pair or modified since.",
+    "3 (check and sign) not sanitized, not verified, modified since, or another pair.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
