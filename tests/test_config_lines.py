@@ -154,3 +154,16 @@ def test_the_command_line_names_the_line_of_a_bad_value(cli: Cli, tmp_path: Path
     cfg = _config(tmp_path, "base: b\n" + text)
     said = _one_line(cli("project", tmp_path / "adapter", "--config", cfg, "--aligned", "a"), 2)
     assert said.startswith(f"error: {cfg}{needle}"), said
+
+
+@pytest.mark.parametrize("key", ["plot", "summary"])
+def test_a_bad_report_path_from_a_config_names_the_line(cli: Cli, tmp_path: Path, key: str) -> None:
+    """--plot and --summary are the command line's own: from a config, their refusal names the line;
+    from a flag, the flag as today."""
+    bad = tmp_path / ("chart.jpg" if key == "plot" else "a-directory")
+    bad.mkdir()
+    cfg = _config(tmp_path, f"base: b\naligned: a\n{key}: {bad}\n")
+    said = _one_line(cli("project", tmp_path / "adapter", "--config", cfg), 2)
+    assert said.startswith(f"error: {cfg}:3: {key} {bad}"), said
+    flagged = _one_line(cli("project", tmp_path / "adapter", "--config", cfg, f"--{key}", bad), 2)
+    assert flagged.startswith(f"error: --{key} {bad}"), flagged
