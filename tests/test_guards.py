@@ -222,6 +222,15 @@ def test_output_from_a_named_adapter_in_a_checkpoint_copies_only_the_adapter(
     assert safelora_cli.check(out, base=llama_pair[0], aligned=llama_pair[1]).ok
 
 
+def test_the_callbacks_copy_in_a_checkpoint_is_no_named_adapter(cli: Cli, llama_pair: Pair, checkpoint: Path) -> None:
+    """``<checkpoint>/safelora`` is the sanitized copy resuming never reads: rewriting it in place is
+    allowed, and the checkpoint's own files stay as they were."""
+    before = {k: v for k, v in tree(checkpoint).items() if not k.startswith("safelora/")}
+    r = project(cli, llama_pair, checkpoint / "safelora")
+    assert r.exit_code == 0, r.stderr
+    assert {k: v for k, v in tree(checkpoint).items() if not k.startswith("safelora/")} == before
+
+
 def test_an_output_inside_an_adapter_is_refused_but_a_checkpoints_own_safelora(
     cli: Cli, llama_pair: Pair, adapter_dir: Path, checkpoint: Path
 ) -> None:

@@ -55,8 +55,9 @@ def training_state(location: safefs.Directory) -> list[str]:
 def checkpoint_state(location: safefs.Directory) -> list[str]:
     """The Trainer's state that makes ``location`` part of a checkpoint: its own, else that of its
     immediate parent (as ``../name``), found through the directory already opened, so that the parent
-    is the one the directory really has, whatever path or link named it. A parent that cannot be
-    opened or listed holds no state this run can see."""
+    is the one the directory really has, whatever path or link named it. The parent's
+    ``CHECKPOINT_OUTPUT`` (the sanitized copy, which resuming never reads) is no part of it, and a
+    parent that cannot be opened or listed holds no state this run can see."""
     own = training_state(location)
     if own:
         return own
@@ -65,12 +66,17 @@ def checkpoint_state(location: safefs.Directory) -> list[str]:
     except OSError:
         return []
     with safefs.Directory(location.path / "..", location.error, fd=fd) as parent:
-        if parent.identity == location.identity:  # the root is its own parent
-            return []
         try:
+            copy = parent.lstat(CHECKPOINT_OUTPUT)
+            if parent.identity == location.identity or (copy is not None and _identity(copy) == location.identity):
+                return []  # the root (its own parent), or the checkpoint's sanitized copy
             return [f"../{name}" for name in training_state(parent)]
         except location.error:
             return []
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
 
 
 def run_checkpoints(location: safefs.Directory) -> list[str]:
