@@ -134,6 +134,103 @@ def test_the_api_refuses_a_checkpoint_and_copies_only_the_adapter(
     assert safelora_cli.project(checkpoint, base=base, aligned=aligned, num_layers=2, allow_checkpoint=True).written
 
 
+@pytest.fixture(scope="module")
+def named_in_checkpoint(llama_pair: Pair, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Trainer checkpoint whose adapter has a name of its own: PEFT saves it in a subdirectory
+    (``checkpoint-6/safety/adapter_model.safetensors``), the training state beside that."""
+    from peft import LoraConfig, get_peft_model
+    from support.builders import randomize_lora
+    from transformers import LlamaForCausalLM
+
+    ckpt = tmp_path_factory.mktemp("named") / "run" / "checkpoint-6"
+    model = get_peft_model(
+        LlamaForCausalLM.from_pretrained(llama_pair[1]),
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+        adapter_name="safety",
+    )
+    randomize_lora(model, 3)
+    model.save_pretrained(ckpt)
+    for name, data in {**TRAINING_STATE, **TOKENIZER}.items():
+        (ckpt / name).write_bytes(data)
+    assert (ckpt / "safety" / ADAPTER_FILE).is_file() and not (ckpt / ADAPTER_FILE).exists()
+    return ckpt
+
+
+@pytest.mark.parametrize("marker", ["trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth"])
+def test_a_named_adapter_inside_a_checkpoint_is_refused_in_place_even_with_force(
+    cli: Cli, llama_pair: Pair, named_in_checkpoint: Path, tmp_path: Path, marker: str
+) -> None:
+    ckpt = tmp_path / "checkpoint-6"
+    shutil.copytree(named_in_checkpoint, ckpt)
+    for name in TRAINING_STATE:
+        if name != marker:
+            (ckpt / name).unlink()
+    before = tree(ckpt)
+    for extra in ((), ("--force",), ("--dry-run",)):
+        r = project(cli, llama_pair, ckpt / "safety", *extra)
+        assert r.exit_code == 2, r.stderr
+        assert marker in one_error(r) and "--allow-checkpoint" in r.stderr
+    with pytest.raises(CheckpointError):
+        safelora_cli.project(ckpt / "safety", base=llama_pair[0], aligned=llama_pair[1], num_layers=2, force=True)
+    assert tree(ckpt) == before
+
+
+def test_a_named_adapter_in_a_checkpoint_is_found_through_the_directory_opened(
+    cli: Cli, llama_pair: Pair, named_in_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Given through a link from elsewhere, the adapter's own parent is still the checkpoint; and a
+    directory that only lies beside training state, one level further down, is no checkpoint's."""
+    ckpt = Path(shutil.copytree(named_in_checkpoint, tmp_path / "checkpoint-6"))
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "safety").symlink_to(ckpt / "safety")
+    before = tree(ckpt)
+    r = project(cli, llama_pair, tmp_path / "elsewhere" / "safety")
+    assert r.exit_code == 2 and "trainer_state.json" in one_error(r), r.stderr
+    assert tree(ckpt) == before
+    deeper = tmp_path / "deeper"
+    shutil.copytree(ckpt, deeper / "nested")
+    for name in TRAINING_STATE:
+        (deeper / "nested" / name).rename(deeper / name)
+    r = project(cli, llama_pair, deeper / "nested" / "safety")
+    assert r.exit_code == 0, r.stderr
+
+
+def test_allow_checkpoint_rewrites_a_named_adapter_in_place(
+    cli: Cli, llama_pair: Pair, named_in_checkpoint: Path, tmp_path: Path
+) -> None:
+    ckpt = Path(shutil.copytree(named_in_checkpoint, tmp_path / "checkpoint-6"))
+    before = tree(ckpt)
+    r = project(cli, llama_pair, ckpt / "safety", "--allow-checkpoint")
+    assert r.exit_code == 0, r.stderr
+    after = tree(ckpt)
+    changed = f"safety/{ADAPTER_FILE}"
+    assert after[changed] != before[changed]
+    assert {k: v for k, v in after.items() if k != changed} == {k: v for k, v in before.items() if k != changed}
+
+
+def test_output_from_a_named_adapter_in_a_checkpoint_copies_only_the_adapter(
+    cli: Cli, llama_pair: Pair, named_in_checkpoint: Path, tmp_path: Path
+) -> None:
+    ckpt = Path(shutil.copytree(named_in_checkpoint, tmp_path / "checkpoint-6"))
+    (ckpt / "safety" / "README.md").write_text("# safety adapter\n")
+    before = tree(ckpt)
+    out = tmp_path / "out"
+    r = project(cli, llama_pair, ckpt / "safety", "--output", out)
+    assert r.exit_code == 0, r.stderr
+    assert sorted(os.listdir(out)) == sorted([ADAPTER_FILE, CONFIG_FILE, "README.md"])
+    assert tree(ckpt) == before
+    assert safelora_cli.check(out, base=llama_pair[0], aligned=llama_pair[1]).ok
+
+
+def test_the_callbacks_copy_in_a_checkpoint_is_no_named_adapter(cli: Cli, llama_pair: Pair, checkpoint: Path) -> None:
+    """``<checkpoint>/safelora`` is the sanitized copy resuming never reads: rewriting it in place is
+    allowed, and the checkpoint's own files stay as they were."""
+    before = {k: v for k, v in tree(checkpoint).items() if not k.startswith("safelora/")}
+    r = project(cli, llama_pair, checkpoint / "safelora")
+    assert r.exit_code == 0, r.stderr
+    assert {k: v for k, v in tree(checkpoint).items() if not k.startswith("safelora/")} == before
+
+
 def test_an_output_inside_an_adapter_is_refused_but_a_checkpoints_own_safelora(
     cli: Cli, llama_pair: Pair, adapter_dir: Path, checkpoint: Path
 ) -> None:

@@ -580,17 +580,17 @@ def test_unknown_keys_far_from_any_known_one_get_no_suggestion() -> None:
 def test_a_config_file_is_read_as_a_small_regular_utf8_file(tmp_path: Path) -> None:
     good = tmp_path / "good.yaml"
     good.write_text("num-layers: 3\n")
-    assert config.load_file(good, KNOWN) == {"num_layers": 3}
+    assert config.located_file(good, KNOWN) == ({"num_layers": 3}, {"num_layers": 1})
     bad = tmp_path / "latin1.yaml"
     bad.write_bytes(b"threshold: 0.5\nbase: caf\xe9\n")
     with pytest.raises(UsageError, match=re.escape(f"{bad}:2: not UTF-8 (byte 24)")):
-        config.load_file(bad, KNOWN)
+        config.located_file(bad, KNOWN)
     big = tmp_path / "big.yaml"
     big.write_bytes(b"# " + b"x" * config.MAX_BYTES + b"\n")
     # a file that cannot be read as a config is an input error (exit 1), not a usage one
     for path, message in ((big, "more than the 1048576"), (tmp_path, "is a directory"), (tmp_path / "x", "No such")):
         with pytest.raises(SafeLoraError, match=message) as refused:
-            config.load_file(path, KNOWN)
+            config.located_file(path, KNOWN)
         assert refused.value.exit_code == 1
 
 

@@ -163,6 +163,13 @@ def load_options(
     Two keys of one group of ``exclusive`` are an error that names both lines. ``check``, when
     given, vets each value; the first refusal names the file, line and key.
     """
+    return _located(text, where, known, check, exclusive)[0]
+
+
+def _located(
+    text: str, where: str, known: Collection[str], check: ValueCheck | None, exclusive: Collection[Collection[str]]
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """``load_options``, with the line of each option (by its normalised name)."""
     doc, lines = _parse(text, where, _FIX)
     options = _checked({} if doc is None else doc, where, known, lines)
     for group in exclusive:
@@ -172,7 +179,7 @@ def load_options(
             reason = check(key, value)
             if reason is not None:
                 raise ConfigError(f"{_at(where, lines, key)}: {key}: {reason}")
-    return options
+    return options, {key.replace("-", "_"): line for key, line in lines.items()}
 
 
 def _one_of(group: Collection[str], where: str, lines: Mapping[str, int]) -> None:
@@ -214,10 +221,11 @@ def _checked(doc: object, where: str, known: Collection[str], lines: Mapping[str
     return options
 
 
-def load_file(
+def located_file(
     path: Path, known: Collection[str], check: ValueCheck | None = None, exclusive: Collection[Collection[str]] = ()
-) -> dict[str, Any]:
-    """``load_options`` for a file on disk: a regular file of at most ``MAX_BYTES``, in UTF-8.
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """``load_options`` for a file on disk, with the line of each option (by its normalised name,
+    ``num_layers``): a regular file of at most ``MAX_BYTES``, in UTF-8.
 
     A file that cannot be read as such (missing, a FIFO or device, too large, an OS error) is an
     input error, exit 1; what it says is judged as usage, exit 2.
@@ -228,7 +236,7 @@ def load_file(
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise ConfigError(f"{path}:{line}: not UTF-8 (byte {e.start}); save the config as UTF-8") from None
-    return load_options(text, str(path), known, check, exclusive)
+    return _located(text, str(path), known, check, exclusive)
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,15 @@ class SafeLoraError(Exception):
     option: str | None = None
     # How the message ends, when it ends in a fix the command line words in flags instead.
     fix: str | None = None
+    # The options whose values the error is about, the one to blame first: when one of them came
+    # from a config file, the run names its file and line (``Options.locate``).
+    concerns: tuple[str, ...] = ()
 
-    def __init__(self, *args: object, option: str | None = None) -> None:
+    def __init__(self, *args: object, option: str | None = None, concerns: tuple[str, ...] = ()) -> None:
         super().__init__(*args)
         self.option = option
+        if concerns:
+            self.concerns = concerns
 
 
 class SourceError(SafeLoraError):
@@ -83,6 +88,8 @@ class CheckpointError(AdapterError):
 
 class OutputError(AdapterError):
     """The output directory cannot be used as it is."""
+
+    concerns = ("output",)
 
 
 class OutputNotEmptyError(OutputError):
@@ -165,6 +172,8 @@ class UsageError(SafeLoraError):
 
 class OutputCollisionError(UsageError):
     """Adapters of one batch whose outputs would be one directory: refused before anything is read or written."""
+
+    concerns = ("output",)
 
 
 class ConfigFileError(SafeLoraError):

@@ -5,11 +5,14 @@ A Trainer checkpoint (``checkpoint-<step>/``) holds the adapter beside the train
 resuming reads: rewriting the adapter there would make a resumed run continue from projected
 weights, and a copy of the directory would carry the optimizer's moments, the RNG state and the
 training arguments into what gets uploaded. So a checkpoint is found by that state, and a copy of one
-takes the adapter's own files only.
+takes the adapter's own files only. An adapter saved under a name of its own lies one level down
+(``checkpoint-6/<adapter_name>/``, PEFT's layout for named adapters): the state beside its parent
+makes it a checkpoint's too.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import stat
 
@@ -47,6 +50,33 @@ _MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_
 def training_state(location: safefs.Directory) -> list[str]:
     """The Trainer's state files found at ``location`` (empty when it is no checkpoint)."""
     return sorted(name for name in location.names() if name in TRAINING_STATE or _RNG_PER_PROCESS.fullmatch(name))
+
+
+def checkpoint_state(location: safefs.Directory) -> list[str]:
+    """The Trainer's state that makes ``location`` part of a checkpoint: its own, else that of its
+    immediate parent (as ``../name``), found through the directory already opened, so that the parent
+    is the one the directory really has, whatever path or link named it. The parent's
+    ``CHECKPOINT_OUTPUT`` (the sanitized copy, which resuming never reads) is no part of it, and a
+    parent that cannot be opened or listed holds no state this run can see."""
+    own = training_state(location)
+    if own:
+        return own
+    try:
+        fd = os.open("..", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=location.fd)
+    except OSError:
+        return []
+    with safefs.Directory(location.path / "..", location.error, fd=fd) as parent:
+        try:
+            copy = parent.lstat(CHECKPOINT_OUTPUT)
+            if parent.identity == location.identity or (copy is not None and _identity(copy) == location.identity):
+                return []  # the root (its own parent), or the checkpoint's sanitized copy
+            return [f"../{name}" for name in training_state(parent)]
+        except location.error:
+            return []
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
 
 
 def run_checkpoints(location: safefs.Directory) -> list[str]:

@@ -233,12 +233,20 @@ def run(adapter: list[StrPath], options: Options, events: Events | None = None) 
 def run(
     adapter: StrPath | list[StrPath], options: Options, events: Events | None = None
 ) -> Report | list[Report | SafeLoraError]:
-    """``project`` with its options as one ``Options``."""
-    options = options.checked()
-    outcomes, paths = _project(specs_of(adapter), options, events or _Silent(), single=not isinstance(adapter, list))
+    """``project`` with its options as one ``Options``. An error about a value a config file gave
+    names the file and line (``Options.locate``)."""
+    try:
+        checked = options.checked()
+        outcomes, paths = _project(
+            specs_of(adapter), checked, events or _Silent(), single=not isinstance(adapter, list)
+        )
+    except SafeLoraError as e:
+        options.locate(e)
+        raise
     for path, outcome in zip(paths, outcomes, strict=True):
         if isinstance(outcome, SafeLoraError):
             outcome.adapter = path
+            options.locate(outcome)
     result: Report | list[Report | SafeLoraError] = one_or_all(adapter, outcomes)
     return result
 

@@ -113,7 +113,11 @@ def project(
     in_place = not options.dry_run and options.output is None
     summary_file = _summary_file(summary)
     with errors():
-        _check_extras(summary, plot)
+        try:
+            _check_extras(summary, plot)
+        except SafeLoraError as e:
+            options.locate(e)  # a path from --config: its file and line
+            raise
     with (
         errors(sink, paths),
         interruptible(paths, in_place),
@@ -216,7 +220,7 @@ def _check_extras(summary: Path | None, plot: Path | None) -> None:
         try:
             api.check_summary_path(summary)
         except SafeLoraError as e:
-            raise UsageError(f"--summary {e}") from None
+            raise UsageError(f"summary {e}", option="summary", concerns=("summary",)) from None
     if plot is not None:
         api.check_plot_path(plot)
         api.require_matplotlib()

@@ -50,7 +50,9 @@ def check_plot_path(path: Path) -> str:
     a ``UsageError`` naming the choices."""
     suffix = path.suffix.lower()
     if suffix not in FORMATS or not path.stem:
-        raise UsageError(f"plot {printable(path)}: the chart is written as FILE.png or FILE.svg", option="plot")
+        raise UsageError(
+            f"plot {printable(path)}: the chart is written as FILE.png or FILE.svg", option="plot", concerns=("plot",)
+        )
     return suffix[1:]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..adapters import Named
-from ..adapters.checkpoint import training_state
+from ..adapters.checkpoint import checkpoint_state
 from ..errors import BackupError, CheckpointError
 from ..results import Settings
 from ..stores.backups import BackupStore
@@ -15,7 +15,8 @@ def refuse_unsafe_targets(adapters: Sequence[Named], settings: Settings, store: 
     """Raise before any work when the run would write where it must not.
 
     A Trainer checkpoint is not rewritten in place (``CheckpointError``, exit 2) unless
-    ``settings.allow_checkpoint``: resuming from it would continue from projected weights. The backup
+    ``settings.allow_checkpoint``: resuming from it would continue from projected weights; so is an
+    adapter saved under its own name in a checkpoint's subdirectory. The backup
     store must not lie inside an adapter directory or the output (``BackupError``): adapter
     directories get uploaded, and the unsanitized originals would travel with them.
     """
@@ -23,7 +24,7 @@ def refuse_unsafe_targets(adapters: Sequence[Named], settings: Settings, store: 
         if named.dir is None:
             continue
         if settings.output is None and not settings.allow_checkpoint:
-            state = training_state(named.dir)
+            state = checkpoint_state(named.dir)
             if state:
                 raise CheckpointError(
                     f"{named.path}: a Trainer checkpoint ({', '.join(state)}); rewriting its adapter in place would "

@@ -280,7 +280,8 @@ def register_sources(register: Register) -> None:
 def _open(request: Request, settings: None) -> Source:
     if request.revision is not None:
         raise UsageError(
-            f"{request.role} revision {request.revision}: {request.spec} is a local path; revisions apply to Hub repos"
+            f"{request.role} revision {request.revision}: {request.spec} is a local path; revisions apply to Hub repos",
+            concerns=(f"{request.role}_revision", request.role),
         )
     return open_local(Path(request.spec))
 

@@ -46,7 +46,10 @@ def _open(request: Request, hub: Hub) -> Source:
     if ref is None:
         raise SourceError(f"{spec}: not a Hub repo id; write org/name or org/name@revision")
     if ref.revision is not None and revision is not None and ref.revision != revision:
-        raise UsageError(f"{request.role}: revision given twice ({spec}, and revision {revision}); give one")
+        raise UsageError(
+            f"{request.role}: revision given twice ({spec}, and revision {revision}); give one",
+            concerns=(f"{request.role}_revision", request.role),
+        )
     from .source import open_hub  # the HTTP stack: imported by the runs that use the Hub, only
 
     try:
