@@ -28,8 +28,16 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path: Path, peft_dir: Path, *, arch: str = "llama") -> Path:
-    """The PEFT adapter as llama.cpp names and orders it (q/k rows permuted, 4 heads, 2 for k)."""
+def write_gguf(
+    path: Path,
+    peft_dir: Path,
+    *,
+    arch: str = "llama",
+    a_type: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
+    b_type: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
+) -> Path:
+    """The PEFT adapter as llama.cpp names and orders it (q/k rows permuted, 4 heads, 2 for k), its
+    lora_a tensors stored as ``a_type`` and its lora_b as ``b_type`` (the gguf package's quants)."""
     state = load_file(str(peft_dir / "adapter_model.safetensors"))
     writer = gguf.GGUFWriter(path, arch)
     writer.add_string("general.type", "adapter")
@@ -44,7 +52,9 @@ def write_gguf(path: Path, peft_dir: Path, *, arch: str = "llama") -> Path:
         data = t.numpy()
         if ab == "b" and proj in ("q_proj", "k_proj"):
             data = _permute(data, 4 if proj == "q_proj" else 2)
-        writer.add_tensor(f"blk.{layer}.{parts[proj]}.weight.lora_{ab}", np.ascontiguousarray(data))
+        kind = a_type if ab == "a" else b_type
+        stored = gguf.quants.quantize(np.ascontiguousarray(data), kind)
+        writer.add_tensor(f"blk.{layer}.{parts[proj]}.weight.lora_{ab}", stored, raw_dtype=kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -337,3 +347,46 @@ def test_a_signed_gguf_file_has_its_attestation_named_after_it(
     assert json.loads(verdict.stdout)["signed_by"] == keyid
     assert cli("restore", first).exit_code == 0  # what it attested is gone, and so is the attestation
     assert not (tmp_path / "one.gguf.intoto.json").exists() and (tmp_path / "two.gguf.intoto.json").exists()
+
+
+_T = gguf.GGMLQuantizationType
+_TYPES = {"F32": (_T.F32, _T.F32), "F16": (_T.F16, _T.F16), "BF16": (_T.BF16, _T.BF16), "Q8_0": (_T.Q8_0, _T.F16)}
+
+
+@pytest.mark.parametrize("types", sorted(_TYPES))
+def test_force_restores_an_edited_gguf_of_each_type_and_refuses_another_lora_a(
+    cli: Callable[..., Result], llama_pair: tuple[Path, Path], gguf_file: Path, tmp_path: Path, types: str
+) -> None:
+    """restore --force compares lora_a as the format reads it (Q8_0 dequantized), not as safetensors
+    dtypes: an edited lora_b is forced back to the original; a file whose lora_a is not the backup's,
+    though its stamp names that backup, is refused whatever the force."""
+    a_type, b_type = _TYPES[types]
+    peft = builders.make_adapter(
+        llama_pair[1], tmp_path / "peft", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    original = write_gguf(tmp_path / "original.gguf", peft, a_type=a_type, b_type=b_type).read_bytes()
+    target = tmp_path / f"{types}.gguf"
+    target.write_bytes(original)
+    assert cli("project", *_pair(llama_pair), "--adapter", target).exit_code == 0
+    projected = target.read_bytes()
+    layout = _layout(target)
+    a = next(t for t in layout.tensors if t.name.endswith(".lora_a"))
+    b = next(t for t in layout.tensors if t.name.endswith(".lora_b"))
+
+    def edited(tensor: ggufile.TensorInfo) -> bytes:
+        data = bytearray(projected)
+        data[layout.data_start + tensor.offset + 1] ^= 0x40
+        return bytes(data)
+
+    other = tmp_path / "other.gguf"  # another adapter's lora_a under this stamp
+    other.write_bytes(edited(a))
+    refused = cli("restore", other, "--force")
+    assert refused.exit_code == 1 and "other lora_A tensors" in refused.stderr, refused.stderr
+    assert other.read_bytes() == edited(a)
+
+    target.write_bytes(edited(b))
+    assert "changed since" in cli("restore", target).stderr
+    assert target.read_bytes() == edited(b)
+    forced = cli("restore", target, "--force")
+    assert forced.exit_code == 0, forced.stderr
+    assert target.read_bytes() == original
