@@ -5,6 +5,8 @@ own writer (the reference comparison with llama.cpp's converter is ``test_gguf_r
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import struct
 import sys
 from collections.abc import Callable
@@ -390,3 +392,53 @@ def test_force_restores_an_edited_gguf_of_each_type_and_refuses_another_lora_a(
     forced = cli("restore", target, "--force")
     assert forced.exit_code == 0, forced.stderr
     assert target.read_bytes() == original
+
+
+def test_a_glob_matches_gguf_files_and_leaves_out_files_no_format_claims(
+    cli: Callable[..., Result], llama_pair: tuple[Path, Path], gguf_file: Path, adapter_dir: Path, tmp_path: Path
+) -> None:
+    """'runs/*' takes adapter directories and the files a format claims by content (GGUF magic, not the
+    name: one is named .bin); README.md, a .gguf-named text file and a FIFO beside them are left out,
+    named in a note, and never opened for writing."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    first, second = runs / "one.gguf", runs / "two.bin"
+    for target in (first, second):
+        target.write_bytes(gguf_file.read_bytes())
+    directory = Path(shutil.copytree(adapter_dir, runs / "peft"))
+    (runs / "README.md").write_text("# runs\n")
+    (runs / "fake.gguf").write_text("not a GGUF\n")
+    os.mkfifo(runs / "pipe")
+    done = cli("project", *_pair(llama_pair), "--adapter", runs / "*", "--json")
+    assert done.exit_code == 0, done.stderr
+    reports = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["adapter"] for r in reports] == [str(first), str(directory), str(second)]
+    assert "README.md" in done.stderr and "fake.gguf" in done.stderr and "pipe" in done.stderr
+    assert (runs / "README.md").read_text() == "# runs\n" and (runs / "fake.gguf").read_text() == "not a GGUF\n"
+    for target in (first, second, directory):
+        assert cli("check", target).exit_code == 0
+
+
+def test_a_gguf_glob_writes_each_file_by_its_name_and_one_matching_no_adapter_is_a_usage_error(
+    cli: Callable[..., Result], llama_pair: tuple[Path, Path], gguf_file: Path, tmp_path: Path
+) -> None:
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    for name in ("one.gguf", "two.gguf"):
+        (adapters / name).write_bytes(gguf_file.read_bytes())
+    (adapters / "notes.txt").write_text("trained on 2 GPUs\n")
+    out = tmp_path / "out"
+    done = cli("project", *_pair(llama_pair), "--adapter", adapters / "*.gguf", "--output", out)
+    assert done.exit_code == 0, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["one.gguf", "two.gguf"]
+    for target in (out / "one.gguf", out / "two.gguf"):
+        assert cli("check", target).exit_code == 0
+    none = cli("project", *_pair(llama_pair), "--adapter", adapters / "*.txt")
+    assert none.exit_code == 2 and "matches no adapter" in none.stderr and "notes.txt" in none.stderr
+    literal = adapters / "x[12].gguf"  # a path that exists is taken literally, never as a pattern
+    literal.write_bytes(gguf_file.read_bytes())
+    (adapters / "x1.gguf").write_bytes(gguf_file.read_bytes())
+    once = cli("project", *_pair(llama_pair), "--adapter", literal, "--json")
+    assert once.exit_code == 0, once.stderr
+    assert [json.loads(line)["adapter"] for line in once.stdout.splitlines()] == [str(literal)]
+    assert (adapters / "x1.gguf").read_bytes() == gguf_file.read_bytes()
