@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 from support import builders
+from support.fakehub import FakeHub
 from support.keys import write_key
 from typer.testing import Result
 
@@ -442,3 +443,38 @@ def test_a_gguf_glob_writes_each_file_by_its_name_and_one_matching_no_adapter_is
     assert once.exit_code == 0, once.stderr
     assert [json.loads(line)["adapter"] for line in once.stdout.splitlines()] == [str(literal)]
     assert (adapters / "x1.gguf").read_bytes() == gguf_file.read_bytes()
+
+
+def test_a_gguf_projected_with_the_pair_on_the_hub_is_the_one_projected_locally(
+    cli: Callable[..., Result],
+    llama_pair: tuple[Path, Path],
+    gguf_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The base's config.json (its class and head counts: attn_q/attn_k's row order) read from a Hub
+    repo: every tensor and pair but the stamp's source names as with the local pair, and the same
+    content identity, so the local pair verifies it."""
+    root = tmp_path / "hub"
+    for repo, files in (("base", llama_pair[0]), ("aligned", llama_pair[1])):
+        (root / "org" / repo).mkdir(parents=True)
+        (root / "org" / repo / "main").symlink_to(files)
+    for var in ("HF_TOKEN", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    local, remote = tmp_path / "local.gguf", tmp_path / "remote.gguf"
+    assert cli("project", *_pair(llama_pair), "--adapter", gguf_file, "--output", local).exit_code == 0
+    with FakeHub(root) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        pair = ["--base", "org/base", "--aligned", "org/aligned", "--threshold", "0.99"]
+        done = cli("project", *pair, "--adapter", gguf_file, "--output", remote)
+        assert done.exit_code == 0, done.stderr
+        asked = [path for _, path in hub.requests if path.endswith("/config.json")]
+        assert any(path.startswith("/org/base/resolve/") for path in asked), hub.requests
+    assert _tensor_bytes(remote) == _tensor_bytes(local) != _tensor_bytes(gguf_file)
+    ours, theirs = _layout(local), _layout(remote)
+    assert [t.raw for t in ours.tensors] == [t.raw for t in theirs.tensors]
+    kept = {kv.key: kv.raw for kv in ours.kvs}
+    differ = sorted(kv.key for kv in theirs.kvs if kept.get(kv.key) != kv.raw)
+    assert differ == ["safelora.aligned", "safelora.base", "safelora.digest"], differ
+    assert theirs.value("safelora.base") == f"org/base@{FakeHub.sha('org/base', 'main')}"
+    assert cli("check", remote, *_pair(llama_pair)[:4]).exit_code == 0
