@@ -418,6 +418,8 @@ def test_a_glob_matches_gguf_files_and_leaves_out_files_no_format_claims(
     assert (runs / "README.md").read_text() == "# runs\n" and (runs / "fake.gguf").read_text() == "not a GGUF\n"
     for target in (first, second, directory):
         assert cli("check", target).exit_code == 0
+    inside = cli("check", directory / "*")  # a directory format's files are no adapters of their own
+    assert inside.exit_code == 2 and "adapter_model.safetensors" in inside.stderr, inside.stderr
 
 
 def test_a_gguf_glob_writes_each_file_by_its_name_and_one_matching_no_adapter_is_a_usage_error(
