@@ -5,6 +5,8 @@ own writer (the reference comparison with llama.cpp's converter is ``test_gguf_r
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import struct
 import sys
 from collections.abc import Callable
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 from support import builders
+from support.fakehub import FakeHub
 from support.keys import write_key
 from typer.testing import Result
 
@@ -28,8 +31,16 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path: Path, peft_dir: Path, *, arch: str = "llama") -> Path:
-    """The PEFT adapter as llama.cpp names and orders it (q/k rows permuted, 4 heads, 2 for k)."""
+def write_gguf(
+    path: Path,
+    peft_dir: Path,
+    *,
+    arch: str = "llama",
+    a_type: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
+    b_type: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
+) -> Path:
+    """The PEFT adapter as llama.cpp names and orders it (q/k rows permuted, 4 heads, 2 for k), its
+    lora_a tensors stored as ``a_type`` and its lora_b as ``b_type`` (the gguf package's quants)."""
     state = load_file(str(peft_dir / "adapter_model.safetensors"))
     writer = gguf.GGUFWriter(path, arch)
     writer.add_string("general.type", "adapter")
@@ -44,7 +55,9 @@ def write_gguf(path: Path, peft_dir: Path, *, arch: str = "llama") -> Path:
         data = t.numpy()
         if ab == "b" and proj in ("q_proj", "k_proj"):
             data = _permute(data, 4 if proj == "q_proj" else 2)
-        writer.add_tensor(f"blk.{layer}.{parts[proj]}.weight.lora_{ab}", np.ascontiguousarray(data))
+        kind = a_type if ab == "a" else b_type
+        stored = gguf.quants.quantize(np.ascontiguousarray(data), kind)
+        writer.add_tensor(f"blk.{layer}.{parts[proj]}.weight.lora_{ab}", stored, raw_dtype=kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -337,3 +350,133 @@ def test_a_signed_gguf_file_has_its_attestation_named_after_it(
     assert json.loads(verdict.stdout)["signed_by"] == keyid
     assert cli("restore", first).exit_code == 0  # what it attested is gone, and so is the attestation
     assert not (tmp_path / "one.gguf.intoto.json").exists() and (tmp_path / "two.gguf.intoto.json").exists()
+
+
+_T = gguf.GGMLQuantizationType
+_TYPES = {"F32": (_T.F32, _T.F32), "F16": (_T.F16, _T.F16), "BF16": (_T.BF16, _T.BF16), "Q8_0": (_T.Q8_0, _T.F16)}
+
+
+@pytest.mark.parametrize("types", sorted(_TYPES))
+def test_force_restores_an_edited_gguf_of_each_type_and_refuses_another_lora_a(
+    cli: Callable[..., Result], llama_pair: tuple[Path, Path], gguf_file: Path, tmp_path: Path, types: str
+) -> None:
+    """restore --force compares lora_a as the format reads it (Q8_0 dequantized), not as safetensors
+    dtypes: an edited lora_b is forced back to the original; a file whose lora_a is not the backup's,
+    though its stamp names that backup, is refused whatever the force."""
+    a_type, b_type = _TYPES[types]
+    peft = builders.make_adapter(
+        llama_pair[1], tmp_path / "peft", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    original = write_gguf(tmp_path / "original.gguf", peft, a_type=a_type, b_type=b_type).read_bytes()
+    target = tmp_path / f"{types}.gguf"
+    target.write_bytes(original)
+    assert cli("project", *_pair(llama_pair), "--adapter", target).exit_code == 0
+    projected = target.read_bytes()
+    layout = _layout(target)
+    a = next(t for t in layout.tensors if t.name.endswith(".lora_a"))
+    b = next(t for t in layout.tensors if t.name.endswith(".lora_b"))
+
+    def edited(tensor: ggufile.TensorInfo) -> bytes:
+        data = bytearray(projected)
+        data[layout.data_start + tensor.offset + 1] ^= 0x40
+        return bytes(data)
+
+    other = tmp_path / "other.gguf"  # another adapter's lora_a under this stamp
+    other.write_bytes(edited(a))
+    refused = cli("restore", other, "--force")
+    assert refused.exit_code == 1 and "other lora_A tensors" in refused.stderr, refused.stderr
+    assert other.read_bytes() == edited(a)
+
+    target.write_bytes(edited(b))
+    assert "changed since" in cli("restore", target).stderr
+    assert target.read_bytes() == edited(b)
+    forced = cli("restore", target, "--force")
+    assert forced.exit_code == 0, forced.stderr
+    assert target.read_bytes() == original
+
+
+def test_a_glob_matches_gguf_files_and_leaves_out_files_no_format_claims(
+    cli: Callable[..., Result], llama_pair: tuple[Path, Path], gguf_file: Path, adapter_dir: Path, tmp_path: Path
+) -> None:
+    """'runs/*' takes adapter directories and the files a format claims by content (GGUF magic, not the
+    name: one is named .bin); README.md, a .gguf-named text file and a FIFO beside them are left out,
+    named in a note, and never opened for writing."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    first, second = runs / "one.gguf", runs / "two.bin"
+    for target in (first, second):
+        target.write_bytes(gguf_file.read_bytes())
+    directory = Path(shutil.copytree(adapter_dir, runs / "peft"))
+    (runs / "README.md").write_text("# runs\n")
+    (runs / "fake.gguf").write_text("not a GGUF\n")
+    os.mkfifo(runs / "pipe")
+    done = cli("project", *_pair(llama_pair), "--adapter", runs / "*", "--json")
+    assert done.exit_code == 0, done.stderr
+    reports = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["adapter"] for r in reports] == [str(first), str(directory), str(second)]
+    assert "README.md" in done.stderr and "fake.gguf" in done.stderr and "pipe" in done.stderr
+    assert (runs / "README.md").read_text() == "# runs\n" and (runs / "fake.gguf").read_text() == "not a GGUF\n"
+    for target in (first, second, directory):
+        assert cli("check", target).exit_code == 0
+    inside = cli("check", directory / "*")  # a directory format's files are no adapters of their own
+    assert inside.exit_code == 2 and "adapter_model.safetensors" in inside.stderr, inside.stderr
+
+
+def test_a_gguf_glob_writes_each_file_by_its_name_and_one_matching_no_adapter_is_a_usage_error(
+    cli: Callable[..., Result], llama_pair: tuple[Path, Path], gguf_file: Path, tmp_path: Path
+) -> None:
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    for name in ("one.gguf", "two.gguf"):
+        (adapters / name).write_bytes(gguf_file.read_bytes())
+    (adapters / "notes.txt").write_text("trained on 2 GPUs\n")
+    out = tmp_path / "out"
+    done = cli("project", *_pair(llama_pair), "--adapter", adapters / "*.gguf", "--output", out)
+    assert done.exit_code == 0, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["one.gguf", "two.gguf"]
+    for target in (out / "one.gguf", out / "two.gguf"):
+        assert cli("check", target).exit_code == 0
+    none = cli("project", *_pair(llama_pair), "--adapter", adapters / "*.txt")
+    assert none.exit_code == 2 and "matches no adapter" in none.stderr and "notes.txt" in none.stderr
+    literal = adapters / "x[12].gguf"  # a path that exists is taken literally, never as a pattern
+    literal.write_bytes(gguf_file.read_bytes())
+    (adapters / "x1.gguf").write_bytes(gguf_file.read_bytes())
+    once = cli("project", *_pair(llama_pair), "--adapter", literal, "--json")
+    assert once.exit_code == 0, once.stderr
+    assert [json.loads(line)["adapter"] for line in once.stdout.splitlines()] == [str(literal)]
+    assert (adapters / "x1.gguf").read_bytes() == gguf_file.read_bytes()
+
+
+def test_a_gguf_projected_with_the_pair_on_the_hub_is_the_one_projected_locally(
+    cli: Callable[..., Result],
+    llama_pair: tuple[Path, Path],
+    gguf_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The base's config.json (its class and head counts: attn_q/attn_k's row order) read from a Hub
+    repo: every tensor and pair but the stamp's source names as with the local pair, and the same
+    content identity, so the local pair verifies it."""
+    root = tmp_path / "hub"
+    for repo, files in (("base", llama_pair[0]), ("aligned", llama_pair[1])):
+        (root / "org" / repo).mkdir(parents=True)
+        (root / "org" / repo / "main").symlink_to(files)
+    for var in ("HF_TOKEN", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    local, remote = tmp_path / "local.gguf", tmp_path / "remote.gguf"
+    assert cli("project", *_pair(llama_pair), "--adapter", gguf_file, "--output", local).exit_code == 0
+    with FakeHub(root) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        pair = ["--base", "org/base", "--aligned", "org/aligned", "--threshold", "0.99"]
+        done = cli("project", *pair, "--adapter", gguf_file, "--output", remote)
+        assert done.exit_code == 0, done.stderr
+        asked = [path for _, path in hub.requests if path.endswith("/config.json")]
+        assert any(path.startswith("/org/base/resolve/") for path in asked), hub.requests
+    assert _tensor_bytes(remote) == _tensor_bytes(local) != _tensor_bytes(gguf_file)
+    ours, theirs = _layout(local), _layout(remote)
+    assert [t.raw for t in ours.tensors] == [t.raw for t in theirs.tensors]
+    kept = {kv.key: kv.raw for kv in ours.kvs}
+    differ = sorted(kv.key for kv in theirs.kvs if kept.get(kv.key) != kv.raw)
+    assert differ == ["safelora.aligned", "safelora.base", "safelora.digest"], differ
+    assert theirs.value("safelora.base") == f"org/base@{FakeHub.sha('org/base', 'main')}"
+    assert cli("check", remote, *_pair(llama_pair)[:4]).exit_code == 0

@@ -19,11 +19,11 @@ from . import checkpoint, specs
 from .base import PROVENANCE_PREFIX, Adapter, AdapterFormat, BaseConfig, LoraModule
 from .digest import file_digest
 from .gguf import GGUF
-from .location import open_location, rewrite_lock
+from .location import FileLocation, open_location, rewrite_lock
 from .lora_config import LoraConfig
 from .mlx import MLX
 from .peft import PEFT
-from .specs import Named, expand
+from .specs import Named
 
 __all__ = [
     "PROVENANCE_PREFIX",
@@ -104,10 +104,26 @@ def opened(path: Path) -> Iterator[Adapter]:
             adapter.close()
 
 
+def _claims(path: Path) -> bool:
+    """Whether a format finds its adapter in the file ``path`` by what it holds (a GGUF LoRA file's
+    magic): what a pattern's match that is no directory must be to be taken. A FIFO, a device or a
+    file that cannot be read is claimed by none; nothing is opened but regular files, for reading."""
+    try:
+        with FileLocation(path, AdapterError, fix=f"pass {_expects()}") as location:
+            return any(fmt.detect(location) for fmt in _FORMATS)
+    except AdapterError:
+        return False
+
+
+def expand(paths: Sequence[str | os.PathLike[str]]) -> list[tuple[Path, str | None]]:
+    """The adapter paths ``paths`` name, patterns expanded (see ``specs.expand``), without opening them."""
+    return specs.expand(paths, _claims)
+
+
 @contextmanager
 def open_all(paths: Sequence[str | os.PathLike[str]]) -> Iterator[list[specs.Named]]:
     """Expand and open every adapter once (see ``specs.open_all``); closed on exit."""
-    with specs.open_all(paths, open_adapter) as named:
+    with specs.open_all(paths, open_adapter, _claims) as named:
         yield named
 
 

@@ -23,12 +23,14 @@ class Named:
     notes: list[str] = field(default_factory=list)
 
 
-def expand(specs: Sequence[str | os.PathLike[str]]) -> list[tuple[Path, str | None]]:
+def expand(specs: Sequence[str | os.PathLike[str]], claims: Callable[[Path], bool]) -> list[tuple[Path, str | None]]:
     """Adapter paths from what the user gave, each with a note when it came from a pattern.
 
     A path that exists is taken literally, even if it holds ``*``, ``?`` or ``[``; a pattern is
-    expanded (sorted, directories only) only when no such path exists; one that matches no directory
-    is a usage error.
+    expanded (sorted) only when no such path exists. It takes every directory it matches, and every
+    other match that ``claims`` (a format finds its adapter in that file by its content: a GGUF
+    LoRA file, whatever its name); the others (a README, a log, a FIFO) are left out, named in the
+    note. One that takes nothing is a usage error naming what it left out.
     """
     out: list[tuple[Path, str | None]] = []
     for spec in specs:
@@ -36,11 +38,17 @@ def expand(specs: Sequence[str | os.PathLike[str]]) -> list[tuple[Path, str | No
         if os.path.lexists(text) or not glob.has_magic(text):
             out.append((Path(text), None))
             continue
-        matches = [m for m in sorted(glob.glob(text)) if os.path.isdir(m)]
+        matches: list[str] = []
+        left_out: list[str] = []
+        for m in sorted(glob.glob(text)):
+            (matches if os.path.isdir(m) or claims(Path(m)) else left_out).append(m)
+        unclaimed = f"; left out, no adapter format claims them by content: {', '.join(left_out)}" if left_out else ""
         if not matches:
-            raise UsageError(f"{text!r}: no such directory, and as a pattern it matches no adapter directory")
-        note = f"{text!r} matched {len(matches)} director{'y' if len(matches) == 1 else 'ies'}: " + ", ".join(matches)
-        out.extend((Path(m), note) for m in matches)
+            raise UsageError(
+                f"{text!r}: no such path, and as a pattern it matches no adapter directory or adapter file{unclaimed}"
+            )
+        note = f"{text!r} matched {len(matches)}: " + ", ".join(matches)
+        out.extend((Path(m), note + unclaimed) for m in matches)
     return out
 
 
@@ -58,9 +66,11 @@ def output_name(path: Path) -> str:
 
 @contextmanager
 def open_all(
-    specs: Sequence[str | os.PathLike[str]], open_one: Callable[[Path], safefs.Directory]
+    specs: Sequence[str | os.PathLike[str]],
+    open_one: Callable[[Path], safefs.Directory],
+    claims: Callable[[Path], bool],
 ) -> Iterator[list[Named]]:
-    """Expand and open every adapter once (``open_one``); closed on exit.
+    """Expand (``expand``, with ``claims``) and open every adapter once (``open_one``); closed on exit.
 
     The same directory named twice (directly, via ``..`` or a symlink alias, or by two patterns)
     is processed once, with a note: a batch never waits on its own lock.
@@ -68,7 +78,7 @@ def open_all(
     with ExitStack() as stack:
         named: list[Named] = []
         seen: dict[tuple[int, int], Named] = {}
-        for path, note in expand(specs):
+        for path, note in expand(specs, claims):
             notes = [note] if note else []
             try:
                 directory = stack.enter_context(open_one(path))

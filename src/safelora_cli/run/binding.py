@@ -5,19 +5,19 @@ A kept original's record lists the stamp digests of the results safelora wrote f
 (``Backup.results``). An adapter may be put back to (or projected again from) that original only
 when its current stamp digest, recomputed from its contents, is one of them: a stamp that merely
 names another adapter's backup gets nothing. With ``force`` (an adapter edited since), the
-original's lora_A tensors and module shapes must still be the adapter's: projection changes lora_B only.
+original's lora_A tensors (as the adapter's format reads them) and module shapes must still be
+the adapter's: projection changes lora_B only.
 """
 
 from __future__ import annotations
 
-from io import BufferedReader
+from dataclasses import replace
 
 import torch
 
 from ..adapters import Adapter
 from ..adapters.digest import file_digest
 from ..errors import BackupError, ChangedSinceError, SafeLoraError
-from ..io import ranges, stfile
 from ..results import Backup
 from ..stores.backups import BackupStore
 
@@ -49,29 +49,27 @@ def require_bound(adapter: Adapter, backup: Backup, store: BackupStore, force: b
 
 
 def _same_lora_a(adapter: Adapter, backup: Backup, store: BackupStore) -> bool:
+    """Whether the kept original has the adapter's modules, shapes and stored types, and its lora_A
+    tensors as the adapter's format reads them (a quantized type dequantized, a transposed one turned)."""
     handle = store.open(backup)
     try:
         try:
-            original = adapter.format.weights(handle, backup.path, adapter.config)
+            header, modules, _, _ = adapter.format.weights(handle, backup.path, adapter.config)
         except SafeLoraError:
             return False
+        original = replace(adapter, header=header, handle=handle, modules=modules, source=backup.path)
         mine = {m.module: m for m in adapter.modules}
-        theirs = {m.module: m for m in original.modules}
+        theirs = {m.module: m for m in modules}
         if mine.keys() != theirs.keys():
             return False
         for name, m in mine.items():
             o = theirs[name]
             ours_a, ours_b = adapter.header.tensors[m.a_key], adapter.header.tensors[m.b_key]
-            their_a, their_b = original.header.tensors[o.a_key], original.header.tensors[o.b_key]
+            their_a, their_b = header.tensors[o.a_key], header.tensors[o.b_key]
             if (ours_a.shape, ours_b.shape, ours_a.dtype) != (their_a.shape, their_b.shape, their_a.dtype):
                 return False
-            if not torch.equal(adapter.tensor(m.a_key), _read(handle, their_a)):
+            if not torch.equal(adapter.tensor(m.a_key), original.tensor(o.a_key)):
                 return False
         return True
     finally:
         handle.close()
-
-
-def _read(handle: BufferedReader, entry: stfile.TensorEntry) -> torch.Tensor:
-    data = bytearray(b"".join(ranges.FileRange(handle.fileno(), entry.start, entry.end).chunks()))
-    return stfile.tensor_from_bytes(entry, data)
