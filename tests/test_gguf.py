@@ -350,6 +350,11 @@ def test_a_signed_gguf_file_has_its_attestation_named_after_it(
     assert json.loads(verdict.stdout)["signed_by"] == keyid
     assert cli("restore", first).exit_code == 0  # what it attested is gone, and so is the attestation
     assert not (tmp_path / "one.gguf.intoto.json").exists() and (tmp_path / "two.gguf.intoto.json").exists()
+    assert cli("project", *_pair(llama_pair), first).exit_code == 0  # unsigned now
+    assert cli("check", first, "--public-key", public).exit_code == 3
+    signed = cli("sign", first, "--sign-key", private)  # verified by the local record, then signed
+    assert signed.exit_code == 0, signed.stderr
+    assert cli("check", first, "--public-key", public).exit_code == 0
 
 
 _T = gguf.GGMLQuantizationType
