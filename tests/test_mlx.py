@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 from collections.abc import Callable
@@ -13,6 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from support.keys import write_key
 from support.mlx_adapters import mlx_config, mlx_from_peft, write_config
 from typer.testing import Result
 
@@ -391,3 +393,21 @@ def test_the_covered_config_fills_defaults_and_drops_only_the_inert_table(tmp_pa
         {"num_layers": 4, "lora_parameters": params, "something_new": 1},
     ):
         assert covered(changed) != plain, changed
+
+
+def test_a_signed_mlx_adapter_names_its_files_and_verifies_elsewhere(
+    cli: Cli, mlx_dir: Path, pair: list[str], tmp_path: Path
+) -> None:
+    """The attestation names mlx-lm's weights and config; a changed weight after signing reads modified."""
+    private, public, keyid = write_key(tmp_path / "keys")
+    assert cli("project", "--adapter", mlx_dir, *pair, "--sign-key", private, "--quiet").exit_code == 0
+    envelope = json.loads((mlx_dir / "safelora.intoto.json").read_text())
+    statement = json.loads(base64.b64decode(envelope["payload"]))
+    assert sorted(s["name"] for s in statement["subject"]) == ["adapter_config.json", WEIGHTS]
+    verdict = cli("check", "--adapter", mlx_dir, "--public-key", public, "--json")
+    assert verdict.exit_code == 0, verdict.stderr
+    assert json.loads(verdict.stdout)["signed_by"] == keyid
+    rewrite(mlx_dir, lambda t: t.update({k: v * 2 for k, v in t.items() if k.endswith("lora_b")}))
+    assert (
+        json.loads(cli("check", "--adapter", mlx_dir, "--public-key", public, "--json").stdout)["status"] == "modified"
+    )
