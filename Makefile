@@ -38,4 +38,4 @@ docs: $(STAMP)
 	$(BIN)/python docs/examples/render.py
 
 clean:
-	rm -rf $(VENV) demo build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-mlx demo build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
