@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from ..errors import AdapterError
-from ..io import ranges, safefs, stfile, strict
+from ..io import safefs, stfile, strict
 from . import output as output_dir
-from .base import PROVENANCE_PREFIX, Adapter, BaseConfig, LoraModule, Weights
+from . import stformat
+from .base import Adapter, BaseConfig, LoraModule, Weights
 from .location import file_of
 from .lora_config import CONFIG_FILE, LoraConfig
 from .mlx_config import CONFIG_LIMIT, WEIGHTS_FILE, MlxConfig, covered_config, is_mlx_config, load_config
@@ -227,19 +228,13 @@ class MlxFormat:
         return Weights(header, *parse_weights(file, header, _parsed(config, file)))
 
     def tensor(self, adapter: Adapter, key: str) -> torch.Tensor:
-        entry = adapter.header.tensors[key]
-        try:
-            data = bytearray(b"".join(ranges.FileRange(adapter.handle.fileno(), entry.start, entry.end).chunks()))
-        except OSError as e:
-            raise AdapterError(safefs.os_error(adapter.source or adapter.file, e)) from None
-        t = stfile.tensor_from_bytes(entry, data)
-        return _turned(key, t)
+        return _turned(key, stformat.read_tensor(adapter, key))
 
     def encode(self, adapter: Adapter, key: str, tensor: torch.Tensor) -> bytes:
         return stfile.tensor_bytes(_turned(key, tensor))
 
     def provenance(self, adapter: Adapter) -> dict[str, str]:
-        return {k: v for k, v in adapter.header.metadata.items() if k.startswith(PROVENANCE_PREFIX)}
+        return stformat.stamp(adapter)
 
     def check_output(self, adapter: Adapter, output: Path, *, overwrite: bool) -> None:
         output_dir.check_output(output, adapter.dir.identity, overwrite=overwrite)
@@ -260,7 +255,7 @@ class MlxFormat:
             e = adapter.header.tensors[key]
             if tuple(_turned(key, t).shape) != e.shape or t.dtype != e.torch_dtype:
                 raise AssertionError(f"replacement for {key} changed shape or dtype")
-        return output_dir.write_weights(
+        return stformat.write_weights(
             adapter, replacements, provenance, output, overwrite=overwrite_output, notes=notes
         )
 

@@ -15,52 +15,24 @@ import errno
 import os
 import secrets
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import AdapterError, OutputError, OutputNotEmptyError
-from ..io import atomic, ranges, safefs, stfile
+from ..io import atomic, ranges, safefs
 from ..io.atomic import TMP_MARK
 from ..io.ranges import Data
-from .base import PROVENANCE_PREFIX, Adapter
+from .base import Adapter
 from .checkpoint import ADAPTER_FILES, training_state
-from .digest import DIGEST_KEY, STAMP_VERSION, VERSION_KEY, blobs, stamp_digest
 from .location import ENVELOPE_SUFFIX
 from .lora_config import CONFIG_FILE
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def write_weights(
-    adapter: Adapter,
-    replacements: Mapping[str, torch.Tensor],
-    provenance: Mapping[str, str],
-    output: Path | None,
-    *,
-    overwrite: bool,
-    notes: list[str] | None,
-) -> Path:
-    """A safetensors adapter's weights (PEFT's, MLX-LM's) written with ``replacements`` (as the format
-    encodes them) and the stamp in the header's metadata: in place, atomically, when the file is
-    still the one read, or as a complete adapter directory at ``output`` (``write_output``). Every
-    other tensor is copied byte for byte; ``notes`` gets what was skipped."""
-    tensors = blobs(adapter, replacements)
-    metadata = {k: v for k, v in adapter.header.metadata.items() if not k.startswith(PROVENANCE_PREFIX)}
-    stamp = {k: v for k, v in provenance.items() if k != DIGEST_KEY} | {VERSION_KEY: STAMP_VERSION}
-    metadata.update(stamp)
-    # The caller may have computed the digest already (to record it before writing); it is the same.
-    metadata[DIGEST_KEY] = provenance.get(DIGEST_KEY) or stamp_digest(adapter, replacements, stamp)
-    chunks = stfile.serialize(tensors, metadata)
-    mode = adapter.stat.st_mode & 0o777
-    if output is not None:
-        return write_output(adapter, output, chunks, mode, overwrite, [] if notes is None else notes)
-    atomic.replace(adapter.dir, adapter.file.name, chunks, mode, expect=adapter.stat)
-    return adapter.file
 
 
 def write_output(

@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 from ..errors import AdapterError
-from ..io import ranges, safefs, stfile
+from ..io import safefs, stfile
 from . import output as output_dir
-from .base import PROVENANCE_PREFIX, Adapter, BaseConfig, Weights
+from . import stformat
+from .base import Adapter, BaseConfig, Weights
 from .location import file_of
 from .lora_config import CONFIG_FILE, LoraConfig
 from .peft_config import ADAPTER_FILE, covered_config, load_config, weights
@@ -115,18 +116,13 @@ class PeftFormat:
         return weights(handle, file, config)
 
     def tensor(self, adapter: Adapter, key: str) -> torch.Tensor:
-        entry = adapter.header.tensors[key]
-        try:
-            data = bytearray(b"".join(ranges.FileRange(adapter.handle.fileno(), entry.start, entry.end).chunks()))
-        except OSError as e:
-            raise AdapterError(safefs.os_error(adapter.source or adapter.file, e)) from None
-        return stfile.tensor_from_bytes(entry, data)
+        return stformat.read_tensor(adapter, key)
 
     def encode(self, adapter: Adapter, key: str, tensor: torch.Tensor) -> bytes:
         return stfile.tensor_bytes(tensor)
 
     def provenance(self, adapter: Adapter) -> dict[str, str]:
-        return {k: v for k, v in adapter.header.metadata.items() if k.startswith(PROVENANCE_PREFIX)}
+        return stformat.stamp(adapter)
 
     def check_output(self, adapter: Adapter, output: Path, *, overwrite: bool) -> None:
         output_dir.check_output(output, adapter.dir.identity, overwrite=overwrite)
@@ -153,7 +149,7 @@ class PeftFormat:
             e = adapter.header.tensors[key]
             if tuple(t.shape) != e.shape or t.dtype != e.torch_dtype:
                 raise AssertionError(f"replacement for {key} changed shape or dtype")
-        return output_dir.write_weights(
+        return stformat.write_weights(
             adapter, replacements, provenance, output, overwrite=overwrite_output, notes=notes
         )
 
