@@ -130,13 +130,13 @@ class _Found:
     digest: str | None
 
 
-def _section(lines: list[str], start: int, where: object, *, appending: bool = False) -> _Found | None:
-    """The one section after ``start``; None if none.
-
-    ``appending``: a section is about to be appended, which a code block left open at the end of
-    the card would swallow (it would render as code, and a rerun would not find it): refused.
-    """
-    begins: list[tuple[int, str | None, str | None]] = []
+def markers(
+    lines: list[str], begin: re.Pattern[str], end: str, start: int = 0
+) -> tuple[list[tuple[int, re.Match[str]]], list[int], str | None]:
+    """A section's markers in a card from line ``start`` on, outside code blocks (a marker shown as
+    code in a card is no marker): each begin marker ``begin`` matches (line, match), the lines that
+    are the ``end`` marker, and the fence of a code block left open at the end (None if none)."""
+    begins: list[tuple[int, re.Match[str]]] = []
     ends: list[int] = []
     fence: str | None = None
     for i in range(start, len(lines)):
@@ -149,11 +149,22 @@ def _section(lines: list[str], start: int, where: object, *, appending: bool = F
         if m and not (m["run"][0] == "`" and "`" in m["info"]):
             fence = m["run"]
             continue
-        b = _BEGIN.fullmatch(bare.rstrip())
+        b = begin.fullmatch(bare.rstrip())
         if b:
-            begins.append((i, b["added"] if b["added"] in _ADDED else None, b["digest"]))
-        elif bare.rstrip() == END:
+            begins.append((i, b))
+        elif bare.rstrip() == end:
             ends.append(i)
+    return begins, ends, fence
+
+
+def _section(lines: list[str], start: int, where: object, *, appending: bool = False) -> _Found | None:
+    """The one section after ``start``; None if none.
+
+    ``appending``: a section is about to be appended, which a code block left open at the end of
+    the card would swallow (it would render as code, and a rerun would not find it): refused.
+    """
+    found, ends, fence = markers(lines, _BEGIN, END, start)
+    begins = [(i, b["added"] if b["added"] in _ADDED else None, b["digest"]) for i, b in found]
     if fence is not None and appending and not begins and not ends:
         raise AdapterError(f"{where}: ends inside an unclosed {fence} code block; close it and run again")
     if not begins and not ends:

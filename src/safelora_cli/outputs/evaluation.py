@@ -19,12 +19,11 @@ from .._version import __version__
 from ..errors import AdapterError
 from ..evaluation.result import BENIGN, HARMFUL, EvalResult, Variant
 from ..io import safefs
-from .card import CARD_FILE, edit_card
+from .card import CARD_FILE, edit_card, markers
 from .markdown import code, md
 
 END = "<!-- safelora-eval:end -->"
 _BEGIN = re.compile(r"<!-- safelora-eval:begin digest=(?P<digest>[0-9a-f]{64})(?P<file> added=file)? -->")
-_FENCE = re.compile(r" {0,3}(?P<run>`{3,}|~{3,})(?P<info>.*)")
 
 
 def _shown(path: str) -> str:
@@ -113,24 +112,8 @@ def _lines(text: str) -> list[str]:
 
 def _find(lines: list[str], where: object) -> tuple[int, int, str, bool] | None:
     """(begin line, end line, digest, whether safelora created the card) of the one section, or None."""
-    begins: list[tuple[int, str, bool]] = []
-    ends: list[int] = []
-    fence: str | None = None
-    for i, line in enumerate(lines):
-        bare = line.rstrip("\r\n")
-        m = _FENCE.fullmatch(bare)
-        if fence is not None:
-            if m and m["run"][0] == fence[0] and len(m["run"]) >= len(fence) and not m["info"].strip():
-                fence = None
-            continue
-        if m and not (m["run"][0] == "`" and "`" in m["info"]):
-            fence = m["run"]
-            continue
-        b = _BEGIN.fullmatch(bare.rstrip())
-        if b:
-            begins.append((i, b["digest"], bool(b["file"])))
-        elif bare.rstrip() == END:
-            ends.append(i)
+    found, ends, _ = markers(lines, _BEGIN, END)
+    begins = [(i, b["digest"], bool(b["file"])) for i, b in found]
     if not begins and not ends:
         return None
     if len(begins) != 1 or len(ends) != 1 or ends[0] < begins[0][0]:
